@@ -1,0 +1,3 @@
+from wdiff.cli import main
+
+main()

@@ -1,0 +1,154 @@
+"""The Python API: what ``wdiff run`` does, callable the same way from a notebook.
+
+    import wdiff
+    run = wdiff.scan("runs/my-finetune")          # what is there, in which order
+    res = wdiff.run("runs/my-finetune", "out/")   # compute, write results, PLY and render
+    res.summary["tensors"]["transformer.h.0.attn.c_attn.weight"]["net_l2"]
+    res.accumulated("transformer.h.0.attn.c_attn.weight")   # numpy array, float32
+
+Data flows one way: scan -> read -> compute -> results on disk -> scene. Results are written into a
+temporary folder beside ``out`` and renamed into place at the end, so a failed or interrupted run never
+leaves half-written results where the previous ones were.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from wdiff import __version__
+from wdiff.errors import WdiffError
+from wdiff.results import ACCUMULATED, POINTS, RENDER, SUMMARY, Results, write_json
+from wdiff.scan import Run, scan
+
+Progress = Callable[[str, int, int], None]  # (phase, advance, total)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise WdiffError(out, "output path exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
+        raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move finished results into place; the previous results are removed only after that succeeds."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.wdiff-old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _trainer_summary(state: dict | None) -> dict | None:
+    if state is None:
+        return None
+    keep = ("global_step", "max_steps", "epoch", "num_train_epochs", "save_steps", "logging_steps")
+    out: dict[str, Any] = {k: state[k] for k in keep if k in state}
+    history = state.get("log_history")
+    out["log_history"] = history if isinstance(history, list) else []
+    return out
+
+
+def run(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    max_points: int = 1_000_000,
+    render: bool = True,
+    chunk_elements: int | None = None,
+    scheduler: str = "threads",
+    workers: int | None = None,
+    progress: Progress | None = None,
+    scanned: Run | None = None,
+) -> Results:
+    """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
+    ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
+    """
+    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, compute
+    from wdiff.results import create_accumulated, layout_accumulated
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    _check_out(out)
+    if max_points < 1:
+        raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
+    the_run = scanned if scanned is not None else scan(inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.wdiff-tmp-", dir=out.parent))
+    try:
+        layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
+        acc_path = tmp / ACCUMULATED
+        create_accumulated(acc_path, layout)
+        total = the_run.bytes_per_pass
+
+        def advance(nbytes: int) -> None:
+            if progress is not None:
+                progress("compute", nbytes, total)
+
+        result = compute(
+            the_run,
+            str(acc_path),
+            layout,
+            chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+            scheduler=scheduler,
+            workers=workers,
+            progress=advance,
+        )
+        summary: dict[str, Any] = {
+            "wdiff_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": the_run.source,
+            "checkpoints": [
+                {"path": c.path, "step": c.step, "tensors": len(c.tensors)}
+                for c in the_run.checkpoints
+            ],
+            "tensors": result.tensors,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
+            "timing": {
+                "read_bytes": result.read_bytes,
+                "compute_seconds": result.compute_seconds,
+                "chunks": result.chunks,
+                "scheduler": scheduler,
+            },
+            "trainer_state": _trainer_summary(the_run.trainer_state),
+        }
+        summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
+        summary["timing"]["total_seconds"] = time.perf_counter() - t_start
+        write_json(tmp / SUMMARY, summary)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Results.load(out)
+
+
+def _title(run: Run) -> str:
+    steps = [s for s in run.steps if s is not None]
+    span = f"steps {steps[0]}-{steps[-1]}" if len(steps) >= 2 else f"{len(run.checkpoints)} checkpoints"
+    return f"{Path(run.source).name}: accumulated |dW| over {len(run.checkpoints)} checkpoints, {span}"
+
+
+def _scene(
+    folder: Path, run: Run, summary: dict, max_points: int, render: bool, progress: Progress | None
+) -> dict[str, Any]:
+    """Results on disk -> point cloud PLY and picture. Reads only ``accumulated.safetensors``."""
+    from wdiff import scene
+
+    names = list(summary["tensors"])
+    built = scene.build_scene(folder / ACCUMULATED, names, max_points=max_points)
+    colors = scene.colorize(built.value)
+    scene.write_points_ply(built, colors, folder / POINTS)
+    if render:
+        if progress is not None:
+            progress("render", 0, 1)
+        scene.render_scene(built, folder / RENDER, title=_title(run))
+    return {"points": int(built.xyz.shape[0]), "max_points": max_points, "pool_factor": built.pool_factor}

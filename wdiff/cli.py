@@ -1,0 +1,173 @@
+"""The ``wdiff`` command: a thin layer over :mod:`wdiff.api`.
+
+Progress goes to stderr (rich), results to files, a one-line summary to stdout. Exit codes: 0 success,
+2 bad input or usage (one line on stderr naming the file and the problem), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from wdiff.errors import WdiffError
+
+app = typer.Typer(
+    name="wdiff",
+    help="See how a neural network changed during training: accumulated weight change of a "
+    "checkpoint sequence, rendered in 3D.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from wdiff import __version__
+
+        typer.echo(f"wdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """wdiff: accumulated weight change of training checkpoints, in 3D."""
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+@app.command("run")
+def run_command(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="An HF Trainer output dir (checkpoint-N/ folders), a folder of numbered "
+            "checkpoints, or checkpoint files/folders in training order.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the results.")],
+    max_points: Annotated[
+        int, typer.Option("--max-points", help="Point budget of the whole 3D scene.")
+    ] = 1_000_000,
+    no_render: Annotated[
+        bool, typer.Option("--no-render", help="Skip render.png (results and PLY only).")
+    ] = False,
+    chunk_mb: Annotated[
+        float, typer.Option("--chunk-mb", help="MB of float32 per chunk buffer (memory per task).")
+    ] = 4.0,
+    scheduler: Annotated[
+        str, typer.Option("--scheduler", help="Dask scheduler: threads or sync.")
+    ] = "threads",
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", help="Threads (default: one per core).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
+) -> None:
+    """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from wdiff import api
+    from wdiff.scan import scan
+
+    err = Console(stderr=True, quiet=quiet)
+    if chunk_mb <= 0:
+        raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    with err.status("scanning checkpoints"):
+        scanned = scan(inputs if len(inputs) > 1 else inputs[0])
+    for s in scanned.skipped:
+        err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False)
+    steps = [c.step for c in scanned.checkpoints]
+    err.print(
+        f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
+        f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
+        highlight=False,
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=quiet,
+    )
+    tasks: dict[str, int] = {}
+
+    def on_progress(phase: str, advance: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        progress.update(tasks[phase], advance=advance)
+
+    with progress:
+        res = api.run(
+            inputs,
+            out,
+            max_points=max_points,
+            render=not no_render,
+            chunk_elements=max(1, int(chunk_mb * 1e6 / 4)),
+            scheduler=scheduler,
+            workers=workers,
+            progress=on_progress,
+            scanned=scanned,
+        )
+    timing = res.summary["timing"]
+    rate = timing["read_bytes"] / max(timing["compute_seconds"], 1e-9)
+    typer.echo(
+        f"{out}: {len(res.summary['tensors'])} tensors over {len(scanned.checkpoints)} checkpoints, "
+        f"{_human(timing['read_bytes'])} read at {_human(rate)}/s, "
+        f"{res.summary['scene']['points']} points"
+    )
+
+
+def main() -> None:
+    """Console entry point with the one error boundary."""
+    try:
+        app(standalone_mode=False)
+    except WdiffError as e:
+        print(f"wdiff: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("wdiff: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("wdiff: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("WDIFF_DEBUG"):
+            raise
+        print(
+            f"wdiff: unexpected failure: {type(e).__name__}: {e} (set WDIFF_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

@@ -1,0 +1,18 @@
+"""The one error type users see: bad input or usage, said in one line that names the file."""
+
+from __future__ import annotations
+
+import os
+
+
+class WdiffError(Exception):
+    """Bad input or usage. ``str()`` is one line: ``<file>: <problem>``.
+
+    The CLI turns it into exit code 2 with that line on stderr and no traceback; anything else that
+    escapes is an unexpected failure (exit code 1).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = " ".join(problem.split())  # always one line
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)

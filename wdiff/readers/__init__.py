@@ -1,0 +1,95 @@
+"""Find the weights of one checkpoint (a file or a folder) and list its tensors.
+
+Formats are recognised by their first bytes, not their suffix. Pickle files (``pytorch_model.bin``,
+``*.pt``) are never unpickled: loading one runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from wdiff.errors import WdiffError
+from wdiff.readers.base import DTYPES, DType, TensorRef
+from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
+
+__all__ = [
+    "DTYPES",
+    "DType",
+    "TensorRef",
+    "find_weights",
+    "has_weights",
+    "looks_like_safetensors",
+    "read_checkpoint",
+]
+
+PICKLE_HINT = (
+    "is a PyTorch pickle, which wdiff never unpickles (loading one can run code); convert it to "
+    "safetensors once where you trust it: python -c \"import torch; from safetensors.torch import "
+    "save_file; save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _sniff_pickle(path: Path) -> bool:
+    """Torch pickles start with the pickle protocol byte or are zip archives (torch >= 1.6)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
+
+
+def find_weights(folder: Path) -> Path | None:
+    """The weights entry point of a checkpoint folder: a shard index or a single safetensors file."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return index
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return single
+    indexes = sorted(folder.glob("*.safetensors.index*.json"))
+    if len(indexes) == 1:
+        return indexes[0]
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(files) == 1:
+        return files[0]
+    if len(files) > 1 or len(indexes) > 1:
+        names = ", ".join(p.name for p in (indexes or files)[:4])
+        raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
+    return None
+
+
+def has_weights(folder: Path) -> bool:
+    """Cheap test used by the scanner: does this folder hold weights wdiff can read?"""
+    try:
+        return find_weights(folder) is not None
+    except WdiffError:
+        return True  # ambiguous weights: reading it will say so
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
+    """All tensors of one checkpoint, by name, from a file or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        entry = find_weights(path)
+        if entry is None:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            weights = [n for n in pickles if n.startswith(("pytorch_model", "model"))]
+            if weights:
+                raise WdiffError(path / weights[0], PICKLE_HINT)
+            raise WdiffError(path, "no safetensors weights in this folder")
+        path = entry
+    if not path.exists():
+        raise WdiffError(path, "no such file or folder")
+    if path.name.endswith(".json"):
+        return read_sharded(path)
+    if looks_like_safetensors(path):
+        tensors, _ = read_header(path)
+        return tensors
+    if _sniff_pickle(path):
+        raise WdiffError(path, PICKLE_HINT)
+    # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
+    tensors, _ = read_header(path)
+    return tensors

@@ -1,0 +1,80 @@
+"""What every reader hands to the rest of wdiff: where a tensor's bytes are and how to decode them.
+
+A reader answers "which tensors, with what dtype and shape, where" cheaply from headers; the bytes are
+read only inside compute, chunk by chunk, by offset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DType:
+    """A checkpoint dtype: its size, the numpy type of its raw storage and how wdiff decodes it."""
+
+    code: str  # the safetensors spelling: "BF16", "F8_E4M3", ...
+    bits: int
+    storage: str  # numpy dtype of the raw elements as stored ("<f4", "<u2", "u1", ...)
+    decoded: np.dtype | None  # numpy/ml_dtypes type whose values the raw bits encode; None: not a float
+
+    @property
+    def is_float(self) -> bool:
+        """Whether wdiff computes weight change for this dtype (real floating point, byte-sized)."""
+        return self.decoded is not None
+
+
+def _dtypes() -> dict[str, DType]:
+    table = [
+        DType("F64", 64, "<f8", np.dtype("<f8")),
+        DType("F32", 32, "<f4", np.dtype("<f4")),
+        DType("F16", 16, "<u2", np.dtype("<f2")),
+        DType("BF16", 16, "<u2", np.dtype(ml_dtypes.bfloat16)),
+        DType("F8_E4M3", 8, "u1", np.dtype(ml_dtypes.float8_e4m3fn)),
+        DType("F8_E5M2", 8, "u1", np.dtype(ml_dtypes.float8_e5m2)),
+        DType("F8_E4M3FNUZ", 8, "u1", np.dtype(ml_dtypes.float8_e4m3fnuz)),
+        DType("F8_E5M2FNUZ", 8, "u1", np.dtype(ml_dtypes.float8_e5m2fnuz)),
+        DType("F8_E8M0", 8, "u1", np.dtype(ml_dtypes.float8_e8m0fnu)),
+        # Listed so headers validate, left out of the computation (integers, flags, complex, sub-byte).
+        DType("BOOL", 8, "u1", None),
+        DType("U8", 8, "u1", None),
+        DType("I8", 8, "i1", None),
+        DType("I16", 16, "<i2", None),
+        DType("U16", 16, "<u2", None),
+        DType("I32", 32, "<i4", None),
+        DType("U32", 32, "<u4", None),
+        DType("I64", 64, "<i8", None),
+        DType("U64", 64, "<u8", None),
+        DType("C64", 64, "<c8", None),
+        DType("F4", 4, "u1", None),
+        DType("F6_E2M3", 6, "u1", None),
+        DType("F6_E3M2", 6, "u1", None),
+    ]
+    return {d.code: d for d in table}
+
+
+DTYPES: dict[str, DType] = _dtypes()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of one checkpoint: name, dtype, shape and the byte range of its data in a file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: str  # the file holding the bytes
+    offset: int  # absolute byte offset of the first element in ``path``
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def kind(self) -> DType:
+        return DTYPES[self.dtype]

@@ -1,0 +1,174 @@
+"""safetensors files and sharded safetensors folders, read from their headers.
+
+wdiff parses the header itself (FORMATS.md: ``safe_open`` cannot decode BF16/FP8 to numpy and copies
+whole tensors) and enforces every rule the reference reader enforces, so a file wdiff accepts is one
+the safetensors library accepts, and a broken or half-written file is refused with a clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+from wdiff.errors import WdiffError
+from wdiff.readers.base import DTYPES, TensorRef
+
+MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Sniff the first bytes: a plausible little-endian header length followed by ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size and head[8:9] == b"{"
+
+
+def _reject_constant(token: str) -> float:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dict[str, str] | None]:
+    """Parse and validate one safetensors file; return its tensors (by name) and ``__metadata__``."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise WdiffError(path, f"not a safetensors file: {size} bytes, too short for a header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise WdiffError(path, f"safetensors header length {n} exceeds the 100 MB limit")
+            if 8 + n > size:
+                raise WdiffError(
+                    path, f"safetensors header of {n} bytes runs past the end of the {size}-byte file"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WdiffError(path, "safetensors header is not valid UTF-8") from None
+    try:
+        header = json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_unique_object
+        )
+    except (ValueError, RecursionError) as e:
+        raise WdiffError(path, f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise WdiffError(path, "safetensors header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()
+        ):
+            raise WdiffError(path, "safetensors __metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise WdiffError(path, f"tensor {name!r}: entry is not a JSON object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise WdiffError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise WdiffError(path, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_uint(o) for o in offsets)
+        ):
+            raise WdiffError(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        if end < begin:
+            raise WdiffError(path, f"tensor {name!r}: data_offsets [{begin}, {end}] run backwards")
+        bits = math.prod(shape) * DTYPES[dtype].bits  # Python ints: no overflow
+        if bits % 8 or bits // 8 != end - begin:
+            raise WdiffError(
+                path,
+                f"tensor {name!r}: {dtype} shape {shape} needs {bits / 8:g} bytes "
+                f"but data_offsets give {end - begin}",
+            )
+        entries.append((begin, end, name, dtype, tuple(shape)))
+
+    entries.sort()
+    expected = 0
+    for begin, end, name, _, _ in entries:
+        if begin != expected:
+            problem = "overlaps the previous tensor" if begin < expected else "leaves a gap"
+            raise WdiffError(path, f"tensor {name!r}: data at offset {begin} {problem}")
+        expected = end
+    if data_start + expected != size:
+        state = "is truncated" if data_start + expected > size else "has trailing bytes"
+        raise WdiffError(
+            path,
+            f"file {state}: the header describes {data_start + expected} bytes, the file has {size}",
+        )
+
+    tensors = {
+        name: TensorRef(name, dtype, shape, path, data_start + begin, end - begin)
+        for begin, end, name, dtype, shape in entries
+    }
+    return tensors, metadata
+
+
+def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
+    """Tensors of a sharded checkpoint, through its ``*.safetensors.index.json``."""
+    index_path = Path(index_path)
+    folder = index_path.parent.resolve()
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WdiffError(index_path, f"cannot read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WdiffError(index_path, f"shard index is not valid JSON: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()
+    ):
+        raise WdiffError(index_path, 'shard index has no "weight_map" of tensor name to shard file')
+
+    shards: dict[str, dict[str, TensorRef]] = {}
+    for shard in sorted(set(weight_map.values())):
+        # A shard name comes from outside: it must name a file inside the checkpoint folder.
+        candidate = folder / shard
+        if os.path.isabs(shard) or not candidate.resolve().is_relative_to(folder):
+            raise WdiffError(index_path, f"shard path {shard!r} leaves the checkpoint folder")
+        if not candidate.is_file():
+            raise WdiffError(index_path, f"shard {shard!r} named in weight_map does not exist")
+        shards[shard], _ = read_header(candidate)
+
+    tensors: dict[str, TensorRef] = {}
+    for name, shard in weight_map.items():
+        ref = shards[shard].get(name)
+        if ref is None:
+            raise WdiffError(folder / shard, f"tensor {name!r} listed in the index is not in this shard")
+        tensors[name] = ref
+    return tensors

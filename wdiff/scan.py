@@ -1,0 +1,200 @@
+"""Find a sequence of checkpoints, order it by training step and line up the same tensors across it.
+
+Three shapes of input (FORMATS.md):
+- an HF Trainer output dir: ``checkpoint-<step>/`` folders, ordered by step, ``trainer_state.json`` read;
+- a folder of checkpoints (files or folders) ordered by the step number in their names
+  (``step_900`` before ``step_1000``);
+- an explicit ordered list of checkpoint files or folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wdiff.errors import WdiffError
+from wdiff.naming import last_number, network_order
+from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, read_checkpoint
+
+_HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of the sequence: where it is, its training step, its tensors by name."""
+
+    path: str
+    step: int | None
+    tensors: dict[str, TensorRef] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AlignedTensor:
+    """The same tensor in every checkpoint: ``refs[t]`` locates it in checkpoint ``t``."""
+
+    name: str
+    shape: tuple[int, ...]
+    refs: tuple[TensorRef, ...] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return self.refs[0].numel
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({r.dtype for r in self.refs})
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor left out of the computation, and why (in words a user reads)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """A scanned checkpoint sequence, ready to compute: what ``wdiff.scan`` returns."""
+
+    source: str
+    checkpoints: tuple[Checkpoint, ...]
+    tensors: tuple[AlignedTensor, ...]  # computable tensors, network order
+    skipped: tuple[Skipped, ...]
+    trainer_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def steps(self) -> list[int | None]:
+        return [c.step for c in self.checkpoints]
+
+    @property
+    def bytes_per_pass(self) -> int:
+        """Bytes of checkpoint data one pass over the computable tensors reads."""
+        return sum(r.nbytes for t in self.tensors for r in t.refs)
+
+
+def _load_trainer_state(path: Path) -> dict:
+    try:
+        # Python's json on purpose: trainer_state.json is written by json.dumps with bare NaN/Infinity.
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WdiffError(path, f"not valid JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise WdiffError(path, "trainer state is not a JSON object")
+    return state
+
+
+def _is_checkpoint(path: Path) -> bool:
+    if path.is_dir():
+        return has_weights(path)
+    return path.is_file() and looks_like_safetensors(path)
+
+
+def _hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in folder.iterdir():
+        m = _HF_CHECKPOINT.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Checkpoint files or folders inside ``folder``, ordered by the step number in their names."""
+    children = sorted(c for c in folder.iterdir() if not c.name.startswith("."))
+    candidates = [c for c in children if _is_checkpoint(c)]
+    if not candidates:
+        return []
+    numbered = []
+    for c in candidates:
+        step = last_number(c.name.removesuffix(".safetensors"))
+        if step is None:
+            raise WdiffError(
+                c, "has no step number in its name, so its place in the sequence is unknown; "
+                "pass the checkpoints in order explicitly"
+            )
+        numbered.append((step, c))
+    numbered.sort()
+    for (a, pa), (b, pb) in zip(numbered, numbered[1:]):
+        if a == b:
+            raise WdiffError(folder, f"{pa.name} and {pb.name} have the same step number {a}")
+    return numbered
+
+
+def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Path | None]:
+    """Ordered (step, checkpoint path) pairs, and the trainer_state.json to read if any."""
+    if len(inputs) == 1 and inputs[0].is_dir() and not has_weights(inputs[0]):
+        folder = inputs[0]
+        hf = _hf_checkpoints(folder)
+        pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
+        if not pairs:
+            raise WdiffError(folder, "no checkpoints found (no checkpoint-N folders, no safetensors)")
+    else:
+        for p in inputs:
+            if not p.exists():
+                raise WdiffError(p, "no such file or folder")
+        pairs = []
+        for p in inputs:
+            state = p / TRAINER_STATE if p.is_dir() else None
+            step = None
+            if state is not None and state.is_file():
+                step = _load_trainer_state(state).get("global_step")
+            if not isinstance(step, int):
+                m = _HF_CHECKPOINT.match(p.name)
+                step = int(m.group(1)) if m else last_number(p.name.removesuffix(".safetensors"))
+            pairs.append((step, p))
+    # The newest trainer_state.json holds the whole log history.
+    states = [p / TRAINER_STATE for _, p in pairs if p.is_dir() and (p / TRAINER_STATE).is_file()]
+    return pairs, (states[-1] if states else None)
+
+
+def _align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
+    names = set().union(*(c.tensors for c in checkpoints))
+    aligned, skipped = [], []
+    for name in network_order(list(names)):
+        refs = [c.tensors.get(name) for c in checkpoints]
+        missing = [c.path for c, r in zip(checkpoints, refs) if r is None]
+        if missing:
+            skipped.append(Skipped(name, f"missing from {len(missing)} checkpoint(s), first {missing[0]}"))
+            continue
+        shapes = {r.shape for r in refs if r is not None}
+        if len(shapes) > 1:
+            where = ", ".join(str(list(s)) for s in sorted(shapes))
+            skipped.append(Skipped(name, f"changes shape across checkpoints: {where}"))
+            continue
+        kinds = {r.kind for r in refs if r is not None}
+        not_float = sorted(k.code for k in kinds if not k.is_float)
+        if not_float:
+            skipped.append(Skipped(name, f"dtype {'/'.join(not_float)} is not a float: not computed"))
+            continue
+        aligned.append(AlignedTensor(name, refs[0].shape, tuple(refs)))  # type: ignore[arg-type]
+    return aligned, skipped
+
+
+def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Run:
+    """Scan a checkpoint folder or an ordered list of checkpoints into a :class:`Run`.
+
+    Raises :class:`~wdiff.errors.WdiffError` naming the file and the problem for bad input, and when
+    fewer than two checkpoints are found.
+    """
+    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    if not paths:
+        raise WdiffError(None, "no checkpoints given")
+    pairs, state_path = _discover(paths)
+    source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
+    if len(pairs) < 2:
+        where = pairs[0][1] if pairs else paths[0]
+        raise WdiffError(where, f"found {len(pairs)} checkpoint; at least two are needed to see change")
+    checkpoints = tuple(Checkpoint(str(p), step, read_checkpoint(p)) for step, p in pairs)
+    tensors, skipped = _align(checkpoints)
+    if not tensors:
+        raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
+    state = _load_trainer_state(state_path) if state_path is not None else None
+    return Run(source, checkpoints, tuple(tensors), tuple(skipped), state)
