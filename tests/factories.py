@@ -1,0 +1,110 @@
+"""Make real checkpoint files for tests with the official safetensors writer, and the numpy reference.
+
+Every dtype, BF16 and FP8 included, is written by ``safetensors.serialize_file`` (the library's own
+writer), so the files are exactly what users have on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import safetensors
+
+# safetensors dtype code -> (numpy/ml_dtypes type, the writer's dtype spelling)
+DTYPES = {
+    "F64": (np.float64, "float64"),
+    "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"),
+    "BF16": (ml_dtypes.bfloat16, "bfloat16"),
+    "F8_E4M3": (ml_dtypes.float8_e4m3fn, "float8_e4m3fn"),
+    "F8_E5M2": (ml_dtypes.float8_e5m2, "float8_e5m2"),
+    "I64": (np.int64, "int64"),
+    "I32": (np.int32, "int32"),
+    "U8": (np.uint8, "uint8"),
+    "BOOL": (np.bool_, "bool"),
+}
+_SPELLING = {np.dtype(t): s for t, s in DTYPES.values()}
+
+
+def save(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> Path:
+    """Write ``tensors`` (any dtype in DTYPES) with the official safetensors writer."""
+    arrays = {k: np.array(v, order="C") for k, v in tensors.items()}  # keeps 0-d as 0-d
+    specs = {
+        k: safetensors.TensorSpec(
+            dtype=_SPELLING[a.dtype], shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes
+        )
+        for k, a in arrays.items()
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    safetensors.serialize_file(specs, str(path), metadata=metadata)
+    return Path(path)
+
+
+def save_sharded(folder: str | Path, tensors: Mapping[str, np.ndarray], shards: int) -> Path:
+    """A sharded checkpoint: ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
+    folder = Path(folder)
+    names = list(tensors)
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save(folder / shard, {n: tensors[n] for n in part})
+        weight_map.update({n: shard for n in part})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def trainer_run(
+    root: str | Path,
+    checkpoints: Sequence[Mapping[str, np.ndarray]],
+    steps: Sequence[int],
+    shards: int = 1,
+) -> Path:
+    """An HF Trainer output dir: ``checkpoint-<step>/`` with weights and ``trainer_state.json``."""
+    root = Path(root)
+    history = []
+    for step, tensors in zip(steps, checkpoints):
+        folder = root / f"checkpoint-{step}"
+        if shards > 1:
+            save_sharded(folder, tensors, shards)
+        else:
+            save(folder / "model.safetensors", tensors)
+        history.append({"loss": 2.0 / (1 + step), "learning_rate": 1e-3, "grad_norm": float("nan"), "step": step})
+        state = {"global_step": step, "max_steps": steps[-1], "log_history": list(history)}
+        (folder / "trainer_state.json").write_text(json.dumps(state))  # bare NaN, like json.dumps
+    return root
+
+
+def random_sequence(
+    shapes: Mapping[str, tuple[int, ...]], count: int, dtype: str = "F32", seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``count`` checkpoints of a random walk over the given tensors, stored in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    np_type = DTYPES[dtype][0]
+    current = {k: np.asarray(rng.standard_normal(s)) for k, s in shapes.items()}
+    out = []
+    for t in range(count):
+        if t:
+            current = {k: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 0.2) for k, v in current.items()}
+        out.append({k: v.astype(np_type) for k, v in current.items()})
+    return out
+
+
+def reference(checkpoints: Sequence[Mapping[str, np.ndarray]], name: str) -> dict:
+    """The float64 numpy reference of every metric wdiff reports for one tensor."""
+    w = [np.asarray(c[name]).astype(np.float64) for c in checkpoints]
+    diffs = [b - a for a, b in zip(w, w[1:])]
+    net = float(np.linalg.norm((w[-1] - w[0]).ravel()))
+    first = float(np.linalg.norm(w[0].ravel()))
+    return {
+        "accumulated": sum(np.abs(d) for d in diffs),
+        "net_l2": net,
+        "relative_change": net / first if first else None,
+        "interval_l2": [float(np.linalg.norm(d.ravel())) for d in diffs],
+        "l2": [float(np.linalg.norm(x.ravel())) for x in w],
+    }

@@ -1,0 +1,108 @@
+"""Kernels and the Dask chunk graph against a float64 numpy reference, on deliberately uneven chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from factories import DTYPES, random_sequence, reference, save, trainer_run
+from wdiff import kernels
+from wdiff.compute import compute
+from wdiff.results import create_accumulated, layout_accumulated
+from wdiff.scan import scan
+
+SHAPES = {
+    "model.embed.weight": (61, 17),
+    "model.layers.0.attn.q.weight": (33, 29),
+    "model.layers.0.norm.weight": (29,),
+    "model.layers.1.conv.weight": (5, 3, 3, 3),
+    "model.layers.1.scale": (),
+    "model.layers.1.empty": (0, 4),
+    "head.bias": (1,),
+}
+
+
+def _compute(run, tmp_path, **kw):
+    layout = layout_accumulated((t.name, t.shape) for t in run.tensors)
+    path = tmp_path / "acc.safetensors"
+    create_accumulated(path, layout)
+    result = compute(run, str(path), layout, **kw)
+    return result, load_file(str(path))
+
+
+def _check(result, acc, checkpoints):
+    for name in SHAPES:
+        ref = reference(checkpoints, name)
+        got = result.tensors[name]
+        scale = max(float(np.max(ref["accumulated"], initial=0.0)), 1e-30)
+        assert acc[name].shape == SHAPES[name] and acc[name].dtype == np.float32
+        np.testing.assert_allclose(acc[name], ref["accumulated"], rtol=0, atol=1e-4 * scale)
+        np.testing.assert_allclose(got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["net_l2"], ref["net_l2"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["interval_l2"], ref["interval_l2"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
+        if ref["relative_change"] is None:
+            assert got["relative_change"] is None
+        else:
+            np.testing.assert_allclose(got["relative_change"], ref["relative_change"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("code", ["F32", "F64", "F16", "BF16", "F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("chunk", [7, 100, 1 << 20])
+def test_compute_matches_numpy_reference(tmp_path, code, chunk):
+    checkpoints = random_sequence(SHAPES, count=4, dtype=code, seed=len(code) + chunk)
+    run = scan(trainer_run(tmp_path / "run", checkpoints, steps=[10, 20, 30, 40]))
+    result, acc = _compute(run, tmp_path, chunk_elements=chunk)
+    _check(result, acc, checkpoints)
+    assert result.read_bytes == run.bytes_per_pass
+
+
+def test_threads_and_sync_give_identical_bits(tmp_path):
+    checkpoints = random_sequence(SHAPES, count=5, seed=9)
+    run = scan(trainer_run(tmp_path / "run", checkpoints, steps=[1, 2, 3, 4, 5]))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r1, a1 = _compute(run, tmp_path / "a", chunk_elements=13, scheduler="threads", workers=2)
+    r2, a2 = _compute(run, tmp_path / "b", chunk_elements=13, scheduler="sync")
+    for name in a1:
+        assert a1[name].tobytes() == a2[name].tobytes()
+    assert r1.tensors == r2.tensors
+
+
+def test_dtype_change_between_checkpoints(tmp_path):
+    seq = random_sequence({"w": (9, 4)}, count=3, dtype="F32", seed=2)
+    seq[1] = {"w": seq[1]["w"].astype(DTYPES["BF16"][0])}
+    seq[2] = {"w": seq[2]["w"].astype(np.float16)}
+    paths = [save(tmp_path / f"s{i}.safetensors", c) for i, c in enumerate(seq)]
+    run = scan(paths)
+    result, acc = _compute(run, tmp_path, chunk_elements=5)
+    ref = reference(seq, "w")
+    np.testing.assert_allclose(acc["w"], ref["accumulated"], atol=1e-6)
+    assert result.tensors["w"]["dtype"] == ["BF16", "F16", "F32"]
+
+
+def test_nonfinite_values_are_counted_not_hidden(tmp_path):
+    seq = random_sequence({"w": (4, 4)}, count=3, seed=1)
+    seq[2]["w"][1, 2] = np.nan
+    seq[2]["w"][3, 3] = np.inf
+    run = scan([save(tmp_path / f"s{i}.safetensors", c) for i, c in enumerate(seq)])
+    result, acc = _compute(run, tmp_path, chunk_elements=3)
+    assert result.tensors["w"]["nonfinite"] == [0, 0, 2]
+    assert np.isnan(acc["w"][1, 2]) and np.isinf(acc["w"][3, 3])
+    finite = np.isfinite(acc["w"])
+    ref = reference(seq, "w")["accumulated"]
+    np.testing.assert_allclose(acc["w"][finite], ref[finite], atol=1e-6)
+
+
+def test_kernel_step_against_numpy_one_liner():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
+    first, prev, acc = np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
+    kernels.start(a, kernels.decode_table("F32"), first, prev)
+    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, prev, acc)
+    np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
+    np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-9)
+    np.testing.assert_allclose(dot, np.dot(b.astype(np.float64), a), rtol=1e-9)
+    assert nonfinite == 0 and np.array_equal(prev, b) and np.array_equal(first, a)
