@@ -191,7 +191,7 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
     source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
     if len(pairs) < 2:
         where = pairs[0][1] if pairs else paths[0]
-        raise WdiffError(where, f"found {len(pairs)} checkpoint; at least two are needed to see change")
+        raise WdiffError(where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change")
     checkpoints = tuple(Checkpoint(str(p), step, read_checkpoint(p)) for step, p in pairs)
     tensors, skipped = _align(checkpoints)
     if not tensors:

@@ -62,11 +62,15 @@ def find_weights(folder: Path) -> Path | None:
 
 
 def has_weights(folder: Path) -> bool:
-    """Cheap test used by the scanner: does this folder hold weights wdiff can read?"""
+    """Does this folder hold the weights of one checkpoint?
+
+    A folder of several unrelated ``.safetensors`` files (no index, no ``model.safetensors``) is not one
+    checkpoint: the scanner treats it as a folder of checkpoint files.
+    """
     try:
         return find_weights(folder) is not None
     except WdiffError:
-        return True  # ambiguous weights: reading it will say so
+        return False
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:

@@ -1,0 +1,160 @@
+"""The scene's only input: ``accumulated.safetensors``, read in bounded blocks.
+
+Models can be hundreds of GB, so a tensor is never read whole: it is cut into row blocks (and, when a
+single row is too long, into column runs of one row) of at most ``chunk_elements`` values, each read with
+``safe_open(...).get_slice(name)[a:b]``, which copies only the requested bytes out of the file mapping.
+
+safetensors keeps every page it has read mapped (and counted in the process RSS) until the handle is
+released, so the handle is dropped and reopened every ``remap_bytes`` read: resident memory then stays
+bounded by the block size, not by the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from wdiff.errors import WdiffError
+
+#: Values per block read from disk (4 Mi float32 = 16 MiB).
+CHUNK_ELEMENTS = 1 << 22
+#: Bytes read through one file handle before it is reopened to release the mapped pages.
+REMAP_BYTES = 1 << 28
+
+# Float dtypes safe_open returns as numpy arrays; the compute step writes F32 only.
+_FLOAT_DTYPES = {"F16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name and stored shape of one tensor, and the 2-D grid the scene draws it as.
+
+    Rows are the first dimension, columns the other dimensions flattened (row-major, so one row of the
+    grid is one contiguous run of the file); a 1-D tensor is one row and a scalar is 1 x 1.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    @property
+    def cols(self) -> int:
+        if len(self.shape) >= 2:
+            return math.prod(self.shape[1:])
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class AccumulatedFile:
+    """Read-only access to ``accumulated.safetensors``: tensor shapes, and values in bounded blocks."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        remap_bytes: int = REMAP_BYTES,
+    ) -> None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.path = os.fspath(path)
+        self.chunk_elements = chunk_elements
+        self.remap_bytes = remap_bytes
+        self._handle: Any = None
+        self._read_since_open = 0
+        handle = self._open()
+        self._info: dict[str, TensorInfo] = {}
+        for name in handle.keys():
+            sl = handle.get_slice(name)
+            dtype = sl.get_dtype()
+            if dtype not in _FLOAT_DTYPES:
+                raise WdiffError(self.path, f"tensor {name!r} has dtype {dtype}; expected F32")
+            self._info[name] = TensorInfo(name, tuple(int(d) for d in sl.get_shape()))
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handle = safe_open(self.path, framework="numpy")
+            except (OSError, SafetensorError) as exc:
+                raise WdiffError(self.path, f"cannot read results file: {exc}") from exc
+            self._read_since_open = 0
+        return self._handle
+
+    def _account(self, nbytes: int) -> None:
+        """Drop the handle once enough has been read through it (see the module docstring)."""
+        self._read_since_open += nbytes
+        if self._read_since_open >= self.remap_bytes:
+            self._handle = None
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> AccumulatedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._info)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise WdiffError(self.path, f"no tensor named {name!r} in the results file") from None
+
+    def blocks(self, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(row, col, block)``: a 2-D float32 block of the tensor's grid and where it starts.
+
+        Blocks cover the grid exactly once, in row-major order, each at most ``chunk_elements`` values
+        (or one innermost slice ``shape[2:]`` when that alone is larger). Zero-size tensors yield nothing.
+        """
+        info = self.info(name)
+        shape, budget = info.shape, self.chunk_elements
+        if info.size == 0:
+            return
+        if not shape:
+            value = self._open().get_tensor(name)
+            self._account(4)
+            yield 0, 0, np.asarray(value, dtype=np.float32).reshape(1, 1)
+            return
+        if len(shape) == 1:
+            for a in range(0, shape[0], budget):
+                b = min(a + budget, shape[0])
+                yield 0, a, self._read(name, (slice(a, b),), (1, b - a))
+            return
+        rows, cols = info.rows, info.cols
+        if cols <= budget:
+            step = max(1, budget // cols)
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                yield a, 0, self._read(name, (slice(a, b),), (b - a, cols))
+            return
+        # One row is longer than the budget: read runs of it along dimension 1. Row-major order makes
+        # indices [c, d) of dimension 1 the contiguous columns [c * inner, d * inner) of the grid.
+        inner = math.prod(shape[2:])
+        step = max(1, budget // inner)
+        for r in range(rows):
+            for c in range(0, shape[1], step):
+                d = min(c + step, shape[1])
+                yield r, c * inner, self._read(name, (slice(r, r + 1), slice(c, d)), (1, (d - c) * inner))
+
+    def _read(self, name: str, index: Sequence[slice], grid_shape: tuple[int, int]) -> np.ndarray:
+        block = self._open().get_slice(name)[tuple(index)]
+        self._account(block.nbytes)
+        return np.asarray(block, dtype=np.float32).reshape(grid_shape)
