@@ -68,10 +68,13 @@ def run(
     scheduler: str = "threads",
     workers: int | None = None,
     progress: Progress | None = None,
-    scanned: Run | None = None,
+    on_scan: Callable[[Run], None] | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
     ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
+
+    ``progress(phase, advance, total)`` is called as chunks finish; ``on_scan(run)`` once the
+    checkpoints are scanned (the CLI prints what it found and the skipped tensors there).
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -81,7 +84,9 @@ def run(
     _check_out(out)
     if max_points < 1:
         raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
-    the_run = scanned if scanned is not None else scan(inputs)
+    the_run = scan(inputs)
+    if on_scan is not None:
+        on_scan(the_run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.wdiff-tmp-", dir=out.parent))
     try:

@@ -90,21 +90,22 @@ def run_command(
     )
 
     from wdiff import api
-    from wdiff.scan import scan
+    from wdiff.scan import Run
 
     err = Console(stderr=True, quiet=quiet)
     if chunk_mb <= 0:
         raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
-    with err.status("scanning checkpoints"):
-        scanned = scan(inputs if len(inputs) > 1 else inputs[0])
-    for s in scanned.skipped:
-        err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False)
-    steps = [c.step for c in scanned.checkpoints]
-    err.print(
-        f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
-        f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
-        highlight=False,
-    )
+
+    def on_scan(scanned: Run) -> None:
+        for s in scanned.skipped:
+            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False)
+        steps = scanned.steps
+        err.print(
+            f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
+            f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
+            highlight=False,
+        )
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -132,38 +133,32 @@ def run_command(
             scheduler=scheduler,
             workers=workers,
             progress=on_progress,
-            scanned=scanned,
+            on_scan=on_scan,
         )
     timing = res.summary["timing"]
     rate = timing["read_bytes"] / max(timing["compute_seconds"], 1e-9)
     typer.echo(
-        f"{out}: {len(res.summary['tensors'])} tensors over {len(scanned.checkpoints)} checkpoints, "
+        f"{out}: {len(res.summary['tensors'])} tensors over {len(res.summary['checkpoints'])} checkpoints, "
         f"{_human(timing['read_bytes'])} read at {_human(rate)}/s, "
         f"{res.summary['scene']['points']} points"
     )
 
 
 def main() -> None:
-    """Console entry point with the one error boundary."""
+    """Console entry point with the one error boundary.
+
+    Typer (in standalone mode) handles ``--help`` and usage errors itself (exit code 2); wdiff's own
+    errors become one line and exit code 2; anything else is a bug: one line and exit code 1.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except WdiffError as e:
         print(f"wdiff: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("wdiff: interrupted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         print("wdiff: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:
         if os.environ.get("WDIFF_DEBUG"):
             raise
         print(

@@ -1,12 +1,13 @@
 """The scene's only input: ``accumulated.safetensors``, read in bounded blocks.
 
-Models can be hundreds of GB, so a tensor is never read whole: it is cut into row blocks (and, when a
-single row is too long, into column runs of one row) of at most ``chunk_elements`` values, each read with
-``safe_open(...).get_slice(name)[a:b]``, which copies only the requested bytes out of the file mapping.
+Models can be hundreds of GB, so a tensor is never read whole: it is cut into row blocks (and, when
+a single row is too long, into column runs of one row) of at most ``chunk_elements`` values, each
+read with ``safe_open(...).get_slice(name)[a:b]``, which copies only the requested bytes out of the
+file mapping.
 
 safetensors keeps every page it has read mapped (and counted in the process RSS) until the handle is
-released, so the handle is dropped and reopened every ``remap_bytes`` read: resident memory then stays
-bounded by the block size, not by the model size.
+released, so the handle is dropped and reopened every ``remap_bytes`` read: resident memory then
+stays bounded by the block size, not by the model size.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from wdiff.errors import WdiffError
 
 #: Values per block read from disk (4 Mi float32 = 16 MiB).
 CHUNK_ELEMENTS = 1 << 22
-#: Bytes read through one file handle before it is reopened to release the mapped pages.
-REMAP_BYTES = 1 << 28
+#: Bytes read through one file handle (64 MiB) before it is reopened to release the mapped pages.
+REMAP_BYTES = 1 << 26
 
 # Float dtypes safe_open returns as numpy arrays; the compute step writes F32 only.
 _FLOAT_DTYPES = {"F16", "F32", "F64"}
@@ -34,8 +35,8 @@ _FLOAT_DTYPES = {"F16", "F32", "F64"}
 class TensorInfo:
     """Name and stored shape of one tensor, and the 2-D grid the scene draws it as.
 
-    Rows are the first dimension, columns the other dimensions flattened (row-major, so one row of the
-    grid is one contiguous run of the file); a 1-D tensor is one row and a scalar is 1 x 1.
+    Rows are the first dimension, columns the other dimensions flattened (row-major, so one row of
+    the grid is one contiguous run of the file); a 1-D tensor is one row and a scalar is 1 x 1.
     """
 
     name: str
@@ -57,7 +58,7 @@ class TensorInfo:
 
 
 class AccumulatedFile:
-    """Read-only access to ``accumulated.safetensors``: tensor shapes, and values in bounded blocks."""
+    """Read-only access to ``accumulated.safetensors``: shapes, and values in bounded blocks."""
 
     def __init__(
         self,
@@ -79,7 +80,7 @@ class AccumulatedFile:
             sl = handle.get_slice(name)
             dtype = sl.get_dtype()
             if dtype not in _FLOAT_DTYPES:
-                raise WdiffError(self.path, f"tensor {name!r} has dtype {dtype}; expected F32")
+                raise WdiffError(self.path, f"tensor {name!r} has dtype {dtype}, not float (F32)")
             self._info[name] = TensorInfo(name, tuple(int(d) for d in sl.get_shape()))
 
     def _open(self) -> Any:
@@ -119,10 +120,11 @@ class AccumulatedFile:
             raise WdiffError(self.path, f"no tensor named {name!r} in the results file") from None
 
     def blocks(self, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(row, col, block)``: a 2-D float32 block of the tensor's grid and where it starts.
+        """Yield ``(row, col, block)``: a 2-D float32 piece of the tensor's grid, and where.
 
-        Blocks cover the grid exactly once, in row-major order, each at most ``chunk_elements`` values
-        (or one innermost slice ``shape[2:]`` when that alone is larger). Zero-size tensors yield nothing.
+        Blocks cover the grid exactly once, in row-major order, each at most ``chunk_elements``
+        values (or one innermost slice ``shape[2:]`` when that alone is larger). Zero-size tensors
+        yield nothing.
         """
         info = self.info(name)
         shape, budget = info.shape, self.chunk_elements
@@ -145,14 +147,18 @@ class AccumulatedFile:
                 b = min(a + step, rows)
                 yield a, 0, self._read(name, (slice(a, b),), (b - a, cols))
             return
-        # One row is longer than the budget: read runs of it along dimension 1. Row-major order makes
-        # indices [c, d) of dimension 1 the contiguous columns [c * inner, d * inner) of the grid.
+        # One row is longer than the budget: read runs of it along dimension 1. Row-major order
+        # makes indices [c, d) of dimension 1 the grid's contiguous columns [c*inner, d*inner).
         inner = math.prod(shape[2:])
         step = max(1, budget // inner)
         for r in range(rows):
             for c in range(0, shape[1], step):
                 d = min(c + step, shape[1])
-                yield r, c * inner, self._read(name, (slice(r, r + 1), slice(c, d)), (1, (d - c) * inner))
+                yield (
+                    r,
+                    c * inner,
+                    self._read(name, (slice(r, r + 1), slice(c, d)), (1, (d - c) * inner)),
+                )
 
     def _read(self, name: str, index: Sequence[slice], grid_shape: tuple[int, int]) -> np.ndarray:
         block = self._open().get_slice(name)[tuple(index)]

@@ -1,0 +1,126 @@
+"""The 3D scene of the accumulated change: layout, colours, PLY point cloud, rendered picture.
+
+Reads only the results file ``accumulated.safetensors`` that the compute step wrote, never a
+checkpoint. The pipeline calls::
+
+    scene = build_scene(out / "accumulated.safetensors", names)   # the one pass over the file
+    colors = colorize(scene.value)                                # rgb + the scale used
+    write_points_ply(scene, colors, out / "points.ply")
+    render_scene(scene, out / "render.png", title="run, steps 50..400", color_scale=colors.scale)
+
+``build_scene`` is the only step that reads the (possibly huge) file; everything after works on the
+scene in memory, whose size is bounded by ``max_points``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from wdiff.naming import network_order
+from wdiff.scene import color
+from wdiff.scene.accumulated import CHUNK_ELEMENTS, AccumulatedFile
+from wdiff.scene.color import Colors, ColorScale, Scale, colorize
+from wdiff.scene.layout import Scene, TensorPlacement, coarsen_scene, layout
+from wdiff.scene.ply import vertex_records, write_ply
+from wdiff.scene.pooling import Pool
+
+__all__ = [
+    "ColorScale",
+    "Colors",
+    "Scene",
+    "TensorPlacement",
+    "build_scene",
+    "colorize",
+    "render_scene",
+    "write_points_ply",
+]
+
+PANEL_WIDTH = 170  # pixels right of the render: colour bar, its label, the NaN/Inf legend
+TITLE_HEIGHT = 40  # pixels above the render when there is a title
+FOOTER_HEIGHT = 22  # pixels below it: what a point stands for
+
+
+def build_scene(
+    accumulated_path: str | os.PathLike[str],
+    names: Sequence[str] | None = None,
+    max_points: int = 1_000_000,
+    pool: Pool = "max",
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Scene:
+    """Read ``accumulated.safetensors`` once, in blocks of ``chunk_elements`` values, into a Scene.
+
+    ``names`` is the depth order (network order from the caller; default: every tensor of the file
+    in ``wdiff.naming.network_order``). ``max_points`` is a hard budget: one global pooling factor,
+    the smallest that fits, shrinks every tensor alike (``pool`` = "max" keeps hot spots visible,
+    "mean" shows the typical change). Raises ValueError when the budget is below the number of
+    non-empty tensors, ``WdiffError`` when the file is unreadable or lacks a name.
+    """
+    with AccumulatedFile(accumulated_path, chunk_elements=chunk_elements) as source:
+        order = network_order(source.names()) if names is None else list(names)
+        return layout(source, order, max_points=max_points, pool=pool)
+
+
+def write_points_ply(
+    scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]
+) -> None:
+    """Write the scene as a binary PLY: xyz, uchar RGB and ``scalar_accumulated`` (CloudCompare,
+    Blender and Open3D read it; see FORMATS.md). ``colors``: from ``colorize``, or uint8 (N, 3)."""
+    rgb = colors.rgb if isinstance(colors, Colors) else colors
+    write_ply(path, vertex_records(scene.xyz, rgb, scene.value))
+
+
+def render_scene(
+    scene: Scene,
+    path: str | os.PathLike[str],
+    title: str = "",
+    size: tuple[int, int] = (1280, 800),
+    scale: Scale = "log",
+    *,
+    color_scale: ColorScale | None = None,
+    max_render_points: int | None = None,
+) -> None:
+    """Render the scene headless to a PNG of exactly ``size`` with a colour bar and ``title``.
+
+    Pass the ``color_scale`` used for the PLY so both share bounds (default: computed from the scene
+    with ``scale``). A picture cannot show more than about one cell per pixel, so the scene is
+    pooled further, exactly, to ``max_render_points`` (default: a quarter of the pixels): cells stay
+    legible as squares and the software renderer stays fast.
+    """
+    from wdiff.scene import render
+
+    width, height = size
+    cs = color_scale or color.color_scale(scene.value, scale)
+    top = TITLE_HEIGHT if title else 0
+    img_w, img_h = width - PANEL_WIDTH, height - top - FOOTER_HEIGHT
+    if img_w < 64 or img_h < 64:
+        raise ValueError(f"size {size} is too small for the picture")
+    budget = max_render_points or img_w * img_h // 4
+    shown = coarsen_scene(scene, max(budget, sum(1 for p in scene.placements if p.count)))
+    rgb = color.apply(shown.value, cs)
+
+    outline = render.silhouette(shown)
+    camera = render.fit_camera(outline, img_w / img_h)
+    camera = render.limit_zoom(camera, shown.pool_factor, img_h, outline)
+    point_px = render.point_size(camera, shown.pool_factor, img_h, outline)
+    image = render.render_points(shown.xyz, rgb, (img_w, img_h), camera, point_px)
+
+    s = shown.pool_factor
+    cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
+    footer = f"{len(scene.names)} tensors, first in front; {len(shown):,} points, each {cell}"
+    if scene.nonfinite:
+        footer += f"; {scene.nonfinite:,} NaN/Inf weights"
+    render.compose_png(
+        path,
+        image,
+        cs,
+        size=size,
+        title=title,
+        footer=footer,
+        top=top,
+        labels=render.block_labels(shown, camera, (img_w, img_h), top=top),
+        flagged=int(np.count_nonzero(~np.isfinite(shown.value))),
+    )

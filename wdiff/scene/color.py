@@ -1,0 +1,111 @@
+"""Colours for the accumulated change: one global perceptual colormap, log scale by default.
+
+Accumulated change spans orders of magnitude (frozen embeddings next to hot attention heads), so the
+default maps log10 of the value between robust bounds: a low percentile of the positive values (so a
+few near-zero cells do not squash the scale) and the maximum. Zeros and values below the low bound
+take the bottom colour; NaN/Inf take a flag colour that is not in the colormap. Colours are looked
+up in the colormap's own 256-entry table with matplotlib's rounding, so the points match the colour
+bar exactly.
+
+``viridis`` is the default: its bright end reads well against the dark background of the render, and
+it stays ordered for colour-blind readers and in greyscale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Scale = Literal["log", "linear"]
+SCALES: tuple[str, ...] = ("log", "linear")
+CMAP = "viridis"
+#: NaN/Inf points: magenta, which viridis never produces.
+FLAG_RGB = (255, 0, 255)
+#: Percentile of the positive finite values used as the bottom of the log scale.
+LOW_PERCENTILE = 1.0
+_LUT_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ColorScale:
+    """How values became colours, for the colour bar and the legend."""
+
+    vmin: float
+    vmax: float
+    scale: Scale
+    cmap: str = CMAP
+    flag_rgb: tuple[int, int, int] = FLAG_RGB
+
+    @property
+    def label(self) -> str:
+        return f"accumulated |ΔW|, {self.scale} scale"
+
+
+def color_scale(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> ColorScale:
+    """Bounds for ``values``: log between a low percentile of the positive values and the max;
+    linear from 0 (no change) to the max. Non-finite values are ignored; degenerate inputs get a
+    one-decade (log) or unit (linear) range so the colour bar stays drawable."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    finite = values[np.isfinite(values)]
+    if scale == "log":
+        positive = finite[finite > 0]
+        if positive.size == 0:
+            return ColorScale(0.1, 1.0, scale, cmap)
+        vmax = float(positive.max())
+        vmin = float(np.percentile(positive, LOW_PERCENTILE))
+        if not vmin < vmax:
+            vmin = vmax / 10.0
+        return ColorScale(vmin, vmax, scale, cmap)
+    vmax = float(finite.max()) if finite.size else 0.0
+    return ColorScale(0.0, vmax if vmax > 0 else 1.0, scale, cmap)
+
+
+def normalize(values: np.ndarray, cs: ColorScale) -> np.ndarray:
+    """Position of each value on the scale, clipped to [0, 1] (NaN for non-finite values)."""
+    v = values.astype(np.float64)
+    finite = np.isfinite(v)
+    t = np.full(v.shape, np.nan)
+    if cs.scale == "log":
+        lo, hi = np.log10(cs.vmin), np.log10(cs.vmax)
+        positive = finite & (v > 0)
+        t[finite] = 0.0  # zeros (and negatives, which should not occur) sit at the bottom
+        t[positive] = (np.log10(v[positive]) - lo) / (hi - lo)
+    else:
+        t[finite] = (v[finite] - cs.vmin) / (cs.vmax - cs.vmin)
+    np.clip(t, 0.0, 1.0, out=t)
+    return t
+
+
+def lookup_table(cmap: str = CMAP) -> np.ndarray:
+    """The colormap's 256 colours as uint8 (256, 3)."""
+    import matplotlib
+
+    colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
+    return colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+
+
+def apply(values: np.ndarray, cs: ColorScale) -> np.ndarray:
+    """uint8 (N, 3) colours of ``values`` on the scale ``cs``."""
+    t = normalize(values, cs)
+    bad = np.isnan(t)
+    # matplotlib's rule (Colormap.__call__): index floor(t * N), with t == 1 going to N - 1.
+    index = np.minimum((np.where(bad, 0.0, t) * _LUT_SIZE).astype(np.int64), _LUT_SIZE - 1)
+    rgb = lookup_table(cs.cmap)[index]
+    rgb[bad] = cs.flag_rgb
+    return rgb
+
+
+class Colors(NamedTuple):
+    """Point colours and the scale that made them (unpacks as ``rgb, scale = colorize(v)``)."""
+
+    rgb: np.ndarray  # uint8 (N, 3)
+    scale: ColorScale
+
+
+def colorize(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> Colors:
+    """Colours for ``values`` on a global scale taken from the values themselves."""
+    cs = color_scale(values, scale, cmap)
+    return Colors(apply(values, cs), cs)

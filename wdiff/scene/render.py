@@ -1,0 +1,389 @@
+"""The picture: Open3D renders the cloud headless, matplotlib adds title, colour bar and legend.
+
+Open3D (about 2 s to import) and matplotlib are imported inside the functions, so importing wdiff
+stays fast. Choices, each checked by looking at the output:
+
+- ``defaultUnlit`` with post-processing off: the pixels are exactly the point colours, so they
+  match the colour bar (post-processing tone-maps them: 0.5 grey comes out as 201, not 128).
+- A dark background: the bright, high-change end of viridis stands out, the dark low end recedes.
+- An oblique 3/4 view from the front right and above: the first tensor faces the camera and the
+  stack recedes to the back right, so the top edge of every layer shows, labelled by block.
+- The camera distance is solved so every tensor's corners are in the frame, and the point size is
+  the on-screen size of one pooled cell, so layers read as surfaces, not as dust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from wdiff.naming import block_of
+from wdiff.scene._files import atomic_write
+from wdiff.scene.color import ColorScale
+from wdiff.scene.layout import Scene
+
+BACKGROUND = (0.086, 0.090, 0.110)  # dark blue-grey
+FOREGROUND = (0.90, 0.91, 0.93)
+MUTED = (0.62, 0.64, 0.68)
+FOV_DEG = 30.0  # vertical; mild perspective, little distortion
+AZIMUTH_DEG = 38.0  # camera to the right of the stack axis: it recedes to the right
+ELEVATION_DEG = 24.0  # and above it
+MAX_POINT_SIZE = 16.0
+LABEL_CHAR_PX = 7.5  # about one character of the 9-point label font at 100 dpi
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera looking at ``center`` from ``eye``, vertical field of view in degrees.
+
+    ``near``/``far`` enclose the scene: set explicitly because ``OffscreenRenderer.setup_camera``
+    derives the far plane from the camera's previous position, which culls small or flat scenes
+    (a single point rendered nothing in Open3D 0.20).
+    """
+
+    center: np.ndarray
+    eye: np.ndarray
+    up: np.ndarray
+    fov_deg: float
+    near: float
+    far: float
+
+    def _basis(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        forward = self.center - self.eye
+        forward = forward / np.linalg.norm(forward)
+        right = np.cross(forward, self.up)
+        right /= np.linalg.norm(right)
+        return forward, right, np.cross(right, forward)
+
+    def project(self, points: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Pixel coordinates (x right, y down) of world points, as Open3D's renderer draws them."""
+        forward, right, up = self._basis()
+        rel = np.asarray(points, dtype=np.float64) - self.eye
+        depth = rel @ forward
+        focal = (height / 2.0) / math.tan(math.radians(self.fov_deg) / 2.0)
+        x = width / 2.0 + focal * (rel @ right) / depth
+        y = height / 2.0 - focal * (rel @ up) / depth
+        return np.stack([x, y], axis=-1)
+
+
+def fit_camera(
+    points: np.ndarray,
+    aspect: float,
+    *,
+    fov_deg: float = FOV_DEG,
+    azimuth_deg: float = AZIMUTH_DEG,
+    elevation_deg: float = ELEVATION_DEG,
+    margin: float = 0.94,
+) -> Camera:
+    """The closest camera in the given direction whose frame holds every point, centred on them.
+
+    ``points`` is a silhouette (the corners of every tensor's rectangle), not the whole cloud. A
+    point's need is its offset along the view axis plus its sideways offset over the half-angle
+    tangent; the largest need sets the distance. The aim point is then moved so the projected
+    extent is centred (perspective makes it lopsided), and the distance solved again.
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
+    back = np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
+    world_up = np.array([0.0, 1.0, 0.0])
+    right = np.cross(-back, world_up)
+    right /= np.linalg.norm(right)
+    up = np.cross(right, -back)
+    tan_v = math.tan(math.radians(fov_deg) / 2.0) * margin
+    tan_h = tan_v * aspect
+    center = (pts.min(axis=0) + pts.max(axis=0)) / 2.0
+    extent = max(float(np.ptp(pts, axis=0).max()), 1.0)
+
+    def distance(c: np.ndarray) -> float:
+        rel = pts - c
+        need = rel @ back + np.maximum(np.abs(rel @ right) / tan_h, np.abs(rel @ up) / tan_v)
+        return max(float(need.max()), 1e-3 * extent)
+
+    for _ in range(4):
+        d = distance(center)
+        rel = pts - center
+        depth = d - rel @ back
+        xn, yn = (rel @ right) / (depth * tan_h), (rel @ up) / (depth * tan_v)
+        center = center + right * (xn.max() + xn.min()) / 2 * d * tan_h
+        center = center + up * (yn.max() + yn.min()) / 2 * d * tan_v
+    d = distance(center)
+    radius = float(np.linalg.norm(pts - center, axis=1).max()) + 1e-3 * extent
+    near = max(d - radius * 1.05, d * 1e-3)
+    return Camera(center, center + d * back, world_up, fov_deg, near, d + radius * 1.05)
+
+
+def silhouette(scene: Scene) -> np.ndarray:
+    """The four corners of every tensor's footprint (outer edges of its elements), (4 * T, 3)."""
+    corners = []
+    for p in scene.placements:
+        if p.count:
+            x0, y0, z = p.origin
+            left, right, top, bottom = x0 - 0.5, x0 + p.width - 0.5, y0 + 0.5, y0 - p.height + 0.5
+            corners += [(left, top, z), (right, top, z), (left, bottom, z), (right, bottom, z)]
+    if not corners:  # nothing to draw: frame the origin
+        corners = [(-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)]
+    return np.array(corners, dtype=np.float64)
+
+
+def _focal_px(camera: Camera, height: int) -> float:
+    return (height / 2.0) / math.tan(math.radians(camera.fov_deg) / 2.0)
+
+
+def _nearest_depth(camera: Camera, points: np.ndarray) -> float:
+    forward = (camera.center - camera.eye) / np.linalg.norm(camera.center - camera.eye)
+    return max(float(((np.asarray(points) - camera.eye) @ forward).min()), camera.near)
+
+
+def limit_zoom(camera: Camera, cell: float, height: int, points: np.ndarray) -> Camera:
+    """Back the camera off so one cell of the nearest layer spans at most ``MAX_POINT_SIZE`` pixels.
+
+    A tiny model (a few cells) would otherwise fill the frame with cells far larger than any point
+    can be drawn, leaving dots with wide gaps. Moving the eye back along the view axis by ``shift``
+    adds ``shift`` to every depth.
+    """
+    wanted = cell * _focal_px(camera, height) / MAX_POINT_SIZE
+    shift = wanted - _nearest_depth(camera, points)
+    if shift <= 0:
+        return camera
+    back = (camera.eye - camera.center) / np.linalg.norm(camera.eye - camera.center)
+    return replace(
+        camera, eye=camera.eye + shift * back, near=camera.near + shift, far=camera.far + shift
+    )
+
+
+def point_size(camera: Camera, cell: float, height: int, points: np.ndarray) -> float:
+    """Pixels covered by one pooled cell (``cell`` world units) on the layer nearest the camera.
+
+    Sized for the nearest layer so it shows no gaps (which would mix in the layers behind it);
+    farther layers then overlap their neighbours slightly, which costs nothing.
+    """
+    px = cell * _focal_px(camera, height) / _nearest_depth(camera, points)
+    return float(np.clip(math.ceil(px - 1e-6), 1.0, MAX_POINT_SIZE))
+
+
+def _linear_to_srgb(rgb: Sequence[float]) -> list[float]:
+    c = np.asarray(rgb, dtype=np.float64)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055).tolist()
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout() -> Iterator[None]:
+    """Hold back what native code prints to stdout (Filament's 8-line engine banner).
+
+    Open3D's renderer prints from C++, so ``contextlib.redirect_stdout`` cannot catch it, and the
+    CLI's stdout must carry only its one-line summary. The text goes to a temporary file and is
+    replayed on stderr only if rendering fails, where it helps diagnose a broken Vulkan setup.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as held:
+        try:
+            os.dup2(held.fileno(), 1)
+            yield
+        except BaseException:
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def render_points(
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    size: tuple[int, int],
+    camera: Camera,
+    point_px: float,
+    background: Sequence[float] = BACKGROUND,
+) -> np.ndarray:
+    """Render coloured points headless with Open3D; uint8 (height, width, 3)."""
+    import open3d as o3d
+    from open3d.visualization import rendering
+
+    width, height = size
+    level = o3d.utility.get_verbosity_level()
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # no "X11 GLFW init failed"
+    try:
+        with _quiet_native_stdout():
+            renderer = rendering.OffscreenRenderer(width, height)
+            try:
+                cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
+                cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+                material = rendering.MaterialRecord()
+                material.shader = "defaultUnlit"
+                material.point_size = float(point_px)
+                # Filament takes the clear colour as sRGB and stores it linear; with post-processing
+                # off nothing converts it back, so pre-encode it (0.5 grey would come out as 55).
+                renderer.scene.set_background([*_linear_to_srgb(background), 1.0])
+                renderer.scene.view.set_post_processing(False)
+                renderer.scene.add_geometry("accumulated", cloud, material)
+                view = renderer.scene.camera
+                view.set_projection(
+                    camera.fov_deg,
+                    width / height,
+                    camera.near,
+                    camera.far,
+                    rendering.Camera.FovType.Vertical,
+                )
+                view.look_at(
+                    camera.center.astype(np.float32),
+                    camera.eye.astype(np.float32),
+                    camera.up.astype(np.float32),
+                )
+                image = np.asarray(renderer.render_to_image())
+            finally:
+                # Release the engine before the next renderer is made (one per call is safe).
+                del renderer
+    finally:
+        o3d.utility.set_verbosity_level(level)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+@dataclass(frozen=True)
+class Label:
+    """Text drawn over the render at a pixel position (x right, y down)."""
+
+    text: str
+    x: float
+    y: float
+
+
+def block_labels(
+    scene: Scene, camera: Camera, size: tuple[int, int], *, top: float = 0.0
+) -> list[Label]:
+    """One label per block (``h.0``, ``wte``...) at the top-left corner of its widest tensor.
+
+    Names lose the prefix all blocks share (``transformer.``). A label that would overlap the last
+    one drawn is skipped, so deep stacks stay readable. ``top`` shifts y into the figure.
+    """
+    blocks = [block_of(p.name) for p in scene.placements]
+    prefix = _common_prefix(blocks)
+    labels: list[Label] = []
+    last: tuple[float, float, float, float] | None = None  # text box: left, right, top, bottom
+    k = 0
+    while k < len(blocks):
+        end = k
+        while end < len(blocks) and blocks[end] == blocks[k]:
+            end += 1
+        members = [p for p in scene.placements[k:end] if p.count]
+        if members:
+            widest = max(members, key=lambda p: p.width)
+            corner = [widest.origin[0] - 0.5, widest.origin[1] + 0.5, members[0].origin[2]]
+            x, y = camera.project(np.array([corner]), *size)[0]
+            text = _short_name(blocks[k], prefix)
+            box = (x - LABEL_CHAR_PX * len(text) - 6.0, x, y - 16.0, y)
+            if last is None or not _overlap(box, last):
+                labels.append(Label(text, float(x) - 3.0, float(y) + top - 1.0))
+                last = box
+        k = end
+    return labels
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+
+def _short_name(block: str, prefix: str) -> str:
+    """``block`` without ``prefix``, but never a bare number (``layers.7``, not ``7``)."""
+    rest = block[len(prefix) :]
+    if not rest:
+        return block
+    if rest.isdigit():
+        parts = prefix.rstrip(".").split(".")
+        return f"{parts[-1]}.{rest}" if parts[-1] else rest
+    return rest
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix all names share: ``transformer.`` for ``transformer.h.0``, ``...wte``."""
+    if len(set(names)) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    shared = []
+    for column in zip(*parts, strict=False):  # stops at the shortest name
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    return ".".join(shared) + "." if shared else ""
+
+
+def compose_png(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    cs: ColorScale,
+    *,
+    size: tuple[int, int],
+    top: int = 0,
+    title: str = "",
+    footer: str = "",
+    labels: Sequence[Label] = (),
+    flagged: int = 0,
+) -> None:
+    """Save the render with colour bar, title, labels and legend as one PNG of exactly ``size``.
+
+    The render goes at the left, ``top`` pixels below the top edge (room for the title).
+    """
+    from matplotlib import patheffects
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    width, height = size
+    img_h, img_w = image.shape[:2]
+    # A Figure with its own Agg canvas: no pyplot, no global backend switch, nothing left open.
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor=BACKGROUND)
+    FigureCanvasAgg(fig)
+    fig.figimage(image, xo=0, yo=height - top - img_h, origin="upper")
+    outline = [patheffects.withStroke(linewidth=2.5, foreground=BACKGROUND)]
+    for label in labels:
+        # Right-aligned at the corner; near the left edge (no room for the text) left-aligned.
+        room = label.x > LABEL_CHAR_PX * len(label.text) + 2
+        fig.text(
+            (label.x if room else 2.0) / width,
+            1 - label.y / height,
+            label.text,
+            color=FOREGROUND,
+            fontsize=9,
+            ha="right" if room else "left",
+            va="bottom",
+            path_effects=outline,
+        )
+    if title:
+        fig.text(
+            12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=14, ha="left", va="top"
+        )
+    if footer:
+        fig.text(12 / width, 8 / height, footer, color=MUTED, fontsize=8, ha="left", va="bottom")
+
+    norm = LogNorm(cs.vmin, cs.vmax) if cs.scale == "log" else Normalize(cs.vmin, cs.vmax)
+    bar_left = (img_w + 24) / width
+    bar_bottom = 0.14
+    cax = fig.add_axes((bar_left, bar_bottom, 18 / width, img_h / height * 0.78 - 0.02))
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cs.cmap), cax=cax, extend="min")
+    bar.set_label(cs.label, color=FOREGROUND, fontsize=10)
+    bar.outline.set_edgecolor(MUTED)
+    cax.tick_params(colors=FOREGROUND, labelsize=8, which="both")
+    if flagged:
+        flag = tuple(c / 255 for c in cs.flag_rgb)
+        fig.legend(
+            handles=[Patch(color=flag, label=f"NaN/Inf\n({flagged:,} points)")],
+            loc="lower left",
+            bbox_to_anchor=(bar_left - 6 / width, 0.02),
+            frameon=False,
+            labelcolor=FOREGROUND,
+            fontsize=8,
+            handlelength=1.0,
+        )
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100, facecolor=BACKGROUND)
