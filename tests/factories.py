@@ -74,7 +74,14 @@ def trainer_run(
             save_sharded(folder, tensors, shards)
         else:
             save(folder / "model.safetensors", tensors)
-        history.append({"loss": 2.0 / (1 + step), "learning_rate": 1e-3, "grad_norm": float("nan"), "step": step})
+        history.append(
+            {
+                "loss": 2.0 / (1 + step),
+                "learning_rate": 1e-3,
+                "grad_norm": float("nan"),
+                "step": step,
+            }
+        )
         state = {"global_step": step, "max_steps": steps[-1], "log_history": list(history)}
         (folder / "trainer_state.json").write_text(json.dumps(state))  # bare NaN, like json.dumps
     return root
@@ -90,7 +97,10 @@ def random_sequence(
     out = []
     for t in range(count):
         if t:
-            current = {k: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 0.2) for k, v in current.items()}
+            current = {
+                k: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 0.2)
+                for k, v in current.items()
+            }
         out.append({k: v.astype(np_type) for k, v in current.items()})
     return out
 

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from factories import random_sequence, reference, trainer_run
 
 
@@ -74,7 +73,11 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
     assert [c["step"] for c in summary["checkpoints"]] == [5, 10, 15]
     ref = reference(seq, "layers.0.w")
     np.testing.assert_allclose(summary["tensors"]["layers.0.w"]["net_l2"], ref["net_l2"], rtol=1e-5)
-    assert sorted(p.name for p in out.iterdir()) == ["accumulated.safetensors", "points.ply", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accumulated.safetensors",
+        "points.ply",
+        "summary.json",
+    ]
     # a second run replaces the results in place, leaving no temporary folders behind
     p = wdiff("run", str(run), "-o", str(out), "--no-render", "-q")
     assert p.returncode == 0, p.stderr

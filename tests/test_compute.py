@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import DTYPES, random_sequence, reference, save, trainer_run
 from safetensors.numpy import load_file
 
-from factories import DTYPES, random_sequence, reference, save, trainer_run
 from wdiff import kernels
 from wdiff.compute import compute
 from wdiff.results import create_accumulated, layout_accumulated
@@ -38,7 +38,9 @@ def _check(result, acc, checkpoints):
         scale = max(float(np.max(ref["accumulated"], initial=0.0)), 1e-30)
         assert acc[name].shape == SHAPES[name] and acc[name].dtype == np.float32
         np.testing.assert_allclose(acc[name], ref["accumulated"], rtol=0, atol=1e-4 * scale)
-        np.testing.assert_allclose(got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6
+        )
         np.testing.assert_allclose(got["net_l2"], ref["net_l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["interval_l2"], ref["interval_l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
@@ -97,10 +99,15 @@ def test_nonfinite_values_are_counted_not_hidden(tmp_path):
 
 def test_kernel_step_against_numpy_one_liner():
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
+    a, b = (
+        rng.standard_normal(1001).astype(np.float32),
+        rng.standard_normal(1001).astype(np.float32),
+    )
     first, prev, acc = np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
     kernels.start(a, kernels.decode_table("F32"), first, prev)
-    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, prev, acc)
+    diff_sumsq, sumsq, dot, nonfinite = kernels.step(
+        b, kernels.decode_table("F32"), first, prev, acc
+    )
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
     np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
     np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-9)

@@ -7,9 +7,9 @@ import struct
 
 import numpy as np
 import pytest
+from factories import DTYPES, save, save_sharded
 from safetensors import safe_open
 
-from factories import DTYPES, save, save_sharded
 from wdiff import kernels
 from wdiff.errors import WdiffError
 from wdiff.readers import read_checkpoint
@@ -25,7 +25,9 @@ def _decode(ref) -> np.ndarray:
         raw = np.frombuffer(f.read(ref.nbytes), np.uint8)
     n = ref.numel
     first, prev = np.empty(n, np.float32), np.empty(n, np.float32)
-    kernels.start(raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), first, prev)
+    kernels.start(
+        raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), first, prev
+    )
     return first.reshape(ref.shape)
 
 
@@ -38,7 +40,9 @@ def test_every_float_dtype_decodes_like_ml_dtypes(tmp_path, code):
     refs = read_checkpoint(path)
     assert refs["w"].dtype == code and refs["w"].shape == (7, 13)
     np.testing.assert_array_equal(_decode(refs["w"]), values.astype(np.float32))
-    np.testing.assert_array_equal(_decode(refs["s"]), special.astype(DTYPES[code][0]).astype(np.float32))
+    np.testing.assert_array_equal(
+        _decode(refs["s"]), special.astype(DTYPES[code][0]).astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("code", ["F64", "F32", "F16", "I64", "I32", "U8", "BOOL"])
@@ -77,7 +81,9 @@ MALFORMED = {
     "invalid utf-8": _file(b'{"w\xff": 1}'),
     "invalid json": _file(b'{"w": {"dtype": "F32",'),
     "not an object": _file(b"[1, 2, 3]"),
-    "unknown dtype": _file({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "unknown dtype": _file(
+        {"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
     "gap": _file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
     "overlap": _file(
         {
@@ -87,9 +93,15 @@ MALFORMED = {
         b"\0" * 12,
     ),
     "backwards": _file({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8),
-    "size mismatch": _file({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "huge shape": _file({"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "negative size": _file({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "size mismatch": _file(
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "huge shape": _file(
+        {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
+    "negative size": _file(
+        {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8
+    ),
     "truncated": _file(GOOD, b"\0" * 5),
     "trailing bytes": _file(GOOD, b"\0" * 9),
     "metadata not strings": _file({**GOOD, "__metadata__": {"epoch": 3}}, b"\0" * 8),
@@ -139,8 +151,11 @@ def test_sharded_index(tmp_path):
 
 @pytest.mark.parametrize(
     "shard, problem",
-    [("../outside.safetensors", "leaves the checkpoint folder"), ("/etc/passwd", "leaves"),
-     ("model-missing.safetensors", "does not exist")],
+    [
+        ("../outside.safetensors", "leaves the checkpoint folder"),
+        ("/etc/passwd", "leaves"),
+        ("model-missing.safetensors", "does not exist"),
+    ],
 )
 def test_sharded_index_refuses_bad_shard_paths(tmp_path, shard, problem):
     folder = save_sharded(tmp_path / "ckpt", {"a": np.zeros(2, np.float32)}, shards=1)

@@ -9,18 +9,21 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (lets safe_open return BF16 as numpy)
 import numpy as np
 import pytest
+from factories import reference
 from safetensors import safe_open
 
 import wdiff
-from factories import reference
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 
 
 def _load_with_library(folder: Path) -> dict[str, np.ndarray]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
-        "model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     tensors = {}
     for name in files:
         with safe_open(folder / name, framework="numpy") as f:
@@ -33,7 +36,10 @@ def sample(request, tmp_path_factory):
     source = SAMPLES / request.param
     out = tmp_path_factory.mktemp(request.param) / "out"
     res = wdiff.run(source, out, render=False, chunk_elements=1000)
-    folders = sorted((p for p in source.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("-")[-1].split("_")[-1]))
+    folders = sorted(
+        (p for p in source.iterdir() if p.is_dir()),
+        key=lambda p: int(p.name.split("-")[-1].split("_")[-1]),
+    )
     return res, [_load_with_library(f) for f in folders], folders
 
 

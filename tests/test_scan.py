@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from factories import random_sequence, save, trainer_run
+
 from wdiff.errors import WdiffError
 from wdiff.scan import scan
 
@@ -33,7 +33,10 @@ def test_folder_of_files_ordered_by_step_number(tmp_path):
     run = scan(tmp_path)
     assert run.steps == [90, 900, 1000]
     assert [c.path.rsplit("/", 1)[-1] for c in run.checkpoints] == [
-        "step_90.safetensors", "step_900.safetensors", "step_1000.safetensors"]
+        "step_90.safetensors",
+        "step_900.safetensors",
+        "step_1000.safetensors",
+    ]
 
 
 def test_folder_of_checkpoint_folders(tmp_path):
@@ -45,7 +48,10 @@ def test_folder_of_checkpoint_folders(tmp_path):
 
 def test_explicit_list_keeps_the_given_order(tmp_path):
     seq = random_sequence(SHAPES, 3)
-    paths = [save(tmp_path / name, c) for name, c in zip(["c.safetensors", "a.safetensors", "b.safetensors"], seq)]
+    paths = [
+        save(tmp_path / name, c)
+        for name, c in zip(["c.safetensors", "a.safetensors", "b.safetensors"], seq)
+    ]
     run = scan(paths)
     assert [c.path for c in run.checkpoints] == [str(p) for p in paths]
 
@@ -59,7 +65,11 @@ def test_missing_and_reshaped_tensors_are_skipped_with_a_reason(tmp_path):
     assert [t.name for t in run.tensors] == ["keep"]
     reasons = {s.name: s.reason for s in run.skipped}
     assert "missing from 1 checkpoint" in reasons["gone"]
-    assert "changes shape" in reasons["grows"] and "[2]" in reasons["grows"] and "[5]" in reasons["grows"]
+    assert (
+        "changes shape" in reasons["grows"]
+        and "[2]" in reasons["grows"]
+        and "[5]" in reasons["grows"]
+    )
     assert "not a float" in reasons["step_count"]
 
 
@@ -73,8 +83,14 @@ def test_network_order_is_natural(tmp_path):
 @pytest.mark.parametrize(
     "make, problem",
     [
-        (lambda d: save(d / "checkpoint-5" / "model.safetensors", {"w": np.zeros(2, np.float32)}).parent.parent,
-         "at least two"),
+        (
+            lambda d: (
+                save(
+                    d / "checkpoint-5" / "model.safetensors", {"w": np.zeros(2, np.float32)}
+                ).parent.parent
+            ),
+            "at least two",
+        ),
         (lambda d: save(d / "only.safetensors", {"w": np.zeros(2, np.float32)}), "at least two"),
         (lambda d: d, "no checkpoints found"),
         (lambda d: d / "nope", "no such file"),

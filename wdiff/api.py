@@ -34,7 +34,9 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise WdiffError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
-        raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
+        raise WdiffError(
+            out, "output folder is not empty and holds no wdiff results; choose another -o"
+        )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -89,6 +91,9 @@ def run(
         on_scan(the_run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.wdiff-tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; results are ordinary files
     try:
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
@@ -138,8 +143,14 @@ def run(
 
 def _title(run: Run) -> str:
     steps = [s for s in run.steps if s is not None]
-    span = f"steps {steps[0]}-{steps[-1]}" if len(steps) >= 2 else f"{len(run.checkpoints)} checkpoints"
-    return f"{Path(run.source).name}: accumulated |dW| over {len(run.checkpoints)} checkpoints, {span}"
+    span = (
+        f"steps {steps[0]}-{steps[-1]}"
+        if len(steps) >= 2
+        else f"{len(run.checkpoints)} checkpoints"
+    )
+    return (
+        f"{Path(run.source).name}: accumulated |dW| over {len(run.checkpoints)} checkpoints, {span}"
+    )
 
 
 def _scene(
@@ -156,4 +167,8 @@ def _scene(
         if progress is not None:
             progress("render", 0, 1)
         scene.render_scene(built, folder / RENDER, title=_title(run))
-    return {"points": int(built.xyz.shape[0]), "max_points": max_points, "pool_factor": built.pool_factor}
+    return {
+        "points": int(built.xyz.shape[0]),
+        "max_points": max_points,
+        "pool_factor": built.pool_factor,
+    }

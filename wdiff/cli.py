@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -74,7 +74,7 @@ def run_command(
         str, typer.Option("--scheduler", help="Dask scheduler: threads or sync.")
     ] = "threads",
     workers: Annotated[
-        Optional[int], typer.Option("--workers", help="Threads (default: one per core).")
+        int | None, typer.Option("--workers", help="Threads (default: one per core).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
 ) -> None:

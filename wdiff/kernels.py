@@ -122,7 +122,12 @@ _NO_LUT = np.empty(0, dtype=np.float32)
 # How the raw bytes of each dtype are viewed when passed to a kernel. The view's numpy type selects
 # the decoder at compile time: floats are cast, int16 means BF16 (decoded by a shift), uint16/uint8
 # are looked up in ``decode_table`` (F16 and the FP8 kinds).
-RAW_VIEW = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "BF16": np.dtype("<i2"), "F16": np.dtype("<u2")}
+RAW_VIEW = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "BF16": np.dtype("<i2"),
+    "F16": np.dtype("<u2"),
+}
 
 
 def raw_view(code: str) -> np.dtype:

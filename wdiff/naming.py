@@ -26,13 +26,17 @@ def block_of(name: str) -> str:
     """The block a tensor belongs to: its module path up to and including the first number.
 
     ``model.layers.7.self_attn.q_proj.weight`` -> ``model.layers.7``; ``transformer.h.0.attn.c_attn.weight``
-    -> ``transformer.h.0``. A name without a number is its own block minus the last component
-    (``transformer.wte.weight`` -> ``transformer.wte``), so embeddings and heads stand alone.
+    -> ``transformer.h.0``. A name without a number belongs to its module's parent when the path is
+    deep enough (``bert.embeddings.word_embeddings.weight`` -> ``bert.embeddings``, together with
+    ``bert.embeddings.LayerNorm.bias``), else to its module (``transformer.wte.weight`` ->
+    ``transformer.wte``, ``lm_head.weight`` -> ``lm_head``), so embeddings and heads stand alone.
     """
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
             return ".".join(parts[: i + 1])
+    if len(parts) >= 4:
+        return ".".join(parts[:-2])
     return ".".join(parts[:-1]) if len(parts) > 1 else name
 
 

@@ -25,7 +25,7 @@ __all__ = [
 
 PICKLE_HINT = (
     "is a PyTorch pickle, which wdiff never unpickles (loading one can run code); convert it to "
-    "safetensors once where you trust it: python -c \"import torch; from safetensors.torch import "
+    'safetensors once where you trust it: python -c "import torch; from safetensors.torch import '
     "save_file; save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -57,7 +57,9 @@ def find_weights(folder: Path) -> Path | None:
         return files[0]
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
-        raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
+        raise WdiffError(
+            folder, f"several weight files and no model.safetensors(.index.json): {names}"
+        )
     return None
 
 

@@ -59,13 +59,16 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise WdiffError(path, f"not a safetensors file: {size} bytes, too short for a header")
+                raise WdiffError(
+                    path, f"not a safetensors file: {size} bytes, too short for a header"
+                )
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES:
                 raise WdiffError(path, f"safetensors header length {n} exceeds the 100 MB limit")
             if 8 + n > size:
                 raise WdiffError(
-                    path, f"safetensors header of {n} bytes runs past the end of the {size}-byte file"
+                    path,
+                    f"safetensors header of {n} bytes runs past the end of the {size}-byte file",
                 )
             raw = f.read(n)
     except OSError as e:
@@ -75,9 +78,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     except UnicodeDecodeError:
         raise WdiffError(path, "safetensors header is not valid UTF-8") from None
     try:
-        header = json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_unique_object
-        )
+        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
     except (ValueError, RecursionError) as e:
         raise WdiffError(path, f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -85,9 +86,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
 
     metadata = header.pop("__metadata__", None)
     if metadata is not None:
-        if not isinstance(metadata, dict) or not all(
-            isinstance(v, str) for v in metadata.values()
-        ):
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise WdiffError(path, "safetensors __metadata__ must map strings to strings")
 
     data_start = 8 + n
@@ -150,9 +149,7 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     except (ValueError, UnicodeDecodeError) as e:
         raise WdiffError(index_path, f"shard index is not valid JSON: {e}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(v, str) for v in weight_map.values()
-    ):
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WdiffError(index_path, 'shard index has no "weight_map" of tensor name to shard file')
 
     shards: dict[str, dict[str, TensorRef]] = {}
@@ -169,6 +166,8 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     for name, shard in weight_map.items():
         ref = shards[shard].get(name)
         if ref is None:
-            raise WdiffError(folder / shard, f"tensor {name!r} listed in the index is not in this shard")
+            raise WdiffError(
+                folder / shard, f"tensor {name!r} listed in the index is not in this shard"
+            )
         tensors[name] = ref
     return tensors
