@@ -98,8 +98,7 @@ def random_sequence(
     for t in range(count):
         if t:
             current = {
-                k: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 0.2)
-                for k, v in current.items()
+                k: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 0.2) for k, v in current.items()
             }
         out.append({k: v.astype(np_type) for k, v in current.items()})
     return out

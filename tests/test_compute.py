@@ -38,9 +38,7 @@ def _check(result, acc, checkpoints):
         scale = max(float(np.max(ref["accumulated"], initial=0.0)), 1e-30)
         assert acc[name].shape == SHAPES[name] and acc[name].dtype == np.float32
         np.testing.assert_allclose(acc[name], ref["accumulated"], rtol=0, atol=1e-4 * scale)
-        np.testing.assert_allclose(
-            got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got["net_l2"], ref["net_l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["interval_l2"], ref["interval_l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
@@ -105,9 +103,7 @@ def test_kernel_step_against_numpy_one_liner():
     )
     first, prev, acc = np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
     kernels.start(a, kernels.decode_table("F32"), first, prev)
-    diff_sumsq, sumsq, dot, nonfinite = kernels.step(
-        b, kernels.decode_table("F32"), first, prev, acc
-    )
+    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, prev, acc)
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
     np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
     np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-9)

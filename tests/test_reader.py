@@ -25,9 +25,7 @@ def _decode(ref) -> np.ndarray:
         raw = np.frombuffer(f.read(ref.nbytes), np.uint8)
     n = ref.numel
     first, prev = np.empty(n, np.float32), np.empty(n, np.float32)
-    kernels.start(
-        raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), first, prev
-    )
+    kernels.start(raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), first, prev)
     return first.reshape(ref.shape)
 
 
@@ -40,9 +38,7 @@ def test_every_float_dtype_decodes_like_ml_dtypes(tmp_path, code):
     refs = read_checkpoint(path)
     assert refs["w"].dtype == code and refs["w"].shape == (7, 13)
     np.testing.assert_array_equal(_decode(refs["w"]), values.astype(np.float32))
-    np.testing.assert_array_equal(
-        _decode(refs["s"]), special.astype(DTYPES[code][0]).astype(np.float32)
-    )
+    np.testing.assert_array_equal(_decode(refs["s"]), special.astype(DTYPES[code][0]).astype(np.float32))
 
 
 @pytest.mark.parametrize("code", ["F64", "F32", "F16", "I64", "I32", "U8", "BOOL"])
@@ -81,9 +77,7 @@ MALFORMED = {
     "invalid utf-8": _file(b'{"w\xff": 1}'),
     "invalid json": _file(b'{"w": {"dtype": "F32",'),
     "not an object": _file(b"[1, 2, 3]"),
-    "unknown dtype": _file(
-        {"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
-    ),
+    "unknown dtype": _file({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
     "gap": _file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
     "overlap": _file(
         {
@@ -93,15 +87,9 @@ MALFORMED = {
         b"\0" * 12,
     ),
     "backwards": _file({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8),
-    "size mismatch": _file(
-        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8
-    ),
-    "huge shape": _file(
-        {"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8
-    ),
-    "negative size": _file(
-        {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8
-    ),
+    "size mismatch": _file({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "huge shape": _file({"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8),
+    "negative size": _file({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
     "truncated": _file(GOOD, b"\0" * 5),
     "trailing bytes": _file(GOOD, b"\0" * 9),
     "metadata not strings": _file({**GOOD, "__metadata__": {"epoch": 3}}, b"\0" * 8),

@@ -49,8 +49,7 @@ def test_folder_of_checkpoint_folders(tmp_path):
 def test_explicit_list_keeps_the_given_order(tmp_path):
     seq = random_sequence(SHAPES, 3)
     paths = [
-        save(tmp_path / name, c)
-        for name, c in zip(["c.safetensors", "a.safetensors", "b.safetensors"], seq)
+        save(tmp_path / name, c) for name, c in zip(["c.safetensors", "a.safetensors", "b.safetensors"], seq)
     ]
     run = scan(paths)
     assert [c.path for c in run.checkpoints] == [str(p) for p in paths]
@@ -65,11 +64,7 @@ def test_missing_and_reshaped_tensors_are_skipped_with_a_reason(tmp_path):
     assert [t.name for t in run.tensors] == ["keep"]
     reasons = {s.name: s.reason for s in run.skipped}
     assert "missing from 1 checkpoint" in reasons["gone"]
-    assert (
-        "changes shape" in reasons["grows"]
-        and "[2]" in reasons["grows"]
-        and "[5]" in reasons["grows"]
-    )
+    assert "changes shape" in reasons["grows"] and "[2]" in reasons["grows"] and "[5]" in reasons["grows"]
     assert "not a float" in reasons["step_count"]
 
 
@@ -85,9 +80,7 @@ def test_network_order_is_natural(tmp_path):
     [
         (
             lambda d: (
-                save(
-                    d / "checkpoint-5" / "model.safetensors", {"w": np.zeros(2, np.float32)}
-                ).parent.parent
+                save(d / "checkpoint-5" / "model.safetensors", {"w": np.zeros(2, np.float32)}).parent.parent
             ),
             "at least two",
         ),

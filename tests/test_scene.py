@@ -314,9 +314,7 @@ def test_a_tall_tensor_is_folded_into_panels_that_keep_its_area(tmp_path):
     rng = np.random.default_rng(1)
     tall = rng.random((4000, 20), dtype=np.float32)
     path = tmp_path / "accumulated.safetensors"
-    safetensors.numpy.save_file(
-        {"emb.weight": tall, "l.0.w": rng.random((20, 40), np.float32)}, path
-    )
+    safetensors.numpy.save_file({"emb.weight": tall, "l.0.w": rng.random((20, 40), np.float32)}, path)
     scene = build_scene(path, ["emb.weight", "l.0.w"], max_points=20_000)
     p = scene.placements[0]
     assert p.panels == 14 and p.panel_rows % p.block[0] == 0  # sqrt(4000 / 20) ~ 14 panels
@@ -344,9 +342,7 @@ def test_coarsening_equals_pooling_from_the_file(accumulated, pool):
         for k, p in enumerate(coarse.placements):  # either way: the reference pooling
             if p.count:
                 grid = grid_of(build_scene(accumulated, [p.name], 10**6).cells(0))
-                np.testing.assert_allclose(
-                    coarse.cells(k), reference_pool(grid, p.block, pool), rtol=1e-6
-                )
+                np.testing.assert_allclose(coarse.cells(k), reference_pool(grid, p.block, pool), rtol=1e-6)
 
 
 # --- colour --------------------------------------------------------------------------------------

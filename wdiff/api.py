@@ -34,9 +34,7 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise WdiffError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
-        raise WdiffError(
-            out, "output folder is not empty and holds no wdiff results; choose another -o"
-        )
+        raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -118,8 +116,7 @@ def run(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": the_run.source,
             "checkpoints": [
-                {"path": c.path, "step": c.step, "tensors": len(c.tensors)}
-                for c in the_run.checkpoints
+                {"path": c.path, "step": c.step, "tensors": len(c.tensors)} for c in the_run.checkpoints
             ],
             "tensors": result.tensors,
             "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
@@ -143,14 +140,8 @@ def run(
 
 def _title(run: Run) -> str:
     steps = [s for s in run.steps if s is not None]
-    span = (
-        f"steps {steps[0]}-{steps[-1]}"
-        if len(steps) >= 2
-        else f"{len(run.checkpoints)} checkpoints"
-    )
-    return (
-        f"{Path(run.source).name}: accumulated |dW| over {len(run.checkpoints)} checkpoints, {span}"
-    )
+    span = f"steps {steps[0]}-{steps[-1]}" if len(steps) >= 2 else f"{len(run.checkpoints)} checkpoints"
+    return f"{Path(run.source).name}: accumulated |dW| over {len(run.checkpoints)} checkpoints, {span}"
 
 
 def _scene(

@@ -73,9 +73,7 @@ def run_command(
     scheduler: Annotated[
         str, typer.Option("--scheduler", help="Dask scheduler: threads or sync.")
     ] = "threads",
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="Threads (default: one per core).")
-    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""

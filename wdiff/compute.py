@@ -47,9 +47,7 @@ def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += n
 
 
-def process_chunk(
-    tensor: AlignedTensor, start: int, stop: int, out_path: str, out_offset: int
-) -> ChunkStats:
+def process_chunk(tensor: AlignedTensor, start: int, stop: int, out_path: str, out_offset: int) -> ChunkStats:
     """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice."""
     n = stop - start
     count = len(tensor.refs)
@@ -88,9 +86,7 @@ def process_chunk(
         os.close(fd)
     acc_sum = float(acc.sum(dtype=np.float64))
     acc_max = float(acc.max()) if n else 0.0
-    return ChunkStats(
-        interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), acc_sum, acc_max, nbytes
-    )
+    return ChunkStats(interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), acc_sum, acc_max, nbytes)
 
 
 def combine(tensor: AlignedTensor, *chunks: ChunkStats) -> dict:

@@ -136,9 +136,7 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Pa
         hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
         if not pairs:
-            raise WdiffError(
-                folder, "no checkpoints found (no checkpoint-N folders, no safetensors)"
-            )
+            raise WdiffError(folder, "no checkpoints found (no checkpoint-N folders, no safetensors)")
     else:
         for p in inputs:
             if not p.exists():
@@ -165,9 +163,7 @@ def _align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list
         refs = [c.tensors.get(name) for c in checkpoints]
         missing = [c.path for c, r in zip(checkpoints, refs) if r is None]
         if missing:
-            skipped.append(
-                Skipped(name, f"missing from {len(missing)} checkpoint(s), first {missing[0]}")
-            )
+            skipped.append(Skipped(name, f"missing from {len(missing)} checkpoint(s), first {missing[0]}"))
             continue
         shapes = {r.shape for r in refs if r is not None}
         if len(shapes) > 1:
@@ -177,9 +173,7 @@ def _align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list
         kinds = {r.kind for r in refs if r is not None}
         not_float = sorted(k.code for k in kinds if not k.is_float)
         if not_float:
-            skipped.append(
-                Skipped(name, f"dtype {'/'.join(not_float)} is not a float: not computed")
-            )
+            skipped.append(Skipped(name, f"dtype {'/'.join(not_float)} is not a float: not computed"))
             continue
         aligned.append(AlignedTensor(name, refs[0].shape, tuple(refs)))  # type: ignore[arg-type]
     return aligned, skipped
@@ -198,9 +192,7 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
     source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
     if len(pairs) < 2:
         where = pairs[0][1] if pairs else paths[0]
-        raise WdiffError(
-            where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
-        )
+        raise WdiffError(where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change")
     checkpoints = tuple(Checkpoint(str(p), step, read_checkpoint(p)) for step, p in pairs)
     tensors, skipped = _align(checkpoints)
     if not tensors:

@@ -57,9 +57,7 @@ def find_weights(folder: Path) -> Path | None:
         return files[0]
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
-        raise WdiffError(
-            folder, f"several weight files and no model.safetensors(.index.json): {names}"
-        )
+        raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
     return None
 
 

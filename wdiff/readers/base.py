@@ -20,9 +20,7 @@ class DType:
     code: str  # the safetensors spelling: "BF16", "F8_E4M3", ...
     bits: int
     storage: str  # numpy dtype of the raw elements as stored ("<f4", "<u2", "u1", ...)
-    decoded: (
-        np.dtype | None
-    )  # numpy/ml_dtypes type whose values the raw bits encode; None: not a float
+    decoded: np.dtype | None  # numpy/ml_dtypes type whose values the raw bits encode; None: not a float
 
     @property
     def is_float(self) -> bool:

@@ -59,9 +59,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise WdiffError(
-                    path, f"not a safetensors file: {size} bytes, too short for a header"
-                )
+                raise WdiffError(path, f"not a safetensors file: {size} bytes, too short for a header")
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES:
                 raise WdiffError(path, f"safetensors header length {n} exceeds the 100 MB limit")
@@ -99,11 +97,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
             raise WdiffError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise WdiffError(path, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_uint(o) for o in offsets)
-        ):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
             raise WdiffError(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
         begin, end = offsets
         if end < begin:
@@ -166,8 +160,6 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     for name, shard in weight_map.items():
         ref = shards[shard].get(name)
         if ref is None:
-            raise WdiffError(
-                folder / shard, f"tensor {name!r} listed in the index is not in this shard"
-            )
+            raise WdiffError(folder / shard, f"tensor {name!r} listed in the index is not in this shard")
         tensors[name] = ref
     return tensors

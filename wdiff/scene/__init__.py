@@ -64,9 +64,7 @@ def build_scene(
         return layout(source, order, max_points=max_points, pool=pool)
 
 
-def write_points_ply(
-    scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]
-) -> None:
+def write_points_ply(scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write the scene as a binary PLY: xyz, uchar RGB and ``scalar_accumulated`` (CloudCompare,
     Blender and Open3D read it; see FORMATS.md). ``colors``: from ``colorize``, or uint8 (N, 3)."""
     rgb = colors.rgb if isinstance(colors, Colors) else colors

@@ -241,9 +241,7 @@ def coarsen_scene(scene: Scene, max_points: int) -> Scene:
     Used to draw a picture with about one point per pixel while the point cloud keeps full detail.
     """
     infos = [TensorInfo(p.name, p.shape) for p in scene.placements]
-    factor = pool_factor(
-        ((t.rows, t.cols) for t in infos if t.size > 0), max_points, step=scene.pool_factor
-    )
+    factor = pool_factor(((t.rows, t.cols) for t in infos if t.size > 0), max_points, step=scene.pool_factor)
     if factor == scene.pool_factor:
         return scene
     grids = []

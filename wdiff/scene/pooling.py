@@ -128,9 +128,7 @@ class GridPooler:
         """The pooled cells, float32, shape (ceil(rows / br), ceil(cols / bc))."""
         if self.pool == "max":
             return self._acc.copy()
-        counts = np.outer(
-            _cell_sizes(self.rows, self.block[0]), _cell_sizes(self.cols, self.block[1])
-        )
+        counts = np.outer(_cell_sizes(self.rows, self.block[0]), _cell_sizes(self.cols, self.block[1]))
         return (self._acc / counts).astype(np.float32)
 
 

@@ -153,9 +153,7 @@ def limit_zoom(camera: Camera, cell: float, height: int, points: np.ndarray) -> 
     if shift <= 0:
         return camera
     back = (camera.eye - camera.center) / np.linalg.norm(camera.eye - camera.center)
-    return replace(
-        camera, eye=camera.eye + shift * back, near=camera.near + shift, far=camera.far + shift
-    )
+    return replace(camera, eye=camera.eye + shift * back, near=camera.near + shift, far=camera.far + shift)
 
 
 def point_size(camera: Camera, cell: float, height: int, points: np.ndarray) -> float:
@@ -257,9 +255,7 @@ class Label:
     y: float
 
 
-def block_labels(
-    scene: Scene, camera: Camera, size: tuple[int, int], *, top: float = 0.0
-) -> list[Label]:
+def block_labels(scene: Scene, camera: Camera, size: tuple[int, int], *, top: float = 0.0) -> list[Label]:
     """One label per block (``h.0``, ``wte``...) at the top-left corner of its widest tensor.
 
     Names lose the prefix all blocks share (``transformer.``). A label that would overlap the last
@@ -360,9 +356,7 @@ def compose_png(
             path_effects=outline,
         )
     if title:
-        fig.text(
-            12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=14, ha="left", va="top"
-        )
+        fig.text(12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=14, ha="left", va="top")
     if footer:
         fig.text(12 / width, 8 / height, footer, color=MUTED, fontsize=8, ha="left", va="bottom")
 
