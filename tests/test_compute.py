@@ -97,15 +97,26 @@ def test_nonfinite_values_are_counted_not_hidden(tmp_path):
 
 def test_kernel_step_against_numpy_one_liner():
     rng = np.random.default_rng(0)
-    a, b = (
-        rng.standard_normal(1001).astype(np.float32),
-        rng.standard_normal(1001).astype(np.float32),
-    )
-    first, prev, acc = np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
-    kernels.start(a, kernels.decode_table("F32"), first, prev)
-    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, prev, acc)
+    a, b = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
+    first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
+    kernels.start(a, kernels.decode_table("F32"), first, old)
+    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, old, new, acc)
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
     np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
     np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-9)
     np.testing.assert_allclose(dot, np.dot(b.astype(np.float64), a), rtol=1e-9)
-    assert nonfinite == 0 and np.array_equal(prev, b) and np.array_equal(first, a)
+    assert nonfinite == 0 and np.array_equal(new, b) and np.array_equal(first, a) and np.array_equal(old, a)
+
+
+def test_kernel_sums_leave_nonfinite_terms_out():
+    a = np.array([1.0, 2.0, 3.0, np.inf], np.float32)
+    b = np.array([2.0, np.nan, 5.0, 1.0], np.float32)
+    first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.zeros_like(a)
+    assert kernels.start(a, kernels.decode_table("F32"), first, old) == (14.0, 1)
+    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, old, new, acc)
+    assert diff_sumsq == 1.0 + 4.0  # NaN and -Inf differences left out
+    assert sumsq == 4.0 + 25.0 + 1.0 and dot == 2.0 + 15.0 and nonfinite == 1
+    assert np.isnan(acc[1]) and np.isinf(acc[3]) and acc[0] == 1.0 and acc[2] == 2.0
+    total, peak = kernels.sum_and_max(acc)
+    assert np.isnan(total) and np.isnan(peak)
+    assert kernels.sum_and_max(np.array([1.0, 3.0, 2.0], np.float32)) == (6.0, 3.0)

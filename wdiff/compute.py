@@ -21,7 +21,7 @@ from wdiff.errors import WdiffError
 from wdiff.results import OutputLayout
 from wdiff.scan import AlignedTensor, Run
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per buffer; ~5 buffers a task
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # elements per Dask task; memory per task is a few sub-blocks
 
 
 @dataclass(frozen=True)
@@ -38,55 +38,51 @@ class ChunkStats:
     nbytes: int  # checkpoint bytes read
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise WdiffError(path, f"file ended while reading at byte {offset + done}: it shrank")
-        done += n
-
-
 def process_chunk(tensor: AlignedTensor, start: int, stop: int, out_path: str, out_offset: int) -> ChunkStats:
-    """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice."""
-    n = stop - start
-    count = len(tensor.refs)
-    first = np.empty(n, np.float32)
-    prev = np.empty(n, np.float32)
-    acc = np.zeros(n, np.float32)
-    raw = np.empty(n * max(r.kind.bits // 8 for r in tensor.refs), np.uint8)
+    """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
+
+    Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
+    writes without the GIL) and returns the partial sums.
+    """
+    refs = tensor.refs
+    count = len(refs)
+    luts, lut_index = kernels.decode_tables([r.dtype for r in refs])
+    codes = np.array([kernels.decoder_code(r.dtype) for r in refs], np.int8)
+    itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
+    offsets = np.array([r.offset for r in refs], np.int64)
     interval_sumsq = np.zeros(count - 1)
     sumsq = np.zeros(count)
     dot_first = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
-    nbytes = 0
-    for t, ref in enumerate(tensor.refs):
-        itemsize = ref.kind.bits // 8
-        view = raw[: n * itemsize]
-        fd = os.open(ref.path, os.O_RDONLY)
-        try:
-            _pread_exact(fd, memoryview(view), ref.offset + start * itemsize, ref.path)
-        finally:
-            os.close(fd)
-        nbytes += n * itemsize
-        src = view.view(kernels.raw_view(ref.dtype))
-        lut = kernels.decode_table(ref.dtype)
-        if t == 0:
-            sumsq[0], nonfinite[0] = kernels.start(src, lut, first, prev)
-            dot_first[0] = sumsq[0]
-        else:
-            interval_sumsq[t - 1], sumsq[t], dot_first[t], nonfinite[t] = kernels.step(
-                src, lut, first, prev, acc
-            )
-    net_sumsq = kernels.net_change(first, prev)
-    fd = os.open(out_path, os.O_WRONLY)
+    totals = np.zeros(3)
+    block = kernels.BLOCK
+    raw = np.empty(block * 8, np.uint8)
+    scratch = np.empty((4, block), np.float32)
+    opened: dict[str, int] = {}
     try:
-        os.pwrite(fd, memoryview(acc).cast("B"), out_offset + start * 4)
+        for path in [r.path for r in refs] + [out_path]:
+            if path not in opened:
+                flags = os.O_WRONLY if path == out_path else os.O_RDONLY
+                opened[path] = os.open(path, flags)
+        fds = np.array([opened[r.path] for r in refs], np.int32)
+        status = kernels.stream_chunk(
+            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, opened[out_path], out_offset,
+            raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+        )  # fmt: skip
+    except OSError as e:
+        raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
     finally:
-        os.close(fd)
-    acc_sum = float(acc.sum(dtype=np.float64))
-    acc_max = float(acc.max()) if n else 0.0
-    return ChunkStats(interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), acc_sum, acc_max, nbytes)
+        for fd in opened.values():
+            os.close(fd)
+    if status < 0:
+        t = -status - 1
+        if t == count:
+            raise WdiffError(out_path, "writing the results failed (disk full?)")
+        raise WdiffError(refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable")
+    dot_first[0] = sumsq[0]
+    nbytes = int((stop - start) * itemsizes.sum())
+    net_sumsq, acc_sum, acc_max = totals
+    return ChunkStats(interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes)
 
 
 def combine(tensor: AlignedTensor, *chunks: ChunkStats) -> dict:

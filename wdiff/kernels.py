@@ -1,9 +1,16 @@
-"""Numba kernels: plain typed 1-D loops over one chunk, writing into buffers the caller owns.
+"""Numba kernels: plain typed loops writing into buffers the caller owns.
 
-A chunk of a tensor is streamed checkpoint by checkpoint: ``start`` decodes the first checkpoint's
-values, then ``step`` is called once per interval with the raw bytes of the next checkpoint. Decoding
-is fused into the loop: float32/float64 are cast, every 8- and 16-bit float kind (F16, BF16, FP8) is
-decoded through a lookup table of float32 values indexed by the raw bits.
+``stream_chunk`` is the hot path. For one element range of one tensor it walks sub-blocks of
+``BLOCK`` elements; for each sub-block it reads that slice of every checkpoint in turn (``pread``
+straight into a small reused buffer, no GIL), decodes it and folds it into the running sums, then
+writes the accumulated slice to the output file (``pwrite``). Keeping the sub-block small (64 KiB of
+float32) keeps the read buffer and the ``first/prev/acc`` slices in the CPU cache: a copy into a buffer
+that leaves the cache runs at a quarter of the speed (measured: about 8 GB/s into 64 KiB, 2 GB/s into
+256 KiB and more).
+
+``start``/``step`` are the per-sub-block building blocks: ``start`` decodes checkpoint 0, ``step`` adds
+one interval. Decoding is fused into the loop: F32/F64 are cast, BF16 is shifted into the top half of a
+float32, F16 and the FP8 kinds are looked up in a table of their float32 values.
 
 All kernels are ``nogil`` (Dask threads run them in parallel) and ``cache=True`` (a second run does not
 compile). ``fastmath`` is limited to reassociation and contraction so sums vectorise, while NaN and Inf
@@ -17,6 +24,7 @@ import functools
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -24,6 +32,15 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 def _kernel(fn):  # one decorator: the caching/fastmath choice is made once, here
     return njit(nogil=True, cache=True, fastmath=_FAST)(fn)
+
+
+def _exact(fn):  # no fastmath at all: LLVM may fold NaN tests away under reassociation (seen)
+    return njit(nogil=True, cache=True)(fn)
+
+
+@_exact
+def _finite(x):
+    return np.isfinite(x)
 
 
 @intrinsic
@@ -67,40 +84,71 @@ def _decode_impl(src, lut, i):
 def start(src, lut, first, prev):
     """Decode checkpoint 0 into ``first`` and ``prev``. Returns (sum of W^2, non-finite count)."""
     sumsq = 0.0
-    nonfinite = 0
     for i in range(first.size):
         v = _decode(src, lut, i)
         first[i] = v
         prev[i] = v
-        if np.isfinite(v):
-            sumsq += np.float64(v) * np.float64(v)
+        sumsq += np.float64(v) * np.float64(v)
+    if _finite(sumsq):
+        return sumsq, 0
+    return _careful_norm(prev)
+
+
+@_exact
+def _careful_norm(w):
+    sumsq = 0.0
+    nonfinite = 0
+    for i in range(w.size):
+        if np.isfinite(w[i]):
+            sumsq += np.float64(w[i]) * np.float64(w[i])
         else:
             nonfinite += 1
     return sumsq, nonfinite
 
 
 @_kernel
-def step(src, lut, first, prev, acc):
-    """One interval: ``acc += |W(t+1) - W(t)|`` and ``prev = W(t+1)``.
+def step(src, lut, first, old, new, acc):
+    """One interval: ``new = W(t+1)``, ``acc += |W(t+1) - W(t)|`` where ``old = W(t)``.
 
     Returns (sum of dW^2, sum of W(t+1)^2, dot(W(t+1), W(0)), non-finite count of W(t+1)) for this
-    chunk, accumulated in float64. Non-finite values are counted and left out of the norms, so one NaN
-    does not hide the magnitude of every other weight; the accumulated map itself carries the NaN.
+    block, accumulated in float64. The loop sums unconditionally so it vectorises; only when a sum comes
+    out non-finite (a NaN or Inf in the block, rare) it is redone leaving non-finite terms out, so one
+    NaN does not hide the magnitude of every other weight. The accumulated map itself carries the NaN.
+    ``old`` and ``new`` are separate buffers (the caller swaps them) so that redo is possible.
     """
     diff_sumsq = 0.0
     sumsq = 0.0
     dot_first = 0.0
-    nonfinite = 0
     for i in range(acc.size):
         v = _decode(src, lut, i)
-        d = v - prev[i]
+        d = v - old[i]
         acc[i] += abs(d)
-        prev[i] = v
+        new[i] = v
+        dd = np.float64(d)
+        vv = np.float64(v)
+        diff_sumsq += dd * dd
+        sumsq += vv * vv
+        dot_first += vv * np.float64(first[i])
+    if _finite(diff_sumsq) and _finite(sumsq) and _finite(dot_first):
+        return diff_sumsq, sumsq, dot_first, 0
+    return _careful_step_sums(first, old, new)
+
+
+@_exact
+def _careful_step_sums(first, old, new):
+    diff_sumsq = 0.0
+    sumsq = 0.0
+    dot_first = 0.0
+    nonfinite = 0
+    for i in range(new.size):
+        v = new[i]
+        d = np.float64(v) - np.float64(old[i])
         if np.isfinite(d):
-            diff_sumsq += np.float64(d) * np.float64(d)
+            diff_sumsq += d * d
         if np.isfinite(v):
             sumsq += np.float64(v) * np.float64(v)
-            dot_first += np.float64(v) * np.float64(first[i])
+            if np.isfinite(first[i]):
+                dot_first += np.float64(v) * np.float64(first[i])
         else:
             nonfinite += 1
     return diff_sumsq, sumsq, dot_first, nonfinite
@@ -108,7 +156,18 @@ def step(src, lut, first, prev, acc):
 
 @_kernel
 def net_change(first, last):
-    """Sum of (W_last - W_first)^2 over the finite differences of this chunk."""
+    """Sum of (W_last - W_first)^2 over the finite differences of this block."""
+    total = 0.0
+    for i in range(first.size):
+        d = np.float64(last[i]) - np.float64(first[i])
+        total += d * d
+    if _finite(total):
+        return total
+    return _careful_net_change(first, last)
+
+
+@_exact
+def _careful_net_change(first, last):
     total = 0.0
     for i in range(first.size):
         d = np.float64(last[i]) - np.float64(first[i])
@@ -117,22 +176,175 @@ def net_change(first, last):
     return total
 
 
+@_kernel
+def sum_and_max(values):
+    """(sum, max) of a block; NaN when the block holds a NaN."""
+    total = 0.0
+    peak = np.float32(0.0)
+    for i in range(values.size):
+        total += values[i]
+        peak = max(peak, values[i])
+    if not _finite(total) and total != total:  # a NaN in the block
+        return total, np.float32(np.nan)
+    return total, peak
+
+
+@intrinsic
+def _pread(typingctx, fd, address, nbytes, offset):
+    """libc ``pread(fd, (void*)address, nbytes, offset)``, called without the GIL.
+
+    Declared by symbol name (resolved when the cached machine code is loaded), so functions using it
+    stay cacheable, unlike a ctypes function pointer baked in as a constant.
+    """
+    return _libc_io("pread")
+
+
+@intrinsic
+def _pwrite(typingctx, fd, address, nbytes, offset):
+    """libc ``pwrite(fd, (const void*)address, nbytes, offset)``."""
+    return _libc_io("pwrite")
+
+
+def _libc_io(symbol):
+    sig = types.int64(types.int32, types.intp, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i64, [ir.IntType(32), i8p, i64, i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, symbol)
+        fd, address, nbytes, offset = args
+        return builder.call(fn, [fd, builder.inttoptr(address, i8p), nbytes, offset])
+
+    return sig, codegen
+
+
+@_kernel
+def _read_full(fd, raw, nbytes, offset):
+    """Read exactly ``nbytes`` at ``offset`` into ``raw``; False when the file ended or failed."""
+    done = 0
+    base = raw.ctypes.data
+    while done < nbytes:
+        got = _pread(fd, base + done, nbytes - done, offset + done)
+        if got <= 0:
+            return False
+        done += got
+    return True
+
+
+@_kernel
+def _write_full(fd, data, nbytes, offset):
+    done = 0
+    base = data.ctypes.data
+    while done < nbytes:
+        put = _pwrite(fd, base + done, nbytes - done, offset + done)
+        if put <= 0:
+            return False
+        done += put
+    return True
+
+
+# Decoders the driver dispatches on, one per checkpoint (the dtype may change along a run).
+CODE_F32, CODE_F64, CODE_BF16, CODE_TABLE16, CODE_TABLE8 = 0, 1, 2, 3, 4
+BLOCK = 1 << 14  # elements per sub-block: 64 KiB of float32
+OK = 0
+
+
+@_kernel
+def _fold_typed(t, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+    if t == 0:
+        x, y = start(src, lut, first, new)
+        sumsq[0] += x
+        nonfinite[0] += y
+    else:
+        a, b, c, d = step(src, lut, first, old, new, acc)
+        interval_sumsq[t - 1] += a
+        sumsq[t] += b
+        dot_first[t] += c
+        nonfinite[t] += d
+
+
+@_kernel
+def _fold(t, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+    """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
+    stats = (interval_sumsq, sumsq, dot_first, nonfinite)
+    if code == CODE_F32:
+        _fold_typed(t, raw.view(np.float32), lut, first, old, new, acc, *stats)
+    elif code == CODE_F64:
+        _fold_typed(t, raw.view(np.float64), lut, first, old, new, acc, *stats)
+    elif code == CODE_BF16:
+        _fold_typed(t, raw.view(np.int16), lut, first, old, new, acc, *stats)
+    elif code == CODE_TABLE16:
+        _fold_typed(t, raw.view(np.uint16), lut, first, old, new, acc, *stats)
+    else:
+        _fold_typed(t, raw, lut, first, old, new, acc, *stats)
+
+
+@_exact
+def _merge_peak(totals, peak):
+    if not np.isnan(totals[2]):  # NaN-aware max: once NaN, it stays NaN
+        totals[2] = peak if np.isnan(peak) else max(totals[2], peak)
+
+
+@_kernel
+def stream_chunk(
+    fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
+    raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+):  # fmt: skip
+    """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
+
+    ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
+    the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
+    are added into ``interval_sumsq`` (T-1), ``sumsq``, ``dot_first``, ``nonfinite`` (T) and
+    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc]. ``raw`` (BLOCK * 8 bytes) and
+    ``scratch`` (4 x BLOCK float32: first, two ping-pong weight buffers, acc) are reused. Returns OK,
+    ``-(t + 1)`` when the read of checkpoint t failed (file shrank or I/O error), or ``-(T + 1)`` when
+    the write failed.
+    """
+    count = fds.size
+    for lo in range(begin, end, BLOCK):
+        n = min(BLOCK, end - lo)
+        first = scratch[0, :n]
+        acc = scratch[3, :n]
+        acc[:] = 0.0
+        for t in range(count):
+            nbytes = n * itemsizes[t]
+            if not _read_full(fds[t], raw, nbytes, offsets[t] + lo * itemsizes[t]):
+                return -(t + 1)
+            old = scratch[1 + (t + 1) % 2, :n]  # W(t-1) lives in the other ping-pong buffer
+            new = scratch[1 + t % 2, :n]
+            lut = luts[lut_index[t]]
+            _fold(t, raw[:nbytes], codes[t], lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite)
+        totals[0] += net_change(first, scratch[1 + (count - 1) % 2, :n])
+        total, peak = sum_and_max(acc)
+        totals[1] += total
+        _merge_peak(totals, peak)
+        if not _write_full(out_fd, acc, n * 4, out_offset + lo * 4):
+            return -(count + 1)
+    return OK
+
+
 _NO_LUT = np.empty(0, dtype=np.float32)
 
-# How the raw bytes of each dtype are viewed when passed to a kernel. The view's numpy type selects
-# the decoder at compile time: floats are cast, int16 means BF16 (decoded by a shift), uint16/uint8
-# are looked up in ``decode_table`` (F16 and the FP8 kinds).
+# How the raw bytes of each dtype are viewed by ``start``/``step``. The view's numpy type selects the
+# decoder at compile time: floats are cast, int16 means BF16 (decoded by a shift), uint16/uint8 are
+# looked up in ``decode_table`` (F16 and the FP8 kinds).
 RAW_VIEW = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "BF16": np.dtype("<i2"),
     "F16": np.dtype("<u2"),
 }
+_CODES = {"F32": CODE_F32, "F64": CODE_F64, "BF16": CODE_BF16, "F16": CODE_TABLE16}
 
 
 def raw_view(code: str) -> np.dtype:
-    """The numpy dtype to view a chunk of ``code`` raw bytes as, for the kernels."""
+    """The numpy dtype to view a chunk of ``code`` raw bytes as, for ``start``/``step``."""
     return RAW_VIEW.get(code, np.dtype("u1"))
+
+
+def decoder_code(code: str) -> int:
+    """How ``stream_chunk`` decodes a dtype (one of the CODE_* constants)."""
+    return _CODES.get(code, CODE_TABLE8)
 
 
 @functools.cache
@@ -147,3 +359,14 @@ def decode_table(code: str) -> np.ndarray:
     table = raw.view(kind.decoded).astype(np.float32)
     table.flags.writeable = False
     return table
+
+
+def decode_tables(codes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (K, 65536) stack of the tables these dtypes need, and each dtype's row in it."""
+    needed = sorted({c for c in codes if decode_table(c).size})
+    luts = np.zeros((max(1, len(needed)), 1 << 16), np.float32)
+    for row, code in enumerate(needed):
+        table = decode_table(code)
+        luts[row, : table.size] = table
+    index = np.array([needed.index(c) if c in needed else 0 for c in codes], np.int32)
+    return luts, index
