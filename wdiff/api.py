@@ -14,18 +14,22 @@ leaves half-written results where the previous ones were.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__
 from wdiff.errors import WdiffError
 from wdiff.results import ACCUMULATED, POINTS, RENDER, SUMMARY, Results, write_json
-from wdiff.scan import Run, scan
+from wdiff.scan import Run, fingerprint, scan
+
+if TYPE_CHECKING:
+    from wdiff.compute import Previous
 
 Progress = Callable[[str, int, int], None]  # (phase, advance, total)
 
@@ -46,6 +50,51 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _previous(
+    out: Path, run: Run, fingerprints: list[str], chunk_elements: int
+) -> tuple[Previous | None, str]:
+    """Earlier results in ``out`` that this run extends, and what kind of update this is.
+
+    Extending is exact (the same bits as a full run) when the earlier run saw the same first K
+    checkpoints, unchanged, computed the same tensors with the same chunking and the same wdiff.
+    Anything else, an earlier checkpoint rewritten or removed included, means a full recompute.
+    """
+    from wdiff.compute import Previous
+    from wdiff.readers.safetensors import read_header
+
+    try:
+        old = json.loads((out / SUMMARY).read_text())
+        refs, _ = read_header(out / ACCUMULATED)
+    except (OSError, ValueError, WdiffError):
+        return None, "full"
+    seen = old.get("checkpoints") or []
+    known = len(seen)
+    same_start = (
+        known >= 2
+        and known <= len(run.checkpoints)
+        and all(
+            o.get("path") == c.path and o.get("step") == c.step and o.get("fingerprint") == f
+            for o, c, f in zip(seen, run.checkpoints, fingerprints)
+        )
+    )
+    tensors = old.get("tensors") or {}
+    same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
+        tensors[t.name].get("shape") == list(t.shape)
+        and t.name in refs
+        and refs[t.name].dtype == "F32"
+        and refs[t.name].shape == t.shape
+        for t in run.tensors
+    )
+    same_setup = (
+        old.get("wdiff_version") == __version__
+        and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
+    )
+    if not (same_start and same_tensors and same_setup):
+        return None, "full"
+    previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
+    return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 
 def _trainer_summary(state: dict | None) -> dict | None:
@@ -69,14 +118,20 @@ def run(
     workers: int | None = None,
     progress: Progress | None = None,
     on_scan: Callable[[Run], None] | None = None,
+    incremental: bool = True,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
     ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
 
     ``progress(phase, advance, total)`` is called as chunks finish; ``on_scan(run)`` once the
     checkpoints are scanned (the CLI prints what it found and the skipped tensors there).
+
+    When ``out`` already holds results for the first K checkpoints of the same run (same files, same
+    sizes and modification times), only the new intervals are computed: the accumulated map is a
+    sum, so it is extended from the earlier one (``incremental=False`` forces a full recompute).
+    ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
     """
-    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, compute
+    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
@@ -85,6 +140,11 @@ def run(
     if max_points < 1:
         raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
     the_run = scan(inputs)
+    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    fingerprints = [fingerprint(c) for c in the_run.checkpoints]
+    previous, update = (
+        _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
+    )
     if on_scan is not None:
         on_scan(the_run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,28 +155,34 @@ def run(
     try:
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
-        create_accumulated(acc_path, layout)
-        total = the_run.bytes_per_pass
+        if update == "up to date":  # nothing new to read: keep the results, redo the scene
+            shutil.copyfile(out / ACCUMULATED, acc_path)
+            result = ComputeResult(previous.tensors, 0, 0.0, 0)
+        else:
+            create_accumulated(acc_path, layout)
+            total = bytes_to_read(the_run, previous)
 
-        def advance(nbytes: int) -> None:
-            if progress is not None:
-                progress("compute", nbytes, total)
+            def advance(nbytes: int) -> None:
+                if progress is not None:
+                    progress("compute", nbytes, total)
 
-        result = compute(
-            the_run,
-            str(acc_path),
-            layout,
-            chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
-            scheduler=scheduler,
-            workers=workers,
-            progress=advance,
-        )
+            result = compute(
+                the_run,
+                str(acc_path),
+                layout,
+                chunk_elements=chunk_elements,
+                scheduler=scheduler,
+                workers=workers,
+                progress=advance,
+                previous=previous,
+            )
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": the_run.source,
             "checkpoints": [
-                {"path": c.path, "step": c.step, "tensors": len(c.tensors)} for c in the_run.checkpoints
+                {"path": c.path, "step": c.step, "tensors": len(c.tensors), "fingerprint": f}
+                for c, f in zip(the_run.checkpoints, fingerprints)
             ],
             "tensors": result.tensors,
             "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
@@ -124,8 +190,10 @@ def run(
                 "read_bytes": result.read_bytes,
                 "compute_seconds": result.compute_seconds,
                 "chunks": result.chunks,
+                "chunk_elements": chunk_elements,
                 "scheduler": scheduler,
             },
+            "update": update,
             "trainer_state": _trainer_summary(the_run.trainer_state),
         }
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)

@@ -71,9 +71,18 @@ def run_command(
         float, typer.Option("--chunk-mb", help="MB of float32 per chunk buffer (memory per task).")
     ] = 4.0,
     scheduler: Annotated[
-        str, typer.Option("--scheduler", help="Dask scheduler: threads or sync.")
+        str,
+        typer.Option(
+            "--scheduler",
+            help="Dask scheduler: threads, processes, sync, local:N (a LocalCluster of N worker "
+            "processes) or the address of a dask.distributed scheduler (tcp://host:8786).",
+        ),
     ] = "threads",
     workers: Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")] = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Recompute everything, even when OUT holds results to extend."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
@@ -132,7 +141,10 @@ def run_command(
             workers=workers,
             progress=on_progress,
             on_scan=on_scan,
+            incremental=not full,
         )
+    if res.summary["update"] != "full":
+        err.print(f"{res.summary['update']} (earlier results in {out} extended)", highlight=False)
     timing = res.summary["timing"]
     rate = timing["read_bytes"] / max(timing["compute_seconds"], 1e-9)
     typer.echo(

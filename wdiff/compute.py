@@ -8,11 +8,12 @@ combine tasks add the sums up into the metrics of ``summary.json``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,11 +39,30 @@ class ChunkStats:
     nbytes: int  # checkpoint bytes read
 
 
-def process_chunk(tensor: AlignedTensor, start: int, stop: int, out_path: str, out_offset: int) -> ChunkStats:
+@dataclass(frozen=True)
+class Previous:
+    """Results of an earlier run over the first ``known`` checkpoints, to extend incrementally."""
+
+    accumulated: str  # the earlier accumulated.safetensors
+    offsets: dict[str, int]  # where each tensor's data starts in it
+    known: int  # checkpoints it covers (K >= 2)
+    tensors: dict[str, dict]  # its summary entries
+
+
+def process_chunk(
+    tensor: AlignedTensor,
+    start: int,
+    stop: int,
+    out_path: str,
+    out_offset: int,
+    acc_in: tuple[str, int] | None = None,
+) -> ChunkStats:
     """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
 
     Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
-    writes without the GIL) and returns the partial sums.
+    writes without the GIL) and returns the partial sums. ``acc_in`` = (path, offset) of earlier
+    results to continue from: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
+    ``kernels.stream_chunk``).
     """
     refs = tensor.refs
     count = len(refs)
@@ -55,19 +75,20 @@ def process_chunk(tensor: AlignedTensor, start: int, stop: int, out_path: str, o
     dot_first = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
     totals = np.zeros(3)
-    block = kernels.BLOCK
-    raw = np.empty(block * 8, np.uint8)
-    scratch = np.empty((4, block), np.float32)
+    raw = np.empty(kernels.BLOCK * 8, np.uint8)
+    scratch = np.empty((4, kernels.BLOCK), np.float32)
     opened: dict[str, int] = {}
     try:
-        for path in [r.path for r in refs] + [out_path]:
+        for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
             if path not in opened:
-                flags = os.O_WRONLY if path == out_path else os.O_RDONLY
-                opened[path] = os.open(path, flags)
+                opened[path] = os.open(path, os.O_RDONLY)
+        out_fd = os.open(out_path, os.O_WRONLY)
+        opened["\0out"] = out_fd
         fds = np.array([opened[r.path] for r in refs], np.int32)
+        acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
         status = kernels.stream_chunk(
-            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, opened[out_path], out_offset,
-            raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
+            acc_fd, acc_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
         )  # fmt: skip
     except OSError as e:
         raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
@@ -78,15 +99,25 @@ def process_chunk(tensor: AlignedTensor, start: int, stop: int, out_path: str, o
         t = -status - 1
         if t == count:
             raise WdiffError(out_path, "writing the results failed (disk full?)")
-        raise WdiffError(refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable")
+        if t == count + 1 and acc_in:
+            raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
+        raise WdiffError(
+            refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable"
+        )
     dot_first[0] = sumsq[0]
-    nbytes = int((stop - start) * itemsizes.sum())
+    nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
     net_sumsq, acc_sum, acc_max = totals
-    return ChunkStats(interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes)
+    return ChunkStats(
+        interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes
+    )
 
 
-def combine(tensor: AlignedTensor, *chunks: ChunkStats) -> dict:
-    """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry)."""
+def combine(tensor: AlignedTensor, previous: dict | None, *chunks: ChunkStats) -> dict:
+    """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry).
+
+    ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
+    then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it.
+    """
     count = len(tensor.refs)
     interval = np.zeros(count - 1)
     sumsq = np.zeros(count)
@@ -94,19 +125,28 @@ def combine(tensor: AlignedTensor, *chunks: ChunkStats) -> dict:
     nonfinite = np.zeros(count, np.int64)
     net_sumsq = acc_sum = 0.0
     acc_max = 0.0
-    for c in chunks:
+    for c in chunks:  # always in chunk order, whatever order they finished in: same bits every run
         interval += c.interval_sumsq
         sumsq += c.sumsq
         dot_first += c.dot_first
         nonfinite += c.nonfinite
         net_sumsq += c.net_sumsq
         acc_sum += c.acc_sum
-        acc_max = max(acc_max, c.acc_max) if not math.isnan(c.acc_max) else math.nan
+        acc_max = max(acc_max, c.acc_max) if not (math.isnan(c.acc_max) or math.isnan(acc_max)) else math.nan
     norms = np.sqrt(sumsq)
     first_norm = float(norms[0])
     net = math.sqrt(net_sumsq)
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = dot_first / (norms * first_norm)
+    rotation = [None if not np.isfinite(c) else float(1.0 - c) for c in cosine]
+    interval_l2 = np.sqrt(interval).tolist()
+    l2 = norms.tolist()
+    counts = nonfinite.tolist()
+    if previous is not None:  # new values start at W(K) (index 2) and interval K-1 (index 1)
+        interval_l2 = previous["interval_l2"] + interval_l2[1:]
+        l2 = previous["l2"] + l2[2:]
+        rotation = previous["rotation"] + rotation[2:]
+        counts = previous["nonfinite"] + counts[2:]
     return {
         "shape": list(tensor.shape),
         "dtype": tensor.dtypes[0] if len(tensor.dtypes) == 1 else tensor.dtypes,
@@ -115,10 +155,10 @@ def combine(tensor: AlignedTensor, *chunks: ChunkStats) -> dict:
         "accumulated_max": acc_max,
         "net_l2": net,
         "relative_change": net / first_norm if first_norm > 0 else None,
-        "interval_l2": np.sqrt(interval).tolist(),
-        "l2": norms.tolist(),
-        "rotation": [None if not np.isfinite(c) else float(1.0 - c) for c in cosine],
-        "nonfinite": nonfinite.tolist(),
+        "interval_l2": interval_l2,
+        "l2": l2,
+        "rotation": rotation,
+        "nonfinite": counts,
     }
 
 
@@ -130,20 +170,45 @@ def _chunks(tensor: AlignedTensor, chunk_elements: int) -> list[tuple[int, int]]
 
 
 def build_graph(
-    run: Run, out_path: str, layout: OutputLayout, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> tuple[dict, list]:
-    """A plain Dask task graph: chunk tasks feeding one combine task per tensor."""
+    run: Run,
+    out_path: str,
+    layout: OutputLayout,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    previous: Previous | None = None,
+) -> tuple[dict, list, list]:
+    """A plain Dask task graph: chunk tasks feeding one combine task per tensor.
+
+    Returns (graph, chunk keys, tensor keys). Tasks carry only paths, offsets and sizes: with a
+    distributed scheduler the workers read the checkpoints and write the results themselves, so every
+    path must be the same on every worker (a shared filesystem).
+    """
     dsk: dict = {}
-    keys = []
+    chunk_keys, tensor_keys = [], []
     for j, tensor in enumerate(run.tensors):
-        chunk_keys = []
+        entry = None
+        acc_in = None
+        if previous is not None:
+            refs = tensor.refs
+            tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
+            entry = previous.tensors[tensor.name]
+        keys = []
         for start, stop in _chunks(tensor, chunk_elements):
             key = ("chunk", j, start)
-            dsk[key] = (process_chunk, tensor, start, stop, out_path, layout.offsets[tensor.name])
-            chunk_keys.append(key)
-        dsk[("tensor", j)] = (combine, tensor, *chunk_keys)
-        keys.append(("tensor", j))
-    return dsk, keys
+            if previous is not None:
+                acc_in = (previous.accumulated, previous.offsets[tensor.name])
+            dsk[key] = (process_chunk, tensor, start, stop, out_path, layout.offsets[tensor.name], acc_in)
+            keys.append(key)
+        dsk[("tensor", j)] = (combine, tensor, entry, *keys)
+        chunk_keys += keys
+        tensor_keys.append(("tensor", j))
+    return dsk, chunk_keys, tensor_keys
+
+
+def bytes_to_read(run: Run, previous: Previous | None = None) -> int:
+    """Checkpoint bytes the graph reads: every checkpoint, or W(0) and W(K-1).. when resuming."""
+    if previous is None:
+        return run.bytes_per_pass
+    return sum(r.nbytes for t in run.tensors for r in (t.refs[0], *t.refs[previous.known - 1 :]))
 
 
 @dataclass(frozen=True)
@@ -152,6 +217,9 @@ class ComputeResult:
     read_bytes: int
     compute_seconds: float
     chunks: int
+
+
+SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
 
 
 def compute(
@@ -163,31 +231,85 @@ def compute(
     scheduler: str = "threads",
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    previous: Previous | None = None,
 ) -> ComputeResult:
-    """Run the graph; ``progress`` is called with the bytes of every finished chunk."""
-    import dask
-    from dask.callbacks import Callback
+    """Run the graph on ``scheduler``; ``progress`` is called with the bytes of every finished chunk.
 
+    Schedulers: ``threads`` (default; the kernels release the GIL), ``processes``, ``sync`` (one
+    thread, for debugging), ``local:N`` (a dask.distributed LocalCluster of N single-threaded worker
+    processes) or the address of a running dask.distributed scheduler (``tcp://host:8786``). Every
+    scheduler gives the same bits.
+    """
     if chunk_elements < 1:
         raise WdiffError(None, f"chunk size must be at least one element, got {chunk_elements}")
-    dsk, keys = build_graph(run, out_path, layout, chunk_elements)
+    dsk, chunk_keys, tensor_keys = build_graph(run, out_path, layout, chunk_elements, previous)
     read_bytes = 0
 
-    def posttask(key, result, dsk, state, worker_id):
+    def done(result: ChunkStats) -> None:
         nonlocal read_bytes
-        if isinstance(result, ChunkStats):
-            read_bytes += result.nbytes
-            if progress is not None:
-                progress(result.nbytes)
+        read_bytes += result.nbytes
+        if progress is not None:
+            progress(result.nbytes)
 
-    getters = {"threads": dask.threaded.get, "sync": dask.get}
-    if scheduler not in getters:
-        raise WdiffError(None, f"unknown scheduler {scheduler!r}: use one of {', '.join(getters)}")
-    kwargs = {"num_workers": workers} if scheduler == "threads" and workers else {}
     t0 = time.perf_counter()
-    with Callback(posttask=posttask):
-        values = getters[scheduler](dsk, keys, **kwargs)
+    if scheduler in ("threads", "processes", "sync"):
+        values = _run_local(dsk, tensor_keys, scheduler, workers, done)
+    else:
+        values = _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done)
     seconds = time.perf_counter() - t0
     tensors = {t.name: v for t, v in zip(run.tensors, values)}
-    chunks = sum(1 for k in dsk if k[0] == "chunk")
-    return ComputeResult(tensors, read_bytes, seconds, chunks)
+    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys))
+
+
+def _run_local(dsk, keys, scheduler, workers, done):
+    import dask
+    import dask.multiprocessing
+    import dask.threaded
+    from dask.callbacks import Callback
+
+    def posttask(key, result, dsk, state, worker_id):
+        if isinstance(result, ChunkStats):
+            done(result)
+
+    get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get, "sync": dask.get}[scheduler]
+    kwargs = {"num_workers": workers} if workers and scheduler != "sync" else {}
+    with Callback(posttask=posttask):
+        return get(dsk, keys, **kwargs)
+
+
+def _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done):
+    from contextlib import ExitStack
+
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise WdiffError(
+            None, "the dask.distributed package is needed for --scheduler " + scheduler
+        ) from None
+
+    with ExitStack() as stack:
+        if scheduler.startswith("local:"):
+            n = scheduler.removeprefix("local:")
+            if not n.isdigit() or int(n) < 1:
+                raise WdiffError(None, f"--scheduler {scheduler}: N in local:N must be a positive integer")
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=int(n), threads_per_worker=1, processes=True, dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
+            )  # fmt: skip
+            client = stack.enter_context(Client(cluster))
+        elif "://" in scheduler or ":" in scheduler:
+            try:
+                client = stack.enter_context(Client(scheduler, timeout="10s"))
+            except (OSError, TimeoutError) as e:
+                raise WdiffError(None, f"cannot reach the dask scheduler at {scheduler}: {e}") from None
+        else:
+            raise WdiffError(None, f"unknown scheduler {scheduler!r}: use {SCHEDULERS}")
+        futures = client.get(dsk, chunk_keys + tensor_keys, sync=False)
+        chunk_futures, tensor_futures = futures[: len(chunk_keys)], futures[len(chunk_keys) :]
+        for future in as_completed(chunk_futures):
+            if future.status == "error":
+                future.result()  # raises the task's own error (a WdiffError names the file)
+            done(future.result())
+        return client.gather(tensor_futures)

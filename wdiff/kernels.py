@@ -278,11 +278,11 @@ OK = 0
 
 
 @_kernel
-def _fold_typed(t, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
-    if t == 0:
-        x, y = start(src, lut, first, new)
-        sumsq[0] += x
-        nonfinite[0] += y
+def _fold_typed(t, rebase, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+    if t == 0 or rebase:  # checkpoint 0 (into first), or the restart point of an incremental run
+        x, y = start(src, lut, first if t == 0 else new, new)
+        sumsq[t] += x
+        nonfinite[t] += y
     else:
         a, b, c, d = step(src, lut, first, old, new, acc)
         interval_sumsq[t - 1] += a
@@ -292,19 +292,19 @@ def _fold_typed(t, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_fi
 
 
 @_kernel
-def _fold(t, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+def _fold(t, rebase, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
     """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
     stats = (interval_sumsq, sumsq, dot_first, nonfinite)
     if code == CODE_F32:
-        _fold_typed(t, raw.view(np.float32), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, raw.view(np.float32), lut, first, old, new, acc, *stats)
     elif code == CODE_F64:
-        _fold_typed(t, raw.view(np.float64), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, raw.view(np.float64), lut, first, old, new, acc, *stats)
     elif code == CODE_BF16:
-        _fold_typed(t, raw.view(np.int16), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, raw.view(np.int16), lut, first, old, new, acc, *stats)
     elif code == CODE_TABLE16:
-        _fold_typed(t, raw.view(np.uint16), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, raw.view(np.uint16), lut, first, old, new, acc, *stats)
     else:
-        _fold_typed(t, raw, lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, raw, lut, first, old, new, acc, *stats)
 
 
 @_exact
@@ -316,24 +316,34 @@ def _merge_peak(totals, peak):
 @_kernel
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
-    raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+    acc_in_fd, acc_in_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
 ):  # fmt: skip
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
 
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
     are added into ``interval_sumsq`` (T-1), ``sumsq``, ``dot_first``, ``nonfinite`` (T) and
-    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc]. ``raw`` (BLOCK * 8 bytes) and
-    ``scratch`` (4 x BLOCK float32: first, two ping-pong weight buffers, acc) are reused. Returns OK,
-    ``-(t + 1)`` when the read of checkpoint t failed (file shrank or I/O error), or ``-(T + 1)`` when
-    the write failed.
+    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc].
+
+    Incremental runs pass ``acc_in_fd >= 0``: the accumulated map starts from the previous results at
+    ``acc_in_offset`` instead of zero, and the checkpoints are [W(0), W(K-1), W(K), ...]: W(0) for the
+    net change and rotation, W(K-1) the point the new intervals start from (no interval before it).
+
+    ``raw`` (BLOCK * 8 bytes) and ``scratch`` (4 x BLOCK float32: first, two ping-pong weight buffers,
+    acc) are reused. Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an
+    I/O error), ``-(T + 1)`` when writing failed, ``-(T + 2)`` when reading previous results failed.
     """
     count = fds.size
+    resume = acc_in_fd >= 0
     for lo in range(begin, end, BLOCK):
         n = min(BLOCK, end - lo)
         first = scratch[0, :n]
         acc = scratch[3, :n]
-        acc[:] = 0.0
+        if resume:
+            if not _read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
+                return -(count + 2)
+        else:
+            acc[:] = 0.0
         for t in range(count):
             nbytes = n * itemsizes[t]
             if not _read_full(fds[t], raw, nbytes, offsets[t] + lo * itemsizes[t]):
@@ -341,7 +351,22 @@ def stream_chunk(
             old = scratch[1 + (t + 1) % 2, :n]  # W(t-1) lives in the other ping-pong buffer
             new = scratch[1 + t % 2, :n]
             lut = luts[lut_index[t]]
-            _fold(t, raw[:nbytes], codes[t], lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite)
+            rebase = resume and t == 1
+            _fold(
+                t,
+                rebase,
+                raw[:nbytes],
+                codes[t],
+                lut,
+                first,
+                old,
+                new,
+                acc,
+                interval_sumsq,
+                sumsq,
+                dot_first,
+                nonfinite,
+            )
         totals[0] += net_change(first, scratch[1 + (count - 1) % 2, :n])
         total, peak = sum_and_max(acc)
         totals[1] += total

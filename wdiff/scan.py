@@ -33,6 +33,18 @@ class Checkpoint:
     tensors: dict[str, TensorRef] = field(repr=False)
 
 
+def fingerprint(checkpoint: Checkpoint) -> str:
+    """Identity of a checkpoint's weight files (names, sizes, modification times), to notice that an
+    earlier checkpoint was rewritten or replaced since results were computed from it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted({r.path for r in checkpoint.tensors.values()}):
+        st = os.stat(path)
+        digest.update(f"{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class AlignedTensor:
     """The same tensor in every checkpoint: ``refs[t]`` locates it in checkpoint ``t``."""

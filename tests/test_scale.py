@@ -1,0 +1,108 @@
+"""Scale-out schedulers give the same bits; incremental runs equal full runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import wdiff
+from factories import random_sequence, save, trainer_run
+
+SHAPES = {"layers.0.w": (70, 50), "layers.0.b": (50,), "layers.1.w": (33, 41), "layers.1.s": ()}
+
+
+def _files(out) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("accumulated.safetensors", "points.ply")}
+
+
+def _same_results(a: wdiff.Results, b: wdiff.Results) -> None:
+    assert a.summary["tensors"] == b.summary["tensors"]
+    assert _files(a.path) == _files(b.path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seq")
+    return trainer_run(root / "run", random_sequence(SHAPES, 4, dtype="BF16", seed=3), steps=[1, 2, 3, 4])
+
+
+def test_every_scheduler_gives_the_same_bits(run_dir, tmp_path):
+    kw = dict(render=False, chunk_elements=1000)
+    threads = wdiff.run(run_dir, tmp_path / "threads", scheduler="threads", **kw)
+    for scheduler in ("sync", "processes", "local:2"):
+        other = wdiff.run(run_dir, tmp_path / scheduler.replace(":", "_"), scheduler=scheduler, **kw)
+        _same_results(threads, other)
+        assert other.summary["timing"]["scheduler"] == scheduler
+
+
+def test_unknown_scheduler_is_a_usage_error(run_dir, tmp_path):
+    with pytest.raises(wdiff.WdiffError, match="unknown scheduler"):
+        wdiff.run(run_dir, tmp_path / "o", scheduler="gpu-cluster", render=False)
+    with pytest.raises(wdiff.WdiffError, match="positive integer"):
+        wdiff.run(run_dir, tmp_path / "o", scheduler="local:zero", render=False)
+    assert not (tmp_path / "o").exists()
+
+
+def _growing_run(tmp_path, count):
+    seq = random_sequence(SHAPES, 6, seed=11)
+    paths = [save(tmp_path / "ckpts" / f"step_{100 * (i + 1)}.safetensors", c) for i, c in enumerate(seq)]
+    return paths[:count], paths
+
+
+def test_incremental_run_equals_full_run(tmp_path):
+    first, every = _growing_run(tmp_path, 3)
+    out = tmp_path / "out"
+    kw = dict(render=False, chunk_elements=777)
+    early = wdiff.run(first, out, **kw)
+    assert early.summary["update"] == "full"
+    grown = wdiff.run(every, out, **kw)
+    assert grown.summary["update"] == "incremental from 3"
+    full = wdiff.run(every, tmp_path / "full", incremental=False, **kw)
+    assert full.summary["update"] == "full"
+    _same_results(grown, full)
+    # the incremental run read W(0) and W(2)..W(5): 5 of the 6 checkpoints (4 to 6 here) ...
+    per_checkpoint = full.summary["timing"]["read_bytes"] / 6
+    assert grown.summary["timing"]["read_bytes"] == pytest.approx(5 * per_checkpoint)
+    # ... and growing by one more costs W(0), W(K-1), W(K): three checkpoints whatever the history
+    again = wdiff.run(every[:5], tmp_path / "five", **kw)
+    again = wdiff.run(every, tmp_path / "five", **kw)
+    assert again.summary["update"] == "incremental from 5"
+    assert again.summary["timing"]["read_bytes"] == pytest.approx(3 * per_checkpoint)
+    _same_results(again, full)
+
+
+def test_nothing_new_is_up_to_date(tmp_path):
+    _, every = _growing_run(tmp_path, 6)
+    out = tmp_path / "out"
+    a = wdiff.run(every, out, render=False)
+    before = _files(out)
+    b = wdiff.run(every, out, render=False, max_points=500)
+    assert b.summary["update"] == "up to date" and b.summary["timing"]["read_bytes"] == 0
+    assert b.summary["tensors"] == a.summary["tensors"]
+    assert (out / "accumulated.safetensors").read_bytes() == before["accumulated.safetensors"]
+    assert b.summary["scene"]["points"] <= 500
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed", "reordered", "other chunking"])
+def test_changed_history_means_full_recompute(tmp_path, change):
+    first, every = _growing_run(tmp_path, 4)
+    out = tmp_path / "out"
+    wdiff.run(first, out, render=False, chunk_elements=500)
+    chunk = 500
+    if change == "rewritten":
+        seq = random_sequence(SHAPES, 2, seed=99)
+        save(every[1], seq[1])
+        os.utime(every[1], ns=(1, 1))  # a different modification time, like any rewrite
+    elif change == "removed":
+        every = [every[0], *every[2:]]
+    elif change == "reordered":
+        every = [every[1], every[0], *every[2:]]
+    else:
+        chunk = 300
+    res = wdiff.run(every, out, render=False, chunk_elements=chunk)
+    assert res.summary["update"] == "full"
+    full = wdiff.run(every, tmp_path / "reference", render=False, chunk_elements=chunk, incremental=False)
+    _same_results(res, full)
+    shutil.rmtree(tmp_path / "reference")
