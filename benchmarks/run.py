@@ -55,18 +55,32 @@ TARGET_BIG_RSS_MIB = 1024
 # running one child
 
 
-def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd``; return wall seconds and the child's peak RSS (MiB) from ``os.wait4``."""
-    with open(log, "wb") as out:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{cmd[0]} ... exited with {p.returncode}:\n{tail}")
-    return {"wall": wall, "rss_mib": ru.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+def run_child(cmd: list[str], log: Path | None, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` under ``measure.py``; return its wall seconds and peak RSS in MiB.
+
+    ``log`` gets the command's stdout and stderr (None: both to /dev/null).
+    """
+    fd, result = tempfile.mkstemp(prefix="measure-", suffix=".json")
+    os.close(fd)
+    try:
+        with open(log or os.devnull, "wb") as out:
+            subprocess.run(
+                [sys.executable, "-I", "-S", str(HERE / "measure.py"), result, "--", *cmd],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+            )
+        with open(result) as f:
+            r = json.load(f)
+    finally:
+        os.unlink(result)
+    if r["returncode"] != 0:
+        tail = log.read_text(errors="replace")[-2000:] if log else ""
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {r['returncode']}:\n{tail}")
+    # ru_maxrss is KiB on Linux; the tree's value is >= the command's own unless it spawned nothing
+    return {"wall": r["wall"], "rss_mib": max(r["maxrss_kib"], r["tree_maxrss_kib"]) / 1024}
 
 
 class Runner:
@@ -75,19 +89,25 @@ class Runner:
         self.work = work  # outputs of the runs (deleted before every run)
         self.work.mkdir(parents=True, exist_ok=True)
         self.numba_cache = args.data / "numba-cache"
-        self.env = dict(os.environ, NUMBA_CACHE_DIR=str(self.numba_cache))
+        self.env = dict(os.environ, NUMBA_CACHE_DIR=str(self.numba_cache), **args.wdiff_env)
 
     def cat(self, files: list[Path]) -> dict:
-        # stdout is /dev/null, exactly `cat FILES > /dev/null`
-        with open(os.devnull, "wb") as null:
-            t0 = time.perf_counter()
-            p = subprocess.Popen(["cat", *map(str, files)], stdout=null, stdin=subprocess.DEVNULL)
-            _, status, ru = os.wait4(p.pid, 0)
-            wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode:
-            raise RuntimeError(f"cat exited with {p.returncode}")
-        return {"wall": wall, "rss_mib": ru.ru_maxrss / 1024}
+        return run_child(["cat", *map(str, files)], None)  # exactly `cat FILES > /dev/null`
+
+    def wdiff_module(self) -> str:
+        """The wdiff package the wdiff runs import (working tree or --ref snapshot)."""
+        python = self.args.wdiff_cmd[0] if len(self.args.wdiff_cmd) > 1 else None
+        if python is None:  # a console script: its interpreter is on the #! line
+            with open(shutil.which(self.args.wdiff_cmd[0]) or self.args.wdiff_cmd[0]) as f:
+                first = f.readline()
+            python = first[2:].strip() if first.startswith("#!") else sys.executable
+        return subprocess.run(
+            [python, "-c", "import wdiff; print(wdiff.__file__)"],
+            cwd=self.work,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def naive(self, files: list[Path]) -> dict:
         out = self.work / "naive.safetensors"
@@ -100,9 +120,10 @@ class Runner:
     def wdiff(self, files: list[Path], env: dict | None = None) -> dict:
         out = self.work / "wdiff-out"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [self.args.wdiff, "run", *map(str, files), "-o", str(out), "--no-render", "--quiet"]
+        cmd = [*self.args.wdiff_cmd, "run", *map(str, files), "-o", str(out), "--no-render", "--quiet"]
         cmd += self.args.wdiff_args.split()
-        r = run_child(cmd, self.work / "wdiff.log", env or self.env)
+        # cwd outside the repository: `python -m wdiff` would import ./wdiff before PYTHONPATH
+        r = run_child(cmd, self.work / "wdiff.log", env or self.env, cwd=self.work)
         timing = json.loads((out / "summary.json").read_text())["timing"]
         r.update(
             compute_seconds=timing["compute_seconds"],
@@ -240,7 +261,7 @@ def compile_test(r: Runner, dtype: str) -> dict:
     files = make_sequence(r.args.data, 6, r.args.compile_size, dtype)
     warm(files)
     cache = Path(tempfile.mkdtemp(prefix="wdiff-bench-numba-"))
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), **r.args.wdiff_env)
     try:
         runs = []
         snaps = []
@@ -287,15 +308,16 @@ def _git(*a: str) -> str:
         return ""
 
 
-def code_hash() -> str:
+def code_hash(src: Path) -> str:
+    """Hash of the wdiff sources that are benchmarked (to notice edits during a run)."""
     h = hashlib.sha256()
-    for p in sorted((REPO / "wdiff").rglob("*.py")):
-        h.update(str(p.relative_to(REPO)).encode())
+    for p in sorted((src / "wdiff").rglob("*.py")):
+        h.update(str(p.relative_to(src)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def machine() -> dict:
+def machine(ref: str | None) -> dict:
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
@@ -335,8 +357,9 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": versions,
         "cat": cat_version,
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty_wdiff": bool(_git("status", "--porcelain", "--", "wdiff")),
+        "git_commit": _git("rev-parse", "--short", f"{ref or 'HEAD'}^{{commit}}"),
+        "git_ref": ref,
+        "git_dirty_wdiff": None if ref else bool(_git("status", "--porcelain", "--", "wdiff")),
         "loadavg_start": _read("/proc/loadavg").split()[:3],
     }
 
@@ -366,7 +389,8 @@ def evaluate(results: dict, target_bytes: int) -> list[dict]:
                 {
                     "target": f"whole process >= {TARGET_SPEEDUP:g}x faster than the naive loop",
                     "where": where,
-                    "measured": f"{m['speedup']:.2f}x (naive {m['naive_s']:.2f} s / wdiff {m['wdiff_wall_s']:.2f} s)",
+                    "measured": f"{m['speedup']:.2f}x (naive {m['naive_s']:.2f} s, "
+                    f"wdiff {m['wdiff_wall_s']:.2f} s)",
                     "pass": m["speedup"] >= TARGET_SPEEDUP,
                 }
             )
@@ -375,7 +399,8 @@ def evaluate(results: dict, target_bytes: int) -> list[dict]:
             {
                 "target": f"compute >= {lim:.0%} of cat throughput ({d})",
                 "where": where,
-                "measured": f"{m['compute_vs_cat']:.0%} ({m['compute_gbps']:.2f} vs {m['cat_gbps']:.2f} GB/s)",
+                "measured": f"{m['compute_vs_cat']:.0%} "
+                f"({m['compute_gbps']:.2f} vs {m['cat_gbps']:.2f} GB/s)",
                 "pass": m["compute_vs_cat"] >= lim,
             }
         )
@@ -457,7 +482,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"## Benchmark results ({m['date'][:10]})",
         "",
-        f"Made by `{cfg['command']}`; raw numbers in `benchmarks/results.json`, plot `benchmarks/scaling.png`.",
+        f"Made by `{cfg['command']}`; raw numbers in `{cfg['json_name']}`, plot `{cfg['plot_name']}`.",
         "",
         "| machine | |",
         "|---|---|",
@@ -468,9 +493,16 @@ def markdown(results: dict) -> str:
         "| packages | "
         + ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "llvmlite", "dask", "safetensors", "ml_dtypes"))
         + " |",
-        f"| wdiff | {v['wdiff']}, commit {m['git_commit']}{' + uncommitted changes in wdiff/' if m['git_dirty_wdiff'] else ''}"
-        f" (code hash {results['code_hash_start']}) |",
-        f"| load average | {' '.join(m['loadavg_start'])} at start, {' '.join(results['loadavg_end'])} at end |",
+        f"| wdiff | {v['wdiff']}, "
+        + (
+            f"`git archive {m['git_ref']}` = commit {m['git_commit']}"
+            if m["git_ref"]
+            else f"working tree at commit {m['git_commit']}"
+            f"{' + uncommitted changes in wdiff/' if m['git_dirty_wdiff'] else ''}"
+        )
+        + f" (code hash {results['code_hash_start']}, imported from `{results.get('wdiff_module')}`) |",
+        f"| load average | {' '.join(m['loadavg_start'])} at start, "
+        f"{' '.join(results['loadavg_end'])} at end |",
         f"| date (UTC) | {m['date']} |",
         "",
     ]
@@ -503,7 +535,8 @@ def markdown(results: dict) -> str:
             x = e["median"]
             lines.append(
                 f"| {e['label']} | {e['total_bytes'] / GB:.2f} | {_f(x['cat_s'])} | {_f(x['cat_gbps'])} "
-                f"| {_f(x['wdiff_compute_s'])} | {_f(x['compute_gbps'])} | {_f(x['compute_vs_cat'], '{:.0%}')} "
+                f"| {_f(x['wdiff_compute_s'])} | {_f(x['compute_gbps'])} "
+                f"| {_f(x['compute_vs_cat'], '{:.0%}')} "
                 f"| {_f(x['wdiff_wall_s'])} | {_f(x.get('naive_s'))} | {_f(x.get('speedup'), '{:.2f}x')} "
                 f"| {_f(x['wdiff_rss_mib'], '{:.0f}')} | {_f(x.get('naive_rss_mib'), '{:.0f}')} |"
             )
@@ -519,8 +552,10 @@ def markdown(results: dict) -> str:
         for e in results["big"]:
             x = e["median"]
             lines.append(
-                f"| {e['dtype']} {e['label']} | {e['total_bytes'] / GB:.1f} | {_f(x['cat_s'])} | {_f(x['cat_gbps'])} "
-                f"| {_f(x['wdiff_compute_s'])} | {_f(x['compute_gbps'])} | {_f(x['compute_vs_cat'], '{:.0%}')} "
+                f"| {e['dtype']} {e['label']} | {e['total_bytes'] / GB:.1f} | {_f(x['cat_s'])} "
+                f"| {_f(x['cat_gbps'])} "
+                f"| {_f(x['wdiff_compute_s'])} | {_f(x['compute_gbps'])} "
+                f"| {_f(x['compute_vs_cat'], '{:.0%}')} "
                 f"| {_f(x['wdiff_wall_s'])} | {_f(x['wdiff_rss_mib'], '{:.0f}')} |"
             )
         lines.append("")
@@ -564,12 +599,19 @@ def markdown(results: dict) -> str:
                 "",
             ]
     lines += [
-        "Columns: *cat s* wall time of `cat FILES > /dev/null`; *cat GB/s* file bytes / cat s; *wdiff compute "
-        "s* `summary.json` `timing.compute_seconds` (first read to last result written); *compute GB/s* "
-        "`timing.read_bytes` / compute s; *compute / cat* compute GB/s over cat GB/s; *wdiff whole s* wall "
-        "time of the whole `wdiff run` process (start-up, scan, compute, summary, PLY); *naive s* "
-        "`benchmarks/naive.py`; *naive / wdiff* whole-process speedup; *peak RSS* maximum resident set "
-        "size of the process from `wait4` (max over rounds).",
+        "Columns:",
+        "- *cat s*: wall time of `cat FILES > /dev/null` (all checkpoints, page cache warm); "
+        "*cat GB/s*: file bytes / cat s.",
+        "- *wdiff compute s*: `summary.json` `timing.compute_seconds` (first read to last result written); "
+        "*compute GB/s*: `timing.read_bytes` / compute s; *compute / cat*: compute GB/s over the cat GB/s "
+        "of the same round.",
+        "- *wdiff whole s*: wall time of the whole `wdiff run` process (start-up and imports, scan, "
+        "compute, summary, PLY).",
+        "- *naive s*: wall time of `benchmarks/naive.py` (load each checkpoint whole, "
+        "`acc += abs(cur - prev)`, save); *naive / wdiff*: whole-process speedup, per round.",
+        "- *peak RSS*: maximum resident set size of the process (`ru_maxrss` from `wait4`, like "
+        "`/usr/bin/time -v`), the max over the rounds; it includes the ~10 MiB of the launcher "
+        "`benchmarks/measure.py` as a floor.",
         "",
     ]
     return "\n".join(lines)
@@ -657,6 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DIR, help="data folder (default %(default)s)")
     ap.add_argument("--clean", action="store_true", help="delete each generated sequence after measuring it")
     ap.add_argument("--wdiff", default=None, help="wdiff executable (default: .venv/bin/wdiff of this repo)")
+    ap.add_argument(
+        "--ref",
+        default=None,
+        help="benchmark wdiff/ as of this git commit (git archive into the data folder, run with "
+        "PYTHONPATH) instead of the working tree, e.g. HEAD while others edit wdiff/",
+    )
     ap.add_argument("--wdiff-args", default="", help="extra wdiff options, e.g. '--chunk-mb 8'")
     ap.add_argument(
         "--out", type=Path, default=HERE / "results.md", help="markdown output (default %(default)s)"
@@ -672,9 +720,6 @@ def main(argv: list[str] | None = None) -> int:
     naive_max = parse_size(args.naive_max)
     target = parse_size(args.target_size)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    if args.wdiff is None:
-        venv = REPO / ".venv" / "bin" / "wdiff"
-        args.wdiff = str(venv) if venv.exists() else (shutil.which("wdiff") or "wdiff")
     json_path = args.json or args.out.with_name("results.json")
     png_path = args.plot or args.out.with_name("scaling.png")
     args.data.mkdir(parents=True, exist_ok=True)
@@ -682,22 +727,43 @@ def main(argv: list[str] | None = None) -> int:
     def out_bytes(nbytes: int, dtype: str) -> int:  # accumulated.safetensors is float32
         return nbytes // (4 if dtype == "fp32" else 2) * 4
 
-    need = max((out_bytes(s, d) for d in dtypes for s in sizes), default=0)
+    out_need = max((out_bytes(s, d) for d in dtypes for s in sizes), default=0)
+    need = 0
     for d in dtypes:
         for s in sizes:
             if not sequence_dir(args.data, args.count, s, d).exists():
                 need += args.count * s
     if args.big:
         s = parse_size(args.big_size)
-        need = max(need, out_bytes(s, args.big_dtype))
+        out_need = max(out_need, out_bytes(s, args.big_dtype))
         if not sequence_dir(args.data, args.big_count, s, args.big_dtype).exists():
             need += args.big_count * s
+    need += out_need
     free = shutil.disk_usage(args.data).free
     if need > free * 0.95:
         print(
             f"run: needs ~{need / GB:.0f} GB of disk in {args.data}, {free / GB:.0f} GB free", file=sys.stderr
         )
         return 2
+
+    args.wdiff_env = {}
+    src = REPO
+    snapshot = None
+    if args.ref:  # a fixed commit of wdiff/, unaffected by edits to the working tree during the run
+        snapshot = Path(tempfile.mkdtemp(prefix="wdiff-src-", dir=args.data))
+        archive = subprocess.run(
+            ["git", "archive", args.ref, "wdiff"], cwd=REPO, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive, check=True)
+        python = REPO / ".venv" / "bin" / "python"
+        args.wdiff_cmd = [str(python if python.exists() else sys.executable), "-m", "wdiff"]
+        args.wdiff_env = {"PYTHONPATH": str(snapshot)}
+        src = snapshot
+    elif args.wdiff is not None:
+        args.wdiff_cmd = [args.wdiff]
+    else:
+        venv = REPO / ".venv" / "bin" / "wdiff"
+        args.wdiff_cmd = [str(venv) if venv.exists() else (shutil.which("wdiff") or "wdiff")]
 
     results: dict = {
         "config": {
@@ -708,18 +774,23 @@ def main(argv: list[str] | None = None) -> int:
             "dtypes": dtypes,
             "target_bytes": target,
             "naive_max": naive_max,
-            "wdiff": args.wdiff,
+            "wdiff": " ".join(args.wdiff_cmd),
+            "ref": args.ref,
             "wdiff_args": args.wdiff_args,
             "data": str(args.data),
+            "json_name": json_path.name,
+            "plot_name": png_path.name,
         },
-        "machine": machine(),
-        "code_hash_start": code_hash(),
+        "machine": machine(args.ref),
+        "code_hash_start": code_hash(src),
         "sizes": [],
         "compile": [],
         "big": [],
     }
     work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.data))
     runner = Runner(args, work)
+    results["wdiff_module"] = runner.wdiff_module()
+    print(f"benchmarking {' '.join(args.wdiff_cmd)} -> {results['wdiff_module']}", file=sys.stderr)
     try:
         for d in dtypes:
             if not args.no_compile_test:
@@ -743,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
             results["big"].append(e)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["code_hash_end"] = code_hash()
+        if snapshot is not None:
+            shutil.rmtree(snapshot, ignore_errors=True)
+    results["code_hash_end"] = code_hash(src)
     results["loadavg_end"] = _read("/proc/loadavg").split()[:3]
     results["linearity"] = linearity(results)
     results["targets"] = evaluate(results, target)

@@ -6,9 +6,9 @@ import os
 import shutil
 
 import pytest
+from factories import random_sequence, save, trainer_run
 
 import wdiff
-from factories import random_sequence, save, trainer_run
 
 SHAPES = {"layers.0.w": (70, 50), "layers.0.b": (50,), "layers.1.w": (33, 41), "layers.1.s": ()}
 
