@@ -68,8 +68,12 @@ def run_command(
         bool, typer.Option("--no-render", help="Skip render.png (results and PLY only).")
     ] = False,
     chunk_mb: Annotated[
-        float, typer.Option("--chunk-mb", help="MB of float32 per chunk buffer (memory per task).")
-    ] = 4.0,
+        float,
+        typer.Option(
+            "--chunk-mb",
+            help="Work per Dask task, in MB of float32 output (memory per task stays a few hundred KB).",
+        ),
+    ] = 16.0,
     scheduler: Annotated[
         str,
         typer.Option(
@@ -136,7 +140,7 @@ def run_command(
             out,
             max_points=max_points,
             render=not no_render,
-            chunk_elements=max(1, int(chunk_mb * 1e6 / 4)),
+            chunk_elements=max(1, int(chunk_mb * (1 << 20) / 4)),
             scheduler=scheduler,
             workers=workers,
             progress=on_progress,
