@@ -106,8 +106,9 @@ def test_blocks_cover_each_grid_once_within_the_budget(accumulated, tensors, chu
 
 
 def test_reads_only_slices_and_releases_the_mapping(accumulated, monkeypatch):
-    """Every read is a ``get_slice`` of at most one chunk (``get_tensor`` only for scalars), and
-    the handle is reopened every ``remap_bytes`` so mapped pages do not pile up."""
+    """build_scene reads values only through the pooling kernel (no whole-tensor or mapped reads);
+    ``blocks()`` reads ``get_slice`` pieces of at most one chunk, reopening the handle every
+    ``remap_bytes`` so mapped pages do not pile up."""
     import safetensors as st
 
     real_open = st.safe_open
@@ -145,11 +146,12 @@ def test_reads_only_slices_and_releases_the_mapping(accumulated, monkeypatch):
     monkeypatch.setattr(st, "safe_open", Spy)
     scene = build_scene(accumulated, NAMES, chunk_elements=500)
     assert len(scene) > 0
-    whole = [r for r in reads if r[0] == "tensor"]
-    assert whole == [("tensor", "model.layers.0.scale", [])]
+    assert reads == [] and len(opens) == 1  # the header only: values come through pread
+    with AccumulatedFile(accumulated, chunk_elements=500) as f:
+        whole = [f.blocks(name) for name in NAMES]
+        [list(b) for b in whole]
+    assert [r for r in reads if r[0] == "tensor"] == [("tensor", "model.layers.0.scale", [])]
     assert max(r[2] for r in reads if r[0] == "slice") <= 500
-    # 1 open for the header, then one per remap_bytes (64 MiB) read: the file is tiny.
-    assert len(opens) == 1
     reads.clear()
     opens.clear()
     with AccumulatedFile(accumulated, chunk_elements=500, remap_bytes=4000) as f:
@@ -528,3 +530,24 @@ def test_render_scene_accepts_colors_from_colorize(tmp_path, accumulated):
     write_points_ply(scene, colors, tmp_path / "points.ply")  # Colors or a bare array
     with pytest.raises(ValueError, match="too small"):
         render_scene(scene, tmp_path / "r.png", size=(200, 100))
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+@pytest.mark.parametrize("shape, block", [((301, 257), (7, 7)), ((50_001,), (1, 13)), ((9, 5, 3, 3), (4, 4))])
+def test_pooling_kernel_equals_the_grid_pooler(tmp_path, pool, shape, block):
+    """The file-reading kernel (the hot path) against the numpy pooler, across 64 KiB read pieces,
+    with NaN and Inf planted."""
+    rng = np.random.default_rng(7)
+    values = rng.random(shape, dtype=np.float32)
+    flat = values.reshape(-1)
+    flat[[5, 20_000 % flat.size, flat.size - 1]] = [np.nan, np.inf, np.nan]
+    path = tmp_path / "acc.safetensors"
+    safetensors.numpy.save_file({"w": values}, str(path))
+    with AccumulatedFile(path) as f:
+        info = f.info("w")
+        cells, bad = f.pooled("w", block, pool)
+        reference = GridPooler(info.rows, info.cols, block, pool)
+        for row, col, piece in f.blocks("w"):
+            reference.add(row, col, piece)
+    assert bad == reference.nonfinite == 3
+    np.testing.assert_allclose(cells, reference.result(), rtol=1e-6, equal_nan=True)

@@ -73,6 +73,7 @@ class AccumulatedFile:
         self.chunk_elements = chunk_elements
         self.remap_bytes = remap_bytes
         self._handle: Any = None
+        self._offsets: dict[str, tuple[int, str]] | None = None
         self._read_since_open = 0
         handle = self._open()
         self._info: dict[str, TensorInfo] = {}
@@ -159,6 +160,44 @@ class AccumulatedFile:
                     c * inner,
                     self._read(name, (slice(r, r + 1), slice(c, d)), (1, (d - c) * inner)),
                 )
+
+    def pooled(self, name: str, block: tuple[int, int], pool: str = "max") -> tuple[np.ndarray, int]:
+        """The tensor's grid pooled into cells of ``block`` elements, read straight from the file.
+
+        Returns (cells float32, number of non-finite values). Equal to feeding ``blocks()`` through a
+        ``GridPooler`` (tested), about ten times faster: the scene's hot path.
+        """
+        from wdiff.readers.safetensors import read_header
+        from wdiff.scene._kernels import PIECE, pool_tensor
+
+        if self._offsets is None:
+            refs, _ = read_header(self.path)
+            self._offsets = {n: (r.offset, r.dtype) for n, r in refs.items()}
+        info = self.info(name)
+        offset, dtype = self._offsets[name]
+        rows, cols = info.rows, info.cols
+        shape = (-(-rows // block[0]), -(-cols // block[1]))
+        if dtype != "F32":  # results files are F32; anything else takes the general path
+            from wdiff.scene.pooling import GridPooler
+
+            pooler = GridPooler(rows, cols, block, pool)  # type: ignore[arg-type]
+            for row, col, values in self.blocks(name):
+                pooler.add(row, col, values)
+            return pooler.result(), pooler.nonfinite
+        cells = np.full(shape, -np.inf if pool == "max" else 0.0)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            bad = pool_tensor(fd, offset, rows, cols, block[0], block[1], pool == "mean", cells,
+                              np.empty(PIECE, np.float32))  # fmt: skip
+        finally:
+            os.close(fd)
+        if bad < 0:
+            raise WdiffError(self.path, f"reading tensor {name!r} failed: the file shrank")
+        if pool == "mean":
+            from wdiff.scene.pooling import _cell_sizes
+
+            cells /= np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
+        return cells.astype(np.float32), int(bad)
 
     def _read(self, name: str, index: Sequence[slice], grid_shape: tuple[int, int]) -> np.ndarray:
         block = self._open().get_slice(name)[tuple(index)]

@@ -25,7 +25,7 @@ import numpy as np
 
 from wdiff.naming import block_of
 from wdiff.scene.accumulated import AccumulatedFile, TensorInfo
-from wdiff.scene.pooling import GridPooler, Pool, block_shape, ceil_div, coarsen, pool_factor
+from wdiff.scene.pooling import Pool, block_shape, ceil_div, coarsen, pool_factor
 
 #: Extra empty slots between two blocks (``model.layers.6`` -> ``model.layers.7``).
 BLOCK_GAP = 2.0
@@ -226,11 +226,9 @@ def layout(
             grids.append(np.zeros((0, 0), dtype=np.float32))
             nonfinite.append(0)
             continue
-        pooler = GridPooler(t.rows, t.cols, block_shape(t.rows, factor), pool)
-        for row, col, values in source.blocks(t.name):
-            pooler.add(row, col, values)
-        grids.append(pooler.result())
-        nonfinite.append(pooler.nonfinite)
+        cells, bad = source.pooled(t.name, block_shape(t.rows, factor), pool)
+        grids.append(cells)
+        nonfinite.append(bad)
     return _assemble(infos, factor, pool, grids, nonfinite)
 
 
