@@ -168,7 +168,7 @@ class AccumulatedFile:
         ``GridPooler`` (tested), about ten times faster: the scene's hot path.
         """
         from wdiff.readers.safetensors import read_header
-        from wdiff.scene._kernels import PIECE, pool_tensor
+        from wdiff.scene._kernels import MAX_LINE, PIECE, pool_tensor
 
         if self._offsets is None:
             refs, _ = read_header(self.path)
@@ -187,8 +187,9 @@ class AccumulatedFile:
         cells = np.full(shape, -np.inf if pool == "max" else 0.0)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            bad = pool_tensor(fd, offset, rows, cols, block[0], block[1], pool == "mean", cells,
-                              np.empty(PIECE, np.float32))  # fmt: skip
+            line = np.empty(cols if rows > 1 and cols <= MAX_LINE else 0)
+            buf = np.empty(PIECE, np.float32)
+            bad = pool_tensor(fd, offset, rows, cols, block[0], block[1], pool == "mean", cells, buf, line)
         finally:
             os.close(fd)
         if bad < 0:
