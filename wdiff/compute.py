@@ -75,8 +75,9 @@ def process_chunk(
     dot_first = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
     totals = np.zeros(3)
-    raw = np.empty(kernels.BLOCK * 8, np.uint8)
-    scratch = np.empty((4, kernels.BLOCK), np.float32)
+    block = kernels.block_elements(itemsizes)
+    raw = np.empty(block * int(itemsizes.max()), np.uint8)
+    scratch = np.empty((4, block), np.float32)
     opened: dict[str, int] = {}
     try:
         for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):

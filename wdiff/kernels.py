@@ -134,7 +134,7 @@ def _careful_norm(w):
 
 
 @_kernel
-def step(src, lut, first, old, new, acc):
+def step(src, lut, first, old, new, acc, fresh=False):
     """One interval: ``new = W(t+1)``, ``acc += |W(t+1) - W(t)|`` where ``old = W(t)``.
 
     Returns (sum of dW^2, sum of W(t+1)^2, dot(W(t+1), W(0)), non-finite count of W(t+1)) for this
@@ -142,6 +142,7 @@ def step(src, lut, first, old, new, acc):
     out non-finite (a NaN or Inf in the block, rare) it is redone leaving non-finite terms out, so one
     NaN does not hide the magnitude of every other weight. The accumulated map itself carries the NaN.
     ``old`` and ``new`` are separate buffers (the caller swaps them) so that redo is possible.
+    ``fresh``: this is the first interval of the block, ``acc`` is overwritten (saves zeroing it).
     """
     # float32 partial sums: the vectorised loop keeps 32 or more independent accumulators, each summing
     # at most a few hundred terms of one BLOCK, and the caller adds the blocks up in float64. That is
@@ -152,7 +153,7 @@ def step(src, lut, first, old, new, acc):
     for i in range(acc.size):
         v = _decode(src, lut, i)
         d = v - old[i]
-        acc[i] += abs(d)
+        acc[i] = abs(d) if fresh else acc[i] + abs(d)
         new[i] = v
         diff_sumsq += d * d
         sumsq += v * v
@@ -273,18 +274,24 @@ def _write_full(fd, data, nbytes, offset):
 
 # Decoders the driver dispatches on, one per checkpoint (the dtype may change along a run).
 CODE_F32, CODE_F64, CODE_BF16, CODE_TABLE16, CODE_TABLE8 = 0, 1, 2, 3, 4
-BLOCK = 1 << 14  # elements per sub-block: 64 KiB of float32
+BLOCK = 1 << 14  # elements per sub-block: 64 KiB of float32 (``block_elements`` adapts it per dtype)
+READ_BYTES = 1 << 16  # bytes per read: large enough to amortise the system call, small enough for L2
+
+
+def block_elements(itemsizes) -> int:
+    """Elements per sub-block so that one read of the widest dtype is READ_BYTES (>= BLOCK / 2)."""
+    return max(BLOCK // 2, READ_BYTES // max(itemsizes))
 OK = 0
 
 
 @_kernel
-def _fold_typed(t, rebase, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+def _fold_typed(t, rebase, fresh, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
     if t == 0 or rebase:  # checkpoint 0 (into first), or the restart point of an incremental run
         x, y = start(src, lut, first if t == 0 else new, new)
         sumsq[t] += x
         nonfinite[t] += y
     else:
-        a, b, c, d = step(src, lut, first, old, new, acc)
+        a, b, c, d = step(src, lut, first, old, new, acc, fresh)
         interval_sumsq[t - 1] += a
         sumsq[t] += b
         dot_first[t] += c
@@ -292,19 +299,19 @@ def _fold_typed(t, rebase, src, lut, first, old, new, acc, interval_sumsq, sumsq
 
 
 @_kernel
-def _fold(t, rebase, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+def _fold(t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
     """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
     stats = (interval_sumsq, sumsq, dot_first, nonfinite)
     if code == CODE_F32:
-        _fold_typed(t, rebase, raw.view(np.float32), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, fresh, raw.view(np.float32), lut, first, old, new, acc, *stats)
     elif code == CODE_F64:
-        _fold_typed(t, rebase, raw.view(np.float64), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, fresh, raw.view(np.float64), lut, first, old, new, acc, *stats)
     elif code == CODE_BF16:
-        _fold_typed(t, rebase, raw.view(np.int16), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, fresh, raw.view(np.int16), lut, first, old, new, acc, *stats)
     elif code == CODE_TABLE16:
-        _fold_typed(t, rebase, raw.view(np.uint16), lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, fresh, raw.view(np.uint16), lut, first, old, new, acc, *stats)
     else:
-        _fold_typed(t, rebase, raw, lut, first, old, new, acc, *stats)
+        _fold_typed(t, rebase, fresh, raw, lut, first, old, new, acc, *stats)
 
 
 @_exact
@@ -329,21 +336,19 @@ def stream_chunk(
     ``acc_in_offset`` instead of zero, and the checkpoints are [W(0), W(K-1), W(K), ...]: W(0) for the
     net change and rotation, W(K-1) the point the new intervals start from (no interval before it).
 
-    ``raw`` (BLOCK * 8 bytes) and ``scratch`` (4 x BLOCK float32: first, two ping-pong weight buffers,
-    acc) are reused. Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an
+    ``scratch`` (4 x block float32: first, two ping-pong weight buffers, acc; its width sets the
+    sub-block) and ``raw`` (block x the widest itemsize bytes) are reused. Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an
     I/O error), ``-(T + 1)`` when writing failed, ``-(T + 2)`` when reading previous results failed.
     """
     count = fds.size
     resume = acc_in_fd >= 0
-    for lo in range(begin, end, BLOCK):
-        n = min(BLOCK, end - lo)
+    block = scratch.shape[1]
+    for lo in range(begin, end, block):
+        n = min(block, end - lo)
         first = scratch[0, :n]
         acc = scratch[3, :n]
-        if resume:
-            if not _read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
-                return -(count + 2)
-        else:
-            acc[:] = 0.0
+        if resume and not _read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
+            return -(count + 2)
         for t in range(count):
             nbytes = n * itemsizes[t]
             if not _read_full(fds[t], raw, nbytes, offsets[t] + lo * itemsizes[t]):
@@ -351,22 +356,10 @@ def stream_chunk(
             old = scratch[1 + (t + 1) % 2, :n]  # W(t-1) lives in the other ping-pong buffer
             new = scratch[1 + t % 2, :n]
             lut = luts[lut_index[t]]
-            rebase = resume and t == 1
-            _fold(
-                t,
-                rebase,
-                raw[:nbytes],
-                codes[t],
-                lut,
-                first,
-                old,
-                new,
-                acc,
-                interval_sumsq,
-                sumsq,
-                dot_first,
-                nonfinite,
-            )
+            rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
+            fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
+            stats = (interval_sumsq, sumsq, dot_first, nonfinite)
+            _fold(t, rebase, fresh, raw[:nbytes], codes[t], lut, first, old, new, acc, *stats)
         totals[0] += net_change(first, scratch[1 + (count - 1) % 2, :n])
         total, peak = sum_and_max(acc)
         totals[1] += total
