@@ -76,6 +76,7 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "accumulated.safetensors",
         "points.ply",
+        "pooled.safetensors",
         "summary.json",
     ]
     # a second run replaces the results in place, leaving no temporary folders behind

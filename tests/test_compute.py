@@ -120,3 +120,36 @@ def test_kernel_sums_leave_nonfinite_terms_out():
     total, peak = kernels.sum_and_max(acc)
     assert np.isnan(total) and np.isnan(peak)
     assert kernels.sum_and_max(np.array([1.0, 3.0, 2.0], np.float32)) == (6.0, 3.0)
+
+
+@pytest.mark.parametrize("budget, chunk", [(5000, 1000), (100_000, 333), (40, 4096)])
+def test_cells_pooled_during_compute_equal_pooling_the_results_file(tmp_path, monkeypatch, budget, chunk):
+    """The scene's cells come from the compute pass (pooled.safetensors); they must equal pooling
+    accumulated.safetensors afterwards, whatever the chunks cut through."""
+    import wdiff
+    import wdiff.scene._kernels as scene_kernels
+    from wdiff.scene import build_scene
+
+    real_pool_tensor = scene_kernels.pool_tensor
+
+    shapes = {"a": (301, 257), "b": (5000,), "c": (7, 3, 3, 3), "s": (), "e": (0, 4)}
+    seq = random_sequence(shapes, 3, seed=4)
+    seq[2]["a"][10, 10] = np.nan
+    seq[2]["b"][77] = np.inf
+    out = tmp_path / "out"
+    paths = [save(tmp_path / f"s{i}.safetensors", c) for i, c in enumerate(seq)]
+    res = wdiff.run(paths, out, render=False, chunk_elements=chunk, max_points=budget)
+    assert (out / "pooled.safetensors").is_file()
+
+    def must_not_read(*args):
+        raise AssertionError("the scene re-read the results file although compute pooled it")
+
+    monkeypatch.setattr(scene_kernels, "pool_tensor", must_not_read)
+    from_compute = build_scene(out / "accumulated.safetensors", res.names, max_points=budget)
+    monkeypatch.setattr(scene_kernels, "pool_tensor", real_pool_tensor)
+    (out / "pooled.safetensors").unlink()
+    from_file = build_scene(out / "accumulated.safetensors", res.names, max_points=budget)
+    assert from_compute.pool_factor == from_file.pool_factor
+    np.testing.assert_array_equal(from_compute.xyz, from_file.xyz)
+    np.testing.assert_array_equal(from_compute.value, from_file.value)  # NaN == NaN here
+    assert from_compute.nonfinite == from_file.nonfinite == 2

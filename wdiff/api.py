@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, POINTS, RENDER, SUMMARY, Results, write_json
+from wdiff.results import ACCUMULATED, POINTS, POOLED, RENDER, SUMMARY, Results, write_json
 from wdiff.scan import Run, fingerprint, scan
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def run(
     sum, so it is extended from the earlier one (``incremental=False`` forces a full recompute).
     ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
     """
-    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, bytes_to_read, compute
+    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
@@ -155,8 +155,11 @@ def run(
     try:
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
+        plan = _cell_plan(the_run, max_points)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
             shutil.copyfile(out / ACCUMULATED, acc_path)
+            if (out / POOLED).is_file():  # the scene uses it only if its pooling still fits
+                shutil.copyfile(out / POOLED, tmp / POOLED)
             result = ComputeResult(previous.tensors, 0, 0.0, 0)
         else:
             create_accumulated(acc_path, layout)
@@ -175,7 +178,11 @@ def run(
                 workers=workers,
                 progress=advance,
                 previous=previous,
+                grids={name: Grid(rows, cols, block) for name, (rows, cols, block) in plan.items()},
             )
+            from wdiff.scene import save_cells
+
+            save_cells(tmp / POOLED, plan, result.cells)
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +211,16 @@ def run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Results.load(out)
+
+
+def _cell_plan(run: Run, max_points: int) -> dict:
+    """The scene's pooling for this budget, so compute can pool on the way (see ``scene.cell_plan``)."""
+    from wdiff.scene import cell_plan
+
+    try:
+        return cell_plan([(t.name, t.shape) for t in run.tensors], max_points)
+    except ValueError as e:  # the budget cannot give every tensor a point
+        raise WdiffError(None, f"--max-points {max_points}: {e}") from None
 
 
 def _title(run: Run) -> str:

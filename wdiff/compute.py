@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +37,36 @@ class ChunkStats:
     acc_sum: float  # sum of the accumulated map
     acc_max: float
     nbytes: int  # checkpoint bytes read
+    cells: np.ndarray | None = None  # the chunk's part of the scene's cells (see Grid)
+    cell_row0: int = 0  # first cell row in ``cells``
+    acc_nonfinite: int = 0  # non-finite values of the accumulated map
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How the scene pools one tensor: its grid (rows x cols elements) into cells of ``block``.
+
+    Computed by the caller (``wdiff.api`` asks the scene); compute folds every finished value of the
+    accumulated map into these cells on the way, so the scene need not read the results again.
+    """
+
+    rows: int
+    cols: int
+    block: tuple[int, int]
+    mean: bool = False  # sums (the caller divides) instead of maxima
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (-(-self.rows // self.block[0]), -(-self.cols // self.block[1]))
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """What one tensor's combine task returns: its summary entry and its pooled cells."""
+
+    entry: dict
+    cells: np.ndarray | None
+    nonfinite: int
 
 
 @dataclass(frozen=True)
@@ -56,6 +86,7 @@ def process_chunk(
     out_path: str,
     out_offset: int,
     acc_in: tuple[str, int] | None = None,
+    grid: Grid | None = None,
 ) -> ChunkStats:
     """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
 
@@ -74,10 +105,20 @@ def process_chunk(
     sumsq = np.zeros(count)
     dot_first = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
-    totals = np.zeros(3)
     block = kernels.block_elements(itemsizes)
     raw = np.empty(block * int(itemsizes.max()), np.uint8)
     scratch = np.empty((4, block), np.float32)
+    if grid is not None and stop > start:
+        row0 = start // grid.cols // grid.block[0]
+        row1 = (stop - 1) // grid.cols // grid.block[0]
+        cells = np.full((row1 - row0 + 1, grid.shape[1]), 0.0 if grid.mean else -np.inf)
+        wide = grid.rows == 1 or grid.cols > kernels.MAX_LINE
+        line = np.full(0 if wide else grid.cols, 0.0 if grid.mean else -np.inf)
+        dims = np.array([grid.rows, grid.cols, *grid.block], np.int64)
+    else:
+        row0, cells, line, dims = 0, np.empty((0, 0)), np.empty(0), np.zeros(4, np.int64)
+    mean = bool(grid.mean) if grid is not None else False
+    totals = np.zeros(4)
     opened: dict[str, int] = {}
     try:
         for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
@@ -90,6 +131,7 @@ def process_chunk(
         status = kernels.stream_chunk(
             fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
             acc_fd, acc_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+            dims, mean, cells, row0, line,
         )  # fmt: skip
     except OSError as e:
         raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
@@ -107,13 +149,16 @@ def process_chunk(
         )
     dot_first[0] = sumsq[0]
     nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
-    net_sumsq, acc_sum, acc_max = totals
+    net_sumsq, acc_sum, acc_max, acc_nonfinite = totals
     return ChunkStats(
-        interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes
-    )
+        interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes,
+        cells if cells.size else None, row0, int(acc_nonfinite),
+    )  # fmt: skip
 
 
-def combine(tensor: AlignedTensor, previous: dict | None, *chunks: ChunkStats) -> dict:
+def combine(
+    tensor: AlignedTensor, previous: dict | None, grid: Grid | None, *chunks: ChunkStats
+) -> TensorResult:
     """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry).
 
     ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
@@ -148,7 +193,14 @@ def combine(tensor: AlignedTensor, previous: dict | None, *chunks: ChunkStats) -
         l2 = previous["l2"] + l2[2:]
         rotation = previous["rotation"] + rotation[2:]
         counts = previous["nonfinite"] + counts[2:]
-    return {
+    cells = None
+    if grid is not None and tensor.numel:
+        cells = np.full(grid.shape, 0.0 if grid.mean else -np.inf)
+        for c in chunks:
+            if c.cells is not None:
+                part = cells[c.cell_row0 : c.cell_row0 + c.cells.shape[0]]
+                (np.add if grid.mean else np.maximum)(part, c.cells, out=part)  # maximum keeps NaN
+    entry = {
         "shape": list(tensor.shape),
         "dtype": tensor.dtypes[0] if len(tensor.dtypes) == 1 else tensor.dtypes,
         "numel": tensor.numel,
@@ -161,6 +213,7 @@ def combine(tensor: AlignedTensor, previous: dict | None, *chunks: ChunkStats) -
         "rotation": rotation,
         "nonfinite": counts,
     }
+    return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks))
 
 
 def _chunks(tensor: AlignedTensor, chunk_elements: int) -> list[tuple[int, int]]:
@@ -176,6 +229,7 @@ def build_graph(
     layout: OutputLayout,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     previous: Previous | None = None,
+    grids: dict[str, Grid] | None = None,
 ) -> tuple[dict, list, list]:
     """A plain Dask task graph: chunk tasks feeding one combine task per tensor.
 
@@ -197,9 +251,19 @@ def build_graph(
             key = ("chunk", j, start)
             if previous is not None:
                 acc_in = (previous.accumulated, previous.offsets[tensor.name])
-            dsk[key] = (process_chunk, tensor, start, stop, out_path, layout.offsets[tensor.name], acc_in)
+            grid = (grids or {}).get(tensor.name)
+            dsk[key] = (
+                process_chunk,
+                tensor,
+                start,
+                stop,
+                out_path,
+                layout.offsets[tensor.name],
+                acc_in,
+                grid,
+            )
             keys.append(key)
-        dsk[("tensor", j)] = (combine, tensor, entry, *keys)
+        dsk[("tensor", j)] = (combine, tensor, entry, (grids or {}).get(tensor.name), *keys)
         chunk_keys += keys
         tensor_keys.append(("tensor", j))
     return dsk, chunk_keys, tensor_keys
@@ -214,10 +278,11 @@ def bytes_to_read(run: Run, previous: Previous | None = None) -> int:
 
 @dataclass(frozen=True)
 class ComputeResult:
-    tensors: dict[str, dict]
+    tensors: dict[str, dict]  # summary entries
     read_bytes: int
     compute_seconds: float
     chunks: int
+    cells: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # pooled cells, non-finite
 
 
 SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
@@ -233,6 +298,7 @@ def compute(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
     previous: Previous | None = None,
+    grids: dict[str, Grid] | None = None,
 ) -> ComputeResult:
     """Run the graph on ``scheduler``; ``progress`` is called with the bytes of every finished chunk.
 
@@ -243,7 +309,7 @@ def compute(
     """
     if chunk_elements < 1:
         raise WdiffError(None, f"chunk size must be at least one element, got {chunk_elements}")
-    dsk, chunk_keys, tensor_keys = build_graph(run, out_path, layout, chunk_elements, previous)
+    dsk, chunk_keys, tensor_keys = build_graph(run, out_path, layout, chunk_elements, previous, grids)
     read_bytes = 0
 
     def done(result: ChunkStats) -> None:
@@ -258,8 +324,9 @@ def compute(
     else:
         values = _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done)
     seconds = time.perf_counter() - t0
-    tensors = {t.name: v for t, v in zip(run.tensors, values)}
-    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys))
+    tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
+    cells = {t.name: (v.cells, v.nonfinite) for t, v in zip(run.tensors, values) if v.cells is not None}
+    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells)
 
 
 def _run_local(dsk, keys, scheduler, workers, done):

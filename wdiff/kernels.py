@@ -281,11 +281,15 @@ READ_BYTES = 1 << 16  # bytes per read: large enough to amortise the system call
 def block_elements(itemsizes) -> int:
     """Elements per sub-block so that one read of the widest dtype is READ_BYTES (>= BLOCK / 2)."""
     return max(BLOCK // 2, READ_BYTES // max(itemsizes))
+
+
 OK = 0
 
 
 @_kernel
-def _fold_typed(t, rebase, fresh, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+def _fold_typed(
+    t, rebase, fresh, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite
+):
     if t == 0 or rebase:  # checkpoint 0 (into first), or the restart point of an incremental run
         x, y = start(src, lut, first if t == 0 else new, new)
         sumsq[t] += x
@@ -299,7 +303,9 @@ def _fold_typed(t, rebase, fresh, src, lut, first, old, new, acc, interval_sumsq
 
 
 @_kernel
-def _fold(t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite):
+def _fold(
+    t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite
+):
     """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
     stats = (interval_sumsq, sumsq, dot_first, nonfinite)
     if code == CODE_F32:
@@ -324,13 +330,18 @@ def _merge_peak(totals, peak):
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
     acc_in_fd, acc_in_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
+    grid, mean, cells, cell_row0, line,
 ):  # fmt: skip
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
 
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
     are added into ``interval_sumsq`` (T-1), ``sumsq``, ``dot_first``, ``nonfinite`` (T) and
-    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc].
+    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc, non-finite count of acc].
+
+    When ``cells`` is not empty, the finished accumulated values are also pooled into the scene's
+    cells (``pool_fold``; ``grid`` = [rows, cols, block_rows, block_cols], ``mean`` the pool kind),
+    so the scene does not read the results file again.
 
     Incremental runs pass ``acc_in_fd >= 0``: the accumulated map starts from the previous results at
     ``acc_in_offset`` instead of zero, and the checkpoints are [W(0), W(K-1), W(K), ...]: W(0) for the
@@ -343,6 +354,7 @@ def stream_chunk(
     count = fds.size
     resume = acc_in_fd >= 0
     block = scratch.shape[1]
+    state = np.full(1, -1, np.int64)
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         first = scratch[0, :n]
@@ -364,9 +376,113 @@ def stream_chunk(
         total, peak = sum_and_max(acc)
         totals[1] += total
         _merge_peak(totals, peak)
+        if cells.size:
+            totals[3] += pool_fold(
+                acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state
+            )
         if not _write_full(out_fd, acc, n * 4, out_offset + lo * 4):
             return -(count + 1)
+    if cells.size:
+        pool_flush(cells, line, state, grid[3], mean)
     return OK
+
+
+# --- pooling the accumulated map into the scene's cells ----------------------------------------------
+# A tensor's grid (rows = first dimension, columns = the rest) is pooled into cells of
+# block_rows x block_cols elements. Values arrive as pieces of the flattened tensor, in order, from
+# any starting element (a chunk of a Dask task, or a read of the results file). Two steps that both
+# vectorise: down the rows of a block into a ``line`` of per-column values (elementwise max or sum),
+# then, once the block of rows is complete (or the pieces stop), across the line into the cells.
+# One-row grids and rows wider than the line reduce straight into the cells.
+
+MAX_LINE = 1 << 21  # widest grid row pooled through a line buffer (16 MiB of float64)
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _fold_down(values, line, mean):
+    """line = max(line, values) or line += values, elementwise; returns the non-finite count."""
+    bad = 0
+    if mean:
+        for q in range(values.size):
+            line[q] += values[q]
+    else:
+        for q in range(values.size):
+            line[q] = max(line[q], values[q])  # max() may drop a NaN: put it back below
+    for q in range(values.size):
+        bad += not _finite(values[q])
+    if bad and not mean:
+        for q in range(values.size):
+            if _is_nan(values[q]):
+                line[q] = np.nan
+    return bad
+
+
+@_exact
+def _fold_across(line, cells_row, block_cols, mean):
+    """Reduce the line into one row of cells (NaN-aware max, or sums)."""
+    for j in range(cells_row.size):
+        m = cells_row[j]
+        for c in range(j * block_cols, min(line.size, (j + 1) * block_cols)):
+            v = line[c]
+            if mean:
+                m += v
+            elif (_is_nan(v) or v > m) and not _is_nan(m):
+                m = v
+        cells_row[j] = m
+
+
+@_exact
+def _fold_into_cells(values, cells_row, first_col, block_cols, mean):
+    """Fold ``values`` (columns first_col.. of one row) straight into a row of cells."""
+    bad = 0
+    for q in range(values.size):
+        j = (first_col + q) // block_cols
+        v = values[q]
+        bad += not _finite(v)
+        if mean:
+            cells_row[j] += v
+        elif (_is_nan(v) or v > cells_row[j]) and not _is_nan(cells_row[j]):
+            cells_row[j] = v
+    return bad
+
+
+@_exact
+def pool_flush(cells, line, state, block_cols, mean):
+    """Move a partly filled line into its cell row (at the end of a chunk or of the pieces)."""
+    if state[0] >= 0:
+        _fold_across(line, cells[state[0]], block_cols, mean)
+        line[:] = 0.0 if mean else -np.inf
+        state[0] = -1
+
+
+@_exact
+def pool_fold(values, first, rows, cols, block_rows, block_cols, mean, cells, cell_row0, line, state):
+    """Fold ``values`` = elements [first, first + values.size) of the flattened grid into ``cells``.
+
+    ``cells`` rows start at cell row ``cell_row0``; they hold -inf (max) or 0 (mean: sums) where
+    nothing was folded yet. ``line`` (``cols`` float64, filled like the cells; or empty to reduce
+    straight into the cells) and ``state`` (int64[1], -1 initially) carry a block of rows across
+    calls; call ``pool_flush`` after the last piece. Returns the number of non-finite values.
+    """
+    bad = 0
+    k = 0
+    n = values.size
+    while k < n:
+        r = (first + k) // cols
+        c = first + k - r * cols
+        seg = min(n - k, cols - c)  # this row's part of the piece
+        i = r // block_rows - cell_row0
+        if line.size == 0:
+            bad += _fold_into_cells(values[k : k + seg], cells[i], c, block_cols, mean)
+        else:
+            if state[0] != i:
+                pool_flush(cells, line, state, block_cols, mean)
+                state[0] = i
+            bad += _fold_down(values[k : k + seg], line[c : c + seg], mean)
+            if c + seg == cols and (r % block_rows == block_rows - 1 or r == rows - 1):
+                pool_flush(cells, line, state, block_cols, mean)
+        k += seg
+    return bad
 
 
 _NO_LUT = np.empty(0, dtype=np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 ACCUMULATED = "accumulated.safetensors"
 SUMMARY = "summary.json"
 POINTS = "points.ply"
+POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.scene.cell_plan)
 RENDER = "render.png"
 
 

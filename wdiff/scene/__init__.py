@@ -21,18 +21,21 @@ import numpy as np
 
 from wdiff.naming import network_order
 from wdiff.scene import color
-from wdiff.scene.accumulated import CHUNK_ELEMENTS, AccumulatedFile
+from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile, TensorInfo, write_pooled
 from wdiff.scene.color import Colors, ColorScale, Scale, colorize
 from wdiff.scene.layout import Scene, TensorPlacement, coarsen_scene, layout
 from wdiff.scene.ply import vertex_records, write_ply
-from wdiff.scene.pooling import Pool
+from wdiff.scene.pooling import Pool, _cell_sizes, block_shape, pool_factor
 
 __all__ = [
+    "POOLED",
     "ColorScale",
     "Colors",
     "Scene",
     "TensorPlacement",
     "build_scene",
+    "cell_plan",
+    "save_cells",
     "colorize",
     "render_scene",
     "write_points_ply",
@@ -62,6 +65,35 @@ def build_scene(
     with AccumulatedFile(accumulated_path, chunk_elements=chunk_elements) as source:
         order = network_order(source.names()) if names is None else list(names)
         return layout(source, order, max_points=max_points, pool=pool)
+
+
+def cell_plan(
+    shapes: Sequence[tuple[str, Sequence[int]]], max_points: int = 1_000_000
+) -> dict[str, tuple[int, int, tuple[int, int]]]:
+    """How ``build_scene`` will pool each tensor for this budget: {name: (rows, cols, block)}.
+
+    Lets the compute step pool the accumulated map on its way to disk (``save_cells``), so the
+    scene does not read the whole results file again. Zero-size tensors are left out.
+    """
+    infos = [TensorInfo(name, tuple(shape)) for name, shape in shapes]
+    factor = pool_factor(((t.rows, t.cols) for t in infos if t.size > 0), max_points)
+    return {t.name: (t.rows, t.cols, block_shape(t.rows, factor)) for t in infos if t.size > 0}
+
+
+def save_cells(
+    path: str | os.PathLike[str],
+    plan: dict[str, tuple[int, int, tuple[int, int]]],
+    cells: dict[str, tuple[np.ndarray, int]],
+    pool: Pool = "max",
+) -> None:
+    """Write cells pooled elsewhere (maxima, or sums for "mean") as ``pooled.safetensors``."""
+    finished = {}
+    for name, (raw, nonfinite) in cells.items():
+        rows, cols, block = plan[name]
+        if pool == "mean":
+            raw = raw / np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
+        finished[name] = (raw, block, nonfinite)
+    write_pooled(path, finished, pool)
 
 
 def write_points_ply(scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]) -> None:
