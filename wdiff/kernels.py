@@ -348,8 +348,9 @@ def stream_chunk(
     net change and rotation, W(K-1) the point the new intervals start from (no interval before it).
 
     ``scratch`` (4 x block float32: first, two ping-pong weight buffers, acc; its width sets the
-    sub-block) and ``raw`` (block x the widest itemsize bytes) are reused. Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an
-    I/O error), ``-(T + 1)`` when writing failed, ``-(T + 2)`` when reading previous results failed.
+    sub-block) and ``raw`` (block x the widest itemsize bytes) are reused. Returns OK, ``-(t + 1)``
+    when reading checkpoint t failed (the file shrank or an I/O error), ``-(T + 1)`` when writing
+    failed, ``-(T + 2)`` when reading previous results failed.
     """
     count = fds.size
     resume = acc_in_fd >= 0
