@@ -486,6 +486,22 @@ def pool_fold(values, first, rows, cols, block_rows, block_cols, mean, cells, ce
     return bad
 
 
+def warm_up() -> None:
+    """Load ``stream_chunk`` from the Numba cache (or compile it) with a call that reads nothing.
+
+    Loading costs about 0.3 s per process (mostly in LLVM, which releases the GIL), so the pipeline
+    does it on a side thread while the main thread is still scanning the checkpoints.
+    """
+    i64 = np.zeros(1, np.int64)
+    f64 = np.zeros(1)
+    stream_chunk(
+        np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
+        np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8),
+        np.empty((4, 1), np.float32), f64[:0], f64, f64, i64, np.zeros(4),
+        np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0),
+    )  # fmt: skip
+
+
 _NO_LUT = np.empty(0, dtype=np.float32)
 
 # How the raw bytes of each dtype are viewed by ``start``/``step``. The view's numpy type selects the

@@ -13,6 +13,7 @@ it stays ordered for colour-blind readers and in greyscale.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -79,12 +80,15 @@ def normalize(values: np.ndarray, cs: ColorScale) -> np.ndarray:
     return t
 
 
+@functools.cache
 def lookup_table(cmap: str = CMAP) -> np.ndarray:
-    """The colormap's 256 colours as uint8 (256, 3)."""
+    """The colormap's 256 colours as uint8 (256, 3) (read-only, cached: importing matplotlib costs)."""
     import matplotlib
 
     colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
-    return colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+    table = colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+    table.flags.writeable = False
+    return table
 
 
 def apply(values: np.ndarray, cs: ColorScale) -> np.ndarray:
