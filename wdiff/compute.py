@@ -107,7 +107,7 @@ def process_chunk(
     nonfinite = np.zeros(count, np.int64)
     block = kernels.block_elements(itemsizes)
     raw = np.empty(block * int(itemsizes.max()), np.uint8)
-    scratch = np.empty((4, block), np.float32)
+    scratch = np.empty((4, block + kernels.SCRATCH_PAD), np.float32)
     if grid is not None and stop > start:
         row0 = start // grid.cols // grid.block[0]
         row1 = (stop - 1) // grid.cols // grid.block[0]
