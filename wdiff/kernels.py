@@ -403,8 +403,11 @@ MAX_LINE = 1 << 21  # widest grid row pooled through a line buffer (16 MiB of fl
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _fold_down(values, line, mean):
-    """line = max(line, values) or line += values, elementwise; returns the non-finite count."""
+def _fold_down(values, line, mean, clean):
+    """line = max(line, values) or line += values, elementwise; returns the non-finite count.
+
+    ``clean``: the caller knows every value is finite (skips counting them).
+    """
     bad = 0
     if mean:
         for q in range(values.size):
@@ -412,6 +415,8 @@ def _fold_down(values, line, mean):
     else:
         for q in range(values.size):
             line[q] = max(line[q], values[q])  # max() may drop a NaN: put it back below
+    if clean:
+        return 0
     for q in range(values.size):
         bad += not _finite(values[q])
     if bad and not mean:
@@ -460,13 +465,16 @@ def pool_flush(cells, line, state, block_cols, mean):
 
 
 @_exact
-def pool_fold(values, first, rows, cols, block_rows, block_cols, mean, cells, cell_row0, line, state):
+def pool_fold(
+    values, first, rows, cols, block_rows, block_cols, mean, cells, cell_row0, line, state, clean=False
+):
     """Fold ``values`` = elements [first, first + values.size) of the flattened grid into ``cells``.
 
     ``cells`` rows start at cell row ``cell_row0``; they hold -inf (max) or 0 (mean: sums) where
     nothing was folded yet. ``line`` (``cols`` float64, filled like the cells; or empty to reduce
     straight into the cells) and ``state`` (int64[1], -1 initially) carry a block of rows across
-    calls; call ``pool_flush`` after the last piece. Returns the number of non-finite values.
+    calls; call ``pool_flush`` after the last piece. Returns the number of non-finite values
+    (``clean=True``: the caller vouches that all values are finite, e.g. their sum is).
     """
     bad = 0
     k = 0
@@ -482,7 +490,7 @@ def pool_fold(values, first, rows, cols, block_rows, block_cols, mean, cells, ce
             if state[0] != i:
                 pool_flush(cells, line, state, block_cols, mean)
                 state[0] = i
-            bad += _fold_down(values[k : k + seg], line[c : c + seg], mean)
+            bad += _fold_down(values[k : k + seg], line[c : c + seg], mean, clean)
             if c + seg == cols and (r % block_rows == block_rows - 1 or r == rows - 1):
                 pool_flush(cells, line, state, block_cols, mean)
         k += seg
