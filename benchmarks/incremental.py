@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_data import make_sequence, parse_size  # noqa: E402
-from run import run_child  # noqa: E402  (the harness's launcher that measures peak RSS)
+from run import run_child, warm  # noqa: E402  (the harness's RSS launcher and cache warming)
 
 WDIFF = HERE.parent / ".venv" / "bin" / "wdiff"
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = parse_size(args.size)
     files = make_sequence(Path(args.data), 6, nbytes, args.dtype)
     assert len(files) == 6, files
-    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+    warm(files)  # drop other data from the page cache, then read these files once
     work = Path(tempfile.mkdtemp(prefix="wdiff-incremental-", dir=args.data))
     log = work / "log.txt"
     rows: dict[str, list[dict]] = {"full": [], "grow": [], "one interval": []}

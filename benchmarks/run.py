@@ -200,7 +200,26 @@ def _range(xs: list[float]) -> list[float]:
 # the measurements
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (root only) so that earlier sequences do not crowd the one measured.
+
+    With 20+ GB of earlier data cached, every page a run writes first makes the kernel reclaim
+    another (seen: 3-5 s of system time charged to one 6 GB run, none in the next). Returns whether
+    it could.
+    """
+    try:
+        subprocess.run(["sync"], check=True)
+        DROP_CACHES.write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def warm(files: list[Path]) -> float:
+    drop_caches()
     t0 = time.perf_counter()
     with open(os.devnull, "wb") as null:
         subprocess.run(["cat", *map(str, files)], stdout=null, check=True)
