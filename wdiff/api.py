@@ -18,13 +18,12 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wdiff import __version__
+from wdiff import __version__, _warm
 from wdiff.errors import WdiffError
 from wdiff.results import ACCUMULATED, POINTS, POOLED, RENDER, SUMMARY, Results, write_json
 from wdiff.scan import Run, fingerprint, scan
@@ -136,8 +135,7 @@ def run(
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
-    warm_up = threading.Thread(target=_warm_up, name="wdiff-warm-up", daemon=True)
-    warm_up.start()
+    _warm.start()
     out = Path(out)
     _check_out(out)
     if max_points < 1:
@@ -172,7 +170,7 @@ def run(
                 if progress is not None:
                     progress("compute", nbytes, total)
 
-            warm_up.join()  # compute_seconds counts from the first read, not from loading the kernels
+            _warm.wait()  # compute_seconds counts from the first read, not from loading the kernels
             result = compute(
                 the_run,
                 str(acc_path),
@@ -215,20 +213,6 @@ def run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Results.load(out)
-
-
-def _warm_up() -> None:
-    """Load, on a side thread, what the run needs later: the compute kernels from the Numba cache and
-    the colour table (numba and matplotlib cost about 0.3 s each to load). Failures are ignored here:
-    the real call reports them."""
-    try:
-        from wdiff import kernels
-        from wdiff.scene.color import lookup_table
-
-        kernels.warm_up()
-        lookup_table()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def _cell_plan(run: Run, max_points: int) -> dict:

@@ -90,6 +90,9 @@ def run_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
+    from wdiff import _warm
+
+    _warm.start()  # kernels and colours load on a side thread while we import and scan
     from rich.console import Console
     from rich.progress import (
         BarColumn,
