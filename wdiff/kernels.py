@@ -41,9 +41,9 @@ def _exact(fn):  # no fastmath at all
 def _bit_test(nan_only):
     """An intrinsic classifying a float by its bits: finite, or NaN.
 
-    ``np.isfinite``/``np.isnan`` are floating-point comparisons that LLVM may fold away once a careful
-    function is inlined into a fast-math one (seen: NaN sums came back from the careful path). Integer
-    tests on the exponent bits cannot be folded by floating-point assumptions.
+    ``np.isfinite``/``np.isnan`` are floating-point comparisons, and the fast-math flags of the loops
+    they end up inlined into allow LLVM to assume things about floats; integer tests on the exponent
+    bits cannot be changed by any floating-point assumption.
     """
 
     def typer(typingctx, x):
