@@ -105,6 +105,6 @@ def test_files_without_step_numbers_in_a_folder_are_an_error(tmp_path):
 def test_broken_trainer_state_names_the_file(tmp_path):
     root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 2), steps=[1, 2])
     (root / "checkpoint-2" / "trainer_state.json").write_text("{not json")
-    with pytest.raises(WdiffError, match="checkpoint-2/trainer_state.json: not valid JSON"):
+    with pytest.raises(WdiffError, match="checkpoint-2/trainer_state.json: trainer state is not valid JSON"):
         scan(root)
     json.loads((root / "checkpoint-1" / "trainer_state.json").read_text(), parse_constant=float)

@@ -248,28 +248,30 @@ def _libc_io(symbol):
 
 
 @_kernel
-def _read_full(fd, raw, nbytes, offset):
-    """Read exactly ``nbytes`` at ``offset`` into ``raw``; False when the file ended or failed."""
+def _transfer(fd, address, nbytes, offset, write):
+    """pread/pwrite exactly ``nbytes`` at ``offset``; False when the file ended or the call failed."""
     done = 0
-    base = raw.ctypes.data
     while done < nbytes:
-        got = _pread(fd, base + done, nbytes - done, offset + done)
-        if got <= 0:
+        if write:
+            moved = _pwrite(fd, address + done, nbytes - done, offset + done)
+        else:
+            moved = _pread(fd, address + done, nbytes - done, offset + done)
+        if moved <= 0:
             return False
-        done += got
+        done += moved
     return True
 
 
 @_kernel
+def _read_full(fd, raw, nbytes, offset):
+    """Read exactly ``nbytes`` at ``offset`` into the array ``raw``."""
+    return _transfer(fd, raw.ctypes.data, nbytes, offset, False)
+
+
+@_kernel
 def _write_full(fd, data, nbytes, offset):
-    done = 0
-    base = data.ctypes.data
-    while done < nbytes:
-        put = _pwrite(fd, base + done, nbytes - done, offset + done)
-        if put <= 0:
-            return False
-        done += put
-    return True
+    """Write the first ``nbytes`` of the array ``data`` at ``offset``."""
+    return _transfer(fd, data.ctypes.data, nbytes, offset, True)
 
 
 # Decoders the driver dispatches on, one per checkpoint (the dtype may change along a run).

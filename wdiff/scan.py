@@ -9,7 +9,6 @@ Three shapes of input (FORMATS.md):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from wdiff.errors import WdiffError
 from wdiff.naming import last_number, network_order
 from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, read_checkpoint
+from wdiff.readers.base import read_json
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -91,13 +91,7 @@ class Run:
 
 
 def _load_trainer_state(path: Path) -> dict:
-    try:
-        # Python's json on purpose: trainer_state.json is written by json.dumps with bare NaN/Infinity.
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WdiffError(path, f"not valid JSON: {e}") from None
+    state = read_json(path, "trainer state")  # bare NaN/Infinity accepted, as json.dumps writes them
     if not isinstance(state, dict):
         raise WdiffError(path, "trainer state is not a JSON object")
     return state

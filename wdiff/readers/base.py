@@ -6,11 +6,30 @@ read only inside compute, chunk by chunk, by offset.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from wdiff.errors import WdiffError
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file from a checkpoint folder, or raise a one-line error naming it.
+
+    Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN included.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WdiffError(path, f"{what} is not valid JSON: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef
+from wdiff.readers.base import DTYPES, TensorRef, read_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -136,12 +136,7 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     """Tensors of a sharded checkpoint, through its ``*.safetensors.index.json``."""
     index_path = Path(index_path)
     folder = index_path.parent.resolve()
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise WdiffError(index_path, f"cannot read: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WdiffError(index_path, f"shard index is not valid JSON: {e}") from None
+    index = read_json(index_path, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WdiffError(index_path, 'shard index has no "weight_map" of tensor name to shard file')
