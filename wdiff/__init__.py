@@ -2,15 +2,38 @@
 
 Point it at a sequence of checkpoints; it computes the accumulated weight change of every weight,
 ``sum_t |W(t+1) - W(t)|``, out-of-core, and renders it in 3D.
+
+The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.Results``, ``wdiff.WdiffError``) is imported on
+first use, so ``wdiff --help`` does not pay for numpy.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
-
-from wdiff.api import run  # noqa: E402
-from wdiff.errors import WdiffError  # noqa: E402
-from wdiff.results import Results  # noqa: E402
-from wdiff.scan import Run, scan  # noqa: E402
-
 __all__ = ["Results", "Run", "WdiffError", "__version__", "run", "scan"]
+
+_LAZY = {
+    "run": "wdiff.api",
+    "Results": "wdiff.results",
+    "Run": "wdiff.scan",
+    "scan": "wdiff.scan",
+    "WdiffError": "wdiff.errors",
+}
+
+if TYPE_CHECKING:
+    from wdiff.api import run
+    from wdiff.errors import WdiffError
+    from wdiff.results import Results
+    from wdiff.scan import Run, scan
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'wdiff' has no attribute {name!r}")
