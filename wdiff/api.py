@@ -97,6 +97,15 @@ def _previous(
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Carry an unchanged results file into the new folder: a hard link (no copy of a map that can be
+    tens of GB; the old folder is removed afterwards), or a copy where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def _trainer_summary(state: dict | None) -> dict | None:
     if state is None:
         return None
@@ -158,9 +167,9 @@ def run(
         acc_path = tmp / ACCUMULATED
         plan = _cell_plan(the_run, max_points)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
-            shutil.copyfile(out / ACCUMULATED, acc_path)
+            _link_or_copy(out / ACCUMULATED, acc_path)
             if (out / POOLED).is_file():  # the scene uses it only if its pooling still fits
-                shutil.copyfile(out / POOLED, tmp / POOLED)
+                _link_or_copy(out / POOLED, tmp / POOLED)
             result = ComputeResult(previous.tensors, 0, 0.0, 0)
         else:
             create_accumulated(acc_path, layout)

@@ -112,8 +112,7 @@ def process_chunk(
         row0 = start // grid.cols // grid.block[0]
         row1 = (stop - 1) // grid.cols // grid.block[0]
         cells = np.full((row1 - row0 + 1, grid.shape[1]), 0.0 if grid.mean else -np.inf)
-        wide = grid.rows == 1 or grid.cols > kernels.MAX_LINE
-        line = np.full(0 if wide else grid.cols, 0.0 if grid.mean else -np.inf)
+        line = kernels.pool_line(grid.rows, grid.cols, grid.mean)
         dims = np.array([grid.rows, grid.cols, *grid.block], np.int64)
     else:
         row0, cells, line, dims = 0, np.empty((0, 0)), np.empty(0), np.zeros(4, np.int64)

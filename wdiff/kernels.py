@@ -404,6 +404,13 @@ def stream_chunk(
 MAX_LINE = 1 << 21  # widest grid row pooled through a line buffer (16 MiB of float64)
 
 
+def pool_line(rows: int, cols: int, mean: bool) -> np.ndarray:
+    """The ``line`` buffer ``pool_fold`` needs for a rows x cols grid, filled with the reduction's
+    identity; empty (reduce straight into the cells) for one-row grids and rows wider than MAX_LINE."""
+    direct = rows == 1 or cols > MAX_LINE
+    return np.full(0 if direct else cols, 0.0 if mean else -np.inf)
+
+
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _fold_down(values, line, mean, clean):
     """line = max(line, values) or line += values, elementwise; returns the non-finite count.

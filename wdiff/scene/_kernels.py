@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from wdiff.kernels import MAX_LINE, _read_full, pool_flush, pool_fold  # noqa: F401 (MAX_LINE re-exported)
+from wdiff.kernels import _read_full, pool_flush, pool_fold
 
 PIECE = 1 << 14  # float32 values per read: 64 KiB
 
@@ -22,13 +22,12 @@ def pool_tensor(fd, offset, rows, cols, block_rows, block_cols, mean, cells, buf
 
     ``cells`` must be pre-filled (-inf for max, 0 for mean); mean cells receive sums (the caller
     divides by the element count). Max: a NaN anywhere in a cell makes the cell NaN; +Inf wins.
-    Returns the number of non-finite values, or -1 when reading failed.
+    ``line`` comes from ``wdiff.kernels.pool_line``. Returns the number of non-finite values, or -1
+    when reading failed.
     """
     total = rows * cols
     nonfinite = 0
     state = np.full(1, -1, np.int64)
-    if line.size:
-        line[:] = 0.0 if mean else -np.inf
     for e0 in range(0, total, PIECE):
         n = min(PIECE, total - e0)
         if not _read_full(fd, buf, n * 4, offset + e0 * 4):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from wdiff.errors import WdiffError
+from wdiff.results import POOLED
 
 #: Values per block read from disk (4 Mi float32 = 16 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -29,9 +30,6 @@ REMAP_BYTES = 1 << 26
 
 # Float dtypes safe_open returns as numpy arrays; the compute step writes F32 only.
 _FLOAT_DTYPES = {"F16", "F32", "F64"}
-
-
-from wdiff.results import POOLED  # noqa: E402
 
 
 def write_pooled(
@@ -211,8 +209,9 @@ class AccumulatedFile:
         otherwise read straight from the file by a Numba kernel. Both equal feeding ``blocks()``
         through a ``GridPooler`` (tested).
         """
+        from wdiff.kernels import pool_line
         from wdiff.readers.safetensors import read_header
-        from wdiff.scene._kernels import MAX_LINE, PIECE, pool_tensor
+        from wdiff.scene._kernels import PIECE, pool_tensor
 
         ready = self._precomputed(name, block, pool)
         if ready is not None:
@@ -235,7 +234,7 @@ class AccumulatedFile:
         cells = np.full(shape, -np.inf if pool == "max" else 0.0)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            line = np.empty(cols if rows > 1 and cols <= MAX_LINE else 0)
+            line = pool_line(rows, cols, pool == "mean")
             buf = np.empty(PIECE, np.float32)
             bad = pool_tensor(fd, offset, rows, cols, block[0], block[1], pool == "mean", cells, buf, line)
         finally:
