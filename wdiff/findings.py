@@ -54,7 +54,7 @@ def _span(m: RunMetrics) -> str:
 
 def _rows_text(rows: list[list[int]], limit: int = 6) -> str:
     parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in rows[:limit]]
-    return ", ".join(parts) + (f", ... ({len(rows) - limit} more ranges)" if len(rows) > limit else "")
+    return ", ".join(parts) + (f" and {len(rows) - limit} more ranges" if len(rows) > limit else "")
 
 
 def is_embedding(name: str) -> bool:

@@ -8,5 +8,6 @@ compare("out/lr-1e-4", "out/lr-1e-3", "cmp/")   # ratios, side-by-side render, r
 from __future__ import annotations
 
 from wdiff.report.build import FINDINGS, METRICS, REPORT, TENSORS, Report, write_report
+from wdiff.report.compare import Comparison, compare
 
-__all__ = ["FINDINGS", "METRICS", "REPORT", "TENSORS", "Report", "write_report"]
+__all__ = ["FINDINGS", "METRICS", "REPORT", "TENSORS", "Comparison", "Report", "compare", "write_report"]

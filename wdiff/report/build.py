@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def json_text(data: Any) -> str:
+    """JSON without NaN/Infinity (written as null), which strict readers reject."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(data), indent=1, allow_nan=False) + "\n"
+
+
 def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -105,12 +121,20 @@ def write_report(out: str | os.PathLike[str]) -> Report:
     res = load(out)
     m = analyse(res)
     found = find(m)
-    write_atomic(out / FINDINGS, json.dumps([f.to_json() for f in found], indent=1) + "\n")
+    write_atomic(out / FINDINGS, json_text([f.to_json() for f in found]))
     write_atomic(out / METRICS, csv_text(METRIC_COLUMNS, m.intervals))
     tensor_rows = [{**t, "shape": "x".join(map(str, t["shape"])) or "scalar"} for t in m.tensors]
     write_atomic(out / TENSORS, csv_text(TENSOR_COLUMNS, tensor_rows))
     write_atomic(out / REPORT, run_page(res, m, found, renders(out)))
     return Report(out / REPORT, found, m)
+
+
+def read_findings(out: str | os.PathLike[str]) -> list[Finding]:
+    """The findings a run wrote (``findings.json``), or an empty list when there is none."""
+    path = Path(out) / FINDINGS
+    if not path.is_file():
+        return []
+    return [Finding(**entry) for entry in json.loads(path.read_text())]
 
 
 def _summary_section(res: Results, m: RunMetrics) -> str:

@@ -18,7 +18,7 @@ from wdiff.metrics import RunMetrics, log_series
 DPI = 110
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -42,7 +42,7 @@ def training_curves(m: RunMetrics, trainer_state: dict | None, steps: Sequence[i
     panels = [(k, *log_series(trainer_state, k)) for k in ("loss", "eval_loss", "learning_rate", "grad_norm")]
     have = {k: (x, y) for k, x, y in panels if x}
     n = 1 + (("loss" in have) or ("eval_loss" in have)) + ("learning_rate" in have) + ("grad_norm" in have)
-    fig = _figure(9, 2.2 * n)
+    fig = new_figure(9, 2.2 * n)
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     i = 0
     if "loss" in have or "eval_loss" in have:
@@ -80,7 +80,7 @@ def block_heatmap(m: RunMetrics, short: Sequence[str]) -> bytes:
     data = m.block_update
     finite = data[np.isfinite(data) & (data > 0)]
     b, n = data.shape
-    fig = _figure(min(3 + 0.9 * n, 14), min(1.2 + 0.32 * b, 40))
+    fig = new_figure(min(3 + 0.9 * n, 14), min(1.2 + 0.32 * b, 40))
     ax = fig.add_subplot()
     norm = (
         LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size and finite.min() < finite.max() else None
@@ -103,7 +103,7 @@ def block_heatmap(m: RunMetrics, short: Sequence[str]) -> bytes:
 
 def row_profile(name: str, rows: np.ndarray, unchanged: np.ndarray | None = None) -> bytes:
     """Per-row accumulated change of one tensor; rows that never changed marked in red."""
-    fig = _figure(9, 2.0)
+    fig = new_figure(9, 2.0)
     ax = fig.add_subplot()
     x = np.arange(rows.size)
     ax.bar(x, np.where(np.isfinite(rows), rows, 0), width=1.0, color="tab:blue")
@@ -120,7 +120,7 @@ def row_profile(name: str, rows: np.ndarray, unchanged: np.ndarray | None = None
 
 def ratio_bars(labels: Sequence[str], ratios: Sequence[float], title: str) -> bytes:
     """Horizontal bars on a log axis centred on 1 (compare: run B / run A per block)."""
-    fig = _figure(8, 1.0 + 0.3 * len(labels))
+    fig = new_figure(8, 1.0 + 0.3 * len(labels))
     ax = fig.add_subplot()
     values = np.array([r if r and math.isfinite(r) and r > 0 else np.nan for r in ratios], dtype=float)
     y = np.arange(len(labels))
@@ -133,19 +133,4 @@ def ratio_bars(labels: Sequence[str], ratios: Sequence[float], title: str) -> by
     ax.set_xlabel("B / A (log scale)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    return png_bytes(fig)
-
-
-def side_by_side(left: bytes, right: bytes, titles: Sequence[str]) -> bytes:
-    """Two PNG pictures next to each other, each under its title."""
-    from matplotlib.image import imread
-
-    images = [imread(io.BytesIO(b), format="png") for b in (left, right)]
-    height, width = images[0].shape[:2]
-    fig = _figure(2 * width / DPI / 1.6, height / DPI / 1.6 + 0.4)
-    for i, (img, title) in enumerate(zip(images, titles)):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.imshow(img)
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
     return png_bytes(fig)
