@@ -253,8 +253,8 @@ def _spikes(m: RunMetrics) -> list[Finding]:
                     f"{t['tensor']} changed {factor} more per step in {when} than in the neighbouring "
                     "intervals. A sudden large update: a loss spike, a bad batch, a learning-rate "
                     "schedule jump, or optimizer state lost on resume (resuming without optimizer.pt). "
-                    "Compare with the loss and learning-rate curves at these steps; gradient clipping, "
-                    "a lower peak learning rate or a longer warmup usually tame it.",
+                    "Check the loss and learning-rate curves at these steps; try gradient clipping, a "
+                    "lower peak learning rate or a longer warmup.",
                     steps=steps,
                 )
             )
