@@ -211,3 +211,9 @@ def test_compare_refuses_runs_of_different_architectures(two_runs, tmp_path):
         env=env,
     )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_help_of_the_new_commands():
+    for command in ("report", "compare"):
+        p = subprocess.run([sys.executable, "-m", "wdiff", command, "--help"], capture_output=True, text=True)
+        assert p.returncode == 0 and "Usage" in p.stdout

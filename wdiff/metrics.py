@@ -99,12 +99,10 @@ def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[
 def row_change(res: Results, name: str) -> np.ndarray:
     """Per-row accumulated change (float64, length shape[0]; a 1-D tensor's rows are its elements,
     a scalar has one row): ``rows.safetensors`` when the run wrote it, else summed from the map."""
-    rows = getattr(res, "rows", None)
-    if rows is not None:
-        try:
-            return np.asarray(rows(name), dtype=np.float64)
-        except (OSError, KeyError, FileNotFoundError):
-            pass  # results written before rows.safetensors existed: sum the accumulated map
+    try:
+        return np.asarray(res.rows(name), dtype=np.float64)
+    except FileNotFoundError:  # results written before rows.safetensors existed: sum the map
+        pass
     acc = np.asarray(res.accumulated(name), dtype=np.float64)
     if acc.ndim == 0:
         return acc.reshape(1)
