@@ -3,7 +3,7 @@
 Each rule is exact where the question is exact (frozen, unchanged rows, NaN/Inf) and uses robust
 statistics with a documented threshold where it is a comparison (outlier change, spike); the
 thresholds are in ``docs/metrics.md`` and were chosen with margin against healthy runs (the two
-sample runs: the largest healthy ratio seen is 2.3x for outliers and 2.7x for spikes).
+sample runs: the largest healthy ratio seen is 2.25x for outliers and 2.3x for spikes).
 """
 
 from __future__ import annotations
