@@ -126,7 +126,7 @@ def _unchanged_rows(m: RunMetrics) -> list[Finding]:
         if is_embedding(t["tensor"]):
             meaning = (
                 "For an embedding these are tokens or positions that never occurred in the training "
-                "data, or the padding index (padding_idx gets no gradient). Check the tokenizer's "
+                "data, or the padding index (padding_idx, often row 0, gets no gradient). Check the tokenizer's "
                 "vocabulary and max length against the data; if these rows matter, add data that uses "
                 "them, otherwise the vocabulary or position table can be smaller."
             )
@@ -140,7 +140,8 @@ def _unchanged_rows(m: RunMetrics) -> list[Finding]:
             Finding(
                 "unchanged_rows",
                 t["tensor"],
-                f"{count} of {rows.size} rows of {t['tensor']} never changed (rows {_rows_text(spans)}) "
+                f"{count} of {rows.size} rows of {t['tensor']} never changed "
+                f"({'row' if count == 1 else 'rows'} {_rows_text(spans)}) "
                 f"while the other rows did. {meaning}",
                 rows=spans,
             )

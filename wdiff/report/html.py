@@ -58,6 +58,7 @@ def image(data: bytes, mime: str, alt: str, caption: str = "") -> str:
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw: Sequence[bool] = ()) -> str:
     """A table; cells are escaped unless their column is marked ``raw`` (already HTML)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
     body = []
     for row in rows:
         cells = []
@@ -69,7 +70,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw: Sequence[b
             else:
                 cells.append(f"<td>{esc(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
 def section(title: str, *parts: str) -> str:
