@@ -126,9 +126,9 @@ def _unchanged_rows(m: RunMetrics) -> list[Finding]:
         if is_embedding(t["tensor"]):
             meaning = (
                 "For an embedding these are tokens or positions that never occurred in the training "
-                "data, or the padding index (padding_idx, often row 0, gets no gradient). Check the tokenizer's "
-                "vocabulary and max length against the data; if these rows matter, add data that uses "
-                "them, otherwise the vocabulary or position table can be smaller."
+                "data, or the padding index (padding_idx, often row 0, gets no gradient). Check the "
+                "tokenizer's vocabulary, pad token and max length against the data; if these rows "
+                "matter, add data that uses them, otherwise the vocabulary or position table can be smaller."
             )
         else:
             meaning = (
