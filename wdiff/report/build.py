@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from wdiff.findings import Finding, find, is_embedding
 from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
-from wdiff.results import SUMMARY, Results
+from wdiff.results import SUMMARY, Results, write_json
 
 FINDINGS = "findings.json"
 METRICS = "metrics.csv"
@@ -61,19 +60,14 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def json_text(data: Any) -> str:
-    """JSON without NaN/Infinity (written as null), which strict readers reject."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(data), indent=1, allow_nan=False) + "\n"
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``results.write_json`` (NaN/Infinity as null, which strict readers need), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_json(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
@@ -121,7 +115,7 @@ def write_report(out: str | os.PathLike[str]) -> Report:
     res = load(out)
     m = analyse(res)
     found = find(m)
-    write_atomic(out / FINDINGS, json_text([f.to_json() for f in found]))
+    write_json_atomic(out / FINDINGS, [f.to_json() for f in found])
     write_atomic(out / METRICS, csv_text(METRIC_COLUMNS, m.intervals))
     tensor_rows = [{**t, "shape": "x".join(map(str, t["shape"])) or "scalar"} for t in m.tensors]
     write_atomic(out / TENSORS, csv_text(TENSOR_COLUMNS, tensor_rows))

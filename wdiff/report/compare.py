@@ -21,7 +21,7 @@ from wdiff.errors import WdiffError
 from wdiff.metrics import RunMetrics, analyse, log_series
 from wdiff.report import figures
 from wdiff.report import html as h
-from wdiff.report.build import REPORT, csv_text, json_text, load, short_names, write_atomic
+from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
 from wdiff.results import ACCUMULATED, Results
 
 COMPARE_CSV = "compare.csv"
@@ -173,7 +173,7 @@ def compare(
     )
     write_atomic(out / COMPARE_CSV, csv_text(columns, tensors))
     document = {"a": str(a.path), "b": str(b.path), "tensors": tensors, "blocks": blocks}
-    write_atomic(out / COMPARE_JSON, json_text(document))
+    write_json_atomic(out / COMPARE_JSON, document)
     write_atomic(out / REPORT, _page(a, b, labels, tensors, blocks, picture))
     return Comparison(out / REPORT, tensors, blocks)
 
