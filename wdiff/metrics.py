@@ -99,6 +99,9 @@ def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[
 def row_change(res: Results, name: str) -> np.ndarray:
     """Per-row accumulated change (float64, length shape[0]; a 1-D tensor's rows are its elements,
     a scalar has one row): ``rows.safetensors`` when the run wrote it, else summed from the map."""
+    shape = res.summary["tensors"][name]["shape"]
+    if math.prod(shape) == 0:  # zero-size: nothing stored, every row unchanged by definition
+        return np.zeros(shape[0] if shape else 1)
     try:
         return np.asarray(res.rows(name), dtype=np.float64)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the map
