@@ -138,8 +138,8 @@ def sgd_run(
 
     Planted causes: ``lr_scale`` {tensor-name prefix: factor}; ``frozen`` tensors are never updated;
     ``unused_rows`` {tensor: rows whose gradient is always zero}; ``nan_at`` (tensor, step, index):
-    that weight becomes NaN at that step and stays NaN (as a diverged weight does); ``kick`` (tensor,
-    step, factor): one step whose gradient noise is ``factor`` times larger (a spike).
+    that weight becomes NaN at that step and stays NaN (as a diverged weight does); ``kick`` (tensor
+    name prefix, step, factor): one step whose gradient noise is ``factor`` times larger (a spike).
     """
     rng = np.random.default_rng(seed)
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (50, 16)}
@@ -159,7 +159,7 @@ def sgd_run(
             if k in frozen:
                 continue
             noise = rng.standard_normal(shapes[k])
-            if kick is not None and kick[0] == k and kick[1] == step:
+            if kick is not None and k.startswith(kick[0]) and kick[1] == step:
                 noise *= kick[2]
             g = 0.1 * (w[k] - target[k]) + noise
             for r in (unused_rows or {}).get(k, ()):

@@ -122,3 +122,30 @@ def test_spike_rule_ignores_the_first_interval_and_scales_by_step_gap(planted):
     rows[3]["l2"] = intervals[3]["l2"] * findings.SPIKE_RATIO * 1.5
     got = [f for f in findings.find(m) if f.kind == "spike" and f.tensor == "layers.0.attn.weight"]
     assert [f.steps for f in got] == [[rows[3]["step_start"], rows[3]["step_end"]]]
+
+
+def test_a_spike_of_the_whole_model_is_one_finding(tmp_path_factory):
+    res = _run(tmp_path_factory, "loss-spike", kick=("", 35, 30.0))  # every tensor, one step
+    got = _found(res)
+    assert [(f["kind"], f["tensor"], f["steps"]) for f in got] == [("spike", "*", [30, 40])]
+    assert got[0]["message"].startswith(f"{len(res.names)} tensors (first: embed.weight)")
+
+
+def test_a_divergence_of_the_whole_model_is_one_finding(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"layers.{i}.weight" for i in range(4)]
+    w = {n: rng.standard_normal((6, 5)).astype(np.float32) for n in names}
+    for step in (100, 200, 300, 400):
+        if step == 200:
+            w["layers.2.weight"][1, 1] = np.inf  # one tensor first ...
+        if step == 300:
+            w = {n: np.full((6, 5), np.nan, np.float32) for n in names}  # ... then all of them
+        else:
+            w = {n: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for n, v in w.items()}
+        save(tmp_path / "run" / f"step_{step}.safetensors", w)
+    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
+    got = [(f["kind"], f["tensor"], f.get("steps"), f.get("rows")) for f in _found(res)]
+    assert got == [
+        ("nonfinite", "layers.2.weight", [200], [[0, 5]]),
+        ("nonfinite", "*", [300], None),
+    ]

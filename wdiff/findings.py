@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ OUTLIER_MIN_GROUP = 3
 SPIKE_RATIO = 5.0
 #: spike: neighbours on each side that form the comparison.
 SPIKE_NEIGHBOURS = 2
+#: spike and nonfinite: one event (same steps) in at least this share of the tensors, and at least
+#: COLLAPSE_MIN of them, is one finding for the whole model (tensor "*") instead of one per tensor.
+COLLAPSE_SHARE = 0.5
+COLLAPSE_MIN = 3
 #: stalled_elements: dtypes whose rounding can swallow small updates.
 LOW_PRECISION = ("BF16", "F16", "F8_E4M3", "F8_E5M2")
 
@@ -262,7 +267,51 @@ def _spikes(m: RunMetrics) -> list[Finding]:
     return found
 
 
+def _collapse(
+    found: list[Finding], total: int, say: Callable[[list[Finding], list[int]], str]
+) -> list[Finding]:
+    """Findings of one kind that share their steps and cover at least half of the tensors are one
+    event of the whole model (a loss spike, a divergence): one finding with tensor ``*``."""
+    by_steps: dict[tuple[int, ...], list[Finding]] = defaultdict(list)
+    for f in found:
+        by_steps[tuple(f.steps or ())].append(f)
+    out = []
+    for steps, group in by_steps.items():
+        if steps and len(group) >= max(COLLAPSE_MIN, COLLAPSE_SHARE * total):
+            out.append(Finding(group[0].kind, "*", say(group, list(steps)), steps=list(steps)))
+        else:
+            out.extend(group)
+    return sorted(out, key=lambda f: f.steps[0] if f.steps else -1)  # earliest event first (stable)
+
+
+def _model_spike(group: list[Finding], steps: list[int]) -> str:
+    return (
+        f"{len(group)} tensors (first: {group[0].tensor}) changed {SPIKE_RATIO:g}x or more per step in steps "
+        f"{steps[0]}-{steps[-1]} than in the neighbouring intervals: the whole model took a sudden large "
+        "step. A loss spike, a bad batch, a learning-rate schedule jump, or optimizer state lost on resume "
+        "(resuming without optimizer.pt). Check the loss and learning-rate curves at these steps; try "
+        "gradient clipping, a lower peak learning rate or a longer warmup."
+    )
+
+
+def _model_nonfinite(group: list[Finding], steps: list[int]) -> str:
+    return (
+        f"{len(group)} tensors (first: {group[0].tensor}) hold NaN/Inf from step {steps[0]} on: training "
+        "diverged at or before that step. Try: a lower learning rate or longer warmup, gradient clipping "
+        "(max_grad_norm), bf16 instead of fp16 (or loss scaling), and look at the batches just before that "
+        "step; resume from the last checkpoint without NaN."
+    )
+
+
 def find(m: RunMetrics) -> list[Finding]:
-    """Every finding of the run, most severe kind first, then network order."""
-    found = _nonfinite(m) + _frozen(m) + _unchanged_rows(m) + _stalled(m) + _outliers(m) + _spikes(m)
-    return found
+    """Every finding of the run, most severe kind first; within a kind, earliest step first, then
+    network order."""
+    total = len(m.tensors)
+    return (
+        _collapse(_nonfinite(m), total, _model_nonfinite)
+        + _frozen(m)
+        + _unchanged_rows(m)
+        + _stalled(m)
+        + _outliers(m)
+        + _collapse(_spikes(m), total, _model_spike)
+    )
