@@ -246,12 +246,13 @@ def _spikes(m: RunMetrics) -> list[Finding]:
             if around.size == 0 or not np.isfinite(rate[i]) or rate[i] == 0:
                 continue
             base = float(np.median(around))
-            if base > 0 and rate[i] / base < SPIKE_RATIO:
+            # base 0: the neighbours did not move (a tensor unfrozen or frozen mid-run), not a spike
+            if base == 0 or rate[i] / base < SPIKE_RATIO:
                 continue
             r = rows[i]
             steps = [r["step_start"], r["step_end"]] if r["step_start"] is not None else None
             when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {i}"
-            factor = f"{rate[i] / base:.1f}x" if base > 0 else "far"
+            factor = f"{rate[i] / base:.1f}x"
             found.append(
                 Finding(
                     "spike",
