@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__, _warm
 from wdiff.errors import WdiffError
+from wdiff.outdir import Staging
 from wdiff.results import ACCUMULATED, POINTS, POOLED, RENDER, SUMMARY, Results, write_json
 from wdiff.scan import Run, fingerprint, scan
 
@@ -39,17 +39,6 @@ def _check_out(out: Path) -> None:
         raise WdiffError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
         raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move finished results into place; the previous results are removed only after that succeeds."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.wdiff-old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _previous(
@@ -152,17 +141,14 @@ def run(
     the_run = scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
-    previous, update = (
-        _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
-    )
-    if on_scan is not None:
-        on_scan(the_run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.wdiff-tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; results are ordinary files
+    staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
+        previous, update = (
+            _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
+        )
+        if on_scan is not None:
+            on_scan(the_run)
+        tmp = staging.folder
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
         plan = _cell_plan(the_run, max_points)
@@ -217,10 +203,9 @@ def run(
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         write_json(tmp / SUMMARY, summary)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
+    finally:
+        staging.close()
     return Results.load(out)
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, DType, TensorRef
+from wdiff.readers.base import DTYPES, DType, TensorRef, open_regular
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
 
 __all__ = [
@@ -34,11 +34,18 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def _sniff_pickle(path: Path) -> bool:
     """Torch pickles start with the pickle protocol byte or are zip archives (torch >= 1.6)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, WdiffError):
         return False
     return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
+
+
+def missing(path: Path) -> str:
+    """Why a path given as a checkpoint does not exist, in words."""
+    if path.is_symlink():
+        return "symlink to nothing: its target is missing or it is a symlink loop"
+    return "no such file or folder"
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -86,7 +93,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
             raise WdiffError(path, "no safetensors weights in this folder")
         path = entry
     if not path.exists():
-        raise WdiffError(path, "no such file or folder")
+        raise WdiffError(path, missing(path))
     if path.name.endswith(".json"):
         return read_sharded(path)
     if looks_like_safetensors(path):

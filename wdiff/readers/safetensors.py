@@ -8,13 +8,12 @@ the safetensors library accepts, and a broken or half-written file is refused wi
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef, read_json
+from wdiff.readers.base import DTYPES, TensorRef, open_regular, read_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -23,10 +22,10 @@ INDEX_NAME = "model.safetensors.index.json"
 def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
     """Sniff the first bytes: a plausible little-endian header length followed by ``{``."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
-    except OSError:
+    except (OSError, WdiffError):
         return False
     if len(head) < 9:
         return False
@@ -51,11 +50,24 @@ def _is_uint(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _bits(shape: list[int], bits: int, limit: int) -> int:
+    """``prod(shape) * bits``, in Python ints (no overflow), stopping once past ``limit``: a header
+    claiming 2**62 x 2**62 x ... elements costs no more than a file-sized product."""
+    if 0 in shape:
+        return 0
+    total = bits
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return total
+    return total
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dict[str, str] | None]:
     """Parse and validate one safetensors file; return its tensors (by name) and ``__metadata__``."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -102,7 +114,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
         begin, end = offsets
         if end < begin:
             raise WdiffError(path, f"tensor {name!r}: data_offsets [{begin}, {end}] run backwards")
-        bits = math.prod(shape) * DTYPES[dtype].bits  # Python ints: no overflow
+        bits = _bits(shape, DTYPES[dtype].bits, 8 * size)
         if bits % 8 or bits // 8 != end - begin:
             raise WdiffError(
                 path,
@@ -144,8 +156,14 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     shards: dict[str, dict[str, TensorRef]] = {}
     for shard in sorted(set(weight_map.values())):
         # A shard name comes from outside: it must name a file inside the checkpoint folder.
+        if not shard or "\0" in shard:
+            raise WdiffError(index_path, f"shard path {shard!r} in weight_map is not a file name")
         candidate = folder / shard
-        if os.path.isabs(shard) or not candidate.resolve().is_relative_to(folder):
+        try:
+            inside = not os.path.isabs(shard) and candidate.resolve().is_relative_to(folder)
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+            raise WdiffError(index_path, f"shard {shard!r} is a symlink loop") from None
+        if not inside:
             raise WdiffError(index_path, f"shard path {shard!r} leaves the checkpoint folder")
         if not candidate.is_file():
             raise WdiffError(index_path, f"shard {shard!r} named in weight_map does not exist")
