@@ -190,6 +190,7 @@ def run(
             ],
             "tensors": result.tensors,
             "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
+            "left_out": [{"path": s.name, "reason": s.reason} for s in the_run.left_out],
             "timing": {
                 "read_bytes": result.read_bytes,
                 "compute_seconds": result.compute_seconds,

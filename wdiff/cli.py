@@ -111,8 +111,8 @@ def run_command(
         raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
 
     def on_scan(scanned: Run) -> None:
-        for s in scanned.skipped:
-            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False)
+        for s in scanned.left_out + scanned.skipped:
+            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False, soft_wrap=True)
         steps = scanned.steps
         err.print(
             f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
@@ -128,7 +128,7 @@ def run_command(
         TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not err.is_terminal,  # a bar in a log is noise (and a stray blank line)
     )
     tasks: dict[str, int] = {}
 

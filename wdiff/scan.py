@@ -194,7 +194,7 @@ def _read_checkpoints(
         except WdiffError as e:
             if not newest:
                 raise
-            left_out.append(Skipped(str(p), f"newest checkpoint left out, still being written? {e}"))
+            left_out.append(Skipped(str(p), f"newest checkpoint left out (still being written?): {e}"))
     return checkpoints, left_out
 
 
