@@ -106,7 +106,7 @@ def _trainer_summary(state: dict | None) -> dict | None:
 
 
 def run(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run,
     out: str | os.PathLike[str],
     *,
     max_points: int = 1_000_000,
@@ -117,6 +117,8 @@ def run(
     progress: Progress | None = None,
     on_scan: Callable[[Run], None] | None = None,
     incremental: bool = True,
+    extend_only: bool = False,
+    keep: Callable[[Path], None] | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
     ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
@@ -128,6 +130,10 @@ def run(
     sizes and modification times), only the new intervals are computed: the accumulated map is a
     sum, so it is extended from the earlier one (``incremental=False`` forces a full recompute).
     ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
+
+    ``inputs`` may be a scanned :class:`Run`. ``extend_only=True`` refuses to do anything but extend
+    the results in ``out``, and ``keep(folder)`` adds files to the new results folder before it is
+    swapped in: ``wdiff.watch`` uses both (see ``wdiff/watch.py``).
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -138,7 +144,7 @@ def run(
     _check_out(out)
     if max_points < 1:
         raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
-    the_run = scan(inputs)
+    the_run = inputs if isinstance(inputs, Run) else scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
@@ -146,6 +152,8 @@ def run(
         previous, update = (
             _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
         )
+        if extend_only and previous is None:
+            raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
         if on_scan is not None:
             on_scan(the_run)
         tmp = staging.folder
@@ -203,6 +211,8 @@ def run(
         }
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
+        if keep is not None:
+            keep(tmp)
         write_json(tmp / SUMMARY, summary)
         staging.commit()
     finally:

@@ -31,6 +31,8 @@ class Checkpoint:
     path: str
     step: int | None
     tensors: dict[str, TensorRef] = field(repr=False)
+    # Set when ``tensors`` are kept copies (``wdiff watch``): the identity of the original files.
+    known_fingerprint: str | None = field(default=None, repr=False)
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:
@@ -38,6 +40,8 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     earlier checkpoint was rewritten or replaced since results were computed from it."""
     import hashlib
 
+    if checkpoint.known_fingerprint is not None:
+        return checkpoint.known_fingerprint
     digest = hashlib.sha256()
     for path in sorted({r.path for r in checkpoint.tensors.values()}):
         st = os.stat(path)
