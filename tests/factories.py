@@ -171,6 +171,10 @@ MALFORMED = {
     "backwards": safetensors_bytes(_one(shape=(0,), offsets=(8, 0)), b"\0" * 8),
     "size mismatch": safetensors_bytes(_one(shape=(3,)), b"\0" * 8),
     "huge shape": safetensors_bytes(_one(shape=(2**62, 2**62)), b"\0" * 8),
+    "numbers of 4299 digits": safetensors_bytes(
+        b'{"w": {"dtype": "F32", "shape": [%s, %s], "data_offsets": [0, 8]}}' % (b"9" * 4299, b"9" * 4299),
+        b"\0" * 8,
+    ),
     "dims overflow int64": safetensors_bytes(_one(shape=[2**40] * 4, offsets=(0, 2**162)), b"\0" * 8),
     "truncated": safetensors_bytes(_GOOD, b"\0" * 5),
     "trailing bytes": safetensors_bytes(_GOOD, b"\0" * 9),
