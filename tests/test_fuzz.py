@@ -122,6 +122,13 @@ def _at(data: bytes, i: int) -> int:
     return i % (len(data) + 1)
 
 
+def _flip(data: bytes, i: int, mask: int) -> bytes:
+    if not data:
+        return data
+    i %= len(data)
+    return data[:i] + bytes([data[i] ^ mask]) + data[i + 1 :]
+
+
 def _replace_match(pattern: re.Pattern, data: bytes, k: int, new: bytes) -> bytes:
     found = list(pattern.finditer(data))
     if not found:
@@ -131,10 +138,7 @@ def _replace_match(pattern: re.Pattern, data: bytes, k: int, new: bytes) -> byte
 
 
 MUTATIONS = {
-    "flip": st.tuples(st.integers(0, 1 << 16), st.integers(1, 255)).map(
-        lambda a: lambda d: d[: _at(d, a[0])] + bytes([d[_at(d, a[0])] ^ a[1]]) + d[_at(d, a[0]) + 1 :]
-        if d and _at(d, a[0]) < len(d) else d  # fmt: skip
-    ),
+    "flip": st.tuples(st.integers(0, 1 << 16), st.integers(1, 255)).map(lambda a: lambda d: _flip(d, *a)),
     "overwrite": st.tuples(st.integers(0, 1 << 16), st.binary(min_size=1, max_size=16)).map(
         lambda a: lambda d: d[: _at(d, a[0])] + a[1] + d[_at(d, a[0]) + len(a[1]) :]
     ),

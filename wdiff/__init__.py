@@ -3,8 +3,8 @@
 Point it at a sequence of checkpoints; it computes the accumulated weight change of every weight,
 ``sum_t |W(t+1) - W(t)|``, out-of-core, and renders it in 3D.
 
-The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.Results``, ``wdiff.WdiffError``) is imported on
-first use, so ``wdiff --help`` does not pay for numpy.
+The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.watch``, ``wdiff.Results``,
+``wdiff.WdiffError``) is imported on first use, so ``wdiff --help`` does not pay for numpy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Results", "Run", "WdiffError", "__version__", "run", "scan"]
+__all__ = ["Results", "Run", "WdiffError", "__version__", "run", "scan", "watch"]
 
 _LAZY = {
     "run": "wdiff.api",
@@ -20,6 +20,7 @@ _LAZY = {
     "Run": "wdiff.scan",
     "scan": "wdiff.scan",
     "WdiffError": "wdiff.errors",
+    "watch": "wdiff.watch",
 }
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from wdiff.errors import WdiffError
     from wdiff.results import Results
     from wdiff.scan import Run, scan
+    from wdiff.watch import watch
 
 
 def __getattr__(name: str) -> Any:

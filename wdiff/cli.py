@@ -170,7 +170,7 @@ def watch_command(**options: object) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
     from rich.console import Console
 
-    from wdiff import watch
+    from wdiff.watch import watch
 
     folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
     err = Console(stderr=True, quiet=bool(options.pop("quiet")))
@@ -186,7 +186,7 @@ def watch_command(**options: object) -> None:
 
     err.print(f"watching {folder} every {poll:g} s; Ctrl-C stops", highlight=False)
     try:
-        watch.watch(folder, out, poll=poll, on_update=on_update, warn=warn, **api_options)  # type: ignore[arg-type]
+        watch(folder, out, poll=poll, on_update=on_update, warn=warn, **api_options)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
     if (Path(out) / "summary.json").is_file():  # type: ignore[arg-type]
