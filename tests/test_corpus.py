@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -267,6 +269,26 @@ def test_bad_input_is_refused_in_one_line_and_out_is_untouched(tmp_path, monkeyp
     _check_refused(monkeypatch, capsys, tmp_path, out, args, named, needle)
 
 
+@pytest.mark.parametrize(
+    "case", ["pickle named .safetensors", "safetensors: truncated", "index: shard path leaves the folder"]
+)
+def test_a_real_process_prints_exactly_one_line(tmp_path, earlier_results, case):
+    """The same through ``python -m wdiff``: nothing else reaches stderr (no progress bar, no blank line)."""
+    build, needle = ERRORS[case]
+    inputs, named = build(tmp_path)
+    out = tmp_path / "out"
+    shutil.copytree(earlier_results, out)
+    before = tree_hash(out)
+    p = subprocess.run(
+        [sys.executable, "-m", "wdiff", "run", *map(str, inputs), "-o", str(out), "--no-render"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.endswith("\n") and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"wdiff: error: {named}") and needle in p.stderr
+    assert tree_hash(out) == before
+
+
 def test_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
     run = _hf(tmp_path)
     out = tmp_path / "out"
@@ -357,9 +379,18 @@ def test_bare_nan_and_infinity_in_trainer_state(tmp_path, monkeypatch, capsys):
     assert res.summary["trainer_state"]["log_history"] == [{"loss": None, "grad_norm": None, "step": 30}]
 
 
-@pytest.mark.parametrize("damage", ["no trainer_state.json yet", "shard missing", "shard truncated"])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("no trainer_state.json yet", "no trainer_state.json yet"),
+        ("shard missing", "named in weight_map does not exist"),
+        ("shard truncated", "file is truncated"),
+        ("no index yet", "several weight files and no model.safetensors(.index.json)"),
+        ("one shard so far", "shard 1 of 2 and no index yet: incomplete"),
+    ],
+)
 def test_newest_checkpoint_still_being_written_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys,
-                                                                          damage):  # fmt: skip
+                                                                          damage, reason):  # fmt: skip
     seq = random_sequence(SHAPES, 4)
     run = trainer_run(tmp_path / "run", seq, [10, 20, 30, 40], shards=2)
     newest = run / "checkpoint-40"
@@ -367,12 +398,17 @@ def test_newest_checkpoint_still_being_written_is_left_out_with_a_warning(tmp_pa
         (newest / "trainer_state.json").unlink()
     elif damage == "shard missing":
         (newest / SHARD).unlink()
+    elif damage in ("no index yet", "one shard so far"):  # the index is written after the shards
+        (newest / "model.safetensors.index.json").unlink()
+        if damage == "one shard so far":
+            (newest / "model-00002-of-00002.safetensors").unlink()
     else:
         (newest / SHARD).write_bytes((newest / SHARD).read_bytes()[:-4])
     res, stderr = _accepted(monkeypatch, capsys, tmp_path, [run])
     assert [c["step"] for c in res.summary["checkpoints"]] == [10, 20, 30]
     assert f"warning: {newest}: newest checkpoint left out (still being written?)" in stderr
-    assert res.summary["left_out"][0]["path"] == str(newest)
+    (left_out,) = res.summary["left_out"]
+    assert left_out["path"] == str(newest) and reason in left_out["reason"]
     _assert_matches(res, seq[:3], "layers.0.w")
 
 
@@ -402,3 +438,15 @@ def test_results_put_aside_by_a_killed_two_rename_swap_are_restored(tmp_path, ea
         assert staging.folder is not None and staging.folder.name.startswith(".out.wdiff-tmp-")
     assert tree_hash(tmp_path / "out") == before == tree_hash(earlier_results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_filesystems_without_atomic_exchange_swap_in_two_renames(tmp_path, monkeypatch, earlier_results):
+    from wdiff import outdir
+
+    monkeypatch.setattr(outdir, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    shutil.copytree(earlier_results, out)
+    seq = random_sequence(SHAPES, 3)
+    res = api.run(trainer_run(tmp_path / "run", seq, [1, 2, 3]), out, render=False, max_points=64)
+    _assert_matches(res, seq, "layers.0.w")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

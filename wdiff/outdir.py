@@ -64,6 +64,7 @@ class Staging:
         self._lock_path = self.out.parent / f".{self.out.name}.wdiff-lock"
         self._fd = self._lock()
         self.folder: Path | None = None
+        self._trash: Path | None = None  # the previous results after the swap, until removed
         try:
             self._recover()
             self.folder = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.wdiff-tmp-", dir=self.out.parent))
@@ -105,24 +106,29 @@ class Staging:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def commit(self) -> None:
-        """Swap the finished results into ``out``; the previous ones are removed after that."""
+        """Swap the finished results into ``out``; ``close()`` removes the previous ones.
+
+        ``folder`` keeps naming the temporary path until the swap is done, so an interruption at any
+        point leaves ``close()`` removing the right folder: after an exchange that path holds the
+        previous results.
+        """
         assert self.folder is not None
-        new, self.folder = self.folder, None
         if not self.out.exists():
-            os.replace(new, self.out)
-            return
-        if _exchange(new, self.out):
-            shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the previous results
-            return
-        old = self.out.with_name(f".{self.out.name}.wdiff-old-{os.getpid()}")
-        os.replace(self.out, old)
-        os.replace(new, self.out)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.folder, self.out)
+            self.folder = None
+        elif _exchange(self.folder, self.out):
+            self.folder, self._trash = None, self.folder
+        else:  # killed between these two renames, the next run puts the -old- folder back
+            old = self.out.with_name(f".{self.out.name}.wdiff-old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.folder, self.out)
+            self.folder, self._trash = None, old
 
     def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+        for leftover in (self.folder, self._trash):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.folder = self._trash = None
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(self._lock_path)

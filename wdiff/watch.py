@@ -282,7 +282,7 @@ class Watcher:
         run = self._assemble([*known, checkpoint], path)
 
         def keep(folder: Path) -> None:
-            os.link(self.out / KEPT_FIRST, folder / KEPT_FIRST)
+            api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
             os.replace(self._staged, folder / KEPT_LAST)
 
         return self._run(run, keep, extend_only=True, incremental=True)

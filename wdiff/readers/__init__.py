@@ -7,6 +7,7 @@ Formats are recognised by their first bytes, not their suffix. Pickle files (``p
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
@@ -29,6 +30,7 @@ PICKLE_HINT = (
     "save_file; save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 
 
 def _sniff_pickle(path: Path) -> bool:
@@ -61,6 +63,11 @@ def find_weights(folder: Path) -> Path | None:
         return indexes[0]
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if len(files) == 1:
+        shard = _SHARD_NAME.search(files[0].name)
+        if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
+            raise WdiffError(
+                files[0], f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
+            )
         return files[0]
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
