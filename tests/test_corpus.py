@@ -450,3 +450,19 @@ def test_filesystems_without_atomic_exchange_swap_in_two_renames(tmp_path, monke
     res = api.run(trainer_run(tmp_path / "run", seq, [1, 2, 3]), out, render=False, max_points=64)
     _assert_matches(res, seq, "layers.0.w")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+def test_a_checkpoint_deleted_after_the_scan_is_a_clean_error(tmp_path, earlier_results):
+    """save_total_limit may delete a checkpoint between the scan and the compute."""
+    from wdiff.errors import WdiffError
+    from wdiff.scan import scan
+
+    run = _hf(tmp_path)
+    scanned = scan(run)
+    out = tmp_path / "out"
+    shutil.copytree(earlier_results, out)
+    before = tree_hash(out)
+    shutil.rmtree(run / "checkpoint-10")
+    with pytest.raises(WdiffError, match="checkpoint-10/model.safetensors: cannot read: No such file"):
+        api.run(scanned, out, render=False, max_points=64)
+    assert tree_hash(out) == before

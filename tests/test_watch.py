@@ -141,3 +141,20 @@ def test_watch_command_follows_a_live_writer_to_the_end_and_stops_on_ctrl_c(tmp_
     chunk = int(0.004 * (1 << 20) / 4)  # what --chunk-mb 0.004 gives: the same sums in the same order
     _assert_same_results(Results.load(out), _batch(tmp_path, seq, steps, chunk_elements=chunk))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-out", "batch-run", "out", "run"]
+
+
+def test_a_restarted_watch_continues_from_out(tmp_path):
+    steps = [1, 2, 3, 4]
+    seq = random_sequence(SHAPES, len(steps), seed=8)
+    root, out = tmp_path / "run", tmp_path / "out"
+    for step, tensors in zip(steps[:3], seq):
+        _save_checkpoint(root, step, tensors)
+    assert len(_polls(Watcher(root, out, settle=1, **OPTIONS), 2)) == 2  # start from 2, then one more
+    for old in ("checkpoint-1", "checkpoint-2"):  # deleted while no watch was running
+        for f in (root / old).iterdir():
+            f.unlink()
+        (root / old).rmdir()
+    _save_checkpoint(root, 4, seq[3])
+    updates = _polls(Watcher(root, out, settle=1, **OPTIONS), 2)  # a new process, the same OUT
+    assert [u.summary["update"] for u in updates] == ["incremental from 3"]
+    _assert_same_results(updates[0], _batch(tmp_path, seq, steps))

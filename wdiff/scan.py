@@ -44,7 +44,10 @@ def fingerprint(checkpoint: Checkpoint) -> str:
         return checkpoint.known_fingerprint
     digest = hashlib.sha256()
     for path in sorted({r.path for r in checkpoint.tensors.values()}):
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:  # e.g. save_total_limit deleted it since the scan
+            raise WdiffError(path, f"cannot read: {e.strerror} (deleted while wdiff ran?)") from None
         digest.update(f"{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
