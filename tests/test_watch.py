@@ -158,3 +158,16 @@ def test_a_restarted_watch_continues_from_out(tmp_path):
     updates = _polls(Watcher(root, out, settle=1, **OPTIONS), 2)  # a new process, the same OUT
     assert [u.summary["update"] for u in updates] == ["incremental from 3"]
     _assert_same_results(updates[0], _batch(tmp_path, seq, steps))
+
+
+def test_watch_has_every_run_option():
+    import inspect
+
+    from wdiff import cli
+
+    run = inspect.signature(cli.run_command, eval_str=True).parameters
+    watch = inspect.signature(cli.watch_command).parameters
+    assert [n for n in watch if n not in ("folder", "poll")] == [n for n in run if n != "inputs"]
+    assert all(watch[n].annotation is run[n].annotation for n in run if n != "inputs")
+    p = subprocess.run([sys.executable, "-m", "wdiff", "watch", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--poll" in p.stdout and "--chunk-mb" in p.stdout
