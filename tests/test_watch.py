@@ -162,12 +162,16 @@ def test_a_restarted_watch_continues_from_out(tmp_path):
 
 def test_watch_has_every_run_option():
     import inspect
+    from typing import get_args
 
     from wdiff import cli
 
     run = inspect.signature(cli.run_command, eval_str=True).parameters
     watch = inspect.signature(cli.watch_command).parameters
     assert [n for n in watch if n not in ("folder", "poll")] == [n for n in run if n != "inputs"]
-    assert all(watch[n].annotation is run[n].annotation for n in run if n != "inputs")
+    for name in (n for n in run if n != "inputs"):
+        (kind, option), (same_kind, same_option) = (get_args(x[name].annotation) for x in (watch, run))
+        assert kind == same_kind and watch[name].default == run[name].default
+        assert (option.param_decls, option.help) == (same_option.param_decls, same_option.help)
     p = subprocess.run([sys.executable, "-m", "wdiff", "watch", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "--poll" in p.stdout and "--chunk-mb" in p.stdout
