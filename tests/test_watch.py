@@ -30,11 +30,13 @@ def _assert_same_results(watched: Results, batch: Results) -> None:
     assert watched.names == batch.names
     for name in batch.names:
         np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name))
+        np.testing.assert_array_equal(watched.rows(name), batch.rows(name))
         w, b = watched.summary["tensors"][name], batch.summary["tensors"][name]
         for key in (
             "accumulated_l1",
             "accumulated_max",
             "net_l2",
+            "interval_l1",
             "interval_l2",
             "l2",
             "rotation",
