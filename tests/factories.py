@@ -7,6 +7,7 @@ writer), so the files are exactly what users have on disk.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -170,3 +171,66 @@ def sgd_run(
         if step in steps:
             out.append({k: v.astype(np.float32) for k, v in w.items()})
     return out, list(steps)
+
+
+def safetensors_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    """A hand-made safetensors file: header length (``length`` to lie about it), header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw) if length is None else length
+    return struct.pack("<Q", n) + raw + data
+
+
+_GOOD = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+
+def _one(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:
+    shape = list(shape) if isinstance(shape, tuple) else shape
+    offsets = list(offsets) if isinstance(offsets, tuple) else offsets
+    return {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
+
+
+# Every way FORMATS.md says a safetensors file is broken, as the bytes of one file.
+MALFORMED = {
+    "empty file": b"",
+    "too short": b"\x08\0\0",
+    "header length over 100 MB": safetensors_bytes(b"{}", length=100_000_001),
+    "header claims petabytes": safetensors_bytes(b"{}", length=1 << 53),
+    "header past end of file": safetensors_bytes(json.dumps(_GOOD).encode(), b"\0" * 8, length=4000),
+    "invalid utf-8": safetensors_bytes(b'{"w\xff": 1}'),
+    "invalid json": safetensors_bytes(b'{"w": {"dtype": "F32",'),
+    "deeply nested json": safetensors_bytes(b"[" * 100_000 + b"]" * 100_000),
+    "NaN in header": safetensors_bytes(b'{"w": NaN}'),
+    "duplicate tensor name": safetensors_bytes(
+        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+        b' "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+        b"\0" * 8,
+    ),
+    "not an object": safetensors_bytes(b"[1, 2, 3]"),
+    "entry not an object": safetensors_bytes({"w": [0, 8]}, b"\0" * 8),
+    "unknown dtype": safetensors_bytes(_one("F33"), b"\0" * 8),
+    "shape not a list": safetensors_bytes(_one(shape="2"), b"\0" * 8),
+    "negative size": safetensors_bytes(_one(shape=(-2,)), b"\0" * 8),
+    "float size": safetensors_bytes(_one(shape=(2.0,)), b"\0" * 8),
+    "offsets not a pair": safetensors_bytes(_one(offsets=(0, 4, 8)), b"\0" * 8),
+    "boolean offsets": safetensors_bytes(_one(shape=(0,), offsets=(False, False)), b""),
+    "gap": safetensors_bytes(_one(offsets=(4, 12)), b"\0" * 12),
+    "overlap": safetensors_bytes(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\0" * 12,
+    ),
+    "backwards": safetensors_bytes(_one(shape=(0,), offsets=(8, 0)), b"\0" * 8),
+    "size mismatch": safetensors_bytes(_one(shape=(3,)), b"\0" * 8),
+    "huge shape": safetensors_bytes(_one(shape=(2**62, 2**62)), b"\0" * 8),
+    "numbers of 4299 digits": safetensors_bytes(
+        b'{"w": {"dtype": "F32", "shape": [%s, %s], "data_offsets": [0, 8]}}' % (b"9" * 4299, b"9" * 4299),
+        b"\0" * 8,
+    ),
+    "dims overflow int64": safetensors_bytes(_one(shape=[2**40] * 4, offsets=(0, 2**162)), b"\0" * 8),
+    "truncated": safetensors_bytes(_GOOD, b"\0" * 5),
+    "trailing bytes": safetensors_bytes(_GOOD, b"\0" * 9),
+    "metadata not strings": safetensors_bytes({**_GOOD, "__metadata__": {"epoch": 3}}, b"\0" * 8),
+    "metadata not an object": safetensors_bytes({**_GOOD, "__metadata__": "pt"}, b"\0" * 8),
+}

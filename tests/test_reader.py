@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest
-from factories import DTYPES, save, save_sharded
+from factories import DTYPES, MALFORMED, safetensors_bytes, save, save_sharded
 from safetensors import safe_open
 
 from wdiff import kernels
@@ -64,39 +63,6 @@ def test_offsets_match_the_library(tmp_path, code):
             np.testing.assert_array_equal(got, expected)
 
 
-def _file(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    n = len(raw) if length is None else length
-    return struct.pack("<Q", n) + raw + data
-
-
-GOOD = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
-MALFORMED = {
-    "header length over 100 MB": _file(b"{}", length=100_000_001),
-    "header past end of file": _file(json.dumps(GOOD).encode(), b"\0" * 8, length=4000),
-    "invalid utf-8": _file(b'{"w\xff": 1}'),
-    "invalid json": _file(b'{"w": {"dtype": "F32",'),
-    "not an object": _file(b"[1, 2, 3]"),
-    "unknown dtype": _file({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "gap": _file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
-    "overlap": _file(
-        {
-            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
-        },
-        b"\0" * 12,
-    ),
-    "backwards": _file({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8),
-    "size mismatch": _file({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "huge shape": _file({"w": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "negative size": _file({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "truncated": _file(GOOD, b"\0" * 5),
-    "trailing bytes": _file(GOOD, b"\0" * 9),
-    "metadata not strings": _file({**GOOD, "__metadata__": {"epoch": 3}}, b"\0" * 8),
-    "too short": b"\x08\0\0",
-}
-
-
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_files_are_refused_like_the_library(tmp_path, case):
     path = tmp_path / "bad.safetensors"
@@ -119,7 +85,7 @@ def test_valid_oddities_are_accepted(tmp_path):
     }
     path = tmp_path / "odd.safetensors"
     payload = np.array([1, 2, 3], np.float16).tobytes() + np.float32(5).tobytes()
-    path.write_bytes(_file(header, payload))
+    path.write_bytes(safetensors_bytes(header, payload))
     refs = read_checkpoint(path)
     np.testing.assert_array_equal(_decode(refs["x"]), [1, 2, 3])
     assert refs["y"].shape == () and _decode(refs["y"]) == 5

@@ -3,9 +3,9 @@
 Point it at a sequence of checkpoints; it computes the accumulated weight change of every weight,
 ``sum_t |W(t+1) - W(t)|``, out-of-core, and renders it in 3D.
 
-The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.Results``, ``wdiff.WdiffError``,
-``wdiff.write_report``, ``wdiff.compare``) is imported on
-first use, so ``wdiff --help`` does not pay for numpy.
+The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.watch``, ``wdiff.Results``, ``wdiff.WdiffError``,
+``wdiff.write_report``, ``wdiff.compare``) is imported on first use, so ``wdiff --help`` does not pay
+for numpy.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Results", "Run", "WdiffError", "__version__", "compare", "run", "scan", "write_report"]
+__all__ = [
+    "Results", "Run", "WdiffError", "__version__", "compare", "run", "scan", "watch", "write_report"
+]  # fmt: skip
 
 _LAZY = {
     "run": "wdiff.api",
@@ -23,6 +25,7 @@ _LAZY = {
     "WdiffError": "wdiff.errors",
     "write_report": "wdiff.report",
     "compare": "wdiff.report",
+    "watch": "wdiff.watch",
 }
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from wdiff.report import compare, write_report
     from wdiff.results import Results
     from wdiff.scan import Run, scan
+    from wdiff.watch import watch
 
 
 def __getattr__(name: str) -> Any:

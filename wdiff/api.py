@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from wdiff import __version__, _warm
 from wdiff.errors import WdiffError
+from wdiff.outdir import Staging
 from wdiff.results import (
     ACCUMULATED,
     FRAMES,
@@ -53,17 +53,6 @@ def _check_out(out: Path) -> None:
         raise WdiffError(out, "output path exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
         raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move finished results into place; the previous results are removed only after that succeeds."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.wdiff-old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _previous(
@@ -152,7 +141,7 @@ def _trainer_summary(state: dict | None) -> dict | None:
 
 
 def run(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run,
     out: str | os.PathLike[str],
     *,
     max_points: int = 1_000_000,
@@ -165,6 +154,8 @@ def run(
     incremental: bool = True,
     frames: bool = False,
     frame_points: int = 200_000,
+    extend_only: bool = False,
+    keep: Callable[[Path], None] | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply``,
     ``render.png`` (unless ``render=False``) and the report (``findings.json``, ``metrics.csv``,
@@ -180,6 +171,10 @@ def run(
 
     ``frames=True`` also writes ``frames.safetensors``: the change of every interval (not accumulated),
     pooled into cells under a budget of ``frame_points`` points, for the training film.
+
+    ``inputs`` may be a scanned :class:`Run`. ``extend_only=True`` refuses to do anything but extend
+    the results in ``out``, and ``keep(folder)`` adds files to the new results folder before it is
+    swapped in: ``wdiff.watch`` uses both (see ``wdiff/watch.py``).
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -190,27 +185,26 @@ def run(
     _check_out(out)
     if max_points < 1:
         raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
-    the_run = scan(inputs)
+    the_run = inputs if isinstance(inputs, Run) else scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
-    previous, update = (
-        _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
-    )
-    frame_plan = _cell_plan(the_run, frame_points) if frames else {}
-    frame_grids = {name: Grid(rows, cols, block) for name, (rows, cols, block) in frame_plan.items()}
-    old_frames = None
-    if frames and previous is not None:
-        old_frames = _previous_frames(out, previous.known, frame_grids)
-        if old_frames is None:  # earlier results without these frames: recompute them all
-            previous, update = None, "full"
-    if on_scan is not None:
-        on_scan(the_run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.wdiff-tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; results are ordinary files
+    staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
+        previous, update = (
+            _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
+        )
+        frame_plan = _cell_plan(the_run, frame_points) if frames else {}
+        frame_grids = {name: Grid(rows, cols, block) for name, (rows, cols, block) in frame_plan.items()}
+        old_frames = None
+        if frames and previous is not None:
+            old_frames = _previous_frames(out, previous.known, frame_grids)
+            if old_frames is None:  # earlier results without these frames: recompute them all
+                previous, update = None, "full"
+        if extend_only and previous is None:
+            raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
+        if on_scan is not None:
+            on_scan(the_run)
+        tmp = staging.folder
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
         plan = _cell_plan(the_run, max_points)
@@ -262,6 +256,7 @@ def run(
             ],
             "tensors": result.tensors,
             "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
+            "left_out": [{"path": s.name, "reason": s.reason} for s in the_run.left_out],
             "timing": {
                 "read_bytes": result.read_bytes,
                 "compute_seconds": result.compute_seconds,
@@ -274,14 +269,15 @@ def run(
         }
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
+        if keep is not None:
+            keep(tmp)
         write_json(tmp / SUMMARY, summary)
         from wdiff.report import write_report
 
         write_report(tmp)  # findings.json, metrics.csv, tensors.csv, report.html (see wdiff.report)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.commit()
+    finally:
+        staging.close()
     return Results.load(out)
 
 

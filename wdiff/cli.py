@@ -6,6 +6,7 @@ Progress goes to stderr (rich), results to files, a one-line summary to stdout. 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,22 @@ def _human(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
     return f"{nbytes:.1f} TB"
+
+
+def _api_options(
+    max_points: int, no_render: bool, chunk_mb: float, scheduler: str, workers: int | None, full: bool
+) -> dict:
+    """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``."""
+    if chunk_mb <= 0:
+        raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    return {
+        "max_points": max_points,
+        "render": not no_render,
+        "chunk_elements": max(1, int(chunk_mb * (1 << 20) / 4)),
+        "scheduler": scheduler,
+        "workers": workers,
+        "incremental": not full,
+    }
 
 
 @app.command("run")
@@ -107,12 +124,11 @@ def run_command(
     from wdiff.scan import Run
 
     err = Console(stderr=True, quiet=quiet)
-    if chunk_mb <= 0:
-        raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    options = _api_options(max_points, no_render, chunk_mb, scheduler, workers, full)
 
     def on_scan(scanned: Run) -> None:
-        for s in scanned.skipped:
-            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False)
+        for s in scanned.left_out + scanned.skipped:
+            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False, soft_wrap=True)
         steps = scanned.steps
         err.print(
             f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
@@ -128,7 +144,7 @@ def run_command(
         TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not err.is_terminal,  # a bar in a log is noise (and a stray blank line)
     )
     tasks: dict[str, int] = {}
 
@@ -138,18 +154,7 @@ def run_command(
         progress.update(tasks[phase], advance=advance)
 
     with progress:
-        res = api.run(
-            inputs,
-            out,
-            max_points=max_points,
-            render=not no_render,
-            chunk_elements=max(1, int(chunk_mb * (1 << 20) / 4)),
-            scheduler=scheduler,
-            workers=workers,
-            progress=on_progress,
-            on_scan=on_scan,
-            incremental=not full,
-        )
+        res = api.run(inputs, out, progress=on_progress, on_scan=on_scan, **options)
     if res.summary["update"] != "full":
         err.print(f"{res.summary['update']} (earlier results in {out} extended)", highlight=False)
     timing = res.summary["timing"]
@@ -205,6 +210,66 @@ def compare_command(
     ratios = [b["path_l1_ratio"] for b in result.blocks if b["path_l1_ratio"] is not None]
     span = f"B/A per block {min(ratios):.3g} .. {max(ratios):.3g}" if ratios else "no ratios"
     typer.echo(f"{result.path}: {len(result.tensors)} tensors compared, {span}")
+
+
+def watch_command(**options: object) -> None:
+    """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
+    from rich.console import Console
+
+    from wdiff.watch import watch
+
+    folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
+    err = Console(stderr=True, quiet=bool(options.pop("quiet")))
+    api_options = _api_options(**options)  # type: ignore[arg-type]
+
+    def on_update(res: object) -> None:
+        summary = res.summary  # type: ignore[attr-defined]
+        steps = [c["step"] for c in summary["checkpoints"]]
+        err.print(f"step {steps[-1]}: {len(steps)} checkpoints, {summary['update']}", highlight=False)
+
+    def warn(line: str) -> None:
+        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+    err.print(f"watching {folder} every {poll:g} s; Ctrl-C stops", highlight=False)
+    try:
+        watch(folder, out, poll=poll, on_update=on_update, warn=warn, **api_options)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
+    if (Path(out) / "summary.json").is_file():  # type: ignore[arg-type]
+        from wdiff.results import Results
+
+        steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]  # type: ignore[arg-type]
+        typer.echo(
+            f"{out}: watch stopped; results cover {len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
+        )
+    else:
+        typer.echo(f"{out}: watch stopped before two checkpoints were complete; no results")
+
+
+def _watch_signature() -> inspect.Signature:
+    """``run``'s options, the same objects (a new ``run`` option is a ``watch`` option too), with the
+    folder to follow instead of the inputs, and the poll interval."""
+    run = inspect.signature(run_command, eval_str=True)
+    folder = inspect.Parameter(
+        "folder",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            Path, typer.Argument(help="The training output folder to follow (checkpoint-N/ folders).")
+        ],
+    )
+    poll = inspect.Parameter(
+        "poll",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=10.0,
+        annotation=Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")],
+    )
+    params = [p for name, p in run.parameters.items() if name != "inputs"]
+    return run.replace(parameters=[folder, *params, poll])
+
+
+watch_command.__signature__ = _watch_signature()  # type: ignore[attr-defined]
+watch_command.__annotations__ = {}
+app.command("watch")(watch_command)
 
 
 def _exit_now(code: object) -> None:

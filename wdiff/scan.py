@@ -17,7 +17,7 @@ from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.naming import last_number, network_order
-from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, read_checkpoint
+from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, missing, read_checkpoint
 from wdiff.readers.base import read_json
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -31,6 +31,8 @@ class Checkpoint:
     path: str
     step: int | None
     tensors: dict[str, TensorRef] = field(repr=False)
+    # Set when ``tensors`` are kept copies (``wdiff watch``): the identity of the original files.
+    known_fingerprint: str | None = field(default=None, repr=False)
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:
@@ -38,9 +40,14 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     earlier checkpoint was rewritten or replaced since results were computed from it."""
     import hashlib
 
+    if checkpoint.known_fingerprint is not None:
+        return checkpoint.known_fingerprint
     digest = hashlib.sha256()
     for path in sorted({r.path for r in checkpoint.tensors.values()}):
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:  # e.g. save_total_limit deleted it since the scan
+            raise WdiffError(path, f"cannot read: {e.strerror} (deleted while wdiff ran?)") from None
         digest.update(f"{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
@@ -79,6 +86,7 @@ class Run:
     tensors: tuple[AlignedTensor, ...]  # computable tensors, network order
     skipped: tuple[Skipped, ...]
     trainer_state: dict | None = field(default=None, repr=False)
+    left_out: tuple[Skipped, ...] = ()  # checkpoints left out (by path): a live run's unfinished newest
 
     @property
     def steps(self) -> list[int | None]:
@@ -135,9 +143,11 @@ def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return numbered
 
 
-def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Path | None]:
-    """Ordered (step, checkpoint path) pairs, and the trainer_state.json to read if any."""
-    if len(inputs) == 1 and inputs[0].is_dir() and not has_weights(inputs[0]):
+def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bool]:
+    """Ordered (step, checkpoint path) pairs, and whether they were found in a folder (which training
+    may still be writing into) rather than named one by one."""
+    live = len(inputs) == 1 and inputs[0].is_dir() and not has_weights(inputs[0])
+    if live:
         folder = inputs[0]
         hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
@@ -146,7 +156,7 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Pa
     else:
         for p in inputs:
             if not p.exists():
-                raise WdiffError(p, "no such file or folder")
+                raise WdiffError(p, missing(p))
         pairs = []
         for p in inputs:
             state = p / TRAINER_STATE if p.is_dir() else None
@@ -157,9 +167,42 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Pa
                 m = _HF_CHECKPOINT.match(p.name)
                 step = int(m.group(1)) if m else last_number(p.name.removesuffix(".safetensors"))
             pairs.append((step, p))
-    # The newest trainer_state.json holds the whole log history.
-    states = [p / TRAINER_STATE for _, p in pairs if p.is_dir() and (p / TRAINER_STATE).is_file()]
-    return pairs, (states[-1] if states else None)
+    return pairs, live
+
+
+def _unfinished(path: Path, expect_state: bool) -> str | None:
+    """Why a checkpoint folder of a live training run is not complete yet (FORMATS.md: the HF Trainer
+    writes ``trainer_state.json`` last and has no temp-folder-then-rename), or None."""
+    if not (expect_state and path.is_dir()):
+        return None
+    state = path / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE} yet, which the HF Trainer writes last: the checkpoint is incomplete"
+    return None
+
+
+def _read_checkpoints(
+    pairs: Sequence[tuple[int | None, Path]], live: bool
+) -> tuple[list[Checkpoint], list[Skipped]]:
+    """Read every checkpoint. In a folder training may still write into, the newest one failing
+    (no trainer_state.json yet, a shard missing or failing validation) is left out with a reason;
+    any older one failing is an error: something broke it after it was complete."""
+    expect_state = live and any((p / TRAINER_STATE).is_file() for _, p in pairs if p.is_dir())
+    checkpoints, left_out = [], []
+    for i, (step, p) in enumerate(pairs):
+        newest = live and i == len(pairs) - 1 and len(pairs) > 2
+        try:
+            problem = _unfinished(p, expect_state)
+            if problem is not None:
+                raise WdiffError(p, problem)
+            if newest and expect_state and p.is_dir():
+                _load_trainer_state(p / TRAINER_STATE)  # half-written JSON: still being saved
+            checkpoints.append(Checkpoint(str(p), step, read_checkpoint(p)))
+        except WdiffError as e:
+            if not newest:
+                raise
+            left_out.append(Skipped(str(p), f"newest checkpoint left out (still being written?): {e}"))
+    return checkpoints, left_out
 
 
 def _align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
@@ -194,14 +237,22 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     if not paths:
         raise WdiffError(None, "no checkpoints given")
-    pairs, state_path = _discover(paths)
-    source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
-    if len(pairs) < 2:
-        where = pairs[0][1] if pairs else paths[0]
-        raise WdiffError(where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change")
-    checkpoints = tuple(Checkpoint(str(p), step, read_checkpoint(p)) for step, p in pairs)
-    tensors, skipped = _align(checkpoints)
-    if not tensors:
-        raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
-    state = _load_trainer_state(state_path) if state_path is not None else None
-    return Run(source, checkpoints, tuple(tensors), tuple(skipped), state)
+    try:
+        pairs, live = _discover(paths)
+        source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
+        if len(pairs) < 2:
+            where = pairs[0][1] if pairs else paths[0]
+            raise WdiffError(
+                where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
+            )
+        checkpoints, left_out = _read_checkpoints(pairs, live)
+        tensors, skipped = _align(checkpoints)
+        if not tensors:
+            raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
+        # The newest trainer_state.json holds the whole log history.
+        states = [Path(c.path) / TRAINER_STATE for c in checkpoints]
+        states = [s for s in states if s.parent.is_dir() and s.is_file()]
+        state = _load_trainer_state(states[-1]) if states else None
+    except OSError as e:  # an unreadable folder met while listing or testing it
+        raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
+    return Run(source, tuple(checkpoints), tuple(tensors), tuple(skipped), state, tuple(left_out))

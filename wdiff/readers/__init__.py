@@ -7,10 +7,11 @@ Formats are recognised by their first bytes, not their suffix. Pickle files (``p
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, DType, TensorRef
+from wdiff.readers.base import DTYPES, DType, TensorRef, open_regular
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
 
 __all__ = [
@@ -29,16 +30,24 @@ PICKLE_HINT = (
     "save_file; save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
 
 
 def _sniff_pickle(path: Path) -> bool:
     """Torch pickles start with the pickle protocol byte or are zip archives (torch >= 1.6)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, WdiffError):
         return False
     return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
+
+
+def missing(path: Path) -> str:
+    """Why a path given as a checkpoint does not exist, in words."""
+    if path.is_symlink():
+        return "symlink to nothing: its target is missing or it is a symlink loop"
+    return "no such file or folder"
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -54,6 +63,11 @@ def find_weights(folder: Path) -> Path | None:
         return indexes[0]
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if len(files) == 1:
+        shard = _SHARD_NAME.search(files[0].name)
+        if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
+            raise WdiffError(
+                files[0], f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
+            )
         return files[0]
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
@@ -86,7 +100,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
             raise WdiffError(path, "no safetensors weights in this folder")
         path = entry
     if not path.exists():
-        raise WdiffError(path, "no such file or folder")
+        raise WdiffError(path, missing(path))
     if path.name.endswith(".json"):
         return read_sharded(path)
     if looks_like_safetensors(path):

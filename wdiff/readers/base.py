@@ -9,13 +9,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
 from wdiff.errors import WdiffError
+
+MAX_JSON_BYTES = 1 << 30  # index and trainer-state files: real ones are kilobytes to tens of MB
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a file read-only, refusing anything but a regular file before a byte is read.
+
+    A named pipe would block ``open`` forever and a device never ends, so the open does not wait
+    (O_NONBLOCK, no effect on regular files) and the kind is checked on the open descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+        raise WdiffError(path, f"cannot read: {kind}, not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
@@ -23,13 +44,16 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
 
     Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN included.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WdiffError(path, f"{what} is not valid JSON: {e}") from None
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise WdiffError(path, f"{what} of {size} bytes is over the {MAX_JSON_BYTES >> 20} MiB limit")
+        try:
+            return json.loads(f.read().decode("utf-8"))
+        except OSError as e:
+            raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise WdiffError(path, f"{what} is not valid JSON: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,12 @@ the safetensors library accepts, and a broken or half-written file is refused wi
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef, read_json
+from wdiff.readers.base import DTYPES, TensorRef, open_regular, read_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -23,10 +22,10 @@ INDEX_NAME = "model.safetensors.index.json"
 def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
     """Sniff the first bytes: a plausible little-endian header length followed by ``{``."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
             size = os.fstat(f.fileno()).st_size
-    except OSError:
+    except (OSError, WdiffError):
         return False
     if len(head) < 9:
         return False
@@ -42,20 +41,42 @@ def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {shown(key)}")
         out[key] = value
     return out
+
+
+def shown(value: object) -> str:
+    """``repr`` of a value taken from a file, cut short: an error stays one readable line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return "a number of over 4300 digits"
+    return text if len(text) <= 80 else text[:70] + f"... ({len(text)} chars)"
 
 
 def _is_uint(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _bits(shape: list[int], bits: int, limit: int) -> int:
+    """``prod(shape) * bits``, in Python ints (no overflow), stopping once past ``limit``: a header
+    claiming 2**62 x 2**62 x ... elements costs no more than a file-sized product."""
+    if 0 in shape:
+        return 0
+    total = bits
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return total
+    return total
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dict[str, str] | None]:
     """Parse and validate one safetensors file; return its tensors (by name) and ``__metadata__``."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -91,23 +112,23 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
     for name, info in header.items():
         if not isinstance(info, dict):
-            raise WdiffError(path, f"tensor {name!r}: entry is not a JSON object")
+            raise WdiffError(path, f"tensor {shown(name)}: entry is not a JSON object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise WdiffError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+            raise WdiffError(path, f"tensor {shown(name)}: unknown dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise WdiffError(path, f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+            raise WdiffError(path, f"tensor {shown(name)}: shape {shown(shape)} is not a list of sizes")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
-            raise WdiffError(path, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+            raise WdiffError(path, f"tensor {shown(name)}: data_offsets {shown(offsets)} is not [begin, end]")
         begin, end = offsets
         if end < begin:
-            raise WdiffError(path, f"tensor {name!r}: data_offsets [{begin}, {end}] run backwards")
-        bits = math.prod(shape) * DTYPES[dtype].bits  # Python ints: no overflow
+            raise WdiffError(path, f"tensor {shown(name)}: data_offsets {shown(offsets)} run backwards")
+        bits = _bits(shape, DTYPES[dtype].bits, 8 * size)
         if bits % 8 or bits // 8 != end - begin:
             raise WdiffError(
                 path,
-                f"tensor {name!r}: {dtype} shape {shape} needs {bits / 8:g} bytes "
-                f"but data_offsets give {end - begin}",
+                f"tensor {shown(name)}: {dtype} shape {shown(shape)} needs {shown(bits // 8)} bytes"
+                f"{f' and {bits % 8} bits' if bits % 8 else ''} but data_offsets give {shown(end - begin)}",
             )
         entries.append((begin, end, name, dtype, tuple(shape)))
 
@@ -116,7 +137,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     for begin, end, name, _, _ in entries:
         if begin != expected:
             problem = "overlaps the previous tensor" if begin < expected else "leaves a gap"
-            raise WdiffError(path, f"tensor {name!r}: data at offset {begin} {problem}")
+            raise WdiffError(path, f"tensor {shown(name)}: data at offset {begin} {problem}")
         expected = end
     if data_start + expected != size:
         state = "is truncated" if data_start + expected > size else "has trailing bytes"
@@ -144,17 +165,23 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     shards: dict[str, dict[str, TensorRef]] = {}
     for shard in sorted(set(weight_map.values())):
         # A shard name comes from outside: it must name a file inside the checkpoint folder.
+        if not shard or "\0" in shard:
+            raise WdiffError(index_path, f"shard path {shown(shard)} in weight_map is not a file name")
         candidate = folder / shard
-        if os.path.isabs(shard) or not candidate.resolve().is_relative_to(folder):
-            raise WdiffError(index_path, f"shard path {shard!r} leaves the checkpoint folder")
+        try:
+            inside = not os.path.isabs(shard) and candidate.resolve().is_relative_to(folder)
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+            raise WdiffError(index_path, f"shard {shown(shard)} is a symlink loop") from None
+        if not inside:
+            raise WdiffError(index_path, f"shard path {shown(shard)} leaves the checkpoint folder")
         if not candidate.is_file():
-            raise WdiffError(index_path, f"shard {shard!r} named in weight_map does not exist")
+            raise WdiffError(index_path, f"shard {shown(shard)} named in weight_map does not exist")
         shards[shard], _ = read_header(candidate)
 
     tensors: dict[str, TensorRef] = {}
     for name, shard in weight_map.items():
         ref = shards[shard].get(name)
         if ref is None:
-            raise WdiffError(folder / shard, f"tensor {name!r} listed in the index is not in this shard")
+            raise WdiffError(folder / shard, f"tensor {shown(name)} listed in the index is not in this shard")
         tensors[name] = ref
     return tensors

@@ -1,0 +1,314 @@
+"""Follow a training run while it writes checkpoints: what ``wdiff watch DIR -o OUT`` does.
+
+Every ``poll`` seconds the folder is listed the way ``wdiff run`` lists it (``checkpoint-N/`` folders or
+numbered checkpoints). A new checkpoint counts as complete when the names, sizes and modification times
+of all its files stayed the same over ``settle`` polls in a row and it validates like any input (every
+weight file checked, ``trainer_state.json`` parsed where the run writes one). Complete checkpoints are
+added one at a time, in step order, each as one more interval through the incremental path of
+``wdiff.run``; the results are swapped into OUT after each one, so OUT is always a finished result.
+
+Why OUT keeps two checkpoints of its own. An incremental update reads W(0) (net change and rotation
+are measured from it) and W(K-1) (where the new interval starts), and ``save_total_limit`` deletes old
+checkpoint folders while training goes on: W(0) first, and with a limit of 1 W(K-1) the moment W(K) is
+complete. So the watch keeps, inside OUT, a byte-for-byte copy of the tensors of the first checkpoint
+(``watch-first.safetensors``, written once) and of the latest one (``watch-last.safetensors``, replaced
+by each update). Each new checkpoint is copied before it is read, so its deletion during the update
+changes nothing. The price: one more write of each checkpoint's size, and OUT holds two checkpoints
+more. The results are exactly (bit for bit) those of ``wdiff run`` over the same checkpoints.
+
+A checkpoint deleted before the watch could copy it is left out with a warning (its interval merges
+into the next one, as it would in a batch run over what is left). Ctrl-C stops the watch; an update it
+interrupts is dropped and OUT keeps the results of the last finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wdiff import api
+from wdiff.errors import WdiffError
+from wdiff.readers import TensorRef, read_checkpoint
+from wdiff.readers.safetensors import read_header
+from wdiff.results import SUMMARY, Results
+from wdiff.scan import (
+    TRAINER_STATE,
+    Checkpoint,
+    Run,
+    _align,
+    _hf_checkpoints,
+    _load_trainer_state,
+    _numbered_checkpoints,
+    fingerprint,
+)
+
+KEPT_FIRST = "watch-first.safetensors"
+KEPT_LAST = "watch-last.safetensors"
+_COPY_BLOCK = 1 << 24
+
+
+def copy_tensors(tensors: dict[str, TensorRef], dest: Path) -> None:
+    """Write ``tensors`` into one safetensors file at ``dest``, their bytes exactly as stored.
+
+    The header is laid out like the official writer's (space-padded to a multiple of 8); the bytes
+    move with ``copy_file_range`` in bounded blocks, never through memory whole.
+    """
+    header: dict[str, Any] = {}
+    begin = 0
+    order = sorted(tensors.values(), key=lambda r: r.name)
+    for ref in order:
+        header[ref.name] = {
+            "dtype": ref.dtype,
+            "shape": list(ref.shape),
+            "data_offsets": [begin, begin + ref.nbytes],
+        }
+        begin += ref.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dest, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little") + raw)
+        out.flush()
+        for ref in order:
+            with open(ref.path, "rb") as src:
+                done = 0
+                while done < ref.nbytes:
+                    n = os.copy_file_range(
+                        src.fileno(), out.fileno(), min(_COPY_BLOCK, ref.nbytes - done), ref.offset + done
+                    )
+                    if n == 0:
+                        raise WdiffError(
+                            ref.path, f"tensor {ref.name!r}: the file shrank while it was copied"
+                        )
+                    done += n
+
+
+def _snapshot(path: Path) -> tuple | None:
+    """Names, sizes and modification times of every file of a checkpoint; None once it is gone."""
+    try:
+        if path.is_file():
+            st = path.stat()
+            return ((path.name, st.st_size, st.st_mtime_ns),)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return None
+
+
+def _listing(folder: Path) -> list[tuple[int, Path]]:
+    """The checkpoints in ``folder`` as ``wdiff run`` orders them: (step, path)."""
+    return _hf_checkpoints(folder) or _numbered_checkpoints(folder)
+
+
+@dataclass
+class _Pending:
+    snapshot: tuple | None
+    stable: int = 0  # polls in a row it stayed the same
+    problem: str | None = None  # why it does not validate yet
+
+
+class Watcher:
+    """The watch's state between polls; ``poll()`` adds what became complete since the last one."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        *,
+        settle: int = 2,
+        on_update: Callable[[Results], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> None:
+        self.folder = Path(folder)
+        self.out = Path(out)
+        self.settle = max(1, settle)
+        self.on_update = on_update
+        self.warn = warn or (lambda message: None)
+        self.options = options
+        self._pending: dict[Path, _Pending] = {}
+        self._expect_state = False
+        self._staged = self.out.parent / f".{self.out.name}.wdiff-watch-next.safetensors"
+        self._first_staged = self.out.parent / f".{self.out.name}.wdiff-watch-first.safetensors"
+        if not self.folder.is_dir():
+            raise WdiffError(self.folder, "is not a folder: wdiff watch follows a training output folder")
+        self._staged.unlink(missing_ok=True)  # what a killed watch left
+        self._first_staged.unlink(missing_ok=True)
+
+    # -- what OUT already holds --------------------------------------------------------------------
+    def _history(self) -> list[dict] | None:
+        """The checkpoints OUT's results cover, when OUT holds the watch's kept copies."""
+        if not ((self.out / KEPT_FIRST).is_file() and (self.out / KEPT_LAST).is_file()):
+            return None
+        try:
+            history = json.loads((self.out / SUMMARY).read_text()).get("checkpoints")
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, list) and len(history) >= 2 else None
+
+    def last_step(self) -> int | None:
+        history = self._history()
+        return history[-1]["step"] if history else None
+
+    # -- polling -----------------------------------------------------------------------------------
+    def _complete(self, candidates: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+        """Those candidates that stayed unchanged over ``settle`` polls and validate."""
+        ready = []
+        for step, path in candidates:
+            snap = _snapshot(path)
+            pending = self._pending.get(path)
+            if pending is None or pending.snapshot != snap or snap is None:
+                self._pending[path] = _Pending(snap)
+                continue
+            pending.stable += 1
+            if pending.stable < self.settle:
+                continue
+            try:
+                if self._expect_state and path.is_dir():
+                    if not (path / TRAINER_STATE).is_file():
+                        raise WdiffError(path, f"no {TRAINER_STATE}, which the HF Trainer writes last")
+                    _load_trainer_state(path / TRAINER_STATE)
+                read_checkpoint(path)
+            except WdiffError as e:
+                pending.problem = str(e)
+                continue
+            ready.append((step, path))
+        return ready
+
+    def poll(self) -> list[Results]:
+        """List the folder once; add every checkpoint that became complete. Returns the updates."""
+        last = self.last_step()
+        listing = _listing(self.folder)
+        # Once the run is seen writing trainer_state.json, a checkpoint without one is incomplete.
+        self._expect_state = self._expect_state or any((p / TRAINER_STATE).is_file() for _, p in listing)
+        candidates = [(s, p) for s, p in listing if last is None or s > last]
+        self._pending = {p: v for p, v in self._pending.items() if any(p == c for _, c in candidates)}
+        ready = self._complete(candidates)
+        updates = []
+        if last is None:  # the first results need two complete checkpoints, the oldest ones
+            if len(ready) < 2 or ready[:2] != candidates[:2]:
+                return updates
+            result = self._start(*ready[:2])
+            if result is None:
+                return updates
+            updates.append(result)
+            del candidates[:2], ready[:2]
+        for step, path in ready:
+            if (step, path) != candidates[0]:
+                older = self._pending[candidates[0][1]]
+                if older.problem is not None:  # it stopped changing and is still broken
+                    raise WdiffError(
+                        candidates[0][1], f"is broken while a newer checkpoint is complete: {older.problem}"
+                    )
+                break  # wait for it: checkpoints are added in order
+            candidates.pop(0)
+            result = self._extend(step, path)
+            if result is not None:
+                updates.append(result)
+        return updates
+
+    # -- updates -----------------------------------------------------------------------------------
+    def _read(self, step: int, path: Path, copy: Path) -> Checkpoint | None:
+        """Validate a new checkpoint and copy its tensors to ``copy`` beside OUT, which the update
+        then reads: the original may be deleted any time now (None: it was already)."""
+        try:
+            live = Checkpoint(str(path), step, read_checkpoint(path))
+            identity = fingerprint(live)
+            copy_tensors(live.tensors, copy)
+            if fingerprint(live) != identity:
+                raise WdiffError(path, "changed while it was copied")
+        except (OSError, WdiffError) as e:
+            if path.exists():
+                raise
+            self.warn(f"{path}: deleted before it could be read, left out ({e})")
+            return None
+        kept, _ = read_header(copy)
+        return Checkpoint(str(path), step, kept, known_fingerprint=identity)
+
+    def _run(self, run: Run, keep: Callable[[Path], None], **extra: Any) -> Results:
+        try:
+            results = api.run(run, self.out, keep=keep, **{**self.options, **extra})
+        finally:
+            self._staged.unlink(missing_ok=True)
+        if self.on_update is not None:
+            self.on_update(results)
+        return results
+
+    def _assemble(self, checkpoints: list[Checkpoint], newest: Path) -> Run:
+        tensors, skipped = _align(checkpoints)
+        if not tensors:
+            raise WdiffError(self.folder, "no floating-point tensor is present in every checkpoint")
+        state = newest / TRAINER_STATE
+        trainer_state = _load_trainer_state(state) if newest.is_dir() and state.is_file() else None
+        return Run(str(self.folder), tuple(checkpoints), tuple(tensors), tuple(skipped), trainer_state)
+
+    def _start(self, first: tuple[int, Path], second: tuple[int, Path]) -> Results | None:
+        """The first results, from the two oldest complete checkpoints (read from their copies,
+        which OUT keeps). Results in OUT without the watch's copies are recomputed this way."""
+        try:
+            checkpoints = [self._read(*first, self._first_staged), self._read(*second, self._staged)]
+            if None in checkpoints:
+                return None
+            run = self._assemble(checkpoints, second[1])  # type: ignore[arg-type]
+
+            def keep(folder: Path) -> None:
+                os.replace(self._first_staged, folder / KEPT_FIRST)
+                os.replace(self._staged, folder / KEPT_LAST)
+
+            return self._run(run, keep)
+        finally:
+            self._first_staged.unlink(missing_ok=True)
+
+    def _extend(self, step: int, path: Path) -> Results | None:
+        """One more interval: W(0) and W(K-1) from OUT's kept copies, W(K) from its fresh copy."""
+        history = self._history()
+        assert history is not None
+        checkpoint = self._read(step, path, self._staged)
+        if checkpoint is None:
+            return None
+        first, _ = read_header(self.out / KEPT_FIRST)
+        last, _ = read_header(self.out / KEPT_LAST)
+        # Checkpoints between W(0) and W(K-1) are not read again (their intervals are in OUT's
+        # accumulated map): they stand in with W(K-1)'s tensors, and ``extend_only`` makes sure
+        # nothing but an extension of OUT's results can be computed from them.
+        known = [
+            Checkpoint(h["path"], h["step"], first if i == 0 else last, known_fingerprint=h["fingerprint"])
+            for i, h in enumerate(history)
+        ]
+        run = self._assemble([*known, checkpoint], path)
+
+        def keep(folder: Path) -> None:
+            api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
+            os.replace(self._staged, folder / KEPT_LAST)
+
+        return self._run(run, keep, extend_only=True, incremental=True)
+
+
+def watch(
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    poll: float = 10.0,
+    settle: int = 2,
+    stop: threading.Event | None = None,
+    on_update: Callable[[Results], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Results | None:
+    """Follow a training run in ``folder``, keeping ``out`` up to date, until ``stop`` is set (or
+    Ctrl-C). ``options`` are those of :func:`wdiff.run`. Returns the last results, if any.
+
+    ``on_update(results)`` is called after each update, ``warn(line)`` for checkpoints left out.
+    """
+    stop = stop or threading.Event()
+    watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
+    latest = None
+    while not stop.is_set():
+        updates = watcher.poll()
+        latest = updates[-1] if updates else latest
+        stop.wait(poll)
+    return latest if latest is not None else (Results.load(out) if (Path(out) / SUMMARY).is_file() else None)
