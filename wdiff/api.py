@@ -194,6 +194,9 @@ def run(
             from wdiff.scene import save_cells
 
             save_cells(tmp / POOLED, plan, result.cells)
+        for name, others in the_run.aliases.items():  # tied weights: reported once, with every name
+            if name in result.tensors:
+                result.tensors[name]["aliases"] = others
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -214,6 +217,8 @@ def run(
             "update": update,
             "trainer_state": _trainer_summary(the_run.trainer_state),
         }
+        if the_run.matching is not None:  # ONNX: which initializers were matched by name, which by position
+            summary["matching"] = the_run.matching
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         write_json(tmp / SUMMARY, summary)

@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.naming import last_number, network_order
-from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, read_checkpoint
+from wdiff.readers import TensorRef, has_weights, looks_like_onnx, looks_like_safetensors, read_checkpoint
 from wdiff.readers.base import read_json
+from wdiff.readers.lora import effective_tensors
+from wdiff.readers.onnx_match import match_sequence
+from wdiff.readers.tied import find_aliases
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -79,6 +82,8 @@ class Run:
     tensors: tuple[AlignedTensor, ...]  # computable tensors, network order
     skipped: tuple[Skipped, ...]
     trainer_state: dict | None = field(default=None, repr=False)
+    matching: dict | None = field(default=None, repr=False)  # how ONNX names were matched (onnx_match)
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights: name -> other names
 
     @property
     def steps(self) -> list[int | None]:
@@ -100,7 +105,7 @@ def _load_trainer_state(path: Path) -> dict:
 def _is_checkpoint(path: Path) -> bool:
     if path.is_dir():
         return has_weights(path)
-    return path.is_file() and looks_like_safetensors(path)
+    return path.is_file() and (looks_like_safetensors(path) or looks_like_onnx(path))
 
 
 def _hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -141,6 +146,8 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Pa
         folder = inputs[0]
         hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
+        if not pairs and (folder / "checkpoints").is_dir():  # accelerate project_dir, automatic naming
+            pairs = list(_numbered_checkpoints(folder / "checkpoints"))
         if not pairs:
             raise WdiffError(folder, "no checkpoints found (no checkpoint-N folders, no safetensors)")
     else:
@@ -200,8 +207,13 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
         where = pairs[0][1] if pairs else paths[0]
         raise WdiffError(where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change")
     checkpoints = tuple(Checkpoint(str(p), step, read_checkpoint(p)) for step, p in pairs)
+    renamed, matching = match_sequence([c.tensors for c in checkpoints])
+    checkpoints = tuple(replace(c, tensors=r) for c, r in zip(checkpoints, renamed))
     tensors, skipped = _align(checkpoints)
+    tensors, aliases = find_aliases([Path(c.path) for c in checkpoints], tensors)
+    lora, lora_skipped = effective_tensors(checkpoints)
+    tensors, skipped = tensors + lora, skipped + lora_skipped
     if not tensors:
         raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
     state = _load_trainer_state(state_path) if state_path is not None else None
-    return Run(source, checkpoints, tuple(tensors), tuple(skipped), state)
+    return Run(source, checkpoints, tuple(tensors), tuple(skipped), state, matching, aliases)

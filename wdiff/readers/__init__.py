@@ -11,6 +11,8 @@ from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.readers.base import DTYPES, DType, TensorRef
+from wdiff.readers.layouts import accelerate_models, read_accelerate
+from wdiff.readers.onnx import looks_like_onnx, read_onnx
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "TensorRef",
     "find_weights",
     "has_weights",
+    "looks_like_onnx",
     "looks_like_safetensors",
     "read_checkpoint",
 ]
@@ -42,10 +45,13 @@ def _sniff_pickle(path: Path) -> bool:
 
 
 def find_weights(folder: Path) -> Path | None:
-    """The weights entry point of a checkpoint folder: a shard index or a single safetensors file."""
+    """The weights entry point of a checkpoint folder: a shard index, a single safetensors file, the
+    folder itself for an accelerate ``save_state`` with several models, or a single ONNX model."""
     index = folder / INDEX_NAME
     if index.is_file():
         return index
+    if len(accelerate_models(folder)) > 1:
+        return folder
     single = folder / "model.safetensors"
     if single.is_file():
         return single
@@ -58,6 +64,11 @@ def find_weights(folder: Path) -> Path | None:
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
         raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
+    models = sorted(p for p in folder.glob("*.onnx") if p.is_file())
+    if len(models) == 1:
+        return models[0]
+    if len(models) > 1:
+        raise WdiffError(folder, f"several ONNX models in one checkpoint folder: {models[0].name}, ...")
     return None
 
 
@@ -84,6 +95,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
             if weights:
                 raise WdiffError(path / weights[0], PICKLE_HINT)
             raise WdiffError(path, "no safetensors weights in this folder")
+        if entry == path:
+            return read_accelerate(path)
         path = entry
     if not path.exists():
         raise WdiffError(path, "no such file or folder")
@@ -92,6 +105,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     if looks_like_safetensors(path):
         tensors, _ = read_header(path)
         return tensors
+    if looks_like_onnx(path):
+        return dict(read_onnx(path))
     if _sniff_pickle(path):
         raise WdiffError(path, PICKLE_HINT)
     # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
