@@ -275,6 +275,8 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
     except (DecodeError, ValueError, RuntimeError) as e:
         raise WdiffError(path, f"not a valid ONNX model: {' '.join(str(e).split())[:200]}") from None
+    if not model.HasField("graph"):
+        raise WdiffError(path, "not a valid ONNX model: it has no graph")
     graph = model.graph
     if len(raw_ranges) != len(graph.initializer):
         raise WdiffError(path, "the ONNX graph's initializers could not be located in the file")

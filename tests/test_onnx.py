@@ -1,0 +1,330 @@
+"""ONNX checkpoints: initializers located by offset (raw_data, typed fields, external data), the
+external-data checks against crafted attacks, name matching across exports, and real exports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from kinds import check_against_reference, onnx_model
+
+import wdiff
+from wdiff.errors import WdiffError
+from wdiff.readers.onnx import _raw_data_offsets, read_onnx
+from wdiff.scan import scan
+
+SAMPLES = Path(__file__).parent.parent / "sample_checkpoints" / "digits-mlp-onnx"
+NP = {
+    "F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WDIFF_CACHE", str(tmp_path / "cache"))
+
+
+def _read(ref) -> np.ndarray:
+    """Decode a TensorRef's bytes by offset: what the kernels see."""
+    raw = np.fromfile(ref.path, dtype=ref.kind.storage, count=ref.numel, offset=ref.offset)
+    return raw.view(ref.kind.decoded).reshape(ref.shape)
+
+
+def _walk(code: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    w = {"layer.weight": rng.standard_normal((7, 5)), "layer.bias": rng.standard_normal(5)}
+    out = []
+    for _ in range(count):
+        out.append({k: v.astype(NP[code]) for k, v in w.items()})
+        w = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in w.items()}
+    return out
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw_data", "typed"])
+@pytest.mark.parametrize("code", list(NP))
+def test_initializers_read_by_offset_equal_onnx_numpy_helper(tmp_path, code, typed):
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {k: (v, code) for k, v in _walk(code, 1)[0].items()}
+    path = onnx_model(tmp_path / "m.onnx", weights, typed=typed)
+    refs = read_onnx(path)
+    model = onnx.load(str(path))
+    for tensor in model.graph.initializer:
+        expected = numpy_helper.to_array(tensor)
+        ref = refs[tensor.name]
+        assert ref.dtype == code and ref.shape == expected.shape
+        assert (ref.path == str(path)) is not typed  # raw_data is read in place, typed fields decoded
+        np.testing.assert_array_equal(_read(ref).view(np.uint8), expected.view(np.uint8))
+
+
+def test_raw_data_offsets_point_at_the_bytes_in_the_file(tmp_path):
+    """The wire-format walk finds each raw_data field where its bytes really are."""
+    import onnx
+
+    weights = {f"w{i}": (np.arange(i + 1, dtype=np.float32) * (i + 1), "F32") for i in range(5)}
+    path = onnx_model(tmp_path / "m.onnx", weights)
+    blob = path.read_bytes()
+    model = onnx.load(str(path))
+    ranges = _raw_data_offsets(str(path))
+    assert len(ranges) == 5
+    for tensor, (offset, length) in zip(model.graph.initializer, ranges):
+        assert blob[offset : offset + length] == tensor.raw_data
+
+
+@pytest.mark.parametrize("storage", ["raw_data", "typed", "external"])
+@pytest.mark.parametrize("code", ["F32", "BF16", "F8_E4M3"])
+def test_run_on_an_onnx_sequence_matches_the_reference(tmp_path, code, storage):
+    seq = _walk(code, 4, seed=3)
+    for step, w in zip([10, 20, 30, 40], seq):
+        onnx_model(
+            tmp_path / "run" / f"step_{step}" / "model.onnx", {k: (v, code) for k, v in w.items()},
+            typed=storage == "typed", external="model.onnx.data" if storage == "external" else None,
+        )  # fmt: skip
+    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, chunk_elements=6)
+    assert res.summary["matching"]["exact"] == 2
+    for name in ("layer.weight", "layer.bias"):
+        check_against_reference(res.summary["tensors"][name], res.accumulated(name), [w[name] for w in seq])
+
+
+def test_external_data_beyond_2gb_is_read_by_offset(tmp_path):
+    """Models above protobuf's 2 GB limit keep their weights in external data at large offsets: a
+    sparse data file puts the tensor past 3 GiB (nothing is loaded whole)."""
+    import onnx
+
+    seq = _walk("F32", 3, seed=5)
+    big = 3 << 30
+    for step, w in enumerate(seq):
+        folder = tmp_path / "run" / f"step_{step}"
+        path = onnx_model(folder / "model.onnx", {k: (v, "F32") for k, v in w.items()}, external="w.bin")
+        model = onnx.load(str(path), load_external_data=False)
+        data = (folder / "w.bin").read_bytes()
+        with open(folder / "w.bin", "r+b") as f:  # move every tensor up by 3 GiB
+            f.truncate(0)
+            f.seek(big)
+            f.write(data)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "offset":
+                    entry.value = str(int(entry.value) + big)
+            if not any(e.key == "offset" for e in tensor.external_data):
+                tensor.external_data.add(key="offset", value=str(big))
+        onnx.save_model(model, str(path))
+    refs = read_onnx(tmp_path / "run" / "step_0" / "model.onnx")
+    assert all(r.offset >= big for r in refs.values())
+    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
+    for name in ("layer.weight", "layer.bias"):
+        check_against_reference(res.summary["tensors"][name], res.accumulated(name), [w[name] for w in seq])
+
+
+# --- external data attacks: each refused with one line naming the model -------------------------------
+
+
+def _set_external(path: Path, **changes: str) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = model.graph.initializer[0]
+    info = {e.key: e.value for e in tensor.external_data}
+    info.update(changes)
+    del tensor.external_data[:]
+    for key, value in info.items():
+        tensor.external_data.add(key=key, value=value)
+    onnx.save_model(model, str(path))
+
+
+def _attack(tmp_path: Path, case: str) -> Path:
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = onnx_model(tmp_path / "m" / "model.onnx", {"w": (w, "F32")}, external="w.bin")
+    data = tmp_path / "m" / "w.bin"
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(12, dtype=np.float32).tobytes())
+    if case == "absolute":
+        _set_external(path, location=str(secret))
+    elif case == "dotdot":
+        _set_external(path, location="../secret.bin")
+    elif case == "dotdot-inside":
+        (tmp_path / "m" / "sub").mkdir()
+        _set_external(path, location="sub/../../secret.bin")
+    elif case == "symlink":
+        data.unlink()
+        data.symlink_to(secret)
+    elif case == "symlinked-folder":
+        (tmp_path / "m" / "d").symlink_to(tmp_path)
+        _set_external(path, location="d/secret.bin")
+    elif case == "hardlink":
+        data.unlink()
+        os.link(secret, data)
+    elif case == "offset-past-end":
+        _set_external(path, offset="4096", length="48")
+    elif case == "length-past-end":
+        _set_external(path, offset="8", length="48")
+    elif case == "wrong-length":
+        _set_external(path, offset="0", length="40")
+    elif case == "missing":
+        data.unlink()
+    elif case == "folder":
+        data.unlink()
+        data.mkdir()
+    return path
+
+
+ATTACKS = {
+    "absolute": "absolute path",
+    "dotdot": "leaves the model's folder",
+    "dotdot-inside": "leaves the model's folder",
+    "symlink": "symlink",
+    "symlinked-folder": "symlink",
+    "hardlink": "hard link",
+    "offset-past-end": "runs past the end",
+    "length-past-end": "runs past the end",
+    "wrong-length": "needs 48 bytes",
+    "missing": "cannot open",
+    "folder": "not a regular file",
+}
+
+
+@pytest.mark.parametrize("case", list(ATTACKS))
+def test_external_data_attacks_are_refused(tmp_path, case):
+    path = _attack(tmp_path, case)
+    with pytest.raises(WdiffError) as err:
+        read_onnx(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path)) and ATTACKS[case] in message
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink", "hardlink", "offset-past-end"])
+def test_the_onnx_library_refuses_the_same_attacks(tmp_path, case):
+    """The rules wdiff applies are the library's own (onnx 1.23): it refuses these too."""
+    import onnx
+
+    path = _attack(tmp_path, case)
+    with pytest.raises(Exception):  # noqa: B017 - onnx raises ValueError or its C++ checker errors
+        onnx.load(str(path))
+
+
+def test_the_unattacked_model_is_accepted(tmp_path):
+    path = _attack(tmp_path, "none")
+    np.testing.assert_array_equal(_read(read_onnx(path)["w"]), np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+BROKEN = [b"", b"\x08\x07\x12\xff\xff", b"\x08\x07\x3a\x05\x2a\x03abc", b"garbage" * 9]
+
+
+@pytest.mark.parametrize("blob", BROKEN)
+def test_broken_models_are_refused_with_one_line(tmp_path, blob):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(blob)
+    with pytest.raises(WdiffError, match="bad.onnx"):
+        read_onnx(path)
+
+
+# --- matching made-up names across exports -------------------------------------------------------------
+
+
+def test_made_up_names_are_matched_by_position_not_number(tmp_path):
+    """Two transposed copies of the same shape, consumed by MatMul at different places in the graph;
+    the later export numbers them the other way round and lists them in another order."""
+    rng = np.random.default_rng(1)
+    first, second = rng.standard_normal((3, 8, 4)), rng.standard_normal((3, 8, 4))
+    bias = rng.standard_normal((3, 4))
+    numbers = [(14, 15), (15, 14), (31, 7)]  # the number of the first MatMul's weight, then the second's
+    for t in range(3):
+        a, b = numbers[t]
+        weights = {
+            f"onnx::MatMul_{b}": (second[t].astype(np.float32), "F32"),
+            "fc.bias": (bias[t].astype(np.float32), "F32"),
+            f"onnx::MatMul_{a}": (first[t].astype(np.float32), "F32"),
+        }
+        consumers = {f"onnx::MatMul_{a}": ("MatMul", 1), f"onnx::MatMul_{b}": ("MatMul", 1)}
+        consumers["fc.bias"] = ("Add", 1)
+        order = [f"onnx::MatMul_{a}", "fc.bias", f"onnx::MatMul_{b}"]  # topological order of the consumers
+        onnx_model(tmp_path / f"export_{t}.onnx", weights, consumers, order)
+    paths = [tmp_path / f"export_{t}.onnx" for t in range(3)]
+    res = wdiff.run(paths, tmp_path / "out", render=False)
+    matching = res.summary["matching"]
+    assert matching["exact"] == 1 and matching["by_position"] == 2 and matching["unmatched"] == []
+    pairs = {p["name"]: p["names"] for p in matching["pairs"]}
+    assert pairs == {"onnx::MatMul_14": ["onnx::MatMul_14", "onnx::MatMul_15", "onnx::MatMul_31"],
+                     "onnx::MatMul_15": ["onnx::MatMul_15", "onnx::MatMul_14", "onnx::MatMul_7"]}  # fmt: skip
+    tensors = res.summary["tensors"]
+    check_against_reference(tensors["onnx::MatMul_14"], res.accumulated("onnx::MatMul_14"), list(first))
+    check_against_reference(tensors["onnx::MatMul_15"], res.accumulated("onnx::MatMul_15"), list(second))
+    check_against_reference(tensors["fc.bias"], res.accumulated("fc.bias"), list(bias))
+
+
+def test_ambiguous_positions_are_reported_not_guessed(tmp_path):
+    w = np.ones((2, 2), np.float32)
+    onnx_model(tmp_path / "a_1.onnx", {"keep": (w, "F32"), "val_1": (w, "F32")}, {"val_1": ("MatMul", 1)})
+    onnx_model(
+        tmp_path / "a_2.onnx", {"keep": (w, "F32"), "val_1": (w, "F32"), "val_2": (w, "F32")},
+        {"val_1": ("MatMul", 1), "val_2": ("MatMul", 1)},
+    )  # fmt: skip
+    run = scan([tmp_path / "a_1.onnx", tmp_path / "a_2.onnx"])
+    assert [t.name for t in run.tensors] == ["keep"]
+    assert run.matching["unmatched"][0]["count"] == 2 and run.matching["unmatched"][0]["count_in_first"] == 1
+    assert any(s.name == "val_1" for s in run.skipped)
+
+
+def test_shared_external_range_is_reported_once_with_its_aliases(tmp_path):
+    """Two initializer names pointing at the same external bytes (a tied weight) are one tensor."""
+    import onnx
+
+    seq = _walk("F32", 3, seed=9)
+    for t, w in enumerate(seq):
+        path = onnx_model(
+            tmp_path / f"s_{t}" / "model.onnx",
+            {"embed.weight": (w["layer.weight"], "F32"), "head.weight": (w["layer.weight"], "F32")},
+            external="w.bin",
+        )
+        model = onnx.load(str(path), load_external_data=False)
+        first = {e.key: e.value for e in model.graph.initializer[0].external_data}
+        second = model.graph.initializer[1]
+        del second.external_data[:]
+        for key, value in first.items():
+            second.external_data.add(key=key, value=value)
+        onnx.save_model(model, str(path))
+    res = wdiff.run(tmp_path, tmp_path / "out", render=False)
+    assert res.names == ["embed.weight"]
+    assert res.summary["tensors"]["embed.weight"]["aliases"] == ["head.weight"]
+    entry, acc = res.summary["tensors"]["embed.weight"], res.accumulated("embed.weight")
+    check_against_reference(entry, acc, [w["layer.weight"] for w in seq])
+
+
+# --- real exports from a training run (both PyTorch exporters) ----------------------------------------
+
+
+@pytest.mark.parametrize("exporter, made_up", [("torchscript", "onnx::MatMul_14"), ("dynamo", "val_0")])
+def test_real_exports_match_the_reference(tmp_path, exporter, made_up):
+    import onnx
+    from onnx import numpy_helper
+
+    folder = SAMPLES / exporter
+    res = wdiff.run(folder, tmp_path / "out", render=False, chunk_elements=100)
+    steps = sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.onnx"))
+    assert [c["step"] for c in res.summary["checkpoints"]] == steps == [50, 100, 150, 200, 250, 300]
+    arrays = []
+    for step in steps:
+        model = onnx.load(str(folder / f"step_{step}.onnx"))
+        arrays.append({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
+    computed = [n for n in res.names]
+    assert set(computed) == {"row.bias", "norm.weight", "norm.bias", "head.weight", "head.bias", made_up}
+    assert res.summary["matching"]["exact"] == 5
+    pair = {"name": made_up, "names": [made_up] * 6, "consumer": "MatMul input 1"}
+    assert pair in res.summary["matching"]["pairs"]
+    for name in computed:
+        entry = res.summary["tensors"][name]
+        check_against_reference(entry, res.accumulated(name), [a[name] for a in arrays])
+
+
+def test_both_exporters_give_the_same_change(tmp_path):
+    """The same training run exported twice: the transposed Linear weight is one tensor under two
+    made-up names, and every weight's accumulated change is the same."""
+    ts = wdiff.run(SAMPLES / "torchscript", tmp_path / "ts", render=False)
+    dy = wdiff.run(SAMPLES / "dynamo", tmp_path / "dy", render=False)
+    np.testing.assert_array_equal(ts.accumulated("onnx::MatMul_14"), dy.accumulated("val_0"))
+    np.testing.assert_array_equal(ts.accumulated("head.weight"), dy.accumulated("head.weight"))
