@@ -13,7 +13,7 @@ from kinds import check_against_reference, onnx_model
 
 import wdiff
 from wdiff.errors import WdiffError
-from wdiff.readers.onnx import _raw_data_offsets, read_onnx
+from wdiff.readers.onnx import _without_raw_data, read_onnx
 from wdiff.scan import scan
 
 SAMPLES = Path(__file__).parent.parent / "sample_checkpoints" / "digits-mlp-onnx"
@@ -70,10 +70,15 @@ def test_raw_data_offsets_point_at_the_bytes_in_the_file(tmp_path):
     path = onnx_model(tmp_path / "m.onnx", weights)
     blob = path.read_bytes()
     model = onnx.load(str(path))
-    ranges = _raw_data_offsets(str(path))
+    _, ranges = _without_raw_data(str(path))
     assert len(ranges) == 5
     for tensor, (offset, length) in zip(model.graph.initializer, ranges):
         assert blob[offset : offset + length] == tensor.raw_data
+    # the copy onnx parses is the same model without the weight bytes
+    stripped = onnx.load_model_from_string(_without_raw_data(str(path))[0])
+    for tensor in model.graph.initializer:
+        tensor.ClearField("raw_data")
+    assert stripped.SerializeToString(deterministic=True) == model.SerializeToString(deterministic=True)
 
 
 @pytest.mark.parametrize("storage", ["raw_data", "typed", "external"])

@@ -1,13 +1,14 @@
 """ONNX models: initializers located by byte offset, in the .onnx file itself or in external data.
 
-The graph is parsed with the ``onnx`` package (``load_external_data=False``: external files are never
-touched by it). Where each initializer's bytes are:
+The graph is parsed with the ``onnx`` package, from a copy of the model without its weight bytes
+(external files are never touched by it). Where each initializer's bytes are:
 
 - ``raw_data`` inside the .onnx file: the protobuf message is a sequence of (tag, value) fields, so a
   short walk over the file's wire format (ModelProto field 7 ``graph`` -> GraphProto field 5
   ``initializer`` -> TensorProto field 9 ``raw_data``) gives the absolute offset of every initializer's
-  bytes without copying them (``_raw_data_offsets``). The walk only reads tags and lengths; the k-th
-  ``initializer`` field is ``graph.initializer[k]``. Compute then ``pread``s them like safetensors data.
+  bytes (``_without_raw_data``); the k-th ``initializer`` field is ``graph.initializer[k]``. The same
+  walk copies the model without those bytes, and onnx parses that copy: weights are never loaded into
+  memory. Compute then ``pread``s them like safetensors data.
 - typed fields (``float_data``, ``int32_data`` holding FLOAT16/BFLOAT16/FLOAT8 bit patterns,
   ``double_data``, ...): varint-encoded, so not readable in place. They are small by construction
   (protobuf's 2 GB limit; big models use external data), so they are decoded with
@@ -97,8 +98,10 @@ def _varint(buf: mmap.mmap | bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 def _fields(buf: mmap.mmap | bytes, pos: int, end: int):
-    """Yield (field number, wire type, value start, value end) of one message in buf[pos:end]."""
+    """Yield (field number, wire type, field start, value start, value end) of one message in
+    buf[pos:end]; the field (tag, length prefix and value) spans buf[field start:value end]."""
     while pos < end:
+        field_start = pos
         tag, pos = _varint(buf, pos, end)
         number, wire = tag >> 3, tag & 7
         if wire == 0:
@@ -114,30 +117,59 @@ def _fields(buf: mmap.mmap | bytes, pos: int, end: int):
             raise ValueError(f"unsupported wire type {wire}")
         if after > end:
             raise ValueError("field runs past the end of its message")
-        yield number, wire, pos, after
+        yield number, wire, field_start, pos, after
         pos = after
 
 
-def _raw_data_offsets(path: str) -> list[tuple[int, int] | None]:
-    """(offset, length) of ``raw_data`` for each top-level initializer, in order (None: no raw_data)."""
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def _without_raw_data(path: str) -> tuple[bytes, list[tuple[int, int] | None]]:
+    """The model's bytes with every top-level initializer's ``raw_data`` left out, and the (offset,
+    length) of each initializer's raw_data in the file, in order (None: it has none).
+
+    The weights are thus never copied into memory (``onnx.load`` would parse them all); only the
+    pages holding tags and the non-weight fields are touched. Parent messages get new length
+    prefixes; everything else is copied byte for byte, so ``onnx`` parses the same graph.
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return []
+            return b"", []
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            found: list[tuple[int, int] | None] = []
-            for number, wire, start, end in _fields(buf, 0, size):
-                if number != 7 or wire != 2:  # ModelProto.graph
+            if hasattr(mmap, "MADV_RANDOM"):  # no read-ahead: touch only the pages holding tags
+                buf.madvise(mmap.MADV_RANDOM)
+            model = bytearray()
+            ranges: list[tuple[int, int] | None] = []
+            for number, wire, field, start, end in _fields(buf, 0, size):
+                if number != 7 or wire != 2:  # not ModelProto.graph: copied as it is
+                    model += buf[field:end]
                     continue
-                for g_number, g_wire, g_start, g_end in _fields(buf, start, end):
-                    if g_number != 5 or g_wire != 2:  # GraphProto.initializer
+                graph = bytearray()
+                for g_number, g_wire, g_field, g_start, g_end in _fields(buf, start, end):
+                    if g_number != 5 or g_wire != 2:  # not GraphProto.initializer
+                        graph += buf[g_field:g_end]
                         continue
+                    tensor = bytearray()
                     raw = None
-                    for t_number, t_wire, t_start, t_end in _fields(buf, g_start, g_end):
-                        if t_number == 9 and t_wire == 2:  # TensorProto.raw_data (last one wins)
+                    for t_number, t_wire, t_field, t_start, t_end in _fields(buf, g_start, g_end):
+                        if t_number == 9 and t_wire == 2:  # TensorProto.raw_data (the last one wins)
                             raw = (t_start, t_end - t_start)
-                    found.append(raw)
-            return found
+                        else:
+                            tensor += buf[t_field:t_end]
+                    ranges.append(raw)
+                    graph += _length_delimited(5, bytes(tensor))
+                model += _length_delimited(7, bytes(graph))
+            return bytes(model), ranges
 
 
 # --- external data --------------------------------------------------------------------------------
@@ -269,8 +301,8 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
 
     path = Path(path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        raw_ranges = _raw_data_offsets(str(path))
+        blob, raw_ranges = _without_raw_data(str(path))
+        model = onnx.load_model_from_string(blob)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
     except (DecodeError, ValueError, RuntimeError) as e:
@@ -295,7 +327,7 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
         nbytes = math.prod(shape) * DTYPES[code].bits // 8
         if tensor.data_location == _EXTERNAL:
             file, offset, length = _external_ref(path, tensor, code, shape)
-        elif raw is not None and tensor.HasField("raw_data"):
+        elif raw is not None:
             file, offset, length = str(path), raw[0], raw[1]
             if length != nbytes:
                 raise WdiffError(
