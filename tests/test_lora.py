@@ -183,3 +183,20 @@ def test_real_peft_run_matches_the_reference(tmp_path):
     for raw in seq[0]:
         ref = reference(seq, raw)
         np.testing.assert_allclose(res.accumulated(raw), ref["accumulated"], rtol=1e-5, atol=1e-7)
+
+
+def test_schedulers_give_identical_bits(tmp_path):
+    seq = _adapters(MODULES, 3, seed=4)
+    for step, tensors in enumerate(seq):
+        adapter_checkpoint(
+            tmp_path / "run" / f"checkpoint-{step}",
+            tensors,
+            {"r": 4, "lora_alpha": 8, "rank_pattern": {"up_proj": 8}},
+        )
+    a = wdiff.run(
+        tmp_path / "run", tmp_path / "a", render=False, chunk_elements=50, scheduler="threads", workers=2
+    )
+    b = wdiff.run(tmp_path / "run", tmp_path / "b", render=False, chunk_elements=50, scheduler="sync")
+    for name in a.names:
+        np.testing.assert_array_equal(a.accumulated(name), b.accumulated(name))
+        assert a.summary["tensors"][name] == b.summary["tensors"][name]

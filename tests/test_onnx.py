@@ -333,3 +333,45 @@ def test_both_exporters_give_the_same_change(tmp_path):
     dy = wdiff.run(SAMPLES / "dynamo", tmp_path / "dy", render=False)
     np.testing.assert_array_equal(ts.accumulated("onnx::MatMul_14"), dy.accumulated("val_0"))
     np.testing.assert_array_equal(ts.accumulated("head.weight"), dy.accumulated("head.weight"))
+
+
+# --- fuzzing the reader: any bytes give tensors inside their files or one WdiffError -------------------
+
+
+def _fuzz_once(tmp_path: Path, base: bytes, edits: list[tuple[int, int]], cut: int) -> None:
+    blob = bytearray(base)
+    for pos, value in edits:
+        blob[pos % len(blob)] = value
+    path = tmp_path / "fuzz.onnx"
+    path.write_bytes(bytes(blob[: max(0, len(blob) - cut)]))
+    try:
+        refs = read_onnx(path)
+    except WdiffError as e:
+        assert "\n" not in str(e)
+        return
+    for ref in refs.values():
+        assert ref.offset >= 0 and ref.offset + ref.nbytes <= os.path.getsize(ref.path)
+        assert ref.nbytes == ref.numel * ref.kind.bits // 8
+
+
+def _fuzz_base(folder: Path) -> bytes:
+    rng = np.random.default_rng(0)
+    weights = {"a": (rng.standard_normal((3, 4)).astype(np.float32), "F32")}
+    weights["b"] = (rng.standard_normal(5).astype(ml_dtypes.bfloat16), "BF16")
+    return onnx_model(folder / "base.onnx", weights, {"a": ("MatMul", 1)}).read_bytes()
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_mutated_models_never_escape_as_other_errors(tmp_path, slow):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = _fuzz_base(tmp_path)
+    edit = st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255))
+
+    @settings(max_examples=2000 if slow else 150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(edit, max_size=6), st.integers(0, 40))
+    def run(edits, cut):
+        _fuzz_once(tmp_path, base, edits, cut)
+
+    run()
