@@ -212,9 +212,17 @@ def test_the_onnx_library_refuses_the_same_attacks(tmp_path, case):
         onnx.load(str(path))
 
 
-def test_the_unattacked_model_is_accepted(tmp_path):
+@pytest.mark.parametrize("location", [None, "./w.bin", "sub/../w.bin"])
+def test_harmless_locations_are_accepted_like_onnx_accepts_them(tmp_path, location):
+    import onnx
+
     path = _attack(tmp_path, "none")
-    np.testing.assert_array_equal(_read(read_onnx(path)["w"]), np.arange(12, dtype=np.float32).reshape(3, 4))
+    if location:
+        (path.parent / "sub").mkdir()
+        _set_external(path, location=location)
+    expected = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(_read(read_onnx(path)["w"]), expected)
+    onnx.load(str(path))  # the library accepts it too
 
 
 BROKEN = [b"", b"\x08\x07\x12\xff\xff", b"\x08\x07\x3a\x05\x2a\x03abc", b"garbage" * 9]

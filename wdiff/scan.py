@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.naming import last_number, network_order
+from wdiff.naming import last_number, natural_key, network_order
 from wdiff.readers import TensorRef, has_weights, looks_like_onnx, looks_like_safetensors, read_checkpoint
 from wdiff.readers.base import read_json
 from wdiff.readers.lora import effective_tensors
@@ -212,7 +212,8 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
     tensors, skipped = _align(checkpoints)
     tensors, aliases = find_aliases([Path(c.path) for c in checkpoints], tensors)
     lora, lora_skipped = effective_tensors(checkpoints)
-    tensors, skipped = tensors + lora, skipped + lora_skipped
+    tensors = sorted(tensors + lora, key=lambda t: natural_key(t.name))  # network order
+    skipped = skipped + lora_skipped
     if not tensors:
         raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
     state = _load_trainer_state(state_path) if state_path is not None else None

@@ -91,7 +91,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
         entry = find_weights(path)
         if entry is None:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-            weights = [n for n in pickles if n.startswith(("pytorch_model", "model"))]
+            weights = [n for n in pickles if n.startswith(("pytorch_model", "model", "adapter_model"))]
             if weights:
                 raise WdiffError(path / weights[0], PICKLE_HINT)
             raise WdiffError(path, "no safetensors weights in this folder")
