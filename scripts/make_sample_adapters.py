@@ -24,16 +24,19 @@ The script wipes and recreates its output folders. wdiff never imports it.
 from __future__ import annotations
 
 import os
+import sys
+
+if os.environ.get("PYTHONHASHSEED") != "0":  # string hashing orders sets (peft's target_modules list)
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["PYTHONHASHSEED"] = "0"
 
 import argparse
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
