@@ -200,3 +200,26 @@ def test_schedulers_give_identical_bits(tmp_path):
     for name in a.names:
         np.testing.assert_array_equal(a.accumulated(name), b.accumulated(name))
         assert a.summary["tensors"][name] == b.summary["tensors"][name]
+
+
+def test_adapter_names_in_keys(tmp_path):
+    """Keys that keep the adapter name (``lora_A.default.weight``) name the same base weight; two
+    adapters of one module get the adapter name in the result's name."""
+    rng = np.random.default_rng(3)
+    seq = []
+    for _ in range(2):
+        seq.append(
+            {
+                f"{PREFIX}q.lora_A.default.weight": rng.standard_normal((2, 3)).astype(np.float32),
+                f"{PREFIX}q.lora_B.default.weight": rng.standard_normal((4, 2)).astype(np.float32),
+                f"{PREFIX}v.lora_A.one.weight": rng.standard_normal((2, 3)).astype(np.float32),
+                f"{PREFIX}v.lora_B.one.weight": rng.standard_normal((4, 2)).astype(np.float32),
+                f"{PREFIX}v.lora_A.two.weight": rng.standard_normal((2, 3)).astype(np.float32),
+                f"{PREFIX}v.lora_B.two.weight": rng.standard_normal((4, 2)).astype(np.float32),
+            }
+        )
+    for t, tensors in enumerate(seq):
+        adapter_checkpoint(tmp_path / f"checkpoint-{t}", tensors, {"r": 2, "lora_alpha": 2})
+    run = scan(tmp_path)
+    effective = sorted(t.name for t in run.tensors if not t.name.startswith(PREFIX))
+    assert effective == ["q.weight", "v.one.weight", "v.two.weight"]

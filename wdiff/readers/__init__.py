@@ -105,7 +105,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     if looks_like_safetensors(path):
         tensors, _ = read_header(path)
         return tensors
-    if looks_like_onnx(path):
+    if looks_like_onnx(path) or path.suffix == ".onnx":  # the suffix only once the bytes said nothing
         return dict(read_onnx(path))
     if _sniff_pickle(path):
         raise WdiffError(path, PICKLE_HINT)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(
-    r"^(?P<module>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+    r"^(?P<module>.+?)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>(?!weight$)[^.]+))?(?:\.weight)?$"
 )
 _PREFIX = "base_model.model."
 
@@ -121,11 +121,15 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
     per_checkpoint = [_pairs(c.tensors) for c in checkpoints]
     keys = sorted(set().union(*per_checkpoint), key=lambda k: (k[0], k[1] or "", k[2]))
     multi = {m for m, _, _ in keys if sum(1 for k in keys if k[0] == m) > 1}
+    stored = set().union(*(c.tensors for c in checkpoints))
     aligned, skipped = [], []
     for module, adapter, embedding in keys:
         label = f"{module.removeprefix(_PREFIX)}.weight"
         if module in multi and adapter:
             label = f"{module.removeprefix(_PREFIX)}.{adapter}.weight"
+        if label in stored:  # the adapter file also stores a tensor of that name (modules_to_save, ...)
+            skipped.append(Skipped(label, "effective LoRA change: a stored tensor has the same name"))
+            continue
         refs, why = [], ""
         for checkpoint, pairs, (config, config_path) in zip(checkpoints, per_checkpoint, configs):
             assert config is not None
