@@ -119,6 +119,9 @@ def run_command(
             f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
             highlight=False,
         )
+        if scanned.matching is not None:
+            m = scanned.matching
+            err.print(f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by graph position")
 
     progress = Progress(
         TextColumn("{task.description}"),
