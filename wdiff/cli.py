@@ -121,7 +121,7 @@ def run_command(
         )
         if scanned.matching is not None:
             m = scanned.matching
-            err.print(f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by graph position")
+            err.print(f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by position")
 
     progress = Progress(
         TextColumn("{task.description}"),
