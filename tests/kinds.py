@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from factories import reference, save
 
-ONNX_TYPES = {"F32": 1, "F16": 10, "F64": 11, "BF16": 16, "F8_E4M3": 17, "F8_E5M2": 19, "I64": 7}
+ONNX_TYPES = {"F32": 1, "F16": 10, "F64": 11, "BF16": 16, "F8_E4M3": 17, "F8_E4M3FNUZ": 18, "F8_E5M2": 19}
+ONNX_TYPES |= {"F8_E5M2FNUZ": 20, "F8_E8M0": 24, "I64": 7}
 
 
 def onnx_tensor(name: str, array: np.ndarray, code: str, typed: bool = False):

@@ -20,6 +20,8 @@ SAMPLES = Path(__file__).parent.parent / "sample_checkpoints" / "digits-mlp-onnx
 NP = {
     "F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F8_E4M3FNUZ": ml_dtypes.float8_e4m3fnuz, "F8_E5M2FNUZ": ml_dtypes.float8_e5m2fnuz,
+    "F8_E8M0": ml_dtypes.float8_e8m0fnu,
 }  # fmt: skip
 
 
@@ -383,3 +385,12 @@ def test_mutated_models_never_escape_as_other_errors(tmp_path, slow):
         _fuzz_once(tmp_path, base, edits, cut)
 
     run()
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("WDIFF_CACHE", str(blocked / "cache"))
+    path = onnx_model(tmp_path / "m.onnx", {"w": (np.ones(3, np.float16), "F16")}, typed=True)
+    with pytest.raises(WdiffError, match="cannot write the decoded initializer 'w'.*WDIFF_CACHE"):
+        read_onnx(path)

@@ -337,6 +337,10 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
                 )
         else:
             data = _typed_bytes(path, tensor, code, shape)
-            file, offset, length = materialise(data), 0, len(data)
+            try:
+                file, offset, length = materialise(data), 0, len(data)
+            except OSError as e:
+                where = f"cannot write the decoded initializer {name!r} to {cache_folder()}"
+                raise WdiffError(path, f"{where}: {e.strerror or e} (set {CACHE_ENV})") from None
         tensors[name] = OnnxRef(name, code, shape, file, offset, length, tuple(uses.get(name, ())), k)
     return tensors
