@@ -364,19 +364,25 @@ def _fuzz_once(tmp_path: Path, base: bytes, edits: list[tuple[int, int]], cut: i
         assert ref.nbytes == ref.numel * ref.kind.bits // 8
 
 
-def _fuzz_base(folder: Path) -> bytes:
+def _fuzz_base(folder: Path, external: bool) -> bytes:
+    """A small model; with ``external``, its data in ``w.bin`` beside the fuzzed file (the mutations
+    then hit locations, offsets and lengths)."""
     rng = np.random.default_rng(0)
     weights = {"a": (rng.standard_normal((3, 4)).astype(np.float32), "F32")}
     weights["b"] = (rng.standard_normal(5).astype(ml_dtypes.bfloat16), "BF16")
-    return onnx_model(folder / "base.onnx", weights, {"a": ("MatMul", 1)}).read_bytes()
+    path = onnx_model(
+        folder / "base.onnx", weights, {"a": ("MatMul", 1)}, external="w.bin" if external else None
+    )
+    return path.read_bytes()
 
 
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 @pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
-def test_mutated_models_never_escape_as_other_errors(tmp_path, slow):
+def test_mutated_models_never_escape_as_other_errors(tmp_path, slow, external):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    base = _fuzz_base(tmp_path)
+    base = _fuzz_base(tmp_path, external)
     edit = st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255))
 
     @settings(max_examples=2000 if slow else 150, deadline=None, suppress_health_check=list(HealthCheck))

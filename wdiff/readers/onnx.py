@@ -177,7 +177,8 @@ def _without_raw_data(path: str) -> tuple[bytes, list[tuple[int, int] | None]]:
 
 def _external_ref(model_path: Path, tensor, code: str, shape: tuple[int, ...]) -> tuple[str, int, int]:
     """Check one external-data entry like the onnx library does; return (file, offset, nbytes)."""
-    info = {e.key: e.value for e in tensor.external_data}
+    what = f"initializer {tensor.name!r}: an external data entry"
+    info = {_text(model_path, e.key, what): _text(model_path, e.value, what) for e in tensor.external_data}
     location = info.get("location", "")
     name = tensor.name
     where = f"initializer {name!r}: external data location {location!r}"
@@ -282,12 +283,20 @@ def _typed_bytes(model_path: Path, tensor, code: str, shape: tuple[int, ...]) ->
 # --- the reader -------------------------------------------------------------------------------------
 
 
-def _uses(graph) -> dict[str, list[Use]]:
+def _text(path: Path, value: object, what: str) -> str:
+    """protobuf hands back bytes for a string field holding invalid UTF-8 (found by fuzzing)."""
+    if not isinstance(value, str):
+        raise WdiffError(path, f"{what} is not valid UTF-8")
+    return value
+
+
+def _uses(path: Path, graph) -> dict[str, list[Use]]:
     uses: dict[str, list[Use]] = {}
     for k, node in enumerate(graph.node):
+        op = _text(path, node.op_type, f"the op type of node {k}")
         for i, name in enumerate(node.input):
-            if name:
-                uses.setdefault(name, []).append(Use(node.op_type, i, k))
+            if _text(path, name, f"an input name of node {k}"):
+                uses.setdefault(name, []).append(Use(op, i, k))
     return uses
 
 
@@ -312,10 +321,10 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
     graph = model.graph
     if len(raw_ranges) != len(graph.initializer):
         raise WdiffError(path, "the ONNX graph's initializers could not be located in the file")
-    uses = _uses(graph)
+    uses = _uses(path, graph)
     tensors: dict[str, OnnxRef] = {}
     for k, (tensor, raw) in enumerate(zip(graph.initializer, raw_ranges)):
-        name = tensor.name
+        name = _text(path, tensor.name, f"the name of initializer {k}")
         code = ONNX_DTYPES.get(tensor.data_type)
         if code is None:
             continue  # STRING, COMPLEX128, 4-bit kinds: nothing wdiff computes
