@@ -400,3 +400,14 @@ def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     path = onnx_model(tmp_path / "m.onnx", {"w": (np.ones(3, np.float16), "F16")}, typed=True)
     with pytest.raises(WdiffError, match="cannot write the decoded initializer 'w'.*WDIFF_CACHE"):
         read_onnx(path)
+
+
+def test_equal_typed_initializers_are_not_taken_for_tied_weights(tmp_path):
+    """Two LayerNorm weights that stay all ones, stored in typed fields, are two tensors."""
+    for t in range(2):
+        ones = np.ones(4, np.float32)
+        onnx_model(
+            tmp_path / f"s_{t}.onnx", {"a.weight": (ones, "F32"), "b.weight": (ones, "F32")}, typed=True
+        )
+    run = scan(tmp_path)
+    assert run.aliases == {} and [t.name for t in run.tensors] == ["a.weight", "b.weight"]

@@ -241,16 +241,19 @@ def cache_folder() -> Path:
     return Path(tempfile.gettempdir()) / f"wdiff-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
-def materialise(data: bytes) -> str:
-    """Write ``data`` once to a content-addressed file in the cache folder; return its path.
+def materialise(data: bytes, origin: str) -> str:
+    """Write ``data`` once to a file in the cache folder named by its content and ``origin`` (the
+    model and initializer it comes from); return its path.
 
-    Content addressing keeps the file (and so its size and modification time, which the incremental
-    check fingerprints) the same from run to run; a temporary file renamed into place means a
-    concurrent run never sees a half-written file.
+    The name keeps the file (and so its size and modification time, which the incremental check
+    fingerprints) the same from run to run. ``origin`` keeps two initializers with equal values apart:
+    one shared file would make them look like one tied weight. A temporary file renamed into place
+    means a concurrent run never sees a half-written file.
     """
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = folder / f"onnx-{hashlib.sha256(data).hexdigest()[:40]}.bin"
+    digest = hashlib.sha256(origin.encode("utf-8", "surrogatepass") + b"\0" + data).hexdigest()
+    target = folder / f"onnx-{digest[:40]}.bin"
     if target.is_file() and target.stat().st_size == len(data):
         return str(target)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnx-")
@@ -347,7 +350,7 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
         else:
             data = _typed_bytes(path, tensor, code, shape)
             try:
-                file, offset, length = materialise(data), 0, len(data)
+                file, offset, length = materialise(data, f"{path.resolve()}\0{k}"), 0, len(data)
             except OSError as e:
                 where = f"cannot write the decoded initializer {name!r} to {cache_folder()}"
                 raise WdiffError(path, f"{where}: {e.strerror or e} (set {CACHE_ENV})") from None
