@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-if os.environ.get("PYTHONHASHSEED") != "0":  # string hashing orders sets (peft's target_modules list)
+if __name__ == "__main__" and os.environ.get("PYTHONHASHSEED") != "0":  # str hashing orders sets (peft)
     os.environ["PYTHONHASHSEED"] = "0"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -64,16 +64,22 @@ ACCEL_DIR = OUT_ROOT / "digits-accelerate"
 
 
 class RowMLP(torch.nn.Module):
-    """8x8 digit -> 8 rows of 8 pixels -> Linear per row -> GELU -> LayerNorm -> flatten -> classes."""
+    """8x8 digit -> 8 rows of 8 pixels -> Linear per row -> GELU -> LayerNorm -> a residual
+    Linear + GELU -> LayerNorm -> flatten -> classes. The two LayerNorms start equal (ones, zeros), so
+    the TorchScript exporter deduplicates them in the step-0 export (Identity copies)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.row = torch.nn.Linear(8, 16)
         self.norm = torch.nn.LayerNorm(16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.norm2 = torch.nn.LayerNorm(16)
         self.head = torch.nn.Linear(8 * 16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 8, 8)
-        h = self.norm(torch.nn.functional.gelu(self.row(x)))
+        gelu = torch.nn.functional.gelu
+        h = self.norm(gelu(self.row(x)))
+        h = self.norm2(h + gelu(self.mix(h)))
         return self.head(h.flatten(1))
 
 
@@ -99,14 +105,15 @@ def run_onnx(out_dir: Path, steps: int = 300, every: int = 50) -> dict:
     batches = _digit_batches(pixels, labels, 64)
     example = (torch.zeros(1, 8, 8),)
     losses = []
-    for step in range(1, steps + 1):
-        x, y = next(batches)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-        if step % every == 0:
+    for step in range(0, steps + 1):
+        if step:
+            x, y = next(batches)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        if step % every == 0:  # step 0 too: the untrained model, where the exporter deduplicates
             model.eval()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

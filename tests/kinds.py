@@ -47,7 +47,7 @@ def onnx_model(
 ) -> Path:
     """Save a model whose initializers are ``weights`` (name -> (array, dtype code)).
 
-    ``consumers``: name -> (op_type, input index) of the one node reading it (default: an Identity).
+    ``consumers``: name -> (op_type, input index) of the one node reading it (default: an Abs).
     Nodes follow ``order`` (default: the weights' order), which is the graph's topological order.
     ``external``: store every initializer in that external data file beside the model.
     """
@@ -58,7 +58,7 @@ def onnx_model(
     names = list(order or weights)
     nodes, inits, outputs = [], [], []
     for k, name in enumerate(names):
-        op, index = consumers.get(name, ("Identity", 0))
+        op, index = consumers.get(name, ("Abs", 0))
         inputs = [f"x{k}"] * (index + 1)
         inputs[index] = name
         nodes.append(helper.make_node(op, inputs, [f"y{k}"], name=f"n{k}"))

@@ -313,36 +313,99 @@ def test_shared_external_range_is_reported_once_with_its_aliases(tmp_path):
 # --- real exports from a training run (both PyTorch exporters) ----------------------------------------
 
 
-@pytest.mark.parametrize("exporter, made_up", [("torchscript", "onnx::MatMul_14"), ("dynamo", "val_0")])
-def test_real_exports_match_the_reference(tmp_path, exporter, made_up):
+MADE_UP = {"torchscript": ("onnx::MatMul_24", "onnx::MatMul_25"), "dynamo": ("val_0", "val_4")}
+NAMED = {
+    "row.bias",
+    "norm.weight",
+    "norm.bias",
+    "mix.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "head.weight",
+    "head.bias",
+}
+
+
+@pytest.mark.parametrize("exporter", list(MADE_UP))
+def test_real_exports_match_the_reference(tmp_path, exporter):
+    """Exports taken during training, step 0 included. At step 0 the two LayerNorms are equal
+    (PyTorch initialises weight 1, bias 0) and both exporters stored them once: TorchScript as
+    Identity copies, dynamo by letting both nodes read ``norm.*``."""
     import onnx
     from onnx import numpy_helper
 
     folder = SAMPLES / exporter
     res = wdiff.run(folder, tmp_path / "out", render=False, chunk_elements=100)
     steps = sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.onnx"))
-    assert [c["step"] for c in res.summary["checkpoints"]] == steps == [50, 100, 150, 200, 250, 300]
+    assert [c["step"] for c in res.summary["checkpoints"]] == steps == [0, 50, 100, 150, 200, 250, 300]
     arrays = []
     for step in steps:
         model = onnx.load(str(folder / f"step_{step}.onnx"))
         arrays.append({t.name: numpy_helper.to_array(t) for t in model.graph.initializer})
-    computed = [n for n in res.names]
-    assert set(computed) == {"row.bias", "norm.weight", "norm.bias", "head.weight", "head.bias", made_up}
-    assert res.summary["matching"]["exact"] == 5
-    pair = {"name": made_up, "names": [made_up] * 6, "consumer": "MatMul input 1"}
-    assert pair in res.summary["matching"]["pairs"]
-    for name in computed:
+    assert "norm2.weight" not in arrays[0] and "norm2.weight" in arrays[1]
+    arrays[0]["norm2.weight"], arrays[0]["norm2.bias"] = np.ones(16, np.float32), np.zeros(16, np.float32)
+    assert set(res.names) == NAMED | set(MADE_UP[exporter]) and res.summary["skipped"] == (
+        []
+        if exporter == "torchscript"
+        else [{"name": "val_11", "reason": "dtype I64 is not a float: not computed"}]
+    )
+    matching = res.summary["matching"]
+    for made_up in MADE_UP[exporter]:
+        pair = {"name": made_up, "names": [made_up] * 7, "consumer": "MatMul input 1"}
+        assert pair in matching["pairs"]
+    if exporter == "dynamo":
+        assert matching["exact"] == 6 and matching["by_sharing"] == 2
+        assert {"name": "norm2.weight", "checkpoint": 0, "shares": "norm.weight"} in matching["shared"]
+    else:  # the Identity copies carry the names
+        assert matching["exact"] == 8 and matching["by_sharing"] == 0
+    for name in res.names:
         entry = res.summary["tensors"][name]
         check_against_reference(entry, res.accumulated(name), [a[name] for a in arrays])
 
 
 def test_both_exporters_give_the_same_change(tmp_path):
-    """The same training run exported twice: the transposed Linear weight is one tensor under two
+    """The same training run exported twice: each transposed Linear weight is one tensor under two
     made-up names, and every weight's accumulated change is the same."""
     ts = wdiff.run(SAMPLES / "torchscript", tmp_path / "ts", render=False)
     dy = wdiff.run(SAMPLES / "dynamo", tmp_path / "dy", render=False)
-    np.testing.assert_array_equal(ts.accumulated("onnx::MatMul_14"), dy.accumulated("val_0"))
-    np.testing.assert_array_equal(ts.accumulated("head.weight"), dy.accumulated("head.weight"))
+    for a, b in zip(MADE_UP["torchscript"], MADE_UP["dynamo"]):
+        np.testing.assert_array_equal(ts.accumulated(a), dy.accumulated(b))
+    for name in NAMED:
+        np.testing.assert_array_equal(ts.accumulated(name), dy.accumulated(name))
+
+
+def test_deduplicated_initializers_are_filled_in(tmp_path):
+    """Hand-built: export 0 stores two equal LayerNorm weights once, as the TorchScript exporter
+    does (``b = Identity(a)``) or as dynamo does (both nodes read ``a``); later exports store both."""
+    import onnx
+    from onnx import helper
+
+    rng = np.random.default_rng(2)
+    values = [{"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}]
+    values += [{k: rng.standard_normal(4).astype(np.float32) for k in "ab"} for _ in range(2)]
+    for style in ("identity", "shared"):
+        (tmp_path / style).mkdir()
+        for t, v in enumerate(values):
+            names = ["a", "b"] if t else ["a"]
+            inits = [helper.make_tensor(n, 1, [4], v[n].tobytes(), raw=True) for n in names]
+            nodes = []
+            second = "b"
+            if t == 0 and style == "identity":
+                nodes.append(helper.make_node("Identity", ["a"], ["b"]))
+            elif t == 0:
+                second = "a"
+            nodes += [
+                helper.make_node("LayerNormalization", ["x", "a"], ["y"]),
+                helper.make_node("LayerNormalization", ["y", second], ["z"]),
+            ]
+            io = [helper.make_tensor_value_info(n, 1, [4]) for n in ("x", "z")]
+            graph = helper.make_graph(nodes, "g", io[:1], io[1:], initializer=inits)
+            onnx.save_model(helper.make_model(graph), str(tmp_path / style / f"step_{t}.onnx"))
+        res = wdiff.run(tmp_path / style, tmp_path / f"out-{style}", render=False)
+        assert res.names == ["a", "b"] and res.summary["matching"]["by_sharing"] == (style == "shared")
+        for name in "ab":
+            entry = res.summary["tensors"][name]
+            check_against_reference(entry, res.accumulated(name), [v[name] for v in values])
 
 
 # --- fuzzing the reader: any bytes give tensors inside their files or one WdiffError -------------------

@@ -121,7 +121,10 @@ def run_command(
         )
         if scanned.matching is not None:
             m = scanned.matching
-            err.print(f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by position")
+            line = f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by position"
+            if m.get("by_sharing"):
+                line += f", {m['by_sharing']} stored once in some export"
+            err.print(line)
 
     progress = Progress(
         TextColumn("{task.description}"),

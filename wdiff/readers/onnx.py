@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
@@ -293,14 +293,31 @@ def _text(path: Path, value: object, what: str) -> str:
     return value
 
 
-def _uses(path: Path, graph) -> dict[str, list[Use]]:
+def _uses(path: Path, graph, initializers: set[str]) -> tuple[dict[str, list[Use]], dict[str, str]]:
+    """Where every value is consumed, and the names that are Identity copies of an initializer.
+
+    The TorchScript exporter deduplicates initializers with equal values (two layers that start
+    identical, zero biases): the copy disappears from the initializers and comes back as
+    ``Identity(kept) -> copy's name`` (``enc.layers.1.norm2.bias = Identity(enc.layers.0....bias)``,
+    ``onnx::MatMul_417 = Identity(onnx::MatMul_376)``). Such an Identity is an alias, not a use:
+    the copy's name is returned as a tensor of its own (output name -> initializer name), with the
+    copy's consumers as its uses.
+    """
     uses: dict[str, list[Use]] = {}
+    copies: dict[str, str] = {}
     for k, node in enumerate(graph.node):
         op = _text(path, node.op_type, f"the op type of node {k}")
-        for i, name in enumerate(node.input):
-            if _text(path, name, f"an input name of node {k}"):
+        names = [_text(path, n, f"an input name of node {k}") for n in node.input]
+        outputs = [_text(path, n, f"an output name of node {k}") for n in node.output]
+        if op == "Identity" and not node.domain and len(names) == 1 and len(outputs) == 1:
+            source = copies.get(names[0], names[0])  # chains of copies lead to the initializer
+            if source in initializers and outputs[0] not in initializers and outputs[0]:
+                copies[outputs[0]] = source
+                continue
+        for i, name in enumerate(names):
+            if name:
                 uses.setdefault(name, []).append(Use(op, i, k))
-    return uses
+    return uses, copies
 
 
 def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
@@ -324,7 +341,7 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
     graph = model.graph
     if len(raw_ranges) != len(graph.initializer):
         raise WdiffError(path, "the ONNX graph's initializers could not be located in the file")
-    uses = _uses(path, graph)
+    uses, copies = _uses(path, graph, {str(t.name) for t in graph.initializer})
     tensors: dict[str, OnnxRef] = {}
     for k, (tensor, raw) in enumerate(zip(graph.initializer, raw_ranges)):
         name = _text(path, tensor.name, f"the name of initializer {k}")
@@ -355,4 +372,8 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
                 where = f"cannot write the decoded initializer {name!r} to {cache_folder()}"
                 raise WdiffError(path, f"{where}: {e.strerror or e} (set {CACHE_ENV})") from None
         tensors[name] = OnnxRef(name, code, shape, file, offset, length, tuple(uses.get(name, ())), k)
+    for j, (copy, source) in enumerate(copies.items()):  # deduplicated initializers, see _uses
+        if source in tensors:
+            order = len(graph.initializer) + j
+            tensors[copy] = replace(tensors[source], name=copy, uses=tuple(uses.get(copy, ())), order=order)
     return tensors

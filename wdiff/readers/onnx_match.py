@@ -102,5 +102,59 @@ def match_sequence(
         for n in members:
             if len(names_in[n]) == len(checkpoints):
                 pairs.append({"name": n, "names": names_in[n], "consumer": _describe(key)})
-    report = {"exact": len(exact), "by_position": len(pairs), "pairs": pairs, "unmatched": unmatched}
+    shared = _fill_shared(renamed)
+    report = {
+        "exact": len(exact), "by_position": len(pairs), "by_sharing": len(shared),
+        "pairs": pairs, "shared": shared, "unmatched": unmatched,
+    }  # fmt: skip
     return renamed, report
+
+
+def _fill_shared(checkpoints: list[dict[str, TensorRef]]) -> list[dict]:
+    """Fill in tensors an export stored once for several of them (in place); return what was filled.
+
+    Exporters deduplicate initializers with equal values (two LayerNorms at initialisation): the
+    dynamo exporter then lets both nodes read ``norm.weight`` and ``norm2.weight`` disappears from
+    that export. A name N missing from checkpoint t is taken to share tensor S of t when, in the first
+    checkpoint r holding both separately, the consumers of S and N together, in topological order, have
+    the same (op type, input index) sequence as the consumers of S in t, and dtype and shape agree.
+    Exactly one such S must exist; otherwise N stays missing (and is skipped).
+    """
+    filled = []
+    names = set().union(*checkpoints)
+    for name in sorted(names):
+        holders = [t for t, c in enumerate(checkpoints) if name in c]
+        if len(holders) == len(checkpoints) or not isinstance(checkpoints[holders[0]][name], OnnxRef):
+            continue
+        for t, tensors in enumerate(checkpoints):
+            if name in tensors:
+                continue
+            candidates = [s for s in tensors if _shares(checkpoints, holders, name, s, t)]
+            if len(candidates) == 1:
+                tensors[name] = tensors[candidates[0]]
+                filled.append({"name": name, "checkpoint": t, "shares": candidates[0]})
+    return filled
+
+
+def _consumers(uses) -> list[tuple[str, int]]:
+    return [(u.op, u.input) for u in sorted(uses, key=lambda u: u.node)]
+
+
+def _shares(
+    checkpoints: list[dict[str, TensorRef]], holders: list[int], name: str, other: str, t: int
+) -> bool:
+    here = checkpoints[t][other]
+    for r in holders:
+        mine, theirs = checkpoints[r][name], checkpoints[r].get(other)
+        if theirs is None or theirs is mine:
+            continue
+        if not (isinstance(mine, OnnxRef) and isinstance(theirs, OnnxRef) and isinstance(here, OnnxRef)):
+            return False
+        if (mine.dtype, mine.shape) != (here.dtype, here.shape) or (theirs.dtype, theirs.shape) != (
+            here.dtype,
+            here.shape,
+        ):
+            return False
+        together = _consumers(mine.uses + theirs.uses)
+        return len(mine.uses) > 0 and together == _consumers(here.uses)
+    return False
