@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from factories import reference
 from kinds import adapter_checkpoint, check_against_reference
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import wdiff
@@ -223,3 +224,38 @@ def test_adapter_names_in_keys(tmp_path):
     run = scan(tmp_path)
     effective = sorted(t.name for t in run.tensors if not t.name.startswith(PREFIX))
     assert effective == ["q.weight", "v.one.weight", "v.two.weight"]
+
+
+@pytest.mark.parametrize("chunk", [37, 1 << 20])
+def test_rows_frames_and_cells_equal_a_run_over_the_effective_weights(tmp_path, chunk):
+    """Everything a run writes (accumulated map, row sums, frames, pooled cells, metrics) matches a
+    run over the effective weights saved as F32 safetensors: LoRA goes through the same kernels."""
+    from factories import save
+
+    settings = {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True, "rank_pattern": {"up_proj": 8}}
+    seq = _adapters(MODULES, 4, seed=21)
+    for step, tensors in enumerate(seq):
+        adapter_checkpoint(tmp_path / "lora" / f"checkpoint-{step}", tensors, settings, step)
+        effective = {
+            f"{m}.weight": _effective(tensors, m, 8 / r, True).astype(np.float32)
+            for m, (_, _, r) in MODULES.items()
+        }
+        save(tmp_path / "dense" / f"checkpoint-{step}" / "model.safetensors", effective)
+    kw = {"render": False, "chunk_elements": chunk, "frames": True, "max_points": 500}
+    lora = wdiff.run(tmp_path / "lora", tmp_path / "out-lora", **kw)
+    dense = wdiff.run(tmp_path / "dense", tmp_path / "out-dense", **kw)
+    for name in dense.names:
+        close = {"rtol": 1e-5, "atol": 1e-6}
+        np.testing.assert_allclose(lora.accumulated(name), dense.accumulated(name), **close)
+        np.testing.assert_allclose(lora.rows(name), dense.rows(name), **close)
+        np.testing.assert_allclose(lora.frames(name), dense.frames(name), **close)
+        for key in ("accumulated_l1", "net_l2", "interval_l2", "interval_l1", "l2", "rotation"):
+            np.testing.assert_allclose(
+                lora.summary["tensors"][name][key], dense.summary["tensors"][name][key], rtol=1e-5
+            )
+    with (
+        safe_open(tmp_path / "out-lora" / "pooled.safetensors", "numpy") as a,
+        safe_open(tmp_path / "out-dense" / "pooled.safetensors", "numpy") as b,
+    ):
+        for name in dense.names:
+            np.testing.assert_allclose(a.get_tensor(name), b.get_tensor(name), rtol=1e-5, atol=1e-6)
