@@ -148,14 +148,17 @@ def test_incremental_lora_run_equals_a_full_run(tmp_path):
     later.mkdir()
     for step in (4, 5):
         shutil.move(tmp_path / "run" / f"checkpoint-{step}", later / f"checkpoint-{step}")
-    wdiff.run(tmp_path / "run", tmp_path / "out", render=False, chunk_elements=9)
+    kw = {"render": False, "chunk_elements": 9, "frames": True}
+    wdiff.run(tmp_path / "run", tmp_path / "out", **kw)
     for step in (4, 5):
         shutil.move(later / f"checkpoint-{step}", tmp_path / "run" / f"checkpoint-{step}")
-    extended = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, chunk_elements=9)
-    full = wdiff.run(tmp_path / "run", tmp_path / "full", render=False, chunk_elements=9)
+    extended = wdiff.run(tmp_path / "run", tmp_path / "out", **kw)
+    full = wdiff.run(tmp_path / "run", tmp_path / "full", **kw)
     assert extended.summary["update"] == "incremental from 3"
     for name in full.names:
         np.testing.assert_allclose(extended.accumulated(name), full.accumulated(name), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(extended.rows(name), full.rows(name), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(extended.frames(name), full.frames(name), rtol=1e-6, atol=1e-7)
         for key in ("interval_l2", "l2", "net_l2"):
             np.testing.assert_allclose(
                 extended.summary["tensors"][name][key], full.summary["tensors"][name][key], rtol=1e-9
