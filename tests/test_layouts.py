@@ -126,3 +126,14 @@ def test_tied_copy_present_is_not_an_alias(tmp_path):
     run = scan(root)
     assert run.aliases == {} and "lm_head.weight" in {t.name for t in run.tensors}
     shutil.rmtree(root)
+
+
+def test_final_model_beside_the_checkpoint_folders(tmp_path):
+    """``trainer.save_model()`` into the output dir puts weights beside checkpoint-N/: the run is the
+    checkpoint folders."""
+    seq = random_sequence(SHAPES, 3, seed=8)
+    root = trainer_run(tmp_path / "run", seq, steps=[10, 20, 30])
+    save(root / "model.safetensors", seq[-1])
+    res = wdiff.run(root, tmp_path / "out", render=False)
+    assert [c["step"] for c in res.summary["checkpoints"]] == [10, 20, 30]
+    _check_all(res, seq)

@@ -142,7 +142,10 @@ def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], Path | None]:
     """Ordered (step, checkpoint path) pairs, and the trainer_state.json to read if any."""
-    if len(inputs) == 1 and inputs[0].is_dir() and not has_weights(inputs[0]):
+    # An output dir may hold the final model beside its checkpoint-N folders (``trainer.save_model()``
+    # into output_dir, PEFT adapters included): the checkpoint folders are the sequence.
+    run_dir = len(inputs) == 1 and inputs[0].is_dir()
+    if run_dir and (not has_weights(inputs[0]) or _hf_checkpoints(inputs[0])):
         folder = inputs[0]
         hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
