@@ -474,3 +474,18 @@ def test_equal_typed_initializers_are_not_taken_for_tied_weights(tmp_path):
         )
     run = scan(tmp_path)
     assert run.aliases == {} and [t.name for t in run.tensors] == ["a.weight", "b.weight"]
+
+
+def test_cache_files_are_checked_before_reuse(tmp_path, monkeypatch):
+    """A damaged cache file is rewritten, not trusted; a cache folder that is a symlink is refused."""
+    path = onnx_model(tmp_path / "m.onnx", {"w": (np.arange(3, dtype=np.float16), "F16")}, typed=True)
+    ref = read_onnx(path)["w"]
+    Path(ref.path).write_bytes(b"\0" * 6)
+    again = read_onnx(path)["w"]
+    assert again.path == ref.path
+    np.testing.assert_array_equal(_read(again), np.arange(3, dtype=np.float16))
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "cache")
+    monkeypatch.setenv("WDIFF_CACHE", str(link))
+    with pytest.raises(WdiffError, match="not a folder of this user"):
+        read_onnx(path)

@@ -252,10 +252,17 @@ def materialise(data: bytes, origin: str) -> str:
     """
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+        # a shared temp folder: another user could have made it (or a symlink) to feed us other bytes
+        raise WdiffError(folder, f"cache folder is not a folder of this user; set {CACHE_ENV}")
     digest = hashlib.sha256(origin.encode("utf-8", "surrogatepass") + b"\0" + data).hexdigest()
     target = folder / f"onnx-{digest[:40]}.bin"
-    if target.is_file() and target.stat().st_size == len(data):
-        return str(target)
+    try:
+        if target.read_bytes() == data:  # small by construction: checking costs little
+            return str(target)
+    except OSError:
+        pass
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnx-")
     try:
         with os.fdopen(fd, "wb") as f:
