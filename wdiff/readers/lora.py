@@ -56,18 +56,16 @@ def _config(checkpoint: Checkpoint) -> tuple[dict | None, Path | None]:
 
 
 def _pattern_value(patterns: object, module: str, default: object) -> object:
-    """peft's ``get_pattern_key``: a key matches the module name exactly or as a dotted suffix regex."""
+    """peft's ``get_pattern_key``: the first key (in file order) with ``re.match(rf"(.*\.)?({key})$",
+    module)`` gives the value."""
     if not isinstance(patterns, dict):
         return default
     for key, value in patterns.items():
-        if key == module:
-            return value
-    for key, value in patterns.items():
         try:
-            if re.fullmatch(rf"(.*\.)?{key}", module):
+            if re.match(rf"(.*\.)?({key})$", module):
                 return value
-        except re.error:
-            if module.endswith("." + key):
+        except re.error:  # peft would raise; a literal suffix is the closest reading
+            if module == key or module.endswith("." + key):
                 return value
     return default
 
