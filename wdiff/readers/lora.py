@@ -56,7 +56,7 @@ def _config(checkpoint: Checkpoint) -> tuple[dict | None, Path | None]:
 
 
 def _pattern_value(patterns: object, module: str, default: object) -> object:
-    """peft's ``get_pattern_key``: the first key (in file order) with ``re.match(rf"(.*\.)?({key})$",
+    r"""peft's ``get_pattern_key``: the first key (in file order) with ``re.match(rf"(.*\.)?({key})$",
     module)`` gives the value."""
     if not isinstance(patterns, dict):
         return default
