@@ -246,6 +246,9 @@ def run(
                     done = {n: np.concatenate([old_frames[n], f]) for n, f in done.items()}
                 blocks = {n: g.block for n, g in frame_grids.items()}
                 write_frames(tmp / FRAMES, done, blocks, "mean" if _any_mean(frame_grids) else "max")
+        for name, others in the_run.aliases.items():  # tied weights: reported once, with every name
+            if name in result.tensors:
+                result.tensors[name]["aliases"] = others
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -267,6 +270,8 @@ def run(
             "update": update,
             "trainer_state": _trainer_summary(the_run.trainer_state),
         }
+        if the_run.matching is not None:  # ONNX: which initializers were matched by name, which by position
+            summary["matching"] = the_run.matching
         summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         if keep is not None:

@@ -135,6 +135,12 @@ def run_command(
             f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
             highlight=False,
         )
+        if scanned.matching is not None:
+            m = scanned.matching
+            line = f"ONNX initializers matched: {m['exact']} by name, {m['by_position']} by position"
+            if m.get("by_sharing"):
+                line += f", {m['by_sharing']} stored once in some export"
+            err.print(line)
 
     progress = Progress(
         TextColumn("{task.description}"),

@@ -19,6 +19,7 @@ import numpy as np
 
 from wdiff import kernels
 from wdiff.errors import WdiffError
+from wdiff.readers.lora import LoraRef
 from wdiff.results import OutputLayout
 from wdiff.scan import AlignedTensor, Run
 
@@ -325,6 +326,9 @@ def build_graph(
     dsk: dict = {}
     chunk_keys, tensor_keys = [], []
     for j, tensor in enumerate(run.tensors):
+        task = process_chunk
+        if isinstance(tensor.refs[0], LoraRef):  # effective LoRA change: B @ A products (wdiff.lora)
+            from wdiff.lora import process_chunk as task
         entry = None
         acc_in = None
         if previous is not None:
@@ -339,7 +343,7 @@ def build_graph(
             if previous is not None:
                 acc_in = (previous.accumulated, previous.offsets[tensor.name])
             dsk[key] = (
-                process_chunk,
+                task,
                 tensor,
                 start,
                 stop,

@@ -12,13 +12,23 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.naming import last_number, network_order
-from wdiff.readers import TensorRef, has_weights, looks_like_safetensors, missing, read_checkpoint
+from wdiff.naming import last_number, natural_key, network_order
+from wdiff.readers import (
+    TensorRef,
+    has_weights,
+    looks_like_onnx,
+    looks_like_safetensors,
+    missing,
+    read_checkpoint,
+)
 from wdiff.readers.base import read_json
+from wdiff.readers.lora import effective_tensors
+from wdiff.readers.onnx_match import match_sequence
+from wdiff.readers.tied import find_aliases
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -87,6 +97,8 @@ class Run:
     skipped: tuple[Skipped, ...]
     trainer_state: dict | None = field(default=None, repr=False)
     left_out: tuple[Skipped, ...] = ()  # checkpoints left out (by path): a live run's unfinished newest
+    matching: dict | None = field(default=None, repr=False)  # how ONNX names were matched (onnx_match)
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights: name -> other names
 
     @property
     def steps(self) -> list[int | None]:
@@ -108,7 +120,7 @@ def _load_trainer_state(path: Path) -> dict:
 def _is_checkpoint(path: Path) -> bool:
     if path.is_dir():
         return has_weights(path)
-    return path.is_file() and looks_like_safetensors(path)
+    return path.is_file() and (looks_like_safetensors(path) or looks_like_onnx(path))
 
 
 def _hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -146,11 +158,16 @@ def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bool]:
     """Ordered (step, checkpoint path) pairs, and whether they were found in a folder (which training
     may still be writing into) rather than named one by one."""
-    live = len(inputs) == 1 and inputs[0].is_dir() and not has_weights(inputs[0])
+    # An output dir may hold the final model beside its checkpoint-N folders (``trainer.save_model()``
+    # into output_dir, PEFT adapters included): the checkpoint folders are the sequence.
+    run_dir = len(inputs) == 1 and inputs[0].is_dir()
+    live = run_dir and (not has_weights(inputs[0]) or bool(_hf_checkpoints(inputs[0])))
     if live:
         folder = inputs[0]
         hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
+        if not pairs and (folder / "checkpoints").is_dir():  # accelerate project_dir, automatic naming
+            pairs = list(_numbered_checkpoints(folder / "checkpoints"))
         if not pairs:
             raise WdiffError(folder, "no checkpoints found (no checkpoint-N folders, no safetensors)")
     else:
@@ -246,7 +263,13 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
                 where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
             )
         checkpoints, left_out = _read_checkpoints(pairs, live)
+        renamed, matching = match_sequence([c.tensors for c in checkpoints])
+        checkpoints = [replace(c, tensors=r) for c, r in zip(checkpoints, renamed)]
         tensors, skipped = _align(checkpoints)
+        tensors, aliases = find_aliases([Path(c.path) for c in checkpoints], tensors)
+        lora, lora_skipped = effective_tensors(checkpoints)
+        tensors = sorted(tensors + lora, key=lambda t: natural_key(t.name))  # network order
+        skipped = skipped + lora_skipped
         if not tensors:
             raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
         # The newest trainer_state.json holds the whole log history.
@@ -255,4 +278,6 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
         state = _load_trainer_state(states[-1]) if states else None
     except OSError as e:  # an unreadable folder met while listing or testing it
         raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
-    return Run(source, tuple(checkpoints), tuple(tensors), tuple(skipped), state, tuple(left_out))
+    return Run(
+        source, tuple(checkpoints), tuple(tensors), tuple(skipped), state, tuple(left_out), matching, aliases
+    )

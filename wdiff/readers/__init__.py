@@ -12,6 +12,8 @@ from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.readers.base import DTYPES, DType, TensorRef, open_regular
+from wdiff.readers.layouts import accelerate_models, read_accelerate
+from wdiff.readers.onnx import looks_like_onnx, read_onnx
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "TensorRef",
     "find_weights",
     "has_weights",
+    "looks_like_onnx",
     "looks_like_safetensors",
     "read_checkpoint",
 ]
@@ -51,10 +54,13 @@ def missing(path: Path) -> str:
 
 
 def find_weights(folder: Path) -> Path | None:
-    """The weights entry point of a checkpoint folder: a shard index or a single safetensors file."""
+    """The weights entry point of a checkpoint folder: a shard index, a single safetensors file, the
+    folder itself for an accelerate ``save_state`` with several models, or a single ONNX model."""
     index = folder / INDEX_NAME
     if index.is_file():
         return index
+    if len(accelerate_models(folder)) > 1:
+        return folder
     single = folder / "model.safetensors"
     if single.is_file():
         return single
@@ -72,6 +78,11 @@ def find_weights(folder: Path) -> Path | None:
     if len(files) > 1 or len(indexes) > 1:
         names = ", ".join(p.name for p in (indexes or files)[:4])
         raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
+    models = sorted(p for p in folder.glob("*.onnx") if p.is_file())
+    if len(models) == 1:
+        return models[0]
+    if len(models) > 1:
+        raise WdiffError(folder, f"several ONNX models in one checkpoint folder: {models[0].name}, ...")
     return None
 
 
@@ -94,10 +105,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
         entry = find_weights(path)
         if entry is None:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-            weights = [n for n in pickles if n.startswith(("pytorch_model", "model"))]
+            weights = [n for n in pickles if n.startswith(("pytorch_model", "model", "adapter_model"))]
             if weights:
                 raise WdiffError(path / weights[0], PICKLE_HINT)
             raise WdiffError(path, "no safetensors weights in this folder")
+        if entry == path:
+            return read_accelerate(path)
         path = entry
     if not path.exists():
         raise WdiffError(path, missing(path))
@@ -106,6 +119,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
     if looks_like_safetensors(path):
         tensors, _ = read_header(path)
         return tensors
+    if looks_like_onnx(path) or path.suffix == ".onnx":  # the suffix only once the bytes said nothing
+        return dict(read_onnx(path))
     if _sniff_pickle(path):
         raise WdiffError(path, PICKLE_HINT)
     # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
