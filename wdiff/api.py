@@ -30,6 +30,7 @@ from wdiff.scan import Run, fingerprint, scan
 
 if TYPE_CHECKING:
     from wdiff.compute import Previous
+    from wdiff.scene.options import SceneOptions
 
 Progress = Callable[[str, int, int], None]  # (phase, advance, total)
 
@@ -128,6 +129,7 @@ def run(
     progress: Progress | None = None,
     on_scan: Callable[[Run], None] | None = None,
     incremental: bool = True,
+    scene: SceneOptions | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
     ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
@@ -139,6 +141,10 @@ def run(
     sizes and modification times), only the new intervals are computed: the accumulated map is a
     sum, so it is extended from the earlier one (``incremental=False`` forces a full recompute).
     ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
+
+    ``scene`` (a :class:`wdiff.scene.SceneOptions`) sets every choice about the 3D outputs: point
+    budget, pooling, colours, picture size and views, ``mesh.ply``, the film and ``scene.html``; when
+    given, it replaces ``max_points`` and ``render``.
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -147,8 +153,10 @@ def run(
     _warm.start()
     out = Path(out)
     _check_out(out)
-    if max_points < 1:
-        raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
+    if scene is None:
+        from wdiff.scene.options import SceneOptions
+
+        scene = SceneOptions(max_points=max_points, render=render)
     the_run = scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
@@ -165,7 +173,7 @@ def run(
     try:
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
-        plan = _cell_plan(the_run, max_points)
+        plan = _cell_plan(the_run, scene.max_points)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
             _link_or_copy(out / ACCUMULATED, acc_path)
             if (out / POOLED).is_file():  # the scene uses it only if its pooling still fits
@@ -189,11 +197,14 @@ def run(
                 workers=workers,
                 progress=advance,
                 previous=previous,
-                grids={name: Grid(rows, cols, block) for name, (rows, cols, block) in plan.items()},
+                grids={
+                    name: Grid(rows, cols, block, mean=scene.pool == "mean")
+                    for name, (rows, cols, block) in plan.items()
+                },
             )
             from wdiff.scene import save_cells
 
-            save_cells(tmp / POOLED, plan, result.cells)
+            save_cells(tmp / POOLED, plan, result.cells, scene.pool)
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -214,7 +225,7 @@ def run(
             "update": update,
             "trainer_state": _trainer_summary(the_run.trainer_state),
         }
-        summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
+        summary["scene"] = _scene(tmp, the_run, summary, scene, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         write_json(tmp / SUMMARY, summary)
         _replace_dir(tmp, out)
@@ -241,21 +252,13 @@ def _title(run: Run) -> str:
 
 
 def _scene(
-    folder: Path, run: Run, summary: dict, max_points: int, render: bool, progress: Progress | None
+    folder: Path, run: Run, summary: dict, options: SceneOptions, progress: Progress | None
 ) -> dict[str, Any]:
-    """Results on disk -> point cloud PLY and picture. Reads only ``accumulated.safetensors``."""
-    from wdiff import scene
+    """Results on disk -> point cloud PLY, pictures, mesh, film, HTML viewer (``wdiff.scene.outputs``)."""
+    from wdiff.scene.outputs import write_outputs
 
-    names = list(summary["tensors"])
-    built = scene.build_scene(folder / ACCUMULATED, names, max_points=max_points)
-    colors = scene.colorize(built.value)
-    scene.write_points_ply(built, colors, folder / POINTS)
-    if render:
+    def step(what: str) -> None:
         if progress is not None:
-            progress("render", 0, 1)
-        scene.render_scene(built, folder / RENDER, title=_title(run))
-    return {
-        "points": int(built.xyz.shape[0]),
-        "max_points": max_points,
-        "pool_factor": built.pool_factor,
-    }
+            progress(what, 0, 1)
+
+    return write_outputs(folder, list(summary["tensors"]), _title(run), options, step)
