@@ -114,6 +114,7 @@ def reference(checkpoints: Sequence[Mapping[str, np.ndarray]], name: str) -> dic
         "accumulated": sum(np.abs(d) for d in diffs),
         "net_l2": net,
         "relative_change": net / first if first else None,
+        "interval_l1": [float(np.abs(d).sum()) for d in diffs],
         "interval_l2": [float(np.linalg.norm(d.ravel())) for d in diffs],
         "l2": [float(np.linalg.norm(x.ravel())) for x in w],
     }

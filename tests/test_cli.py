@@ -77,6 +77,7 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
         "accumulated.safetensors",
         "points.ply",
         "pooled.safetensors",
+        "rows.safetensors",
         "summary.json",
     ]
     # a second run replaces the results in place, leaving no temporary folders behind

@@ -41,6 +41,14 @@ def _check(result, acc, checkpoints):
         np.testing.assert_allclose(got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got["net_l2"], ref["net_l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["interval_l2"], ref["interval_l2"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["interval_l1"], ref["interval_l1"], rtol=1e-4, atol=1e-6)
+        if ref["accumulated"].size:
+            rows = ref["accumulated"].reshape(
+                ref["accumulated"].shape[0] if ref["accumulated"].ndim else 1, -1
+            )
+            np.testing.assert_allclose(result.rows[name], rows.sum(axis=1), rtol=1e-4, atol=1e-5)
+        else:
+            assert name not in result.rows
         np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
         if ref["relative_change"] is None:
             assert got["relative_change"] is None
@@ -100,8 +108,11 @@ def test_kernel_step_against_numpy_one_liner():
     a, b = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
     first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
     kernels.start(a, kernels.decode_table("F32"), first, old)
-    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, old, new, acc)
+    diff_sum, diff_sumsq, sumsq, dot, nonfinite = kernels.step(
+        b, kernels.decode_table("F32"), first, old, new, acc
+    )
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
+    np.testing.assert_allclose(diff_sum, np.sum(np.abs(b.astype(np.float64) - a)), rtol=1e-6)
     np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
     np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-6)
     np.testing.assert_allclose(dot, np.dot(b.astype(np.float64), a), rtol=1e-6)
@@ -113,8 +124,10 @@ def test_kernel_sums_leave_nonfinite_terms_out():
     b = np.array([2.0, np.nan, 5.0, 1.0], np.float32)
     first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.zeros_like(a)
     assert kernels.start(a, kernels.decode_table("F32"), first, old) == (14.0, 1)
-    diff_sumsq, sumsq, dot, nonfinite = kernels.step(b, kernels.decode_table("F32"), first, old, new, acc)
-    assert diff_sumsq == 1.0 + 4.0  # NaN and -Inf differences left out
+    diff_sum, diff_sumsq, sumsq, dot, nonfinite = kernels.step(
+        b, kernels.decode_table("F32"), first, old, new, acc
+    )
+    assert diff_sum == 1.0 + 2.0 and diff_sumsq == 1.0 + 4.0  # NaN and -Inf differences left out
     assert sumsq == 4.0 + 25.0 + 1.0 and dot == 2.0 + 15.0 and nonfinite == 1
     assert np.isnan(acc[1]) and np.isinf(acc[3]) and acc[0] == 1.0 and acc[2] == 2.0
     total, peak = kernels.sum_and_max(acc)
@@ -153,3 +166,41 @@ def test_cells_pooled_during_compute_equal_pooling_the_results_file(tmp_path, mo
     np.testing.assert_array_equal(from_compute.xyz, from_file.xyz)
     np.testing.assert_array_equal(from_compute.value, from_file.value)  # NaN == NaN here
     assert from_compute.nonfinite == from_file.nonfinite == 2
+
+
+def _pool_reference(values: np.ndarray, grid, mean: bool) -> np.ndarray:
+    """numpy: pool a rows x cols grid into cells of grid.block (max, or mean over each cell's elements)."""
+    v = values.reshape(grid.rows, grid.cols)
+    (br, bc), (cr, cc) = grid.block, grid.shape
+    fill = 0.0 if mean else -np.inf
+    padded = np.full((cr * br, cc * bc), fill)
+    padded[: grid.rows, : grid.cols] = v
+    blocks = padded.reshape(cr, br, cc, bc)
+    if not mean:
+        return blocks.max(axis=(1, 3))
+    counts = np.zeros_like(padded)
+    counts[: grid.rows, : grid.cols] = 1
+    return blocks.sum(axis=(1, 3)) / counts.reshape(cr, br, cc, bc).sum(axis=(1, 3))
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("chunk", [13, 1 << 20])
+def test_frames_pool_each_interval_change(tmp_path, mean, chunk):
+    """Frames: every interval's |W(t+1) - W(t)|, pooled into cells, on uneven chunks and blocks."""
+    from wdiff.compute import Grid
+
+    shapes = {"a.weight": (37, 11), "b.bias": (23,), "c.conv": (6, 2, 3, 3)}
+    checkpoints = random_sequence(shapes, count=5, dtype="BF16", seed=7)
+    run = scan(trainer_run(tmp_path / "run", checkpoints, steps=[1, 2, 3, 4, 5]))
+    grids = {
+        "a.weight": Grid(37, 11, (4, 3), mean),
+        "b.bias": Grid(1, 23, (1, 5), mean),
+        "c.conv": Grid(6, 18, (2, 18), mean),
+    }
+    result, _ = _compute(run, tmp_path, chunk_elements=chunk, frame_grids=grids)
+    for name, grid in grids.items():
+        w = [np.asarray(c[name]).astype(np.float64) for c in checkpoints]
+        want = np.stack([_pool_reference(np.abs(b - a), grid, mean) for a, b in zip(w, w[1:])])
+        got = grid.finish(result.frames[name])
+        assert got.shape == (4, *grid.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

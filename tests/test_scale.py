@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 from factories import random_sequence, save, trainer_run
 
@@ -14,7 +15,10 @@ SHAPES = {"layers.0.w": (70, 50), "layers.0.b": (50,), "layers.1.w": (33, 41), "
 
 
 def _files(out) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in ("accumulated.safetensors", "points.ply")}
+    return {
+        name: (out / name).read_bytes()
+        for name in ("accumulated.safetensors", "rows.safetensors", "points.ply")
+    }
 
 
 def _same_results(a: wdiff.Results, b: wdiff.Results) -> None:
@@ -106,3 +110,25 @@ def test_changed_history_means_full_recompute(tmp_path, change):
     full = wdiff.run(every, tmp_path / "reference", render=False, chunk_elements=chunk, incremental=False)
     _same_results(res, full)
     shutil.rmtree(tmp_path / "reference")
+
+
+def test_incremental_run_extends_rows_and_frames_like_a_full_run(tmp_path):
+    """Rows and frames of a run grown by two checkpoints equal those of a full run over all five."""
+    shapes = {"model.layers.0.w": (40, 9), "model.layers.0.b": (9,)}
+    checkpoints = random_sequence(shapes, count=5, seed=3)
+    root = trainer_run(tmp_path / "run", checkpoints, steps=[10, 20, 30, 40, 50])
+    source = [root / f"checkpoint-{s}" for s in (10, 20, 30, 40, 50)]
+    wdiff.run(source[:3], tmp_path / "inc", render=False, frames=True, frame_points=50)
+    grown = wdiff.run(source, tmp_path / "inc", render=False, frames=True, frame_points=50)
+    assert grown.summary["update"] == "incremental from 3"
+    full = wdiff.run(source, tmp_path / "full", render=False, frames=True, frame_points=50)
+    for name in shapes:
+        assert grown.frames(name).shape[0] == 4
+        np.testing.assert_array_equal(grown.frames(name), full.frames(name))
+        np.testing.assert_array_equal(grown.rows(name), full.rows(name))
+        assert grown.summary["tensors"][name]["interval_l1"] == full.summary["tensors"][name]["interval_l1"]
+    again = wdiff.run(source, tmp_path / "inc", render=False, frames=True, frame_points=50)
+    assert again.summary["update"] == "up to date"
+    np.testing.assert_array_equal(again.frames(name), full.frames(name))
+    wider = wdiff.run(source, tmp_path / "inc", render=False, frames=True, frame_points=200)
+    assert wider.summary["update"] == "full"  # other frame grids: the old frames cannot be extended

@@ -23,9 +23,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from wdiff import __version__, _warm
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, POINTS, POOLED, RENDER, SUMMARY, Results, write_json
+from wdiff.results import (
+    ACCUMULATED,
+    FRAMES,
+    POINTS,
+    POOLED,
+    RENDER,
+    ROWS,
+    SUMMARY,
+    Results,
+    write_frames,
+    write_json,
+    write_rows,
+)
 from wdiff.scan import Run, fingerprint, scan
 
 if TYPE_CHECKING:
@@ -91,11 +105,32 @@ def _previous(
     same_setup = (
         old.get("wdiff_version") == __version__
         and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
+        and (out / ROWS).is_file()
+        and all("interval_l1" in entry for entry in tensors.values())
     )
     if not (same_start and same_tensors and same_setup):
         return None, "full"
     previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
+
+
+def _previous_frames(out: Path, known: int, grids: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The frames of earlier results when they cover its ``known - 1`` intervals on these grids."""
+    try:
+        old = Results(out, {})
+        info = old.frame_info()
+        frames = {name: old.frames(name) for name in grids}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+    same = all(
+        f.shape == (known - 1, *grid.shape) and tuple(info["blocks"].get(name, ())) == grid.block
+        for (name, grid), f in zip(grids.items(), frames.values())
+    )
+    return frames if same and info["pool"] == ("mean" if _any_mean(grids) else "max") else None
+
+
+def _any_mean(grids: dict[str, Any]) -> bool:
+    return any(g.mean for g in grids.values())
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -129,6 +164,8 @@ def run(
     progress: Progress | None = None,
     on_scan: Callable[[Run], None] | None = None,
     incremental: bool = True,
+    frames: bool = False,
+    frame_points: int = 200_000,
     scene: SceneOptions | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
@@ -142,9 +179,12 @@ def run(
     sum, so it is extended from the earlier one (``incremental=False`` forces a full recompute).
     ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
 
+    ``frames=True`` also writes ``frames.safetensors``: the change of every interval (not accumulated),
+    pooled into cells under a budget of ``frame_points`` points, for the training film.
+
     ``scene`` (a :class:`wdiff.scene.SceneOptions`) sets every choice about the 3D outputs: point
     budget, pooling, colours, picture size and views, ``mesh.ply``, the film and ``scene.html``; when
-    given, it replaces ``max_points`` and ``render``.
+    given, it replaces ``max_points``, ``render``, ``frames`` and ``frame_points``.
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -156,13 +196,23 @@ def run(
     if scene is None:
         from wdiff.scene.options import SceneOptions
 
-        scene = SceneOptions(max_points=max_points, render=render)
+        scene = SceneOptions(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
+    frames, frame_points = scene.frames, scene.frame_points
     the_run = scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
     previous, update = (
         _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
     )
+    frame_plan = _cell_plan(the_run, frame_points) if frames else {}
+    frame_grids = {  # pooled like the scene (max or mean), for the film
+        name: Grid(rows, cols, block, mean=scene.pool == "mean") for name, (rows, cols, block) in frame_plan.items()
+    }
+    old_frames = None
+    if frames and previous is not None:
+        old_frames = _previous_frames(out, previous.known, frame_grids)
+        if old_frames is None:  # earlier results without these frames: recompute them all
+            previous, update = None, "full"
     if on_scan is not None:
         on_scan(the_run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +226,10 @@ def run(
         plan = _cell_plan(the_run, scene.max_points)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
             _link_or_copy(out / ACCUMULATED, acc_path)
-            if (out / POOLED).is_file():  # the scene uses it only if its pooling still fits
-                _link_or_copy(out / POOLED, tmp / POOLED)
+            _link_or_copy(out / ROWS, tmp / ROWS)
+            for name in (POOLED, FRAMES) if frames else (POOLED,):  # the scene checks the pooling fits
+                if (out / name).is_file():
+                    _link_or_copy(out / name, tmp / name)
             result = ComputeResult(previous.tensors, 0, 0.0, 0)
         else:
             create_accumulated(acc_path, layout)
@@ -201,10 +253,18 @@ def run(
                     name: Grid(rows, cols, block, mean=scene.pool == "mean")
                     for name, (rows, cols, block) in plan.items()
                 },
+                frame_grids=frame_grids,
             )
             from wdiff.scene import save_cells
 
             save_cells(tmp / POOLED, plan, result.cells, scene.pool)
+            write_rows(tmp / ROWS, result.rows)
+            if frames:
+                done = {n: frame_grids[n].finish(f) for n, f in result.frames.items()}
+                if old_frames is not None:
+                    done = {n: np.concatenate([old_frames[n], f]) for n, f in done.items()}
+                blocks = {n: g.block for n, g in frame_grids.items()}
+                write_frames(tmp / FRAMES, done, blocks, "mean" if _any_mean(frame_grids) else "max")
         summary: dict[str, Any] = {
             "wdiff_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -261,4 +321,5 @@ def _scene(
         if progress is not None:
             progress(what, 0, 1)
 
-    return write_outputs(folder, list(summary["tensors"]), _title(run), options, step)
+    names = list(summary["tensors"])
+    return write_outputs(folder, names, _title(run), options, Path(run.source).name, list(run.steps), step)

@@ -23,12 +23,14 @@ from wdiff.results import OutputLayout
 from wdiff.scan import AlignedTensor, Run
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # elements per Dask task; memory per task is a few sub-blocks
+FRAME_LINES_BYTES = 64 << 20  # per task, for the line buffers of the frames (one per interval)
 
 
 @dataclass(frozen=True)
 class ChunkStats:
     """Partial sums of one chunk, all float64 (counts int64); added up per tensor."""
 
+    interval_sum: np.ndarray  # (T-1,) sum of |W(t+1) - W(t)|
     interval_sumsq: np.ndarray  # (T-1,) sum of (W(t+1) - W(t))^2
     sumsq: np.ndarray  # (T,) sum of W(t)^2
     dot_first: np.ndarray  # (T,) sum of W(t) * W(0)
@@ -40,6 +42,10 @@ class ChunkStats:
     cells: np.ndarray | None = None  # the chunk's part of the scene's cells (see Grid)
     cell_row0: int = 0  # first cell row in ``cells``
     acc_nonfinite: int = 0  # non-finite values of the accumulated map
+    rows: np.ndarray | None = None  # row sums of the accumulated map, rows row0.. of the tensor
+    row0: int = 0
+    frames: np.ndarray | None = None  # (intervals, cell rows, cell cols): each interval's |dW| pooled
+    frame_row0: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,27 @@ class Grid:
     def shape(self) -> tuple[int, int]:
         return (-(-self.rows // self.block[0]), -(-self.cols // self.block[1]))
 
+    def empty(self, *shape: int) -> np.ndarray:
+        """Cells before anything is folded in (the reduction's identity); by default all of them,
+        or ``shape`` = (cell rows,) or (frames, cell rows) of them."""
+        lead = shape[:-1] + (shape[-1], self.shape[1]) if shape else self.shape
+        return np.full(lead, 0.0 if self.mean else -np.inf)
+
+    def cell_rows(self, start: int, stop: int) -> tuple[int, int]:
+        """The cell rows elements [start, stop) of the flattened grid fall in (first, count)."""
+        row0 = start // self.cols // self.block[0]
+        return row0, (stop - 1) // self.cols // self.block[0] - row0 + 1
+
+    def dims(self) -> np.ndarray:
+        return np.array([self.rows, self.cols, *self.block], np.int64)
+
+    def finish(self, cells: np.ndarray) -> np.ndarray:
+        """Folded cells as values: maxima as they are, sums divided by the elements of each cell."""
+        if not self.mean:
+            return cells
+        sizes = [np.minimum(b, n - np.arange(0, n, b)) for n, b in zip((self.rows, self.cols), self.block)]
+        return cells / np.outer(*sizes)
+
 
 @dataclass(frozen=True)
 class TensorResult:
@@ -67,6 +94,8 @@ class TensorResult:
     entry: dict
     cells: np.ndarray | None
     nonfinite: int
+    rows: np.ndarray | None = None  # per-row accumulated change (float64, shape[0] rows)
+    frames: np.ndarray | None = None  # (new intervals, cell rows, cell cols)
 
 
 @dataclass(frozen=True)
@@ -87,13 +116,15 @@ def process_chunk(
     out_offset: int,
     acc_in: tuple[str, int] | None = None,
     grid: Grid | None = None,
+    frame_grid: Grid | None = None,
 ) -> ChunkStats:
     """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
 
     Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
     writes without the GIL) and returns the partial sums. ``acc_in`` = (path, offset) of earlier
     results to continue from: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
-    ``kernels.stream_chunk``).
+    ``kernels.stream_chunk``). ``grid``: pool the accumulated map into the scene's cells on the way;
+    ``frame_grid``: pool every interval's |dW| into cells too (the frames of the training film).
     """
     refs = tensor.refs
     count = len(refs)
@@ -101,6 +132,7 @@ def process_chunk(
     codes = np.array([kernels.decoder_code(r.dtype) for r in refs], np.int8)
     itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
     offsets = np.array([r.offset for r in refs], np.int64)
+    interval_sum = np.zeros(count - 1)
     interval_sumsq = np.zeros(count - 1)
     sumsq = np.zeros(count)
     dot_first = np.zeros(count)
@@ -109,14 +141,30 @@ def process_chunk(
     raw = np.empty(block * int(itemsizes.max()), np.uint8)
     scratch = np.empty((4, block + kernels.SCRATCH_PAD), np.float32)
     if grid is not None and stop > start:
-        row0 = start // grid.cols // grid.block[0]
-        row1 = (stop - 1) // grid.cols // grid.block[0]
-        cells = np.full((row1 - row0 + 1, grid.shape[1]), 0.0 if grid.mean else -np.inf)
+        row0, n_rows = grid.cell_rows(start, stop)
+        cells = grid.empty(n_rows)
         line = kernels.pool_line(grid.rows, grid.cols, grid.mean)
-        dims = np.array([grid.rows, grid.cols, *grid.block], np.int64)
+        dims = grid.dims()
     else:
         row0, cells, line, dims = 0, np.empty((0, 0)), np.empty(0), np.zeros(4, np.int64)
-    mean = bool(grid.mean) if grid is not None else False
+    intervals = count - 2 if acc_in else count - 1  # intervals this chunk adds
+    if frame_grid is not None and stop > start and intervals > 0:
+        frame_row0, n_rows = frame_grid.cell_rows(start, stop)
+        frames = frame_grid.empty(intervals, n_rows)
+        line_size = kernels.pool_line(frame_grid.rows, frame_grid.cols, frame_grid.mean).size
+        if intervals * line_size * 8 > FRAME_LINES_BYTES:  # many frames of wide rows: straight to cells
+            line_size = 0
+        frame_lines = np.full((intervals, line_size), 0.0 if frame_grid.mean else -np.inf)
+        frame_dims = frame_grid.dims()
+    else:
+        frame_row0, frames, frame_lines = 0, np.empty((0, 0, 0)), np.empty((0, 0))
+        frame_dims = np.zeros(4, np.int64)
+    frame_states = np.full(frames.shape[0], -1, np.int64)
+    diff = np.empty(block if frames.size else 1, np.float32)
+    mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
+    row_cols = _row_cols(tensor.shape)
+    first_row = start // row_cols
+    rows = np.zeros((stop - 1) // row_cols - first_row + 1 if stop > start else 0)
     totals = np.zeros(4)
     opened: dict[str, int] = {}
     try:
@@ -129,8 +177,9 @@ def process_chunk(
         acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
         status = kernels.stream_chunk(
             fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-            acc_fd, acc_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
-            dims, mean, cells, row0, line,
+            acc_fd, acc_offset, raw, scratch, interval_sum, interval_sumsq, sumsq, dot_first, nonfinite,
+            totals, dims, mean, cells, row0, line, row_cols, rows, first_row, frame_dims, frames,
+            frame_row0, frame_lines, frame_states, diff,
         )  # fmt: skip
     except OSError as e:
         raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
@@ -150,20 +199,45 @@ def process_chunk(
     nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
     net_sumsq, acc_sum, acc_max, acc_nonfinite = totals
     return ChunkStats(
-        interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum), float(acc_max), nbytes,
-        cells if cells.size else None, row0, int(acc_nonfinite),
+        interval_sum, interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum),
+        float(acc_max), nbytes, cells if cells.size else None, row0, int(acc_nonfinite),
+        rows if rows.size else None, first_row, frames if frames.size else None, frame_row0,
     )  # fmt: skip
 
 
+def _row_cols(shape: tuple[int, ...]) -> int:
+    """Elements per row: rows are the first dimension (a neuron, a token, a conv filter); a vector's
+    rows are its elements and a scalar is one row."""
+    return max(1, math.prod(shape[1:])) if len(shape) >= 2 else 1
+
+
+def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
+    """Fold a chunk's part into the tensor's array along ``axis`` from ``start`` (sum, or a max that
+    keeps NaN)."""
+    if part is None:
+        return
+    index = [slice(None)] * total.ndim
+    index[axis] = slice(start, start + part.shape[axis])
+    view = total[tuple(index)]
+    (np.maximum if maximum else np.add)(view, part, out=view)
+
+
 def combine(
-    tensor: AlignedTensor, previous: dict | None, grid: Grid | None, *chunks: ChunkStats
+    tensor: AlignedTensor,
+    previous: dict | None,
+    grid: Grid | None,
+    frame_grid: Grid | None,
+    *chunks: ChunkStats,
 ) -> TensorResult:
-    """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry).
+    """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry), and
+    its pooled cells, row sums and frames put together.
 
     ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
-    then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it.
+    then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it (the frames
+    returned are then those of the new intervals only).
     """
     count = len(tensor.refs)
+    interval_sum = np.zeros(count - 1)
     interval = np.zeros(count - 1)
     sumsq = np.zeros(count)
     dot_first = np.zeros(count)
@@ -171,6 +245,7 @@ def combine(
     net_sumsq = acc_sum = 0.0
     acc_max = 0.0
     for c in chunks:  # always in chunk order, whatever order they finished in: same bits every run
+        interval_sum += c.interval_sum
         interval += c.interval_sumsq
         sumsq += c.sumsq
         dot_first += c.dot_first
@@ -184,21 +259,30 @@ def combine(
     with np.errstate(invalid="ignore", divide="ignore"):
         cosine = dot_first / (norms * first_norm)
     rotation = [None if not np.isfinite(c) else float(1.0 - c) for c in cosine]
+    interval_l1 = interval_sum.tolist()
     interval_l2 = np.sqrt(interval).tolist()
     l2 = norms.tolist()
     counts = nonfinite.tolist()
     if previous is not None:  # new values start at W(K) (index 2) and interval K-1 (index 1)
+        interval_l1 = previous["interval_l1"] + interval_l1[1:]
         interval_l2 = previous["interval_l2"] + interval_l2[1:]
         l2 = previous["l2"] + l2[2:]
         rotation = previous["rotation"] + rotation[2:]
         counts = previous["nonfinite"] + counts[2:]
-    cells = None
-    if grid is not None and tensor.numel:
-        cells = np.full(grid.shape, 0.0 if grid.mean else -np.inf)
+    cells = frames = rows = None
+    if tensor.numel:
+        rows = np.zeros(tensor.numel // _row_cols(tensor.shape))
         for c in chunks:
-            if c.cells is not None:
-                part = cells[c.cell_row0 : c.cell_row0 + c.cells.shape[0]]
-                (np.add if grid.mean else np.maximum)(part, c.cells, out=part)  # maximum keeps NaN
+            _place(rows, c.rows, c.row0, 0, maximum=False)
+    if grid is not None and tensor.numel:
+        cells = grid.empty()
+        for c in chunks:
+            _place(cells, c.cells, c.cell_row0, 0, maximum=not grid.mean)
+    intervals = count - 2 if previous is not None else count - 1
+    if frame_grid is not None and tensor.numel and intervals > 0:
+        frames = frame_grid.empty(intervals, frame_grid.shape[0])
+        for c in chunks:
+            _place(frames, c.frames, c.frame_row0, 1, maximum=not frame_grid.mean)
     entry = {
         "shape": list(tensor.shape),
         "dtype": tensor.dtypes[0] if len(tensor.dtypes) == 1 else tensor.dtypes,
@@ -207,12 +291,13 @@ def combine(
         "accumulated_max": acc_max,
         "net_l2": net,
         "relative_change": net / first_norm if first_norm > 0 else None,
+        "interval_l1": interval_l1,
         "interval_l2": interval_l2,
         "l2": l2,
         "rotation": rotation,
         "nonfinite": counts,
     }
-    return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks))
+    return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks), rows, frames)
 
 
 def _chunks(tensor: AlignedTensor, chunk_elements: int) -> list[tuple[int, int]]:
@@ -229,6 +314,7 @@ def build_graph(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     previous: Previous | None = None,
     grids: dict[str, Grid] | None = None,
+    frame_grids: dict[str, Grid] | None = None,
 ) -> tuple[dict, list, list]:
     """A plain Dask task graph: chunk tasks feeding one combine task per tensor.
 
@@ -246,11 +332,12 @@ def build_graph(
             tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
             entry = previous.tensors[tensor.name]
         keys = []
+        grid = (grids or {}).get(tensor.name)
+        frame_grid = (frame_grids or {}).get(tensor.name)
         for start, stop in _chunks(tensor, chunk_elements):
             key = ("chunk", j, start)
             if previous is not None:
                 acc_in = (previous.accumulated, previous.offsets[tensor.name])
-            grid = (grids or {}).get(tensor.name)
             dsk[key] = (
                 process_chunk,
                 tensor,
@@ -260,9 +347,10 @@ def build_graph(
                 layout.offsets[tensor.name],
                 acc_in,
                 grid,
+                frame_grid,
             )
             keys.append(key)
-        dsk[("tensor", j)] = (combine, tensor, entry, (grids or {}).get(tensor.name), *keys)
+        dsk[("tensor", j)] = (combine, tensor, entry, grid, frame_grid, *keys)
         chunk_keys += keys
         tensor_keys.append(("tensor", j))
     return dsk, chunk_keys, tensor_keys
@@ -282,6 +370,8 @@ class ComputeResult:
     compute_seconds: float
     chunks: int
     cells: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # pooled cells, non-finite
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # per-row accumulated change
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # each new interval's pooled |dW|
 
 
 SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
@@ -298,17 +388,21 @@ def compute(
     progress: Callable[[int], None] | None = None,
     previous: Previous | None = None,
     grids: dict[str, Grid] | None = None,
+    frame_grids: dict[str, Grid] | None = None,
 ) -> ComputeResult:
     """Run the graph on ``scheduler``; ``progress`` is called with the bytes of every finished chunk.
 
     Schedulers: ``threads`` (default; the kernels release the GIL), ``processes``, ``sync`` (one
     thread, for debugging), ``local:N`` (a dask.distributed LocalCluster of N single-threaded worker
     processes) or the address of a running dask.distributed scheduler (``tcp://host:8786``). Every
-    scheduler gives the same bits.
+    scheduler gives the same bits. ``grids``/``frame_grids``: pool the accumulated map / each
+    interval's change into cells on the way (see :class:`Grid`).
     """
     if chunk_elements < 1:
         raise WdiffError(None, f"chunk size must be at least one element, got {chunk_elements}")
-    dsk, chunk_keys, tensor_keys = build_graph(run, out_path, layout, chunk_elements, previous, grids)
+    dsk, chunk_keys, tensor_keys = build_graph(
+        run, out_path, layout, chunk_elements, previous, grids, frame_grids
+    )
     read_bytes = 0
 
     def done(result: ChunkStats) -> None:
@@ -325,7 +419,9 @@ def compute(
     seconds = time.perf_counter() - t0
     tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
     cells = {t.name: (v.cells, v.nonfinite) for t, v in zip(run.tensors, values) if v.cells is not None}
-    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells)
+    rows = {t.name: v.rows for t, v in zip(run.tensors, values) if v.rows is not None}
+    frames = {t.name: v.frames for t, v in zip(run.tensors, values) if v.frames is not None}
+    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells, rows, frames)
 
 
 def _run_local(dsk, keys, scheduler, workers, done):

@@ -137,34 +137,39 @@ def _careful_norm(w):
 def step(src, lut, first, old, new, acc, fresh=False):
     """One interval: ``new = W(t+1)``, ``acc += |W(t+1) - W(t)|`` where ``old = W(t)``.
 
-    Returns (sum of dW^2, sum of W(t+1)^2, dot(W(t+1), W(0)), non-finite count of W(t+1)) for this
-    block, accumulated in float64. The loop sums unconditionally so it vectorises; only when a sum comes
-    out non-finite (a NaN or Inf in the block, rare) it is redone leaving non-finite terms out, so one
-    NaN does not hide the magnitude of every other weight. The accumulated map itself carries the NaN.
-    ``old`` and ``new`` are separate buffers (the caller swaps them) so that redo is possible.
-    ``fresh``: this is the first interval of the block, ``acc`` is overwritten (saves zeroing it).
+    Returns (sum of |dW|, sum of dW^2, sum of W(t+1)^2, dot(W(t+1), W(0)), non-finite count of
+    W(t+1)) for this block, accumulated in float64. The loop sums unconditionally so it vectorises;
+    only when a sum comes out non-finite (a NaN or Inf in the block, rare) it is redone leaving
+    non-finite terms out, so one NaN does not hide the magnitude of every other weight. The
+    accumulated map itself carries the NaN. ``old`` and ``new`` are separate buffers (the caller swaps
+    them) so that redo is possible. ``fresh``: this is the first interval of the block, ``acc`` is
+    overwritten (saves zeroing it).
     """
     # float32 partial sums: the vectorised loop keeps 32 or more independent accumulators, each summing
     # at most a few hundred terms of one BLOCK, and the caller adds the blocks up in float64. That is
     # 1.6x faster than float64 here, with a relative error far below the 1e-4 the tests demand.
+    diff_sum = np.float32(0.0)
     diff_sumsq = np.float32(0.0)
     sumsq = np.float32(0.0)
     dot_first = np.float32(0.0)
     for i in range(acc.size):
         v = _decode(src, lut, i)
         d = v - old[i]
-        acc[i] = abs(d) if fresh else acc[i] + abs(d)
+        a = abs(d)
+        acc[i] = a if fresh else acc[i] + a
         new[i] = v
+        diff_sum += a
         diff_sumsq += d * d
         sumsq += v * v
         dot_first += v * first[i]
-    if _finite(diff_sumsq) and _finite(sumsq) and _finite(dot_first):
-        return np.float64(diff_sumsq), np.float64(sumsq), np.float64(dot_first), 0
+    if _finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dot_first):
+        return np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dot_first), 0
     return _careful_step_sums(first, old, new)
 
 
 @_exact
 def _careful_step_sums(first, old, new):
+    diff_sum = 0.0
     diff_sumsq = 0.0
     sumsq = 0.0
     dot_first = 0.0
@@ -173,6 +178,7 @@ def _careful_step_sums(first, old, new):
         v = new[i]
         d = np.float64(v) - np.float64(old[i])
         if _finite(d):
+            diff_sum += abs(d)
             diff_sumsq += d * d
         if _finite(v):
             sumsq += np.float64(v) * np.float64(v)
@@ -180,7 +186,7 @@ def _careful_step_sums(first, old, new):
                 dot_first += np.float64(v) * np.float64(first[i])
         else:
             nonfinite += 1
-    return diff_sumsq, sumsq, dot_first, nonfinite
+    return diff_sum, diff_sumsq, sumsq, dot_first, nonfinite
 
 
 @_kernel
@@ -293,26 +299,41 @@ OK = 0
 
 @_kernel
 def _fold_typed(
-    t, rebase, fresh, src, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite
+    t,
+    rebase,
+    fresh,
+    src,
+    lut,
+    first,
+    old,
+    new,
+    acc,
+    interval_sum,
+    interval_sumsq,
+    sumsq,
+    dot_first,
+    nonfinite,
 ):
     if t == 0 or rebase:  # checkpoint 0 (into first), or the restart point of an incremental run
         x, y = start(src, lut, first if t == 0 else new, new)
         sumsq[t] += x
         nonfinite[t] += y
     else:
-        a, b, c, d = step(src, lut, first, old, new, acc, fresh)
-        interval_sumsq[t - 1] += a
-        sumsq[t] += b
-        dot_first[t] += c
-        nonfinite[t] += d
+        a, b, c, d, e = step(src, lut, first, old, new, acc, fresh)
+        interval_sum[t - 1] += a
+        interval_sumsq[t - 1] += b
+        sumsq[t] += c
+        dot_first[t] += d
+        nonfinite[t] += e
 
 
 @_kernel
 def _fold(
-    t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sumsq, sumsq, dot_first, nonfinite
-):
+    t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sum, interval_sumsq, sumsq, dot_first,
+    nonfinite,
+):  # fmt: skip
     """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
-    stats = (interval_sumsq, sumsq, dot_first, nonfinite)
+    stats = (interval_sum, interval_sumsq, sumsq, dot_first, nonfinite)
     if code == CODE_F32:
         _fold_typed(t, rebase, fresh, raw.view(np.float32), lut, first, old, new, acc, *stats)
     elif code == CODE_F64:
@@ -332,21 +353,48 @@ def _merge_peak(totals, peak):
 
 
 @_kernel
+def add_row_sums(values, first, cols, rows, row0):
+    """rows[r - row0] += the sum of the row-r elements among ``values`` = elements [first, ...)."""
+    k = 0
+    n = values.size
+    while k < n:
+        r = (first + k) // cols
+        seg = min(n - k, cols - (first + k - r * cols))  # this row's part of the piece
+        total = 0.0
+        for q in range(k, k + seg):
+            total += values[q]
+        rows[r - row0] += total
+        k += seg
+
+
+@_kernel
+def abs_diff(new, old, out):
+    """out = |new - old| (one interval's change, for the frames)."""
+    for i in range(new.size):
+        out[i] = abs(new[i] - old[i])
+
+
+@_kernel
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
-    acc_in_fd, acc_in_offset, raw, scratch, interval_sumsq, sumsq, dot_first, nonfinite, totals,
-    grid, mean, cells, cell_row0, line,
+    acc_in_fd, acc_in_offset, raw, scratch, interval_sum, interval_sumsq, sumsq, dot_first, nonfinite,
+    totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid, fcells, fcell_row0, flines,
+    fstates, diff,
 ):  # fmt: skip
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
 
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
-    are added into ``interval_sumsq`` (T-1), ``sumsq``, ``dot_first``, ``nonfinite`` (T) and
-    ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max of acc, non-finite count of acc].
+    are added into ``interval_sum`` and ``interval_sumsq`` (T-1: sum of |dW| and dW^2), ``sumsq``,
+    ``dot_first``, ``nonfinite`` (T) and ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max
+    of acc, non-finite count of acc].
 
     When ``cells`` is not empty, the finished accumulated values are also pooled into the scene's
     cells (``pool_fold``; ``grid`` = [rows, cols, block_rows, block_cols], ``mean`` the pool kind),
-    so the scene does not read the results file again.
+    so the scene does not read the results file again. When ``rows`` is not empty, the row sums of
+    the accumulated map (rows of ``row_cols`` elements) are added into it from row ``row0`` on. When
+    ``fcells`` (F x cell rows x cell cols) is not empty, each interval's |dW| is pooled the same way
+    into its own frame (``fgrid``, ``flines[f]``, ``fstates[f]``; ``diff`` is scratch).
 
     Incremental runs pass ``acc_in_fd >= 0``: the accumulated map starts from the previous results at
     ``acc_in_offset`` instead of zero, and the checkpoints are [W(0), W(K-1), W(K), ...]: W(0) for the
@@ -376,8 +424,15 @@ def stream_chunk(
             lut = luts[lut_index[t]]
             rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
             fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
-            stats = (interval_sumsq, sumsq, dot_first, nonfinite)
+            stats = (interval_sum, interval_sumsq, sumsq, dot_first, nonfinite)
             _fold(t, rebase, fresh, raw[:nbytes], codes[t], lut, first, old, new, acc, *stats)
+            f = t - 2 if resume else t - 1  # this interval's frame
+            if fcells.size and f >= 0:
+                abs_diff(new, old, diff[:n])
+                pool_fold(
+                    diff[:n], lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0,
+                    flines[f], fstates[f : f + 1],
+                )  # fmt: skip
         totals[0] += net_change(first, scratch[1 + (count - 1) % 2, :n])
         total, peak = sum_and_max(acc)
         totals[1] += total
@@ -386,10 +441,15 @@ def stream_chunk(
             totals[3] += pool_fold(
                 acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state
             )
+        if rows.size:
+            add_row_sums(acc, lo, row_cols, rows, row0)
         if not _write_full(out_fd, acc, n * 4, out_offset + lo * 4):
             return -(count + 1)
     if cells.size:
         pool_flush(cells, line, state, grid[3], mean)
+    if fcells.size:
+        for f in range(fcells.shape[0]):
+            pool_flush(fcells[f], flines[f], fstates[f : f + 1], fgrid[3], mean)
     return OK
 
 
@@ -517,8 +577,9 @@ def warm_up() -> None:
     stream_chunk(
         np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
         np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8),
-        np.empty((4, 1 + SCRATCH_PAD), np.float32), f64[:0], f64, f64, i64, np.zeros(4),
-        np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0),
+        np.empty((4, 1 + SCRATCH_PAD), np.float32), f64[:0], f64[:0], f64, f64, i64, np.zeros(4),
+        np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0), 1, np.empty(0), 0,
+        np.zeros(4, np.int64), np.empty((0, 0, 0)), 0, np.empty((0, 0)), i64, np.empty(1, np.float32),
     )  # fmt: skip
 
 

@@ -19,6 +19,8 @@ SUMMARY = "summary.json"
 POINTS = "points.ply"
 POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.scene.cell_plan)
 RENDER = "render.png"
+ROWS = "rows.safetensors"  # per tensor: the row sums of its accumulated map (float64, shape[0] rows)
+FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,24 @@ class Results:
         with safe_open(self.path / ACCUMULATED, framework="numpy") as f:
             return f.get_tensor(name)
 
+    def rows(self, name: str) -> np.ndarray:
+        """Per-row accumulated change of one tensor: the sum of its accumulated map over each row
+        (rows = first dimension: neurons, tokens, filters; a vector's rows are its elements)."""
+        return _get(self.path / ROWS, name)
+
+    def frames(self, name: str) -> np.ndarray:
+        """Each interval's change |W(t+1) - W(t)| of one tensor, pooled into the cells of its frame
+        grid: float32 (intervals, cell rows, cell cols). Only when the run was made with frames."""
+        return _get(self.path / FRAMES, name)
+
+    def frame_info(self) -> dict[str, Any]:
+        """How the frames were pooled: {"pool": "max" | "mean", "blocks": {name: [rows, cols]}}."""
+        from safetensors import safe_open
+
+        with safe_open(self.path / FRAMES, framework="numpy") as f:
+            meta = f.metadata() or {}
+        return {"pool": meta.get("pool"), "blocks": json.loads(meta.get("blocks", "{}"))}
+
     def table(self) -> list[dict[str, Any]]:
         """One row per tensor with the scalar metrics: easy to pass to ``pandas.DataFrame``."""
         rows = []
@@ -102,3 +122,32 @@ class Results:
             row.update({k: v for k, v in t.items() if not isinstance(v, (list, dict))})
             rows.append(row)
         return rows
+
+
+def _get(path: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not in these results")
+    with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(name)
+
+
+def write_rows(path: str | os.PathLike[str], rows: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(r, np.float64) for name, r in rows.items()}, str(path))
+
+
+def write_frames(
+    path: str | os.PathLike[str], frames: dict[str, np.ndarray], blocks: dict[str, tuple[int, int]], pool: str
+) -> None:
+    """Frames (already divided into means for "mean" pooling) with how they were pooled."""
+    from safetensors.numpy import save_file
+
+    meta = {
+        "format": "wdiff-frames",
+        "pool": pool,
+        "blocks": json.dumps({n: list(blocks[n]) for n in frames}),
+    }
+    save_file({n: np.ascontiguousarray(f, np.float32) for n, f in frames.items()}, str(path), metadata=meta)

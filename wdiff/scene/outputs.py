@@ -12,14 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from wdiff.results import ACCUMULATED, POINTS, RENDER
+from wdiff.results import ACCUMULATED, FRAMES, POINTS, RENDER
 from wdiff.scene.options import SceneOptions
 
 MESH = "mesh.ply"
 HTML = "scene.html"
-FRAMES = "frames.safetensors"
-GIF = "frames.gif"
-MP4 = "frames.mp4"
 
 
 def view_file(view: str, first: bool) -> str:
@@ -32,9 +29,13 @@ def write_outputs(
     names: Sequence[str],
     title: str,
     options: SceneOptions,
+    run_name: str = "",
+    steps: Sequence[int | None] = (),
     step: Callable[[str], None] = lambda what: None,
 ) -> dict[str, Any]:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
+
+    ``run_name`` and the checkpoints' ``steps`` title the film's frames.
 
     ``step(what)`` is called before each slow part ("render", "mesh", "frames", "html").
     """
@@ -56,7 +57,7 @@ def write_outputs(
         step("frames")
         from wdiff.scene.film import write_film
 
-        files += write_film(folder, built, title, options)
+        files += write_film(folder, folder / FRAMES, built, run_name, steps, options)
     if options.html:
         step("html")
         from wdiff.scene.html import write_html
