@@ -30,9 +30,7 @@ from wdiff.errors import WdiffError
 from wdiff.results import (
     ACCUMULATED,
     FRAMES,
-    POINTS,
     POOLED,
-    RENDER,
     ROWS,
     SUMMARY,
     Results,
@@ -206,7 +204,8 @@ def run(
     )
     frame_plan = _cell_plan(the_run, frame_points) if frames else {}
     frame_grids = {  # pooled like the scene (max or mean), for the film
-        name: Grid(rows, cols, block, mean=scene.pool == "mean") for name, (rows, cols, block) in frame_plan.items()
+        name: Grid(rows, cols, block, mean=scene.pool == "mean")
+        for name, (rows, cols, block) in frame_plan.items()
     }
     old_frames = None
     if frames and previous is not None:

@@ -153,7 +153,7 @@ def write_mp4(path: Path, pictures: np.ndarray) -> bool:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     try:
         iio.imwrite(tmp, even, extension=".mp4", fps=1 / SECONDS_PER_FRAME, codec="libx264",
-                    macro_block_size=1)
+                    macro_block_size=1, ffmpeg_log_level="error")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
