@@ -88,6 +88,26 @@ def run_command(
         typer.Option("--full", help="Recompute everything, even when OUT holds results to extend."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
+    pool: Annotated[str, typer.Option("--pool", help="What a pooled cell shows: max or mean.")] = "max",
+    color_scale: Annotated[str, typer.Option("--color-scale", help="Colours: log or linear.")] = "log",
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="One colour scale (global) or one per tensor (tensor).")
+    ] = "global",
+    size: Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")] = "1280x800",
+    views: Annotated[
+        str,
+        typer.Option("--views", help="Comma-separated views: oblique, back, side, top, front; the first "
+                     "is render.png, the others render-<view>.png."),
+    ] = "oblique",
+    mesh: Annotated[
+        bool, typer.Option("--mesh", help="Also write mesh.ply (height-field surfaces).")
+    ] = False,
+    frames: Annotated[
+        bool, typer.Option("--frames", help="Also write frames.gif (+ frames.mp4): one frame per interval.")
+    ] = False,
+    html_points: Annotated[
+        int, typer.Option("--html-points", help="Point budget of scene.html (0: no scene.html).")
+    ] = 200_000,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -105,10 +125,24 @@ def run_command(
 
     from wdiff import api
     from wdiff.scan import Run
+    from wdiff.scene.options import SceneOptions, parse_size, parse_views
 
     err = Console(stderr=True, quiet=quiet)
     if chunk_mb <= 0:
         raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    scene = SceneOptions(
+        max_points=max_points,
+        pool=pool,  # type: ignore[arg-type]
+        color_scale=color_scale,  # type: ignore[arg-type]
+        normalize=normalize,  # type: ignore[arg-type]
+        render=not no_render,
+        size=parse_size(size),
+        views=parse_views(views),
+        mesh=mesh,
+        frames=frames,
+        html=html_points != 0,
+        html_points=max(html_points, 1),
+    )
 
     def on_scan(scanned: Run) -> None:
         for s in scanned.skipped:
@@ -141,8 +175,7 @@ def run_command(
         res = api.run(
             inputs,
             out,
-            max_points=max_points,
-            render=not no_render,
+            scene=scene,
             chunk_elements=max(1, int(chunk_mb * (1 << 20) / 4)),
             scheduler=scheduler,
             workers=workers,
@@ -159,6 +192,21 @@ def run_command(
         f"{_human(timing['read_bytes'])} read at {_human(rate)}/s, "
         f"{res.summary['scene']['points']} points"
     )
+
+
+@app.command("view")
+def view_command(
+    out: Annotated[
+        Path, typer.Argument(help="A wdiff output folder (from `wdiff run`).", show_default=False)
+    ],
+) -> None:
+    """Open the 3D scene of OUT in a window (orbit, zoom, Ctrl+click a point for its weights).
+
+    Without a display: one line on stderr pointing to render.png and scene.html, exit code 2.
+    """
+    from wdiff.scene.viewer import view
+
+    view(out)
 
 
 def _exit_now(code: object) -> None:

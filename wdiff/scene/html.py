@@ -1,8 +1,8 @@
 """``scene.html``: the scene as one self-contained HTML file with a small WebGL viewer.
 
-No network and no libraries: the viewer (``assets/viewer.js``, about 250 lines) and the data are
-inlined, so the file opens by double-click and can be mailed to a colleague. Data are base64 in a JSON
-block: positions quantized to uint16 over the model's bounding box (sub-cell precision for up to
+No network and no libraries: the page (``assets/viewer.html``), the viewer (``assets/viewer.js``,
+about 250 lines) and the data are inlined, so the file opens by double-click and can be mailed to a
+colleague. Data are base64 in a JSON block: positions quantized to uint16 over the model's bounding box (sub-cell precision for up to
 65,535 cells a side), colours as uint8 RGB, values as float32 (shown on hover), the tensor of each
 point as uint32, and per tensor the name, shape and pooling needed to say which weights a point
 stands for. Size: about 15 bytes a point before base64, so 4 MB for the default 200,000 points.
@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import os
+import string
 from importlib import resources
 
 import numpy as np
@@ -23,35 +24,6 @@ from wdiff.scene.color import ColorScale, lookup_table, point_colors
 from wdiff.scene.layout import Scene, coarsen_scene
 from wdiff.scene.options import VIEWS
 from wdiff.scene.render import BACKGROUND, FRAME_RGB, short_block_name
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-html, body {{ margin: 0; height: 100%; background: {bg}; color: #e6e8ec; font: 13px system-ui, sans-serif; overflow: hidden; }}
-#view {{ position: absolute; inset: 0; width: 100%; height: 100%; cursor: grab; }}
-#head {{ position: absolute; left: 12px; top: 8px; pointer-events: none; }}
-#head h1 {{ font-size: 16px; font-weight: normal; margin: 0 0 2px; }}
-#head p {{ margin: 0; color: #9ea3ad; font-size: 12px; }}
-#bar {{ position: absolute; right: 64px; top: 60px; bottom: 60px; width: 16px; background: linear-gradient(to top, {gradient}); border: 1px solid #9ea3ad; }}
-#bar span {{ position: absolute; left: 22px; font-size: 11px; white-space: nowrap; transform: translateY(-50%); }}
-#barlabel {{ position: absolute; right: 12px; bottom: 34px; color: #9ea3ad; font-size: 11px; text-align: right; width: 260px; }}
-#tip {{ position: absolute; display: none; background: rgba(20, 22, 28, 0.92); border: 1px solid #555; padding: 5px 8px; pointer-events: none; font: 12px ui-monospace, monospace; }}
-#labels .label {{ position: absolute; transform: translate(-100%, -100%); padding: 0 4px 2px 0; font-size: 12px; text-shadow: 0 0 3px {bg}, 0 0 3px {bg}; pointer-events: none; white-space: nowrap; }}
-#nogl {{ display: none; position: absolute; top: 40%; width: 100%; text-align: center; }}
-</style></head>
-<body data-status="loading">
-<canvas id="view"></canvas>
-<div id="labels"></div>
-<div id="head"><h1>{title}</h1><p>{subtitle}</p><p>drag to rotate, wheel to zoom, double-click to reset, hover a point for its weights</p></div>
-<div id="bar">{ticks}</div><div id="barlabel">{bar_label}</div>
-<div id="tip"></div>
-<div id="nogl">This browser has WebGL turned off; see render.png beside this file.</div>
-<script type="application/json" id="wdiff-data">{data}</script>
-<script>{script}</script>
-</body></html>
-"""
 
 
 def _b64(array: np.ndarray) -> str:
@@ -128,10 +100,12 @@ def write_html(
     s = shown.pool_factor
     cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
     subtitle = f"{len(shown.names)} tensors in {len(shown.blocks)} blocks; {len(shown):,} points, each {cell}"
-    script = resources.files("wdiff.scene").joinpath("assets/viewer.js").read_text(encoding="utf-8")
+    assets = resources.files("wdiff.scene").joinpath("assets")
+    script = assets.joinpath("viewer.js").read_text(encoding="utf-8")
+    template = string.Template(assets.joinpath("viewer.html").read_text(encoding="utf-8"))
     # JSON inside <script>: "</" would end the element early
     data = json.dumps(scene_data(shown, cs), separators=(",", ":")).replace("</", "<\\/")
-    page = PAGE.format(
+    page = template.substitute(
         title=html.escape(title or "wdiff scene"),
         subtitle=html.escape(f"{subtitle}; {cs.legend}"),
         bg="rgb({},{},{})".format(*(round(255 * c) for c in BACKGROUND)),
