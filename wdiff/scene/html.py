@@ -2,10 +2,11 @@
 
 No network and no libraries: the page (``assets/viewer.html``), the viewer (``assets/viewer.js``,
 about 250 lines) and the data are inlined, so the file opens by double-click and can be mailed to a
-colleague. Data are base64 in a JSON block: positions quantized to uint16 over the model's bounding box (sub-cell precision for up to
-65,535 cells a side), colours as uint8 RGB, values as float32 (shown on hover), the tensor of each
-point as uint32, and per tensor the name, shape and pooling needed to say which weights a point
-stands for. Size: about 15 bytes a point before base64, so 4 MB for the default 200,000 points.
+colleague. Data are base64 in a JSON block: positions quantized to uint16 over the model's
+bounding box (sub-cell precision for up to 65,535 cells a side), colours as uint8 RGB, values as
+float32 (shown on hover), the tensor of each point as uint32, and per tensor the name, shape and
+pooling needed to say which weights a point stands for. Size: about 15 bytes a point before
+base64, so 4 MB for the default 200,000 points.
 """
 
 from __future__ import annotations
