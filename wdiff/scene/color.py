@@ -47,13 +47,14 @@ class ColorScale:
 
     @property
     def label(self) -> str:
+        """The colour bar's label: the quantity, the scale and global or per tensor."""
         if self.normalize == "tensor":
-            return f"{self.quantity} / tensor max, {self.scale} scale"
-        return f"{self.quantity}, {self.scale} scale"
+            return f"{self.quantity} / its tensor's max ({self.scale}, per tensor)"
+        return f"{self.quantity} ({self.scale}, global)"
 
     @property
     def legend(self) -> str:
-        """One line for the footer: how colours were chosen."""
+        """How colours were chosen, in words."""
         which = "per tensor (each against its own max)" if self.normalize == "tensor" else "global"
         return f"colour: {self.scale} scale, {which}"
 

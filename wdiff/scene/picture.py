@@ -76,7 +76,7 @@ class Picture:
         cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
         footer = (
             f"{len(scene.names)} tensors in {len(scene.blocks)} blocks, input end in front; "
-            f"{len(shown):,} points, each {cell}; {cs.legend}"
+            f"{len(shown):,} points, each {cell}"
         )
         if what:
             footer = f"{what}; {footer}"

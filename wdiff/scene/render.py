@@ -310,6 +310,7 @@ def block_labels(scene: Scene, camera: Camera, size: tuple[int, int], *, top: fl
         if not any(p.count for p in scene.placements[b.first : b.end]):
             continue
         x, y = camera.project(np.array([[b.frame[0], b.frame[2], b.z]]), *size)[0]
+        y = max(y, 17.0)  # the text (16 px tall, above its corner) stays inside the picture
         text = " + ".join(short_block_name(part) for part in b.label.split(" + "))
         box = (x - LABEL_CHAR_PX * len(text) - 6.0, x, y - 16.0, y)
         if last is None or not _overlap(box, last):
