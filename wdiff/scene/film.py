@@ -108,7 +108,7 @@ def write_film(
     if not scenes:
         return []
     cs = film_scale(scenes, options)
-    title = f"{run_name}: change of each interval |W(t+1) - W(t)|, {len(scenes)} intervals"
+    title = f"{run_name}: |W(t+1) - W(t)| of one interval"
     picture = Picture.plan(scenes[0], options.size, title, options.views[0])
     pictures = []
     with render.Offscreen(picture.view_size) as renderer:

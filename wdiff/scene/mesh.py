@@ -19,7 +19,7 @@ from wdiff.scene.layout import Scene, TensorPlacement, coarsen_scene
 from wdiff.scene.ply import MESH_VERTEX_DTYPE
 
 #: Height of the top of the colour scale, as a fraction of the distance between two slices.
-RELIEF = 0.6
+RELIEF = 0.35
 
 
 def vertex_count(scene: Scene) -> int:

@@ -24,6 +24,14 @@ VIEWS: dict[str, tuple[float, float]] = {
     "top": (20.0, 70.0),  # from above: the top rows of every block
     "front": (0.0, 0.0),  # straight on: the first block
 }
+#: Where the input end of the network is in each view (the pictures' footers say it).
+FACING = {
+    "oblique": "input end in front",
+    "back": "output end in front",
+    "side": "input end on the left",
+    "top": "input end in front",
+    "front": "input end in front",
+}
 
 
 @dataclass(frozen=True)

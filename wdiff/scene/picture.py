@@ -14,11 +14,11 @@ import numpy as np
 from wdiff.scene import render
 from wdiff.scene.color import ColorScale, point_colors
 from wdiff.scene.layout import Scene, coarsen_scene
-from wdiff.scene.options import VIEWS
+from wdiff.scene.options import FACING, VIEWS
 
 PANEL_WIDTH = 170  # pixels right of the render: colour bar, its label, the NaN/Inf legend
 TITLE_HEIGHT = 40  # pixels above the render when there is a title
-FOOTER_HEIGHT = 22  # pixels below it: what a point stands for, how colours were chosen
+FOOTER_HEIGHT = 22  # pixels below it: what a point stands for, which end is in front
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Picture:
     camera: render.Camera
     point_px: float
     labels: tuple[render.Label, ...]
+    view: str = "oblique"
 
     @classmethod
     def plan(
@@ -57,7 +58,7 @@ class Picture:
         camera = render.limit_zoom(camera, shown.pool_factor, img_h, outline)
         point_px = render.point_size(camera, shown.pool_factor, img_h, outline)
         labels = render.block_labels(shown, camera, (img_w, img_h), top=top)
-        return cls(size, title, top, (img_w, img_h), budget, camera, point_px, tuple(labels))
+        return cls(size, title, top, (img_w, img_h), budget, camera, point_px, tuple(labels), view)
 
     def draw(
         self,
@@ -66,31 +67,28 @@ class Picture:
         cs: ColorScale,
         *,
         stamp: str = "",
-        what: str = "",
     ) -> np.ndarray:
-        """The finished picture (uint8 RGB of ``size``) of ``scene`` coloured on ``cs``."""
+        """The finished picture (uint8 RGB of ``size``) of ``scene`` coloured on ``cs``; ``stamp``
+        (a film frame's steps) is added to the title."""
         shown = coarsen_scene(scene, self.budget)
         rgb = point_colors(shown.value, shown.tensor_index, cs)
         image = renderer.draw(shown.xyz, rgb, self.camera, self.point_px, render.frame_lines(shown))
         s = shown.pool_factor
         cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
         footer = (
-            f"{len(scene.names)} tensors in {len(scene.blocks)} blocks, input end in front; "
+            f"{len(scene.names)} tensors in {len(scene.blocks)} blocks, {FACING[self.view]}; "
             f"{len(shown):,} points, each {cell}"
         )
-        if what:
-            footer = f"{what}; {footer}"
         if scene.nonfinite:
             footer += f"; {scene.nonfinite:,} NaN/Inf weights"
         return render.compose(
             image,
             cs,
             size=self.size,
-            title=self.title,
+            title=f"{self.title}, {stamp}" if stamp else self.title,
             footer=footer,
             top=self.top,
             labels=self.labels,
             flagged=int(np.count_nonzero(~np.isfinite(shown.value))),
-            stamp=stamp,
         )
 

@@ -38,6 +38,7 @@ AZIMUTH_DEG = 38.0  # camera to the right of the stack axis: it recedes to the r
 ELEVATION_DEG = 24.0  # and above it
 MAX_POINT_SIZE = 16.0
 LABEL_CHAR_PX = 7.5  # about one character of the 9-point label font at 100 dpi
+TITLE_EM = 0.6  # average character width of the title font, in em
 
 
 @dataclass(frozen=True)
@@ -355,10 +356,9 @@ def compose(
     footer: str = "",
     labels: Sequence[Label] = (),
     flagged: int = 0,
-    stamp: str = "",
 ) -> np.ndarray:
-    """The render with colour bar, title, labels, legend (and a large ``stamp``, the step of a
-    film frame) as one uint8 RGB picture of exactly ``size``.
+    """The render with colour bar, title, labels and legend as one uint8 RGB picture of exactly
+    ``size``.
 
     The render goes at the left, ``top`` pixels below the top edge (room for the title).
     """
@@ -389,8 +389,9 @@ def compose(
             va="bottom",
             path_effects=outline,
         )
-    if title:
-        fig.text(12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=14, ha="left", va="top")
+    if title:  # 14 pt, smaller when the picture is too narrow for the whole title
+        size_pt = min(14.0, (width - 24) / (len(title) * TITLE_EM * 100 / 72))
+        fig.text(12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=size_pt, ha="left", va="top")
     if footer:
         fig.text(12 / width, 8 / height, footer, color=MUTED, fontsize=8, ha="left", va="bottom")
 
@@ -412,11 +413,6 @@ def compose(
             labelcolor=FOREGROUND,
             fontsize=8,
             handlelength=1.0,
-        )
-    if stamp:
-        fig.text(
-            (img_w - 16) / width, 1 - (top + 12) / height, stamp, color=FOREGROUND, fontsize=16,
-            ha="right", va="top", path_effects=outline,
         )
     canvas = fig.canvas
     canvas.draw()
