@@ -78,6 +78,7 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
         "points.ply",
         "pooled.safetensors",
         "rows.safetensors",
+        "scene.html",  # every run writes the HTML viewer; render.png not with --no-render
         "summary.json",
     ]
     # a second run replaces the results in place, leaving no temporary folders behind
