@@ -119,6 +119,16 @@ def test_tensors_of_a_block_stand_side_by_side_at_true_size(tmp_path):
     assert [b[2] - b[3] for b in boxes] == [64, 16, 16, 64, 128]  # true heights
 
 
+def test_modules_of_a_block_follow_the_data_flow(tmp_path):
+    flow = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    shapes = {f"model.layers.0.{m}.weight": (8,) if "norm" in m else (8, 8) for m in flow}
+    scene = build_scene(_save(tmp_path / "accumulated.safetensors", shapes))  # names sorted as text
+    assert scene.names[0] == "model.layers.0.input_layernorm.weight"
+    reading = sorted(scene.placements, key=lambda p: (-p.bounds[2], p.bounds[0]))  # shelf by shelf
+    assert [p.name.removeprefix("model.layers.0.").removesuffix(".weight") for p in reading] == flow
+
+
 def test_a_very_wide_block_wraps_onto_shelves(tmp_path):
     shapes = {f"l.0.m{k}.weight": (8, 64) for k in range(12)}  # 12 x 64 wide, 8 tall
     scene = build_scene(_save(tmp_path / "accumulated.safetensors", shapes))

@@ -23,6 +23,7 @@ keeps its true area. ``TensorPlacement.position`` maps any element to its place 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,15 +179,43 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
+#: Where a module goes inside its block, so a layer reads in the order data flows through it:
+#: (pattern on the module path inside the block, rank). First match wins; unknown modules keep their
+#: order after the known ones.
+_MODULE_RANKS = [
+    (re.compile(r"(^|\.)(ln_1|input_layernorm|norm1|attention_norm|layernorm_before|ln1|pre_norm)$"), 0),
+    (re.compile(r"(^|\.)(q|q_proj|query|wq)$"), 1),
+    (re.compile(r"(^|\.)(k|k_proj|key|wk)$"), 2),
+    (re.compile(r"(^|\.)(v|v_proj|value|wv)$"), 3),
+    (re.compile(r"(attn|attention)\.(c_attn|qkv|query_key_value|in_proj|Wqkv)$"), 1),
+    (re.compile(r"(attn|attention)(\.|$)"), 4),  # the output projection and anything else in attention
+    (re.compile(r"(^|\.)(ln_2|post_attention_layernorm|norm2|ffn_norm|layernorm_after|ln2)$"), 5),
+    (re.compile(r"(^|\.)(gate_proj|w1|gate)$"), 6),
+    (re.compile(r"(^|\.)(up_proj|w3|c_fc|fc1|dense_h_to_4h|intermediate\.dense|wi)$"), 7),
+    (re.compile(r"(^|\.)(down_proj|w2|fc2|dense_4h_to_h|wo)$|mlp\.c_proj$|^output\.dense$"), 8),
+    (re.compile(r"(mlp|ffn|feed_forward|intermediate|^output)(\.|$)"), 9),
+]
+
+
+def module_rank(module: str) -> int:
+    """Data-flow rank of a module path inside its block (``self_attn.q_proj`` -> 1, ``mlp`` -> 9)."""
+    for pattern, rank in _MODULE_RANKS:
+        if pattern.search(module):
+            return rank
+    return len(_MODULE_RANKS)
+
+
 def _columns(names: Sequence[str], members: range, infos: Sequence[TensorInfo]) -> list[list[int]]:
-    """The modules of a slice in order of appearance, each its tensors: matrices first, then one-row
+    """The modules of a slice in data-flow order (norm, q, k, v, attention output, norm, MLP; unknown
+    modules after them in order of appearance), each its tensors: matrices first, then one-row
     tensors, a ``weight`` before its ``bias``."""
     modules: dict[str, list[int]] = {}
+    block = block_of(names[members[0]]) if len(members) else ""
     for k in members:
         modules.setdefault(_module(names[k]), []).append(k)
+    order = sorted(modules, key=lambda m: module_rank(m[len(block) + 1 :] if m.startswith(block) else m))
     return [
-        sorted(ks, key=lambda k: (infos[k].rows == 1, names[k].endswith("bias"), k))
-        for ks in modules.values()
+        sorted(modules[m], key=lambda k: (infos[k].rows == 1, names[k].endswith("bias"), k)) for m in order
     ]
 
 
