@@ -428,6 +428,74 @@ def test_view_picks_name_the_weights(gpt2):
     assert text.startswith(f"{name} (32x96)") and f"{scene.value[point]:.4g}" in text
 
 
+PICK_PROBE = """
+import json, os, sys, threading, time
+import numpy as np
+from wdiff.scene.viewer import Window, describe, load
+
+scene, rgb, title = load(sys.argv[1])
+window = Window(scene, rgb, title, (800, 600))
+
+def probe():
+    time.sleep(2)
+
+    def go():
+        camera = window.widget.scene.camera
+        w, h = window.widget.frame.width, window.widget.frame.height
+        p = scene.placements[scene.names.index(sys.argv[2])]
+        point = p.start + p.grid[1] * (p.grid[0] // 2) + p.grid[1] // 2
+        m = np.asarray(camera.get_projection_matrix()) @ np.asarray(camera.get_view_matrix())
+        c = m @ np.r_[scene.xyz[point].astype(float), 1.0]
+        x, y = round((c[0] / c[3] + 1) / 2 * w), round((1 - c[1] / c[3]) / 2 * h)
+
+        def done(text):
+            print(json.dumps({"expected": describe(scene, point), "got": text}), flush=True)
+            os._exit(0)
+
+        window.pick(x, y, done)
+
+    window.app.post_to_main_thread(window.window, go)
+
+threading.Thread(target=probe, daemon=True).start()
+threading.Thread(target=lambda: (time.sleep(40), os._exit(3)), daemon=True).start()
+window.run()
+"""
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="needs Debian xvfb for a virtual display")
+def test_view_window_picks_a_point_under_a_virtual_display(gpt2, tmp_path):
+    """The real Open3D window on Xvfb: picking the pixel of a known point names that point."""
+    import json
+
+    _, out = gpt2
+    probe = tmp_path / "probe.py"
+    probe.write_text(PICK_PROBE)
+    p = subprocess.run(
+        ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, str(probe), str(out),
+         "transformer.h.0.attn.c_attn.weight"],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["got"] == result["expected"] and result["got"].startswith("transformer.h.0.attn.c_attn")
+
+
+def test_unproject_inverts_the_projection():
+    from wdiff.scene.viewer import unproject
+
+    camera = render.fit_camera(np.array([[-40.0, 5, 0], [40, 5, 0], [-40, -30, -90], [40, -30, -90]]), 1.5)
+    forward, right, up = camera._basis()
+    view = np.eye(4)
+    view[:3, :3] = np.stack([right, up, -forward])
+    view[:3, 3] = -view[:3, :3] @ camera.eye
+    t = 1 / math.tan(math.radians(camera.fov_deg) / 2)
+    projection = np.diag([t / 1.5, t, 1.0, 1.0])
+    point = np.array([12.0, -7.0, -33.0])
+    x, y = camera.project(point[None], 150, 100)[0]
+    depth = float(-(view @ np.r_[point, 1.0])[2])
+    np.testing.assert_allclose(unproject(view, projection, (x, y), depth, (150, 100)), point, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

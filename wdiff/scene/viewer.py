@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,24 @@ def nearest(scene: Scene, position: np.ndarray) -> int:
     """The scene point closest to a 3-D position (where the user clicked)."""
     d = np.sum((scene.xyz.astype(np.float64) - np.asarray(position, np.float64)) ** 2, axis=1)
     return int(np.argmin(d))
+
+
+def unproject(
+    view: np.ndarray,
+    projection: np.ndarray,
+    pixel: tuple[float, float],
+    depth: float,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """World position of a pixel (x right, y down) whose view-space depth is ``depth``.
+
+    Open3D 0.20's ``Scene.render_to_depth_image`` gives view-space distances along the view axis
+    (infinity where nothing was drawn), not the [0, 1] buffer ``Camera.unproject`` expects (seen).
+    """
+    w, h = size
+    ndc_x, ndc_y = 2.0 * pixel[0] / w - 1.0, 1.0 - 2.0 * pixel[1] / h
+    eye = np.array([ndc_x * depth / projection[0, 0], ndc_y * depth / projection[1, 1], -depth, 1.0])
+    return (np.linalg.inv(view) @ eye)[:3]
 
 
 def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
@@ -72,58 +92,75 @@ def view(out: str | os.PathLike[str]) -> None:
             "in this folder instead (scene.html rotates in any browser)",
         )
     scene, rgb, title = load(out)
-    _window(scene, rgb, title)
+    Window(scene, rgb, title).run()
 
 
-def _window(scene: Scene, rgb: np.ndarray, title: str) -> None:  # pragma: no cover - needs a display
-    import open3d as o3d
-    from open3d.visualization import gui, rendering
+class Window:
+    """The Open3D window of a scene. ``run()`` blocks until it is closed; ``pick(x, y, done)`` finds
+    the point under a pixel of the 3-D view (what Ctrl+click does) and calls ``done(text)``."""
 
-    app = gui.Application.instance
-    app.initialize()
-    window = app.create_window(title, 1280, 800)
-    widget = gui.SceneWidget()
-    widget.scene = rendering.Open3DScene(window.renderer)
-    widget.scene.set_background([0.086, 0.090, 0.110, 1.0])
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(scene.xyz.astype(np.float64)))
-    cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
-    material = rendering.MaterialRecord()
-    material.shader = "defaultUnlit"
-    material.point_size = 3.0
-    widget.scene.add_geometry("accumulated", cloud, material)
-    bounds = widget.scene.bounding_box
-    widget.setup_camera(30.0, bounds, bounds.get_center())
-    info = gui.Label("Ctrl+click a point: tensor, weights, value")
-    window.add_child(widget)
-    window.add_child(info)
+    def __init__(self, scene: Scene, rgb: np.ndarray, title: str, size: tuple[int, int] = (1280, 800)):
+        import open3d as o3d
+        from open3d.visualization import gui, rendering
 
-    def on_layout(context: object) -> None:
-        frame = window.content_rect
-        widget.frame = frame
-        info.frame = gui.Rect(frame.x + 8, frame.y + 8, frame.width - 16, 24)
+        self.scene = scene
+        self.app = gui.Application.instance
+        self.app.initialize()
+        self.window = self.app.create_window(title, *size)
+        self.widget = gui.SceneWidget()
+        self.widget.scene = rendering.Open3DScene(self.window.renderer)
+        self.widget.scene.set_background([0.086, 0.090, 0.110, 1.0])
+        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(scene.xyz.astype(np.float64)))
+        cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+        material = rendering.MaterialRecord()
+        material.shader = "defaultUnlit"
+        material.point_size = 3.0
+        self.widget.scene.add_geometry("accumulated", cloud, material)
+        bounds = self.widget.scene.bounding_box
+        self.widget.setup_camera(30.0, bounds, bounds.get_center())
+        self.info = gui.Label("Ctrl+click a point: tensor, weights, value")
+        self.window.add_child(self.widget)
+        self.window.add_child(self.info)
+        self.window.set_on_layout(self._layout)
+        self.widget.set_on_mouse(self._mouse)
 
-    def on_mouse(event: gui.MouseEvent) -> int:
+    def _layout(self, context: object) -> None:
+        from open3d.visualization import gui
+
+        frame = self.window.content_rect
+        self.widget.frame = frame
+        self.info.frame = gui.Rect(frame.x + 8, frame.y + 8, frame.width - 16, 24)
+
+    def _mouse(self, event: Any) -> Any:
+        from open3d.visualization import gui
+
         if event.type == gui.MouseEvent.Type.BUTTON_DOWN and event.is_modifier_down(gui.KeyModifier.CTRL):
-            x, y = event.x - widget.frame.x, event.y - widget.frame.y
-
-            def picked(depth_image: o3d.geometry.Image) -> None:
-                depth = np.asarray(depth_image)[y, x]
-                if depth >= 1.0:  # the background
-                    text = "nothing here"
-                else:
-                    size = (widget.frame.width, widget.frame.height)
-                    world = widget.scene.camera.unproject(x, y, depth, *size)
-                    text = describe(scene, nearest(scene, world))
-
-                def show() -> None:
-                    info.text = text
-
-                app.post_to_main_thread(window, show)
-
-            widget.scene.scene.render_to_depth_image(picked)
+            self.pick(event.x - self.widget.frame.x, event.y - self.widget.frame.y, self._show)
             return gui.Widget.EventCallbackResult.HANDLED
         return gui.Widget.EventCallbackResult.IGNORED
 
-    window.set_on_layout(on_layout)
-    widget.set_on_mouse(on_mouse)
-    app.run()
+    def _show(self, text: str) -> None:
+        def update() -> None:
+            self.info.text = text
+
+        self.app.post_to_main_thread(self.window, update)
+
+    def pick(self, x: int, y: int, done: Callable[[str], None]) -> None:
+        """Read the depth under pixel (x, y), turn it into a world position, name the nearest point."""
+        camera = self.widget.scene.camera
+        size = (self.widget.frame.width, self.widget.frame.height)
+
+        def picked(depth_image: Any) -> None:
+            depth = float(np.asarray(depth_image)[y, x])
+            if not np.isfinite(depth) or depth <= 0:  # the background
+                done("nothing here")
+                return
+            view = np.asarray(camera.get_view_matrix())
+            projection = np.asarray(camera.get_projection_matrix())
+            world = unproject(view, projection, (x, y), depth, size)
+            done(describe(self.scene, nearest(self.scene, world)))
+
+        self.widget.scene.scene.render_to_depth_image(picked)
+
+    def run(self) -> None:
+        self.app.run()
