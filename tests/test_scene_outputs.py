@@ -278,6 +278,41 @@ def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
 # --- end to end on the sample run ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
+    """``--pool mean`` is pooled on the way by compute (pooled.safetensors, frames.safetensors) and
+    equals pooling the results file with numpy; the point budget holds for every output."""
+    import plyfile
+    from factories import random_sequence, trainer_run
+
+    shapes = {"model.layers.0.w": (30, 41), "model.layers.0.b": (41,), "model.layers.1.w": (17, 9)}
+    seq = random_sequence(shapes, 4, seed=3)
+    run = trainer_run(tmp_path / "run", seq, steps=[1, 2, 3, 4])
+    options = SceneOptions(max_points=120, pool=pool, frames=True, mesh=True, render=False, html_points=50,
+                           size=(400, 300))
+    res = wdiff.run(run, tmp_path / "out", scene=options)
+    out = tmp_path / "out"
+    s = res.summary["scene"]["pool_factor"]
+    assert s > 1 and res.summary["scene"]["points"] <= 120
+    scene = build_scene(out / "accumulated.safetensors", res.names, max_points=120, pool=pool)
+    reduce = np.max if pool == "max" else np.mean
+    for k, name in enumerate(res.names):
+        grid = res.accumulated(name).reshape(1 if len(shapes[name]) == 1 else shapes[name][0], -1)
+        block = (1, s) if grid.shape[0] == 1 else (s, s)
+        expected = np.array([[reduce(grid[i : i + block[0], j : j + block[1]])
+                              for j in range(0, grid.shape[1], block[1])]
+                             for i in range(0, grid.shape[0], block[0])])
+        np.testing.assert_allclose(scene.cells(k), expected, rtol=1e-5)
+        frames = res.frames(name)
+        assert frames.shape[0] == 3
+        diff = np.abs(seq[1][name].astype(np.float64) - seq[0][name]).reshape(grid.shape)
+        fs = frames.shape[2] and -(-grid.shape[1] // frames.shape[2])
+        first = reduce(diff[: (1 if grid.shape[0] == 1 else fs), :fs])
+        np.testing.assert_allclose(frames[0, 0, 0], first, rtol=1e-4)
+    assert plyfile.PlyData.read(str(out / "mesh.ply"))["vertex"].count <= 120
+    assert res.frame_info()["pool"] == pool
+
+
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt2") / "out"
