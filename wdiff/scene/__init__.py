@@ -1,15 +1,19 @@
-"""The 3D scene of the accumulated change: layout, colours, PLY point cloud, rendered picture.
+"""The 3D scene of the accumulated change: layout, colours, PLY point cloud and mesh, pictures, the
+film of the training, the HTML viewer.
 
-Reads only the results file ``accumulated.safetensors`` that the compute step wrote, never a
-checkpoint. The pipeline calls::
+Reads only the results files the compute step wrote (``accumulated.safetensors``, and the cells it
+pooled on the way), never a checkpoint. ``wdiff.scene.outputs.write_outputs`` does what a run needs,
+as ``SceneOptions`` asks; the pieces, for a notebook::
 
     scene = build_scene(out / "accumulated.safetensors", names)   # the one pass over the file
-    colors = colorize(scene.value)                                # rgb + the scale used
+    colors = colorize_scene(scene, "log", "global")               # rgb + the scale used
     write_points_ply(scene, colors, out / "points.ply")
     render_scene(scene, out / "render.png", title="run, steps 50..400", color_scale=colors.scale)
 
 ``build_scene`` is the only step that reads the (possibly huge) file; everything after works on the
-scene in memory, whose size is bounded by ``max_points``.
+scene in memory, whose size is bounded by ``max_points``. Modules: ``layout`` (blocks as depth
+slices), ``color``, ``ply``, ``mesh``, ``render`` (Open3D, headless), ``picture`` (camera, labels,
+legend), ``film``, ``html``, ``viewer`` (``wdiff view``), ``options``, ``outputs``.
 """
 
 from __future__ import annotations
