@@ -289,7 +289,7 @@ def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
     seq = random_sequence(shapes, 4, seed=3)
     run = trainer_run(tmp_path / "run", seq, steps=[1, 2, 3, 4])
     options = SceneOptions(max_points=120, pool=pool, frames=True, mesh=True, render=False, html_points=50,
-                           size=(400, 300))
+                           size=(400, 300), frame_points=60)
     res = wdiff.run(run, tmp_path / "out", scene=options)
     out = tmp_path / "out"
     s = res.summary["scene"]["pool_factor"]
@@ -306,11 +306,12 @@ def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
         frames = res.frames(name)
         assert frames.shape[0] == 3
         diff = np.abs(seq[1][name].astype(np.float64) - seq[0][name]).reshape(grid.shape)
-        fs = frames.shape[2] and -(-grid.shape[1] // frames.shape[2])
+        fs = res.frame_info()["blocks"][name][1]
         first = reduce(diff[: (1 if grid.shape[0] == 1 else fs), :fs])
         np.testing.assert_allclose(frames[0, 0, 0], first, rtol=1e-4)
     assert plyfile.PlyData.read(str(out / "mesh.ply"))["vertex"].count <= 120
     assert res.frame_info()["pool"] == pool
+    assert sum(res.frames(n)[0].size for n in res.names) <= 60  # the film's own budget
 
 
 @pytest.fixture(scope="module")
