@@ -118,3 +118,55 @@ def reference(checkpoints: Sequence[Mapping[str, np.ndarray]], name: str) -> dic
         "interval_l2": [float(np.linalg.norm(d.ravel())) for d in diffs],
         "l2": [float(np.linalg.norm(x.ravel())) for x in w],
     }
+
+
+def sgd_run(
+    *,
+    blocks: int = 6,
+    steps: Sequence[int] = tuple(range(10, 90, 10)),
+    lr: float = 0.01,
+    lr_scale: Mapping[str, float] | None = None,
+    frozen: Sequence[str] = (),
+    unused_rows: Mapping[str, Sequence[int]] | None = None,
+    nan_at: tuple[str, int, tuple[int, ...]] | None = None,
+    kick: tuple[str, int, float] | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Checkpoints of a small transformer-shaped model trained by a numerical SGD:
+    ``W(s+1) = W(s) - lr(s) * g(s)``, with ``g = 0.1 (W - target) + noise`` (a noisy pull towards a
+    fixed target) and a cosine learning rate from ``lr`` down to ``0.3 lr``. Checkpoints at ``steps``.
+
+    Planted causes: ``lr_scale`` {tensor-name prefix: factor}; ``frozen`` tensors are never updated;
+    ``unused_rows`` {tensor: rows whose gradient is always zero}; ``nan_at`` (tensor, step, index):
+    that weight becomes NaN at that step and stays NaN (as a diverged weight does); ``kick`` (tensor
+    name prefix, step, factor): one step whose gradient noise is ``factor`` times larger (a spike).
+    """
+    rng = np.random.default_rng(seed)
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (50, 16)}
+    for b in range(blocks):
+        shapes[f"layers.{b}.attn.weight"] = (16, 16)
+        shapes[f"layers.{b}.mlp.weight"] = (32, 16)
+        shapes[f"layers.{b}.norm.weight"] = (16,)
+    shapes["head.weight"] = (10, 16)
+    w = {k: rng.standard_normal(s) + (1.0 if k.endswith("norm.weight") else 0.0) for k, s in shapes.items()}
+    target = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    scale = {k: next((f for p, f in (lr_scale or {}).items() if k.startswith(p)), 1.0) for k in shapes}
+    out = []
+    total = steps[-1]
+    for step in range(1, total + 1):
+        rate = lr * (0.3 + 0.7 * 0.5 * (1 + np.cos(np.pi * step / total)))
+        for k in shapes:
+            if k in frozen:
+                continue
+            noise = rng.standard_normal(shapes[k])
+            if kick is not None and k.startswith(kick[0]) and kick[1] == step:
+                noise *= kick[2]
+            g = 0.1 * (w[k] - target[k]) + noise
+            for r in (unused_rows or {}).get(k, ()):
+                g[r] = 0.0
+            w[k] = w[k] - rate * scale[k] * g
+        if nan_at is not None and nan_at[1] == step:
+            w[nan_at[0]][nan_at[2]] = np.nan
+        if step in steps:
+            out.append({k: v.astype(np.float32) for k, v in w.items()})
+    return out, list(steps)

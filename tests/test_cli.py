@@ -75,11 +75,15 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
     np.testing.assert_allclose(summary["tensors"]["layers.0.w"]["net_l2"], ref["net_l2"], rtol=1e-5)
     assert sorted(p.name for p in out.iterdir()) == [
         "accumulated.safetensors",
+        "findings.json",
+        "metrics.csv",
         "points.ply",
         "pooled.safetensors",
+        "report.html",
         "rows.safetensors",
         "scene.html",  # every run writes the HTML viewer; render.png not with --no-render
         "summary.json",
+        "tensors.csv",
     ]
     # a second run replaces the results in place, leaving no temporary folders behind
     p = wdiff("run", str(run), "-o", str(out), "--no-render", "-q")

@@ -3,7 +3,8 @@
 Point it at a sequence of checkpoints; it computes the accumulated weight change of every weight,
 ``sum_t |W(t+1) - W(t)|``, out-of-core, and renders it in 3D.
 
-The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.Results``, ``wdiff.WdiffError``) is imported on
+The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.Results``, ``wdiff.WdiffError``,
+``wdiff.write_report``, ``wdiff.compare``) is imported on
 first use, so ``wdiff --help`` does not pay for numpy.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Results", "Run", "WdiffError", "__version__", "run", "scan"]
+__all__ = ["Results", "Run", "WdiffError", "__version__", "compare", "run", "scan", "write_report"]
 
 _LAZY = {
     "run": "wdiff.api",
@@ -20,11 +21,14 @@ _LAZY = {
     "Run": "wdiff.scan",
     "scan": "wdiff.scan",
     "WdiffError": "wdiff.errors",
+    "write_report": "wdiff.report",
+    "compare": "wdiff.report",
 }
 
 if TYPE_CHECKING:
     from wdiff.api import run
     from wdiff.errors import WdiffError
+    from wdiff.report import compare, write_report
     from wdiff.results import Results
     from wdiff.scan import Run, scan
 

@@ -166,8 +166,9 @@ def run(
     frame_points: int = 200_000,
     scene: SceneOptions | None = None,
 ) -> Results:
-    """Scan ``inputs``, compute the accumulated change and write results, ``points.ply`` and
-    ``render.png`` (unless ``render=False``) into ``out``. Returns the loaded :class:`Results`.
+    """Scan ``inputs``, compute the accumulated change and write results, ``points.ply``,
+    ``render.png`` (unless ``render=False``) and the report (``findings.json``, ``metrics.csv``,
+    ``tensors.csv``, ``report.html``) into ``out``. Returns the loaded :class:`Results`.
 
     ``progress(phase, advance, total)`` is called as chunks finish; ``on_scan(run)`` once the
     checkpoints are scanned (the CLI prints what it found and the skipped tensors there).
@@ -287,6 +288,9 @@ def run(
         summary["scene"] = _scene(tmp, the_run, summary, scene, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         write_json(tmp / SUMMARY, summary)
+        from wdiff.report import write_report
+
+        write_report(tmp)  # findings.json, metrics.csv, tensors.csv, report.html (see wdiff.report)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

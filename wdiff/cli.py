@@ -192,6 +192,52 @@ def run_command(
         f"{_human(timing['read_bytes'])} read at {_human(rate)}/s, "
         f"{res.summary['scene']['points']} points"
     )
+    _print_findings(err, out)
+
+
+def _print_findings(err, out: Path) -> None:
+    """The findings of ``out`` as a short table on stderr (none: one line)."""
+    from wdiff.report import FINDINGS, REPORT
+    from wdiff.report.build import read_findings
+    from wdiff.report.table import findings_table
+
+    found = read_findings(out)
+    if found:
+        err.print(findings_table(found, str(out / FINDINGS)))
+    else:
+        err.print("no findings", highlight=False)
+    err.print(f"report: {out / REPORT}", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Argument(help="A wdiff results folder (the -o of `wdiff run`).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No findings table.")] = False,
+) -> None:
+    """Rebuild findings.json, metrics.csv, tensors.csv and report.html from results, without recomputing."""
+    from rich.console import Console
+
+    from wdiff.report import write_report
+
+    report = write_report(out)
+    _print_findings(Console(stderr=True, quiet=quiet), out)
+    typer.echo(f"{report.path}: {len(report.findings)} findings")
+
+
+@app.command("compare")
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(help="Results folder of run A (the reference).")],
+    run_b: Annotated[Path, typer.Argument(help="Results folder of run B (ratios are B / A).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the comparison.")],
+    no_render: Annotated[bool, typer.Option("--no-render", help="Skip the side-by-side render.")] = False,
+) -> None:
+    """Compare two runs of the same architecture: per-tensor ratios, side-by-side render, report."""
+    from wdiff.report import compare
+
+    result = compare(run_a, run_b, out, render=not no_render)
+    ratios = [b["path_l1_ratio"] for b in result.blocks if b["path_l1_ratio"] is not None]
+    span = f"B/A per block {min(ratios):.3g} .. {max(ratios):.3g}" if ratios else "no ratios"
+    typer.echo(f"{result.path}: {len(result.tensors)} tensors compared, {span}")
 
 
 @app.command("view")

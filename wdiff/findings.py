@@ -1,0 +1,318 @@
+"""Findings: what in the metrics a user should look at, said in plain words with what to try.
+
+Each rule is exact where the question is exact (frozen, unchanged rows, NaN/Inf) and uses robust
+statistics with a documented threshold where it is a comparison (outlier change, spike); the
+thresholds are in ``docs/metrics.md`` and were chosen with margin against healthy runs (the two
+sample runs: the largest healthy ratio seen is 2.25x for outliers and 2.3x for spikes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from wdiff.metrics import RunMetrics, ranges
+
+KINDS = ("nonfinite", "frozen", "unchanged_rows", "stalled_elements", "outlier_change", "spike")
+
+#: outlier_change: at least this many times more (or less) than the median of its group ...
+OUTLIER_RATIO = 4.0
+#: ... and a modified z-score (Iglewicz & Hoaglin: 0.6745 (x - median) / MAD, on log values) above this.
+OUTLIER_Z = 3.5
+#: outlier_change needs the tensor and at least this many others of its kind.
+OUTLIER_MIN_GROUP = 3
+#: spike: an interval's change per step at least this many times the median of its neighbours'.
+SPIKE_RATIO = 5.0
+#: spike: neighbours on each side that form the comparison.
+SPIKE_NEIGHBOURS = 2
+#: spike and nonfinite: one event (same steps) in at least this share of the tensors, and at least
+#: COLLAPSE_MIN of them, is one finding for the whole model (tensor "*") instead of one per tensor.
+COLLAPSE_SHARE = 0.5
+COLLAPSE_MIN = 3
+#: stalled_elements: dtypes whose rounding can swallow small updates.
+LOW_PRECISION = ("BF16", "F16", "F8_E4M3", "F8_E5M2")
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    tensor: str
+    message: str
+    rows: list[list[int]] | None = None
+    steps: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _span(m: RunMetrics) -> str:
+    first, last = m.spans[0].step_start, m.spans[-1].step_end
+    if first is None or last is None:
+        return f"{len(m.spans) + 1} checkpoints"
+    return f"steps {first}-{last}"
+
+
+def _rows_text(rows: list[list[int]], limit: int = 6) -> str:
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in rows[:limit]]
+    return ", ".join(parts) + (f" and {len(rows) - limit} more ranges" if len(rows) > limit else "")
+
+
+def is_embedding(name: str) -> bool:
+    low = name.lower()
+    return any(k in low for k in ("emb", "wte", "wpe", "tok", "pos"))
+
+
+def _nonfinite(m: RunMetrics) -> list[Finding]:
+    found = []
+    for t in m.tensors:
+        if t["nonfinite_first"] is None:
+            continue
+        bad = m.rows[t["tensor"]]
+        rows = ranges(np.flatnonzero(~np.isfinite(bad)))
+        step = t["nonfinite_step"]
+        where = f"step {step}" if step is not None else f"checkpoint {t['nonfinite_first']}"
+        found.append(
+            Finding(
+                "nonfinite",
+                t["tensor"],
+                f"{t['tensor']} holds NaN/Inf from {where} on"
+                + (f" (rows {_rows_text(rows)})" if rows else "")
+                + ". Training diverged or overflowed at or before that step. Try: a lower learning rate "
+                "or longer warmup, gradient clipping (max_grad_norm), bf16 instead of fp16 (or loss "
+                "scaling), and look at the batches just before that step; resume from the last "
+                "checkpoint without NaN.",
+                rows=rows or None,
+                steps=[step] if step is not None else None,
+            )
+        )
+    return found
+
+
+def _frozen(m: RunMetrics) -> list[Finding]:
+    frozen = [t for t in m.tensors if t["numel"] and t["nonfinite_first"] is None and t["path_l1"] == 0]
+    if len(frozen) == len(m.tensors) and len(frozen) > 1:
+        return [
+            Finding(
+                "frozen",
+                "*",
+                f"No tensor changed at all over {_span(m)}: every checkpoint holds the same weights. "
+                "Are these copies of one checkpoint, or was the optimizer never stepped (learning rate "
+                "0, every parameter frozen, gradient accumulation that never completes)?",
+            )
+        ]
+    return [
+        Finding(
+            "frozen",
+            t["tensor"],
+            f"{t['tensor']} did not change at all over {_span(m)} (every weight identical at every "
+            "checkpoint). It was not trained: requires_grad=False, missing from the optimizer's "
+            "param_groups, or a learning rate of 0 for its group. If it should learn, check "
+            "model.named_parameters() and optimizer.param_groups; if freezing it was meant, all is well.",
+        )
+        for t in frozen
+    ]
+
+
+def _unchanged_rows(m: RunMetrics) -> list[Finding]:
+    found = []
+    for t in m.tensors:
+        rows = m.rows[t["tensor"]]
+        if len(t["shape"]) < 2 or t["path_l1"] == 0 or not t["rows_unchanged"]:
+            continue
+        if t["rows_unchanged"] == rows.size:
+            continue
+        spans = ranges(np.flatnonzero(rows == 0))
+        count = t["rows_unchanged"]
+        if is_embedding(t["tensor"]):
+            meaning = (
+                "For an embedding these are tokens or positions that never occurred in the training "
+                "data, or the padding index (padding_idx, often row 0, gets no gradient). Check the "
+                "tokenizer's vocabulary, pad token and max length against the data; if these rows "
+                "matter, add data that uses them, otherwise the vocabulary or position table can be smaller."
+            )
+        else:
+            meaning = (
+                "These units never received a gradient: dead units (e.g. ReLU always off), masked or "
+                "unused outputs, or inputs that are always zero. Check the activations feeding them; "
+                "a different initialisation, a leaky activation or a lower learning rate can revive them."
+            )
+        found.append(
+            Finding(
+                "unchanged_rows",
+                t["tensor"],
+                f"{count} of {rows.size} rows of {t['tensor']} never changed "
+                f"({'row' if count == 1 else 'rows'} {_rows_text(spans)}) "
+                f"while the other rows did. {meaning}",
+                rows=spans,
+            )
+        )
+    return found
+
+
+def _stalled(m: RunMetrics) -> list[Finding]:
+    """1-D low-precision tensors (norm scales, biases) with elements that never moved while the
+    others did: updates smaller than half a rounding step of the stored dtype are lost."""
+    found = []
+    for t in m.tensors:
+        if len(t["shape"]) != 1 or t["dtype"] not in LOW_PRECISION or t["path_l1"] == 0:
+            continue
+        count = t["rows_unchanged"]
+        if not count or count == t["rows"]:
+            continue
+        spans = ranges(np.flatnonzero(m.rows[t["tensor"]] == 0))
+        found.append(
+            Finding(
+                "stalled_elements",
+                t["tensor"],
+                f"{count} of {t['rows']} elements of {t['tensor']} ({t['dtype']}) never changed while "
+                f"the others did (elements {_rows_text(spans)}). In {t['dtype']}, an update smaller than "
+                "half the spacing between representable values is rounded away (near 1.0 that is 0.4% "
+                "for BF16), so these weights are stuck, typically LayerNorm scales near 1. Try: fp32 "
+                "master weights (mixed precision instead of pure low precision), or stochastic rounding "
+                "/ Kahan summation in the optimizer.",
+                rows=spans,
+            )
+        )
+    return found
+
+
+def _outliers(m: RunMetrics) -> list[Finding]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for t in m.tensors:
+        value = t["relative_path"]
+        if t["group"] and value and t["nonfinite_first"] is None and math.isfinite(value):
+            groups[t["group"]].append(t)
+    found = []
+    for members in groups.values():
+        if len(members) < OUTLIER_MIN_GROUP:
+            continue
+        logs = np.log([t["relative_path"] for t in members])
+        median = float(np.median(logs))
+        mad = float(np.median(np.abs(logs - median)))
+        for t, x in zip(members, logs):
+            ratio = math.exp(abs(x - median))
+            z = math.inf if mad == 0 else 0.6745 * abs(x - median) / mad
+            if ratio < OUTLIER_RATIO or z < OUTLIER_Z:
+                continue
+            more = x > median
+            others = len(members) - 1
+            hint = (
+                "It learns much faster than its siblings: a per-layer learning rate or LR multiplier "
+                "set too high, a re-initialised or newly added layer, or a missing normalisation "
+                "feeding it large gradients. Check its param group's learning rate and its gradient "
+                "norm; lower its learning rate or clip gradients if that was not intended."
+                if more
+                else "It barely trains compared with its siblings: a learning rate multiplier too low, "
+                "vanishing gradients to this depth, or a layer that is partly frozen. Check its param "
+                "group and gradient norm; a higher learning rate for it or better initialisation may help."
+            )
+            found.append(
+                Finding(
+                    "outlier_change",
+                    t["tensor"],
+                    f"{t['tensor']} moved {ratio:.1f}x {'more' if more else 'less'} than the same tensor "
+                    f"in the other {others} blocks (relative path length {t['relative_path']:.3g}, "
+                    f"median of its kind {math.exp(median):.3g}). {hint}",
+                )
+            )
+    return found
+
+
+def _spikes(m: RunMetrics) -> list[Finding]:
+    """Per tensor, the change per step of each interval against the median of up to
+    ``SPIKE_NEIGHBOURS`` intervals on each side. The first interval is never flagged: early training
+    legitimately moves fastest, and it has no interval before it to compare with."""
+    per_tensor: dict[str, list[dict]] = defaultdict(list)
+    for row in m.intervals:
+        per_tensor[row["tensor"]].append(row)
+    found = []
+    for t in m.tensors:
+        if t["nonfinite_first"] is not None or t["path_l1"] == 0:
+            continue
+        rows = per_tensor[t["tensor"]]
+        rate = np.array(
+            [(r["l2"] or 0.0) / (r["step_gap"] or 1) if r["l2"] is not None else np.nan for r in rows]
+        )
+        for i in range(1, len(rate)):
+            around = np.concatenate(
+                [rate[max(0, i - SPIKE_NEIGHBOURS) : i], rate[i + 1 : i + 1 + SPIKE_NEIGHBOURS]]
+            )
+            around = around[np.isfinite(around)]
+            if around.size == 0 or not np.isfinite(rate[i]) or rate[i] == 0:
+                continue
+            base = float(np.median(around))
+            # base 0: the neighbours did not move (a tensor unfrozen or frozen mid-run), not a spike
+            if base == 0 or rate[i] / base < SPIKE_RATIO:
+                continue
+            r = rows[i]
+            steps = [r["step_start"], r["step_end"]] if r["step_start"] is not None else None
+            when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {i}"
+            factor = f"{rate[i] / base:.1f}x"
+            found.append(
+                Finding(
+                    "spike",
+                    t["tensor"],
+                    f"{t['tensor']} changed {factor} more per step in {when} than in the neighbouring "
+                    "intervals. A sudden large update: a loss spike, a bad batch, a learning-rate "
+                    "schedule jump, or optimizer state lost on resume (resuming without optimizer.pt). "
+                    "Check the loss and learning-rate curves at these steps; try gradient clipping, a "
+                    "lower peak learning rate or a longer warmup.",
+                    steps=steps,
+                )
+            )
+    return found
+
+
+def _collapse(
+    found: list[Finding], total: int, say: Callable[[list[Finding], list[int]], str]
+) -> list[Finding]:
+    """Findings of one kind that share their steps and cover at least half of the tensors are one
+    event of the whole model (a loss spike, a divergence): one finding with tensor ``*``."""
+    by_steps: dict[tuple[int, ...], list[Finding]] = defaultdict(list)
+    for f in found:
+        by_steps[tuple(f.steps or ())].append(f)
+    out = []
+    for steps, group in by_steps.items():
+        if steps and len(group) >= max(COLLAPSE_MIN, COLLAPSE_SHARE * total):
+            out.append(Finding(group[0].kind, "*", say(group, list(steps)), steps=list(steps)))
+        else:
+            out.extend(group)
+    return sorted(out, key=lambda f: f.steps[0] if f.steps else -1)  # earliest event first (stable)
+
+
+def _model_spike(group: list[Finding], steps: list[int]) -> str:
+    return (
+        f"{len(group)} tensors (first: {group[0].tensor}) changed {SPIKE_RATIO:g}x or more per step in steps "
+        f"{steps[0]}-{steps[-1]} than in the neighbouring intervals: the whole model took a sudden large "
+        "step. A loss spike, a bad batch, a learning-rate schedule jump, or optimizer state lost on resume "
+        "(resuming without optimizer.pt). Check the loss and learning-rate curves at these steps; try "
+        "gradient clipping, a lower peak learning rate or a longer warmup."
+    )
+
+
+def _model_nonfinite(group: list[Finding], steps: list[int]) -> str:
+    return (
+        f"{len(group)} tensors (first: {group[0].tensor}) hold NaN/Inf from step {steps[0]} on: training "
+        "diverged at or before that step. Try: a lower learning rate or longer warmup, gradient clipping "
+        "(max_grad_norm), bf16 instead of fp16 (or loss scaling), and look at the batches just before that "
+        "step; resume from the last checkpoint without NaN."
+    )
+
+
+def find(m: RunMetrics) -> list[Finding]:
+    """Every finding of the run, most severe kind first; within a kind, earliest step first, then
+    network order."""
+    total = len(m.tensors)
+    return (
+        _collapse(_nonfinite(m), total, _model_nonfinite)
+        + _frozen(m)
+        + _unchanged_rows(m)
+        + _stalled(m)
+        + _outliers(m)
+        + _collapse(_spikes(m), total, _model_spike)
+    )

@@ -1,0 +1,239 @@
+"""Derived metrics of a finished run: per tensor, per block and per interval, with the training log.
+
+Everything here reads the results folder (``summary.json``, ``rows.safetensors`` or, for folders
+written before it existed, ``accumulated.safetensors``), never a checkpoint, so ``wdiff report OUT``
+rebuilds it in seconds. Formulas are in ``docs/metrics.md``; the names below follow it.
+
+    from wdiff.results import Results
+    from wdiff import metrics
+    m = metrics.analyse(Results.load("out/"))
+    m.tensors[0]["straightness"], m.intervals[0]["update_ratio"], m.rows["transformer.wte.weight"]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wdiff.naming import block_of
+from wdiff.results import Results
+
+#: trainer_state.json log keys joined to each interval (the value logged last inside the interval).
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
+
+
+def group_of(name: str) -> str | None:
+    """Tensors of the same kind in different blocks share a group: the block number becomes ``*``
+    (``model.layers.7.mlp.up_proj.weight`` -> ``model.layers.*.mlp.up_proj.weight``). A tensor
+    outside numbered blocks (embeddings, final norm, head) has no group."""
+    block = block_of(name)
+    head, _, number = block.rpartition(".")
+    if not number.isdigit() or not name.startswith(block + "."):
+        return None
+    return f"{head}.*{name[len(block) :]}" if head else f"*{name[len(block) :]}"
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return a / b
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The pair of checkpoints (t, t+1) and its training steps; ``gap`` is None when steps are unknown."""
+
+    index: int
+    step_start: int | None
+    step_end: int | None
+
+    @property
+    def gap(self) -> int | None:
+        if self.step_start is None or self.step_end is None or self.step_end <= self.step_start:
+            return None
+        return self.step_end - self.step_start
+
+
+def intervals(summary: dict[str, Any]) -> list[Interval]:
+    steps = [c.get("step") for c in summary["checkpoints"]]
+    return [Interval(i, a, b) for i, (a, b) in enumerate(zip(steps, steps[1:]))]
+
+
+def log_join(trainer_state: dict | None, spans: Sequence[Interval]) -> list[dict[str, float | None]]:
+    """Loss, learning rate, grad norm and eval loss for each interval: the value logged last at a
+    step in ``(step_start, step_end]``, i.e. at or just before the checkpoint that ends it. None when
+    nothing was logged in the interval (or there is no ``trainer_state.json``)."""
+    history = (trainer_state or {}).get("log_history") or []
+    joined = []
+    for span in spans:
+        values: dict[str, float | None] = dict.fromkeys(LOG_KEYS)
+        if span.step_end is not None:
+            for entry in history:
+                step = entry.get("step")
+                if not isinstance(step, (int, float)) or step > span.step_end:
+                    continue
+                if span.step_start is not None and step <= span.step_start:
+                    continue
+                for key in LOG_KEYS:
+                    if isinstance(entry.get(key), (int, float)):
+                        values[key] = float(entry[key])
+        joined.append(values)
+    return joined
+
+
+def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one key of the training log, for curves."""
+    history = (trainer_state or {}).get("log_history") or []
+    pairs = [
+        (float(e["step"]), float(e[key]))
+        for e in history
+        if isinstance(e.get("step"), (int, float)) and isinstance(e.get(key), (int, float))
+    ]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def row_change(res: Results, name: str) -> np.ndarray:
+    """Per-row accumulated change (float64, length shape[0]; a 1-D tensor's rows are its elements,
+    a scalar has one row): ``rows.safetensors`` when the run wrote it, else summed from the map."""
+    shape = res.summary["tensors"][name]["shape"]
+    if math.prod(shape) == 0:  # zero-size: nothing stored, every row unchanged by definition
+        return np.zeros(shape[0] if shape else 1)
+    try:
+        return np.asarray(res.rows(name), dtype=np.float64)
+    except FileNotFoundError:  # results written before rows.safetensors existed: sum the map
+        pass
+    acc = np.asarray(res.accumulated(name), dtype=np.float64)
+    if acc.ndim == 0:
+        return acc.reshape(1)
+    return acc.reshape(acc.shape[0], -1).sum(axis=1)
+
+
+@dataclass
+class RunMetrics:
+    """All derived metrics of one run (plain Python lists/dicts; rows as numpy arrays)."""
+
+    spans: list[Interval]
+    tensors: list[dict[str, Any]]  # one entry per tensor, network order of the results
+    intervals: list[dict[str, Any]]  # one entry per tensor per interval (the rows of metrics.csv)
+    blocks: list[str]  # block names in network order
+    block_update: np.ndarray  # (blocks, intervals): ||dW_block|| / ||W_block(t)|| per step
+    block_l1: np.ndarray  # (blocks, intervals): sum |dW| of the block per step (nan without interval_l1)
+    model_update: np.ndarray  # (intervals,): ||dW|| / ||W(t)|| per step over every tensor together
+    log: list[dict[str, float | None]]  # the training log joined to each interval
+    rows: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        return {t["tensor"]: t for t in self.tensors}
+
+
+def _tensor_entry(name: str, t: dict[str, Any], steps: Sequence[int | None], rows: np.ndarray) -> dict:
+    interval_l2 = [v if v is not None else math.nan for v in t["interval_l2"]]
+    l2 = [v if v is not None else math.nan for v in t["l2"]]
+    path_l2 = float(np.sum(interval_l2))
+    mean_l2 = float(np.mean(l2)) if l2 else math.nan
+    rotation = [r for r in t.get("rotation") or [] if r is not None]
+    counts = t.get("nonfinite") or []
+    first_bad = next((i for i, c in enumerate(counts) if c), None)
+    finite_rows = rows[np.isfinite(rows)]
+    return {
+        "tensor": name,
+        "block": block_of(name),
+        "group": group_of(name),
+        "shape": t["shape"],
+        "dtype": t["dtype"] if isinstance(t["dtype"], str) else "/".join(t["dtype"]),
+        "numel": t["numel"],
+        "path_l1": t["accumulated_l1"],
+        "path_l2": path_l2,
+        "net_l2": t["net_l2"],
+        "relative_change": t["relative_change"],
+        "relative_path": _div(path_l2, mean_l2),
+        "straightness": _div(t["net_l2"], path_l2),
+        "mean_change": _div(t["accumulated_l1"], t["numel"]),
+        "rotation": rotation[-1] if rotation else None,
+        "l2_start": l2[0] if l2 else None,
+        "l2_end": l2[-1] if l2 else None,
+        "rows": int(rows.size),
+        "rows_unchanged": int(np.count_nonzero(rows == 0)),
+        "row_max": float(finite_rows.max()) if finite_rows.size else None,
+        "nonfinite_first": first_bad,
+        "nonfinite_step": steps[first_bad] if first_bad is not None else None,
+    }
+
+
+def analyse(res: Results) -> RunMetrics:
+    """Derive every metric of ``docs/metrics.md`` from a results folder."""
+    summary = res.summary
+    spans = intervals(summary)
+    steps = [c.get("step") for c in summary["checkpoints"]]
+    log = log_join(summary.get("trainer_state"), spans)
+    names = res.names
+    rows = {name: row_change(res, name) for name in names}
+    tensors, per_interval = [], []
+    blocks: list[str] = []
+    dw_sq: dict[str, np.ndarray] = {}
+    w_sq: dict[str, np.ndarray] = {}
+    l1: dict[str, np.ndarray] = {}
+    for name in names:
+        t = summary["tensors"][name]
+        entry = _tensor_entry(name, t, steps, rows[name])
+        tensors.append(entry)
+        block = entry["block"]
+        if block not in dw_sq:
+            blocks.append(block)
+            dw_sq[block] = np.zeros(len(spans))
+            w_sq[block] = np.zeros(len(spans))
+            l1[block] = np.zeros(len(spans))
+        interval_l1 = t.get("interval_l1")
+        for span, values in zip(spans, log):
+            i = span.index
+            dl2 = t["interval_l2"][i]
+            wl2 = t["l2"][i]
+            dl1 = interval_l1[i] if interval_l1 is not None else None
+            dw_sq[block][i] += (dl2 or 0.0) ** 2
+            w_sq[block][i] += (wl2 or 0.0) ** 2
+            l1[block][i] += dl1 if dl1 is not None else math.nan
+            rotation = t["rotation"][i + 1] if len(t["rotation"]) > i + 1 else None
+            per_interval.append(
+                {
+                    "tensor": name,
+                    "block": block,
+                    "interval": i,
+                    "step_start": span.step_start,
+                    "step_end": span.step_end,
+                    "step_gap": span.gap,
+                    "l1": dl1,
+                    "l2": dl2,
+                    "l1_per_step": _div(dl1, span.gap),
+                    "l2_per_step": _div(dl2, span.gap),
+                    "update_ratio": _div(dl2, wl2),
+                    "weight_l2": t["l2"][i + 1],
+                    "rotation": rotation,
+                    "nonfinite": t["nonfinite"][i + 1],
+                    **values,
+                }
+            )
+    gaps = np.array([s.gap or 1 for s in spans], dtype=np.float64)  # steps unknown: per interval
+    with np.errstate(invalid="ignore", divide="ignore"):
+        update = np.array([np.sqrt(dw_sq[b]) / np.sqrt(w_sq[b]) for b in blocks]).reshape(len(blocks), -1)
+        block_l1 = np.array([l1[b] for b in blocks]).reshape(len(blocks), -1)
+        model = np.sqrt(sum(dw_sq.values(), np.zeros(len(spans)))) / np.sqrt(
+            sum(w_sq.values(), np.zeros(len(spans)))
+        )
+    return RunMetrics(
+        spans, tensors, per_interval, blocks, update / gaps, block_l1 / gaps, model / gaps, log, rows
+    )
+
+
+def ranges(indices: np.ndarray) -> list[list[int]]:
+    """Sorted indices -> inclusive ``[first, last]`` runs: [0, 1, 2, 7] -> [[0, 2], [7, 7]]."""
+    if indices.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts = np.concatenate([[indices[0]], indices[breaks + 1]])
+    ends = np.concatenate([indices[breaks], [indices[-1]]])
+    return [[int(a), int(b)] for a, b in zip(starts, ends)]

@@ -1,0 +1,294 @@
+"""One run's analysis files: ``findings.json``, ``metrics.csv``, ``tensors.csv`` and ``report.html``.
+
+Reads only the results folder, so it runs at the end of ``wdiff run`` (inside the temporary folder,
+before it is renamed into place) and again on demand with ``wdiff report OUT``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wdiff.errors import WdiffError
+from wdiff.findings import Finding, find, is_embedding
+from wdiff.metrics import RunMetrics, analyse
+from wdiff.report import figures
+from wdiff.report import html as h
+from wdiff.results import SUMMARY, Results, write_json
+
+FINDINGS = "findings.json"
+METRICS = "metrics.csv"
+TENSORS = "tensors.csv"
+REPORT = "report.html"
+
+METRIC_COLUMNS = (
+    "tensor", "block", "interval", "step_start", "step_end", "step_gap", "l1", "l2", "l1_per_step",
+    "l2_per_step", "update_ratio", "weight_l2", "rotation", "nonfinite", "loss", "learning_rate",
+    "grad_norm", "eval_loss",
+)  # fmt: skip
+TENSOR_COLUMNS = (
+    "tensor", "block", "group", "shape", "dtype", "numel", "path_l1", "path_l2", "net_l2",
+    "relative_change", "relative_path", "straightness", "mean_change", "rotation", "l2_start", "l2_end",
+    "rows", "rows_unchanged", "nonfinite_step",
+)  # fmt: skip
+TOP = 10  # tensors in the top-movers and least-moved tables
+PROFILES = 4  # per-row charts at most
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``write_report`` wrote, for the caller to print."""
+
+    path: Path  # report.html
+    findings: list[Finding]
+    metrics: RunMetrics
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write beside ``path`` and rename: a reader never sees half a file, a failure leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``results.write_json`` (NaN/Infinity as null, which strict readers need), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_json(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    return buf.getvalue()
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Drop the dotted prefix every name shares (``transformer.h.0`` -> ``h.0``)."""
+    if len(names) < 2:
+        return list(names)
+    split = [n.split(".") for n in names]
+    common = 0
+    while all(len(s) > common + 1 and s[common] == split[0][common] for s in split):
+        common += 1
+    return [".".join(s[common:]) for s in split]
+
+
+def load(out: str | os.PathLike[str]) -> Results:
+    out = Path(out)
+    if not (out / SUMMARY).is_file():
+        raise WdiffError(out, f"no {SUMMARY} here: not a wdiff results folder (run `wdiff run` first)")
+    try:
+        return Results.load(out)
+    except (OSError, ValueError) as e:
+        raise WdiffError(out / SUMMARY, f"unreadable results: {e}") from None
+
+
+def renders(out: Path) -> list[tuple[str, bytes, str]]:
+    """The 3D pictures present in ``out``: every ``render*.png``, then ``frames.gif``."""
+    found = [(p.name, p.read_bytes(), "image/png") for p in sorted(out.glob("render*.png"))]
+    gif = out / "frames.gif"
+    if gif.is_file():
+        found.append((gif.name, gif.read_bytes(), "image/gif"))
+    return found
+
+
+def write_report(out: str | os.PathLike[str]) -> Report:
+    """Analyse the results in ``out`` and write findings.json, metrics.csv, tensors.csv, report.html."""
+    out = Path(out)
+    res = load(out)
+    m = analyse(res)
+    found = find(m)
+    write_json_atomic(out / FINDINGS, [f.to_json() for f in found])
+    write_atomic(out / METRICS, csv_text(METRIC_COLUMNS, m.intervals))
+    tensor_rows = [{**t, "shape": "x".join(map(str, t["shape"])) or "scalar"} for t in m.tensors]
+    write_atomic(out / TENSORS, csv_text(TENSOR_COLUMNS, tensor_rows))
+    write_atomic(out / REPORT, run_page(res, m, found, renders(out)))
+    return Report(out / REPORT, found, m)
+
+
+def read_findings(out: str | os.PathLike[str]) -> list[Finding]:
+    """The findings a run wrote (``findings.json``), or an empty list when there is none."""
+    path = Path(out) / FINDINGS
+    if not path.is_file():
+        return []
+    return [Finding(**entry) for entry in json.loads(path.read_text())]
+
+
+def _summary_section(res: Results, m: RunMetrics) -> str:
+    s = res.summary
+    steps = [c.get("step") for c in s["checkpoints"]]
+    dtypes = sorted({t["dtype"] for t in m.tensors})
+    timing = s.get("timing") or {}
+    log = m.log[-1] if m.log else {}
+    rows: list[tuple[str, Any]] = [
+        ("source", s.get("source", "")),
+        ("checkpoints", f"{len(steps)} (steps {', '.join(str(x) for x in steps)})"),
+        (
+            "tensors",
+            f"{len(m.tensors):,} ({sum(t['numel'] for t in m.tensors):,} weights, {', '.join(dtypes)})",
+        ),
+        ("skipped tensors", len(s.get("skipped") or [])),
+        (
+            "data read",
+            f"{timing.get('read_bytes', 0) / 1e6:.1f} MB in {timing.get('compute_seconds', 0):.1f} s",
+        ),
+        ("wdiff", f"{s.get('wdiff_version', '')}, {s.get('created', '')}, update: {s.get('update', 'full')}"),
+    ]
+    if log.get("loss") is not None:
+        first = next((v["loss"] for v in m.log if v.get("loss") is not None), None)
+        rows.append(("train loss at the checkpoints", f"{first:.4g} -> {log['loss']:.4g}"))
+    if log.get("eval_loss") is not None:
+        rows.append(("eval loss at the last checkpoint", f"{log['eval_loss']:.4g}"))
+    return h.section("Run", h.table(["", ""], rows))
+
+
+def _findings_section(found: Sequence[Finding]) -> str:
+    if not found:
+        return h.section(
+            "Findings",
+            h.paragraph(
+                "No findings: nothing frozen, no NaN/Inf, no unchanged rows, no outlier or spike.", "ok"
+            ),
+        )
+    rows = [
+        (
+            f'<span class="kind {h.esc(f.kind)}">{h.esc(f.kind)}</span>',
+            f"<code>{h.esc(f.tensor)}</code>",
+            h.esc(", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in f.rows or [])),
+            h.esc("-".join(str(s) for s in f.steps or [])),
+            h.esc(f.message),
+        )
+        for f in found
+    ]
+    counts = ", ".join(f"{k}: {n}" for k, n in _count(found).items())
+    return h.section(
+        "Findings",
+        h.paragraph(f"{len(found)} findings ({counts})."),
+        h.table(["kind", "tensor", "rows", "steps", "what it may mean, what to try"], rows, raw=[True] * 5),
+    )
+
+
+def _count(found: Sequence[Finding]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in found:
+        counts[f.kind] = counts.get(f.kind, 0) + 1
+    return counts
+
+
+def _movers(m: RunMetrics) -> str:
+    moving = [t for t in m.tensors if t["relative_path"] is not None and t["path_l1"]]
+    ranked = sorted(moving, key=lambda t: t["relative_path"], reverse=True)
+    cols = ["tensor", "shape", "relative path", "relative change", "straightness", "rotation", "mean |ΔW|"]
+
+    def row(t: dict) -> tuple:
+        return (
+            t["tensor"], "x".join(map(str, t["shape"])) or "scalar", t["relative_path"],
+            t["relative_change"], t["straightness"], t["rotation"], t["mean_change"],
+        )  # fmt: skip
+
+    frozen = [t for t in m.tensors if t["numel"] and t["path_l1"] == 0]
+    parts = [
+        h.paragraph(
+            "Relative path = path length ‖ΔW‖ summed over intervals / mean ‖W‖; straightness = net "
+            "‖W_T - W_0‖ / path length (1 = straight line); rotation = 1 - cos(W_T, W_0). Formulas: "
+            "docs/metrics.md."
+        ),
+        "<h3>Top movers</h3>",
+        h.table(cols, [row(t) for t in ranked[:TOP]]),
+        "<h3>Least moved</h3>",
+        h.table(cols, [row(t) for t in ranked[::-1][:TOP]]),
+        "<h3>Frozen</h3>",
+        h.paragraph(
+            f"{len(frozen)} tensors never changed: " + ", ".join(t["tensor"] for t in frozen)
+            if frozen
+            else "No tensor is frozen: every tensor changed."
+        ),
+    ]
+    partial = [t for t in m.tensors if t["rows_unchanged"] and t["path_l1"] and len(t["shape"]) >= 1]
+    if partial:
+        parts.append(
+            h.table(
+                ["tensor", "rows that never changed", "of rows"],
+                [(t["tensor"], t["rows_unchanged"], t["rows"]) for t in partial],
+            )
+        )
+    return h.section("Top movers and frozen parts", *parts)
+
+
+def _profiles(m: RunMetrics, found: Sequence[Finding]) -> str:
+    flagged = [f.tensor for f in found if f.kind == "unchanged_rows"]
+    embeddings = [
+        t["tensor"]
+        for t in m.tensors
+        if len(t["shape"]) == 2 and is_embedding(t["tensor"]) and t["tensor"] not in flagged and t["rows"] > 1
+    ]
+    chosen = (flagged + embeddings)[:PROFILES]
+    if not chosen:
+        return ""
+    pictures = [
+        h.image(figures.row_profile(n, m.rows[n]), "image/png", f"per-row change of {n}") for n in chosen
+    ]
+    return h.section(
+        "Per-row change",
+        h.paragraph(
+            "Accumulated |ΔW| summed over each row (token, position or output unit); red: never changed."
+        ),
+        *pictures,
+    )
+
+
+def run_page(res: Results, m: RunMetrics, found: Sequence[Finding], pictures: Sequence[tuple]) -> str:
+    s = res.summary
+    name = Path(s.get("source") or res.path).name
+    steps = [c.get("step") for c in s["checkpoints"]]
+    sections = [
+        _summary_section(res, m),
+        _findings_section(found),
+        h.section(
+            "Training curves",
+            h.image(
+                figures.training_curves(m, s.get("trainer_state"), steps),
+                "image/png",
+                "training curves",
+                "From trainer_state.json when present (loss, eval loss, learning rate, grad norm); bottom: "
+                "the whole model's ‖ΔW‖/‖W‖ per step in each interval. Grey lines: checkpoints.",
+            )
+            + (
+                ""
+                if s.get("trainer_state")
+                else h.paragraph("No trainer_state.json in this run: no loss curve.")
+            ),
+        ),
+        h.section(
+            "Change per block and interval",
+            h.image(
+                figures.block_heatmap(m, short_names(m.blocks)),
+                "image/png",
+                "block x interval heatmap",
+                "‖ΔW‖/‖W‖ of each block per training step, log colour scale; rows in network order.",
+            ),
+        ),
+        _movers(m),
+        _profiles(m, found),
+    ]
+    if pictures:
+        sections.append(h.section("3D view", *(h.image(data, mime, n, n) for n, data, mime in pictures)))
+    subtitle = f"wdiff report: {len(steps)} checkpoints, {len(m.tensors)} tensors, {len(found)} findings"
+    return h.page(f"{name}: what happened in training", subtitle, sections)
