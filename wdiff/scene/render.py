@@ -300,7 +300,8 @@ class Label:
 
 
 def block_labels(scene: Scene, camera: Camera, size: tuple[int, int], *, top: float = 0.0) -> list[Label]:
-    """One label per depth slice (``h.0``, ``wpe + wte``...) at the top-left corner of its frame.
+    """One label per depth slice (``h.0``, ``wpe + wte``...) at the top corner of its frame that is
+    on the left in the picture (the frame's right edge when seen from behind).
 
     A label that would overlap the last one drawn is skipped, so deep stacks stay readable. ``top``
     shifts y into the figure.
@@ -310,7 +311,8 @@ def block_labels(scene: Scene, camera: Camera, size: tuple[int, int], *, top: fl
     for b in scene.blocks:
         if not any(p.count for p in scene.placements[b.first : b.end]):
             continue
-        x, y = camera.project(np.array([[b.frame[0], b.frame[2], b.z]]), *size)[0]
+        corners = np.array([[b.frame[0], b.frame[2], b.z], [b.frame[1], b.frame[2], b.z]])
+        x, y = min(camera.project(corners, *size), key=lambda c: c[0])  # the top corner on the left
         y = max(y, 17.0)  # the text (16 px tall, above its corner) stays inside the picture
         text = " + ".join(short_block_name(part) for part in b.label.split(" + "))
         box = (x - LABEL_CHAR_PX * len(text) - 6.0, x, y - 16.0, y)

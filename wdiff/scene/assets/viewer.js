@@ -147,7 +147,9 @@
   function placeLabels() {
     labelLayer.textContent = "";
     for (const b of data.blocks) {
-      const [x, y, w] = project(b.frame[0], b.frame[2], b.z);
+      // the top corner that is on the left on screen (the frame's right edge seen from behind)
+      const a = project(b.frame[0], b.frame[2], b.z), c = project(b.frame[1], b.frame[2], b.z);
+      const [x, y, w] = a[0] <= c[0] ? a : c;
       if (w <= 0) continue;
       const d = document.createElement("div");
       d.className = "label";
