@@ -348,6 +348,20 @@ def test_sample_run_writes_every_output_within_its_budget(gpt2):
     assert len(gif) == 7  # 8 checkpoints, 7 intervals
 
 
+@pytest.mark.parametrize("view", ["oblique", "back"])
+def test_every_block_of_the_sample_is_labelled_inside_the_picture(gpt2, view):
+    from wdiff.scene.picture import Picture
+    from wdiff.scene.viewer import load
+
+    _, out = gpt2
+    scene, _, _ = load(out)
+    picture = Picture.plan(scene, (1280, 800), "title", view)
+    assert [label.text for label in picture.labels] == ["wpe + wte", "h.0", "h.1", "h.2", "h.3", "ln_f"]
+    width, height = picture.view_size
+    for label in picture.labels:
+        assert 0 <= label.x <= width and picture.top <= label.y <= picture.top + height
+
+
 def test_sample_film_fades_as_the_learning_rate_decays(gpt2):
     """digits-gpt2 uses a cosine schedule that reaches zero at step 400: the last interval's frame
     is darker than the first on the film's common colour scale."""
