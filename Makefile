@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Debian libraries Open3D 0.20 needs to import (libusb) and to render headless on the CPU (Mesa).
-DEB_PKGS := libusb-1.0-0 libvulkan1 mesa-vulkan-drivers libegl1 libgl1 libgomp1
+# Debian libraries Open3D 0.20 needs to import (libusb) and to render headless on the CPU (Mesa);
+# chromium + chromium-driver: the tests open scene.html in a real headless browser (selenium);
+# xvfb: they open the `wdiff view` window on a virtual display.
+DEB_PKGS := libusb-1.0-0 libvulkan1 mesa-vulkan-drivers libegl1 libgl1 libgomp1 chromium chromium-driver xvfb
 
 .PHONY: setup demo test test-all lint samples bench clean
 

@@ -81,6 +81,7 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
         "pooled.safetensors",
         "report.html",
         "rows.safetensors",
+        "scene.html",  # every run writes the HTML viewer; render.png not with --no-render
         "summary.json",
         "tensors.csv",
     ]

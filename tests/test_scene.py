@@ -20,7 +20,7 @@ from wdiff.errors import WdiffError
 from wdiff.scene import Colors, build_scene, colorize, render_scene, write_points_ply
 from wdiff.scene import color as color_mod
 from wdiff.scene.accumulated import AccumulatedFile
-from wdiff.scene.layout import coarsen_scene, depth_slots
+from wdiff.scene.layout import coarsen_scene
 from wdiff.scene.ply import VERTEX_DTYPE, ply_header
 from wdiff.scene.pooling import GridPooler, pool_factor
 
@@ -251,7 +251,7 @@ def test_layout_places_cells_at_block_centres_in_depth_order(accumulated, tensor
     s = scene.pool_factor
     assert s == 5  # total_cells(4) = 5600 would not fit
     z = [p.origin[2] for p in scene.placements]
-    assert all(a > b for a, b in zip(z, z[1:], strict=False)), "first tensor in front (z = 0)"
+    assert all(a >= b for a, b in zip(z, z[1:], strict=False)), "first tensor in front (z = 0)"
     assert z[0] == 0.0
     for k, p in enumerate(scene.placements):
         xyz = scene.xyz[p.start : p.start + p.count]
@@ -264,9 +264,13 @@ def test_layout_places_cells_at_block_centres_in_depth_order(accumulated, tensor
         row_centre = (i * br + np.minimum((i + 1) * br, p.rows) - 1) / 2
         col_centre = (j * bc + np.minimum((j + 1) * bc, p.cols) - 1) / 2
         np.testing.assert_allclose(xyz[:, 0], p.origin[0] + col_centre, atol=1e-3)
-        np.testing.assert_allclose(xyz[:, 1], -row_centre, atol=1e-3)
-        # centred on x = 0, true width
-        assert xyz[:, 0].min() + xyz[:, 0].max() == pytest.approx(0.0, abs=s)
+        np.testing.assert_allclose(xyz[:, 1], p.origin[1] - row_centre, atol=1e-3)
+        # true width and height: the cells span exactly the tensor's extent
+        assert np.ptp(xyz[:, 0]) == pytest.approx(col_centre.max() - col_centre.min(), abs=1e-3)
+    for b in scene.blocks:  # every slice centred on x = 0, top-aligned at y = 0
+        assert b.frame[0] == pytest.approx(-b.frame[1])
+        tops = [scene.placements[k].bounds[2] for k in range(b.first, b.end) if scene.placements[k].count]
+        assert max(tops) == pytest.approx(0.0)
     by_name = dict(zip(NAMES, scene.placements, strict=True))
     assert by_name["model.layers.0.scale"].count == 1
     assert by_name["model.layers.1.empty"].count == 0
@@ -275,16 +279,27 @@ def test_layout_places_cells_at_block_centres_in_depth_order(accumulated, tensor
     assert by_name["model.layers.0.conv.weight"].grid == (2, 15)  # 6 x 75 in 5 x 5 blocks
 
 
-def test_depth_has_block_gaps_and_a_sensible_box(accumulated):
-    slots = depth_slots(NAMES)
-    steps = np.diff(slots)
-    # embed | layers.0 (4 tensors) | layers.1 (3) | head | long: 2 extra slots at each change
-    assert list(steps) == [3, 1, 1, 1, 3, 1, 1, 3, 3]
+def test_one_slice_per_block_with_gaps_and_a_sensible_box(accumulated):
     scene = build_scene(accumulated, NAMES)
+    labels = [b.label for b in scene.blocks]
+    # embed (embedding) | layers.0 | layers.1 | head (a head) | long (unknown, its own block)
+    assert labels == ["model.embed", "model.layers.0", "model.layers.1", "model.head", "model.long"]
+    z = [b.z for b in scene.blocks]
+    assert z[0] == 0 and all(a > b for a, b in zip(z, z[1:]))
+    for k, b in enumerate(scene.blocks):
+        members = scene.placements[b.first : b.end]
+        assert {p.origin[2] for p in members} == {b.z} and {p.slice for p in members} == {k}
+        left, right, top, bottom = b.frame
+        for p in members:
+            if p.count:  # every tensor inside its frame
+                pl, pr, pt, pb = p.bounds
+                assert left < pl and pr < right and pb > bottom and pt < top
+        shown = [p.bounds for p in members if p.count]
+        for i, u in enumerate(shown):  # tensors of a block never overlap
+            for v in shown[i + 1 :]:
+                assert u[1] <= v[0] or v[1] <= u[0] or u[3] >= v[2] or v[3] >= u[2]
     extent = np.ptp(scene.xyz, axis=0)
-    widest = max(p.width for p in scene.placements)
-    assert -scene.placements[-1].origin[2] == pytest.approx(max(widest, 301))
-    assert 0.5 < extent[2] / max(extent[0], extent[1]) < 2.0  # a box, not a needle
+    assert 0.5 < extent[2] / max(extent[0], extent[1]) < 3.5  # a box, not a needle or a pancake
 
 
 def test_layout_is_deterministic_and_independent_of_chunking(accumulated):
@@ -300,9 +315,10 @@ def test_default_order_is_network_order(accumulated):
     scene = build_scene(accumulated)
     assert scene.names[:3] == (
         "model.embed.weight",
-        "model.head.weight",
         "model.layers.0.attn.q.bias",
+        "model.layers.0.attn.q.weight",
     )
+    assert scene.names[-1] == "model.head.weight"
 
 
 def test_locate_maps_a_point_back_to_its_weights(accumulated, tensors):

@@ -30,9 +30,7 @@ from wdiff.outdir import Staging
 from wdiff.results import (
     ACCUMULATED,
     FRAMES,
-    POINTS,
     POOLED,
-    RENDER,
     ROWS,
     SUMMARY,
     Results,
@@ -44,6 +42,7 @@ from wdiff.scan import Run, fingerprint, scan
 
 if TYPE_CHECKING:
     from wdiff.compute import Previous
+    from wdiff.scene.options import SceneOptions
 
 Progress = Callable[[str, int, int], None]  # (phase, advance, total)
 
@@ -156,6 +155,7 @@ def run(
     frame_points: int = 200_000,
     extend_only: bool = False,
     keep: Callable[[Path], None] | None = None,
+    scene: SceneOptions | None = None,
 ) -> Results:
     """Scan ``inputs``, compute the accumulated change and write results, ``points.ply``,
     ``render.png`` (unless ``render=False``) and the report (``findings.json``, ``metrics.csv``,
@@ -175,6 +175,10 @@ def run(
     ``inputs`` may be a scanned :class:`Run`. ``extend_only=True`` refuses to do anything but extend
     the results in ``out``, and ``keep(folder)`` adds files to the new results folder before it is
     swapped in: ``wdiff.watch`` uses both (see ``wdiff/watch.py``).
+
+    ``scene`` (a :class:`wdiff.scene.SceneOptions`) sets every choice about the 3D outputs: point
+    budget, pooling, colours, picture size and views, ``mesh.ply``, the film and ``scene.html``; when
+    given, it replaces ``max_points``, ``render``, ``frames`` and ``frame_points``.
     """
     from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -183,8 +187,11 @@ def run(
     _warm.start()
     out = Path(out)
     _check_out(out)
-    if max_points < 1:
-        raise WdiffError(None, f"--max-points must be at least 1, got {max_points}")
+    if scene is None:
+        from wdiff.scene.options import SceneOptions
+
+        scene = SceneOptions(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
+    frames, frame_points = scene.frames, scene.frame_points
     the_run = inputs if isinstance(inputs, Run) else scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
@@ -194,7 +201,10 @@ def run(
             _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
         )
         frame_plan = _cell_plan(the_run, frame_points) if frames else {}
-        frame_grids = {name: Grid(rows, cols, block) for name, (rows, cols, block) in frame_plan.items()}
+        frame_grids = {  # pooled like the scene (max or mean), for the film
+            name: Grid(rows, cols, block, mean=scene.pool == "mean")
+            for name, (rows, cols, block) in frame_plan.items()
+        }
         old_frames = None
         if frames and previous is not None:
             old_frames = _previous_frames(out, previous.known, frame_grids)
@@ -207,7 +217,7 @@ def run(
         tmp = staging.folder
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
-        plan = _cell_plan(the_run, max_points)
+        plan = _cell_plan(the_run, scene.max_points)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
             _link_or_copy(out / ACCUMULATED, acc_path)
             _link_or_copy(out / ROWS, tmp / ROWS)
@@ -233,12 +243,15 @@ def run(
                 workers=workers,
                 progress=advance,
                 previous=previous,
-                grids={name: Grid(rows, cols, block) for name, (rows, cols, block) in plan.items()},
+                grids={
+                    name: Grid(rows, cols, block, mean=scene.pool == "mean")
+                    for name, (rows, cols, block) in plan.items()
+                },
                 frame_grids=frame_grids,
             )
             from wdiff.scene import save_cells
 
-            save_cells(tmp / POOLED, plan, result.cells)
+            save_cells(tmp / POOLED, plan, result.cells, scene.pool)
             write_rows(tmp / ROWS, result.rows)
             if frames:
                 done = {n: frame_grids[n].finish(f) for n, f in result.frames.items()}
@@ -272,7 +285,7 @@ def run(
         }
         if the_run.matching is not None:  # ONNX: which initializers were matched by name, which by position
             summary["matching"] = the_run.matching
-        summary["scene"] = _scene(tmp, the_run, summary, max_points, render, progress)
+        summary["scene"] = _scene(tmp, the_run, summary, scene, progress)
         summary["timing"]["total_seconds"] = time.perf_counter() - t_start
         if keep is not None:
             keep(tmp)
@@ -303,21 +316,14 @@ def _title(run: Run) -> str:
 
 
 def _scene(
-    folder: Path, run: Run, summary: dict, max_points: int, render: bool, progress: Progress | None
+    folder: Path, run: Run, summary: dict, options: SceneOptions, progress: Progress | None
 ) -> dict[str, Any]:
-    """Results on disk -> point cloud PLY and picture. Reads only ``accumulated.safetensors``."""
-    from wdiff import scene
+    """Results on disk -> point cloud PLY, pictures, mesh, film, HTML viewer (``wdiff.scene.outputs``)."""
+    from wdiff.scene.outputs import write_outputs
+
+    def step(what: str) -> None:
+        if progress is not None:
+            progress(what, 0, 1)
 
     names = list(summary["tensors"])
-    built = scene.build_scene(folder / ACCUMULATED, names, max_points=max_points)
-    colors = scene.colorize(built.value)
-    scene.write_points_ply(built, colors, folder / POINTS)
-    if render:
-        if progress is not None:
-            progress("render", 0, 1)
-        scene.render_scene(built, folder / RENDER, title=_title(run))
-    return {
-        "points": int(built.xyz.shape[0]),
-        "max_points": max_points,
-        "pool_factor": built.pool_factor,
-    }
+    return write_outputs(folder, names, _title(run), options, Path(run.source).name, list(run.steps), step)

@@ -52,14 +52,41 @@ def _human(nbytes: float) -> str:
 
 
 def _api_options(
-    max_points: int, no_render: bool, chunk_mb: float, scheduler: str, workers: int | None, full: bool
+    max_points: int,
+    no_render: bool,
+    chunk_mb: float,
+    scheduler: str,
+    workers: int | None,
+    full: bool,
+    pool: str,
+    color_scale: str,
+    normalize: str,
+    size: str,
+    views: str,
+    mesh: bool,
+    frames: bool,
+    html_points: int,
 ) -> dict:
     """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``."""
+    from wdiff.scene.options import SceneOptions, parse_size, parse_views
+
     if chunk_mb <= 0:
         raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    scene = SceneOptions(
+        max_points=max_points,
+        pool=pool,  # type: ignore[arg-type]
+        color_scale=color_scale,  # type: ignore[arg-type]
+        normalize=normalize,  # type: ignore[arg-type]
+        render=not no_render,
+        size=parse_size(size),
+        views=parse_views(views),
+        mesh=mesh,
+        frames=frames,
+        html=html_points != 0,
+        html_points=max(html_points, 1),
+    )
     return {
-        "max_points": max_points,
-        "render": not no_render,
+        "scene": scene,
         "chunk_elements": max(1, int(chunk_mb * (1 << 20) / 4)),
         "scheduler": scheduler,
         "workers": workers,
@@ -105,6 +132,26 @@ def run_command(
         typer.Option("--full", help="Recompute everything, even when OUT holds results to extend."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
+    pool: Annotated[str, typer.Option("--pool", help="What a pooled cell shows: max or mean.")] = "max",
+    color_scale: Annotated[str, typer.Option("--color-scale", help="Colours: log or linear.")] = "log",
+    normalize: Annotated[
+        str, typer.Option("--normalize", help="One colour scale (global) or one per tensor (tensor).")
+    ] = "global",
+    size: Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")] = "1280x800",
+    views: Annotated[
+        str,
+        typer.Option("--views", help="Comma-separated views: oblique, back, side, top, front; the first "
+                     "is render.png, the others render-<view>.png."),
+    ] = "oblique",
+    mesh: Annotated[
+        bool, typer.Option("--mesh", help="Also write mesh.ply (height-field surfaces).")
+    ] = False,
+    frames: Annotated[
+        bool, typer.Option("--frames", help="Also write frames.gif (+ frames.mp4): one frame per interval.")
+    ] = False,
+    html_points: Annotated[
+        int, typer.Option("--html-points", help="Point budget of scene.html (0: no scene.html).")
+    ] = 200_000,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -124,7 +171,10 @@ def run_command(
     from wdiff.scan import Run
 
     err = Console(stderr=True, quiet=quiet)
-    options = _api_options(max_points, no_render, chunk_mb, scheduler, workers, full)
+    options = _api_options(
+        max_points, no_render, chunk_mb, scheduler, workers, full,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points,
+    )  # fmt: skip
 
     def on_scan(scanned: Run) -> None:
         for s in scanned.left_out + scanned.skipped:
@@ -276,6 +326,21 @@ def _watch_signature() -> inspect.Signature:
 watch_command.__signature__ = _watch_signature()  # type: ignore[attr-defined]
 watch_command.__annotations__ = {}
 app.command("watch")(watch_command)
+
+
+@app.command("view")
+def view_command(
+    out: Annotated[
+        Path, typer.Argument(help="A wdiff output folder (from `wdiff run`).", show_default=False)
+    ],
+) -> None:
+    """Open the 3D scene of OUT in a window (orbit, zoom, Ctrl+click a point for its weights).
+
+    Without a display: one line on stderr pointing to render.png and scene.html, exit code 2.
+    """
+    from wdiff.scene.viewer import view
+
+    view(out)
 
 
 def _exit_now(code: object) -> None:

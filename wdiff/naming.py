@@ -17,9 +17,61 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")
 
 
+#: Module names that end a network (heads, final norms, poolers), matched against one path part.
+#: Checked before ``_EMBEDDING``: GPT-NeoX's output layer is called ``embed_out``.
+_HEAD_EXACT = re.compile(r"^(lm_head|embed_out|classifier|score|pooler|cls|heads?|logits|ln_f|norm_f)$", re.I)
+#: Module names that start a network: token, position and patch embeddings, shared vocabularies, stems.
+_EMBEDDING = re.compile(r"emb|^wte$|^wpe$|^tok|^shared$|^stem$|patch|^pos(ition)?_", re.I)
+#: Weaker head names, only for a module outside the numbered layers (``model.norm``, ``fc``).
+_HEAD_LOOSE = re.compile(r"^(norm|layer_?norm|final.*|fc|out|output|proj_out|head_.*|.*_head)$", re.I)
+
+EMBEDDING, BODY, HEAD = 0, 1, 2
+
+
+def role_of(name: str) -> int:
+    """Where a tensor sits in the data flow, from its name alone: ``EMBEDDING``, ``BODY`` or ``HEAD``.
+
+    Only the module path before the first layer number is looked at, so ``...layer.0.output.dense``
+    (a BERT layer's output) stays in the body while ``classifier.1`` (a head behind a dropout) and
+    ``transformer.ln_f`` (the final norm) are heads. Unknown names are body.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            parts = parts[:i]
+            break
+    else:
+        parts = parts[:-1] if len(parts) > 1 else parts  # drop the parameter name (weight, bias)
+    if any(_HEAD_EXACT.match(p) for p in parts):
+        return HEAD
+    if any(_EMBEDDING.search(p) for p in parts):
+        return EMBEDDING
+    if parts and _HEAD_LOOSE.match(parts[-1]) and len(parts) == len(name.split(".")) - 1:
+        return HEAD
+    return BODY
+
+
+def _section(name: str) -> int:
+    """Encoder layers before decoder layers (T5, BART, Whisper); 1 for everything else."""
+    parts = name.split(".")
+    return 0 if "encoder" in parts else 1
+
+
 def network_order(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Names in network order: natural order of the numbers in module paths."""
-    return sorted(names, key=natural_key)
+    """Names in the order data flows: embeddings first, then the layers (an encoder's before a
+    decoder's) in natural order of their numbers, heads and final norms last.
+
+    Final norms come before the heads they feed. ``transformer.wte`` and ``wpe`` come before
+    ``transformer.h.0`` although they sort after it; names
+    that say nothing about their role keep natural order (``fc1 < fc2 < fc10``).
+    """
+
+    def key(name: str) -> tuple:
+        role = role_of(name)
+        final_norm = role == HEAD and "norm" in name.lower() or ".ln_f." in f".{name}"
+        return (role != EMBEDDING, _section(name), role, not final_norm, natural_key(name))
+
+    return sorted(names, key=key)
 
 
 def block_of(name: str) -> str:

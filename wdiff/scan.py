@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.naming import last_number, natural_key, network_order
+from wdiff.naming import last_number, network_order
 from wdiff.readers import (
     TensorRef,
     has_weights,
@@ -268,7 +268,8 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
         tensors, skipped = _align(checkpoints)
         tensors, aliases = find_aliases([Path(c.path) for c in checkpoints], tensors)
         lora, lora_skipped = effective_tensors(checkpoints)
-        tensors = sorted(tensors + lora, key=lambda t: natural_key(t.name))  # network order
+        by_name = {t.name: t for t in tensors + lora}
+        tensors = [by_name[name] for name in network_order(list(by_name))]
         skipped = skipped + lora_skipped
         if not tensors:
             raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")

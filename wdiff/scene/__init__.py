@@ -1,15 +1,19 @@
-"""The 3D scene of the accumulated change: layout, colours, PLY point cloud, rendered picture.
+"""The 3D scene of the accumulated change: layout, colours, PLY point cloud and mesh, pictures, the
+film of the training, the HTML viewer.
 
-Reads only the results file ``accumulated.safetensors`` that the compute step wrote, never a
-checkpoint. The pipeline calls::
+Reads only the results files the compute step wrote (``accumulated.safetensors``, and the cells it
+pooled on the way), never a checkpoint. ``wdiff.scene.outputs.write_outputs`` does what a run needs,
+as ``SceneOptions`` asks; the pieces, for a notebook::
 
     scene = build_scene(out / "accumulated.safetensors", names)   # the one pass over the file
-    colors = colorize(scene.value)                                # rgb + the scale used
+    colors = colorize_scene(scene, "log", "global")               # rgb + the scale used
     write_points_ply(scene, colors, out / "points.ply")
     render_scene(scene, out / "render.png", title="run, steps 50..400", color_scale=colors.scale)
 
 ``build_scene`` is the only step that reads the (possibly huge) file; everything after works on the
-scene in memory, whose size is bounded by ``max_points``.
+scene in memory, whose size is bounded by ``max_points``. Modules: ``layout`` (blocks as depth
+slices), ``color``, ``ply``, ``mesh``, ``render`` (Open3D, headless), ``picture`` (camera, labels,
+legend), ``film``, ``html``, ``viewer`` (``wdiff view``), ``options``, ``outputs``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from wdiff.naming import network_order
 from wdiff.scene import color
 from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile, TensorInfo, write_pooled
 from wdiff.scene.color import Colors, ColorScale, Scale, colorize
-from wdiff.scene.layout import Scene, TensorPlacement, coarsen_scene, layout
+from wdiff.scene.layout import Scene, TensorPlacement, layout
+from wdiff.scene.options import VIEWS, SceneOptions
 from wdiff.scene.ply import vertex_records, write_ply
 from wdiff.scene.pooling import Pool, _cell_sizes, block_shape, pool_factor
 
@@ -37,14 +42,12 @@ __all__ = [
     "cell_plan",
     "save_cells",
     "colorize",
+    "colorize_scene",
+    "SceneOptions",
+    "VIEWS",
     "render_scene",
     "write_points_ply",
 ]
-
-PANEL_WIDTH = 170  # pixels right of the render: colour bar, its label, the NaN/Inf legend
-TITLE_HEIGHT = 40  # pixels above the render when there is a title
-FOOTER_HEIGHT = 22  # pixels below it: what a point stands for
-
 
 def build_scene(
     accumulated_path: str | os.PathLike[str],
@@ -96,6 +99,12 @@ def save_cells(
     write_pooled(path, finished, pool)
 
 
+def colorize_scene(scene: Scene, scale: Scale = "log", normalize: str = "global") -> Colors:
+    """Point colours of a scene on one global scale, or with each tensor against its own max."""
+    cs = color.scene_scale(scene.value, scene.tensor_index, len(scene.names), scale, normalize)
+    return Colors(color.point_colors(scene.value, scene.tensor_index, cs), cs)
+
+
 def write_points_ply(scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write the scene as a binary PLY: xyz, uchar RGB and ``scalar_accumulated`` (CloudCompare,
     Blender and Open3D read it; see FORMATS.md). ``colors``: from ``colorize``, or uint8 (N, 3)."""
@@ -112,45 +121,21 @@ def render_scene(
     *,
     color_scale: ColorScale | None = None,
     max_render_points: int | None = None,
+    view: str = "oblique",
 ) -> None:
-    """Render the scene headless to a PNG of exactly ``size`` with a colour bar and ``title``.
+    """Render the scene headless to a PNG of exactly ``size`` with a colour bar, ``title`` and one
+    label per block, seen from ``view`` (a name of ``VIEWS``) with the whole model in the frame.
 
     Pass the ``color_scale`` used for the PLY so both share bounds (default: computed from the scene
-    with ``scale``). A picture cannot show more than about one cell per pixel, so the scene is
-    pooled further, exactly, to ``max_render_points`` (default: a quarter of the pixels): cells stay
-    legible as squares and the software renderer stays fast.
+    with ``scale``, globally). A picture cannot show more than about one cell per pixel, so the scene
+    is pooled further, exactly, to ``max_render_points`` (default: a quarter of the pixels): cells
+    stay legible as squares and the software renderer stays fast.
     """
     from wdiff.scene import render
+    from wdiff.scene.picture import Picture
 
-    width, height = size
-    cs = color_scale or color.color_scale(scene.value, scale)
-    top = TITLE_HEIGHT if title else 0
-    img_w, img_h = width - PANEL_WIDTH, height - top - FOOTER_HEIGHT
-    if img_w < 64 or img_h < 64:
-        raise ValueError(f"size {size} is too small for the picture")
-    budget = max_render_points or img_w * img_h // 4
-    shown = coarsen_scene(scene, max(budget, sum(1 for p in scene.placements if p.count)))
-    rgb = color.apply(shown.value, cs)
-
-    outline = render.silhouette(shown)
-    camera = render.fit_camera(outline, img_w / img_h)
-    camera = render.limit_zoom(camera, shown.pool_factor, img_h, outline)
-    point_px = render.point_size(camera, shown.pool_factor, img_h, outline)
-    image = render.render_points(shown.xyz, rgb, (img_w, img_h), camera, point_px)
-
-    s = shown.pool_factor
-    cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
-    footer = f"{len(scene.names)} tensors, first in front; {len(shown):,} points, each {cell}"
-    if scene.nonfinite:
-        footer += f"; {scene.nonfinite:,} NaN/Inf weights"
-    render.compose_png(
-        path,
-        image,
-        cs,
-        size=size,
-        title=title,
-        footer=footer,
-        top=top,
-        labels=render.block_labels(shown, camera, (img_w, img_h), top=top),
-        flagged=int(np.count_nonzero(~np.isfinite(shown.value))),
-    )
+    cs = color_scale or color.scene_scale(scene.value, scene.tensor_index, len(scene.names), scale)
+    picture = Picture.plan(scene, size, title, view, max_render_points)
+    with render.Offscreen(picture.view_size) as renderer:
+        image = picture.draw(renderer, scene, cs)
+    render.save_png(path, image)

@@ -14,7 +14,7 @@ it stays ordered for colour-blind readers and in greyscale.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -38,10 +38,60 @@ class ColorScale:
     scale: Scale
     cmap: str = CMAP
     flag_rgb: tuple[int, int, int] = FLAG_RGB
+    #: "global": colours show the value itself; "tensor": the value over its tensor's maximum.
+    normalize: str = "global"
+    #: Per-tensor maxima (index = tensor index) the values were divided by, when normalize="tensor".
+    peaks: tuple[float, ...] = ()
+    #: What the values are (the colour bar says it).
+    quantity: str = "accumulated |ΔW|"
 
     @property
     def label(self) -> str:
-        return f"accumulated |ΔW|, {self.scale} scale"
+        """The colour bar's label: the quantity, the scale and global or per tensor."""
+        if self.normalize == "tensor":
+            return f"{self.quantity} / its tensor's max ({self.scale}, per tensor)"
+        return f"{self.quantity} ({self.scale}, global)"
+
+    @property
+    def legend(self) -> str:
+        """How colours were chosen, in words."""
+        which = "per tensor (each against its own max)" if self.normalize == "tensor" else "global"
+        return f"colour: {self.scale} scale, {which}"
+
+    def relative(self, values: np.ndarray, tensor_index: np.ndarray) -> np.ndarray:
+        """The values the colours show: as they are, or over their tensor's maximum."""
+        if self.normalize != "tensor":
+            return values
+        peaks = np.asarray(self.peaks, dtype=np.float64)[tensor_index]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(peaks > 0, values / np.where(peaks > 0, peaks, 1.0), 0.0)
+        out[~np.isfinite(values)] = values[~np.isfinite(values)]  # NaN/Inf keep their flag colour
+        return out.astype(np.float32)
+
+
+def tensor_peaks(values: np.ndarray, tensor_index: np.ndarray, count: int) -> tuple[float, ...]:
+    """The largest finite value of each of ``count`` tensors (0 for a tensor without one)."""
+    peaks = np.zeros(count, dtype=np.float64)
+    finite = np.isfinite(values)
+    np.maximum.at(peaks, tensor_index[finite], values[finite].astype(np.float64))
+    return tuple(float(p) for p in peaks)
+
+
+def scene_scale(
+    values: np.ndarray,
+    tensor_index: np.ndarray,
+    count: int,
+    scale: Scale = "log",
+    normalize: str = "global",
+    quantity: str = "accumulated |ΔW|",
+) -> ColorScale:
+    """The colour scale of a scene's values (``count`` tensors), globally or per tensor."""
+    if normalize not in ("global", "tensor"):
+        raise ValueError(f"normalize must be global or tensor, got {normalize!r}")
+    peaks = tensor_peaks(values, tensor_index, count) if normalize == "tensor" else ()
+    base = replace(ColorScale(0.0, 1.0, scale, normalize=normalize, peaks=peaks), quantity=quantity)
+    cs = color_scale(base.relative(values, tensor_index), scale)
+    return replace(base, vmin=cs.vmin, vmax=cs.vmax)
 
 
 def color_scale(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> ColorScale:
@@ -113,3 +163,8 @@ def colorize(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> Colo
     """Colours for ``values`` on a global scale taken from the values themselves."""
     cs = color_scale(values, scale, cmap)
     return Colors(apply(values, cs), cs)
+
+
+def point_colors(values: np.ndarray, tensor_index: np.ndarray, cs: ColorScale) -> np.ndarray:
+    """uint8 (N, 3) colours of a scene's points on ``cs`` (global or per tensor)."""
+    return apply(cs.relative(values, tensor_index), cs)

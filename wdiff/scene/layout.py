@@ -1,13 +1,18 @@
-"""3D layout, first version: every tensor a flat grid of points, tensors stacked in depth.
+"""3D layout that shows the architecture: one block per depth slice, its tensors side by side.
 
-A tensor is drawn as its 2-D grid (rows = first dimension, columns = the rest flattened) in element
-units: x = column, y = -row (row 0 on top; every tensor top-aligned at y = 0 and centred on x = 0),
-so sizes compare truthfully. Tensors stand one behind the other in the caller's (network) order: the
-first at z = 0, the next ones further away (more negative z), so a camera on the +z side sees the
-first tensor in front with columns running left to right. An extra gap separates blocks
-(``wdiff.naming.block_of``: ``model.layers.7``) so the layer structure shows, and the depth step is
-scaled so the stack is about as deep as the widest footprint: a box, not a needle or a pancake.
-Zero-size tensors keep their slot but have no points.
+A tensor is drawn as its 2-D grid (rows = first dimension, columns = the rest flattened, so a conv
+kernel is out x (in*kh*kw)) in element units: x = column, y = -row (row 0 on top), so sizes compare
+truthfully. The tensors of one block (``wdiff.naming.block_of``: ``transformer.h.7``) share one depth
+slice: each module (``attn.c_attn``) is a column, its weight on top and its bias (a one-row strip)
+under it, and the columns stand side by side left to right, wrapping onto a second shelf only when a
+block would be more than ``MAX_ASPECT`` times wider than tall. The embeddings form the first slice,
+heads and final norms the last (``wdiff.naming.role_of``); every slice is centred on x = 0 and
+top-aligned at y = 0. The first slice sits at z = 0, the next ones further away (more negative z), so a
+camera on the +z side sees the input end in front. Slices are spaced so the stack is about as deep as
+the widest slice: a box, not a needle or a pancake; ``Scene.blocks`` holds each slice's frame.
+
+A one-row tensor (bias, norm) pools 1 x s, so it is given one cell (s elements) of height: the
+renderer draws every cell as an s x s square. Zero-size tensors keep their place but have no points.
 
 One exception to "y = -row": a tensor far taller than the widest tensor (a 50257 x 768 token
 embedding next to 768 x 3072 layers) would make the scene a needle in which every layer is a speck.
@@ -18,23 +23,35 @@ keeps its true area. ``TensorPlacement.position`` maps any element to its place 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from wdiff.naming import block_of
+from wdiff.naming import BODY, block_of, role_of
 from wdiff.scene.accumulated import AccumulatedFile, TensorInfo
 from wdiff.scene.pooling import Pool, block_shape, ceil_div, coarsen, pool_factor
 
-#: Extra empty slots between two blocks (``model.layers.6`` -> ``model.layers.7``).
-BLOCK_GAP = 2.0
-#: Total depth of the stack relative to the largest footprint side.
+#: Extra empty slots in depth where the role changes (embeddings | layers | heads).
+ROLE_GAP = 0.6
+#: Depth of the stack relative to the widest slice: at least DEPTH_RATIO, at most MAX_DEPTH.
 DEPTH_RATIO = 1.0
+MAX_DEPTH = 3.0
+#: Wanted distance between two slices, relative to the median slice height.
+SPACING = 1.2
 #: A tensor with more rows than this many times the widest tensor's columns is folded into panels.
 FOLD_RATIO = 2.0
 #: Gap between the panels of a folded tensor, as a fraction of its width (in columns).
 PANEL_GAP = 0.06
+#: A block wider than this many times its height wraps its modules onto shelves ...
+MAX_ASPECT = 6.0
+#: ... about this many times wider than tall.
+SHELF_ASPECT = 3.0
+#: Gap between the modules of a block, and between shelves, as a fraction of the block's height.
+COLUMN_GAP = 0.08
+#: Margin of a block's frame around its tensors, as a fraction of the block's larger side.
+FRAME_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,7 @@ class TensorPlacement:
     panels: int = 1
     panel_rows: int = 0  # rows per panel (= rows when not folded)
     panel_pitch: float = 0.0  # x distance from one panel to the next
+    slice: int = 0  # index into ``Scene.blocks``
 
     @property
     def count(self) -> int:
@@ -70,14 +88,36 @@ class TensorPlacement:
         return (self.panels - 1) * self.panel_pitch + self.cols
 
     @property
-    def height(self) -> int:
-        return min(self.rows, self.panel_rows) if self.panels > 1 else self.rows
+    def height(self) -> float:
+        """Extent along y in element units: a one-row tensor is drawn one cell (``block[1]``) tall."""
+        if self.rows == 1:
+            return float(self.block[1])
+        return float(min(self.rows, self.panel_rows) if self.panels > 1 else self.rows)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, right, top, bottom) outer edges of the drawn cells."""
+        left = self.origin[0] - 0.5
+        top = self.origin[1] + (self.block[1] / 2.0 if self.rows == 1 else 0.5)
+        return left, left + self.width, top, top - self.height
 
     def position(self, row: float, col: float) -> tuple[float, float, float]:
         """Scene position of element (row, col); fractional indices interpolate within a panel."""
         panel = min(int(row // self.panel_rows), self.panels - 1) if self.panels > 1 else 0
         x = self.origin[0] + panel * self.panel_pitch + col
         return (x, self.origin[1] - (row - panel * self.panel_rows), self.origin[2])
+
+
+@dataclass(frozen=True)
+class BlockSlice:
+    """One depth slice: a block of the network (or all embeddings, or all heads) and its frame."""
+
+    label: str  # the block's name, shortened for display (``h.7``, ``wpe + wte``)
+    role: int  # wdiff.naming.EMBEDDING, BODY or HEAD
+    first: int  # its tensors are placements[first:end]
+    end: int
+    z: float
+    frame: tuple[float, float, float, float]  # (left, right, top, bottom), a margin around the tensors
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +131,7 @@ class Scene:
     pool_factor: int
     pool: Pool
     placements: tuple[TensorPlacement, ...]
+    blocks: tuple[BlockSlice, ...] = ()
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
@@ -113,13 +154,89 @@ class Scene:
         return self.value[p.start : p.start + p.count].reshape(p.grid)
 
 
-def depth_slots(names: Sequence[str], block_gap: float = BLOCK_GAP) -> np.ndarray:
-    """Slot of each tensor along the stack: 1 apart, plus ``block_gap`` where the block changes."""
-    slots = np.zeros(len(names), dtype=np.float64)
-    for k in range(1, len(names)):
-        gap = block_gap if block_of(names[k]) != block_of(names[k - 1]) else 0.0
-        slots[k] = slots[k - 1] + 1.0 + gap
-    return slots
+def _slice_key(name: str) -> tuple[int, str]:
+    """Tensors with equal keys share a slice: every embedding together, every head together
+    (within an encoder or decoder), each other block on its own."""
+    role = role_of(name)
+    if role == BODY:
+        return role, block_of(name)
+    return role, "encoder" if "encoder" in name.split(".") else ""
+
+
+def slices(names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive tensors that share a depth slice: [(role, first, end)]."""
+    runs: list[tuple[int, int, int]] = []
+    for k, name in enumerate(names):
+        key = _slice_key(name)
+        if runs and _slice_key(names[runs[-1][1]]) == key:
+            runs[-1] = (runs[-1][0], runs[-1][1], k + 1)
+        else:
+            runs.append((key[0], k, k + 1))
+    return runs
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+#: Where a module goes inside its block, so a layer reads in the order data flows through it:
+#: (pattern on the module path inside the block, rank). First match wins; unknown modules keep their
+#: order after the known ones.
+_MODULE_RANKS = [
+    (re.compile(r"(^|\.)(ln_1|input_layernorm|norm1|attention_norm|layernorm_before|ln1|pre_norm)$"), 0),
+    (re.compile(r"(^|\.)(q|q_proj|query|wq)$"), 1),
+    (re.compile(r"(^|\.)(k|k_proj|key|wk)$"), 2),
+    (re.compile(r"(^|\.)(v|v_proj|value|wv)$"), 3),
+    (re.compile(r"(attn|attention)\.(c_attn|qkv|query_key_value|in_proj|Wqkv)$"), 1),
+    (re.compile(r"(attn|attention)(\.|$)"), 4),  # the output projection and anything else in attention
+    (re.compile(r"(^|\.)(ln_2|post_attention_layernorm|norm2|ffn_norm|layernorm_after|ln2)$"), 5),
+    (re.compile(r"(^|\.)(gate_proj|w1|gate)$"), 6),
+    (re.compile(r"(^|\.)(up_proj|w3|c_fc|fc1|dense_h_to_4h|intermediate\.dense|wi)$"), 7),
+    (re.compile(r"(^|\.)(down_proj|w2|fc2|dense_4h_to_h|wo)$|mlp\.c_proj$|^output\.dense$"), 8),
+    (re.compile(r"(mlp|ffn|feed_forward|intermediate|^output)(\.|$)"), 9),
+]
+
+
+def module_rank(module: str) -> int:
+    """Data-flow rank of a module path inside its block (``self_attn.q_proj`` -> 1, ``mlp`` -> 9)."""
+    for pattern, rank in _MODULE_RANKS:
+        if pattern.search(module):
+            return rank
+    return len(_MODULE_RANKS)
+
+
+def _columns(names: Sequence[str], members: range, infos: Sequence[TensorInfo]) -> list[list[int]]:
+    """The modules of a slice in data-flow order (norm, q, k, v, attention output, norm, MLP; unknown
+    modules after them in order of appearance), each its tensors: matrices first, then one-row
+    tensors, a ``weight`` before its ``bias``."""
+    modules: dict[str, list[int]] = {}
+    block = block_of(names[members[0]]) if len(members) else ""
+    for k in members:
+        modules.setdefault(_module(names[k]), []).append(k)
+    order = sorted(modules, key=lambda m: module_rank(m[len(block) + 1 :] if m.startswith(block) else m))
+    return [
+        sorted(modules[m], key=lambda k: (infos[k].rows == 1, names[k].endswith("bias"), k)) for m in order
+    ]
+
+
+def _shelves(sizes: Sequence[tuple[float, float]], gap: float) -> list[list[int]]:
+    """Columns (width, height) in order onto shelves: one shelf unless that is wider than
+    ``MAX_ASPECT`` times its height, else shelves about as wide as the packed block is tall."""
+    widths = [w for w, _ in sizes]
+    tall = max((h for _, h in sizes), default=1.0)
+    if sum(widths) + gap * (len(sizes) - 1) <= MAX_ASPECT * tall:
+        return [list(range(len(sizes)))]
+    area = sum((w + gap) * (h + gap) for w, h in sizes)
+    target = max(max(widths), math.sqrt(area * SHELF_ASPECT))
+    shelves: list[list[int]] = [[]]
+    used = 0.0
+    for k, w in enumerate(widths):
+        if shelves[-1] and used + gap + w > target:
+            shelves.append([])
+            used = 0.0
+        used += (gap if shelves[-1] else 0.0) + w
+        shelves[-1].append(k)
+    return shelves
 
 
 def _fold(info: TensorInfo, widest: int, block_rows: int) -> tuple[int, int, float]:
@@ -140,6 +257,53 @@ def _centres(length: int, size: int) -> np.ndarray:
     return (first + last) / 2.0
 
 
+def _extent(info: TensorInfo, fold: tuple[int, int, float], factor: int) -> tuple[float, float]:
+    """(width, height) a tensor takes in its slice, in element units."""
+    panels, panel_rows, pitch = fold
+    if info.size == 0:
+        return 0.0, 0.0
+    height = float(factor) if info.rows == 1 else float(min(info.rows, panel_rows))
+    return (panels - 1) * pitch + info.cols, height
+
+
+def _place_slice(
+    columns: list[list[int]], extents: Sequence[tuple[float, float]], factor: int
+) -> tuple[dict[int, tuple[float, float]], float, float]:
+    """Top-left corner (x, y) of every tensor of a slice, relative to the slice's top-left corner,
+    and the slice's (width, height)."""
+    size = []
+    for col in columns:
+        shown = [extents[k] for k in col if extents[k][0] > 0]
+        stack = sum(h for _, h in shown) + factor * max(len(shown) - 1, 0)
+        size.append((max((w for w, _ in shown), default=0.0), stack))
+    tall = max((h for _, h in size), default=1.0)
+    gap = max(2.0 * factor, COLUMN_GAP * tall)
+    corners: dict[int, tuple[float, float]] = {}
+    y, width = 0.0, 0.0
+    for shelf in _shelves(size, gap):
+        x, shelf_height = 0.0, 0.0
+        for c in shelf:
+            if size[c][0] == 0:
+                for k in columns[c]:
+                    corners[k] = (x, y)
+                continue
+            top = y
+            for k in columns[c]:
+                corners[k] = (x, top)
+                if extents[k][0] > 0:
+                    top -= extents[k][1] + factor
+            shelf_height = max(shelf_height, size[c][1])
+            x += size[c][0] + gap
+        width = max(width, x - gap)
+        y -= shelf_height + gap
+    return corners, width, -(y + gap)
+
+
+def _label(names: Sequence[str]) -> str:
+    """The slice's block name(s) (``transformer.wpe + transformer.wte``); the renderer shortens it."""
+    return " + ".join(dict.fromkeys(block_of(n) for n in names))
+
+
 def _assemble(
     infos: Sequence[TensorInfo],
     factor: int,
@@ -148,62 +312,73 @@ def _assemble(
     nonfinite: Sequence[int],
 ) -> Scene:
     """Place pooled cell grids (one per tensor, in order) into a Scene."""
+    names = [t.name for t in infos]
     widest = max((t.cols for t in infos if t.size), default=1)
     folds = [_fold(t, widest, block_shape(t.rows, factor)[0]) for t in infos]
-    sides = [
-        max((panels - 1) * pitch + t.cols, min(t.rows, panel_rows))
-        for t, (panels, panel_rows, pitch) in zip(infos, folds, strict=True)
-        if t.size
-    ]
-    slots = depth_slots([t.name for t in infos])
-    step = DEPTH_RATIO * max(sides, default=1.0) / slots[-1] if len(slots) and slots[-1] else 0.0
+    extents = [_extent(t, f, factor) for t, f in zip(infos, folds)]
+
+    runs = slices(names)
+    corners: dict[int, tuple[float, float]] = {}
+    sizes = []
+    for _, first, end in runs:
+        placed, w, h = _place_slice(_columns(names, range(first, end), infos), extents, factor)
+        corners.update(placed)
+        sizes.append((w, h))
+    # depth: one slot per slice, plus ROLE_GAP where embeddings end and heads begin
+    slots = [0.0]
+    for k in range(1, len(runs)):
+        slots.append(slots[-1] + 1.0 + (ROLE_GAP if runs[k][0] != runs[k - 1][0] else 0.0))
+    # The stack is about DEPTH_RATIO times as deep as the widest slice, and (when that is not too
+    # deep) slices stand at least SPACING times the typical slice height apart, so the camera
+    # above the stack sees most of every block over the one in front of it.
+    widest_slice = max((max(w, h) for w, h in sizes), default=1.0)
+    typical = float(np.median([h for _, h in sizes])) if sizes else 1.0
+    step = 0.0
+    if slots[-1]:
+        step = max(DEPTH_RATIO * widest_slice, min(SPACING * typical * slots[-1], MAX_DEPTH * widest_slice))
+        step /= slots[-1]
 
     n = sum(g.size for g in cell_grids)
     xyz = np.empty((n, 3), dtype=np.float32)
     value = np.empty(n, dtype=np.float32)
     tensor_index = np.empty(n, dtype=np.int32)
-    placements = []
+    placements: list[TensorPlacement] = []
+    blocks = []
     start = 0
-    for k, (info, cells, (panels, panel_rows, pitch)) in enumerate(
-        zip(infos, cell_grids, folds, strict=True)
-    ):
-        block = block_shape(info.rows, factor)
-        width = (panels - 1) * pitch + info.cols
-        origin = (-(width - 1) / 2.0, 0.0, float(-slots[k] * step))
-        count = cells.size
-        grid = (int(cells.shape[0]), int(cells.shape[1])) if count else (0, 0)
-        if count:
-            end = start + count
-            row = _centres(info.rows, block[0])
-            panel = np.minimum(row // panel_rows, panels - 1)
-            x = origin[0] + _centres(info.cols, block[1])
-            gx, gy = np.meshgrid(x, origin[1] - (row - panel * panel_rows))
-            xyz[start:end, 0] = (gx + (panel * pitch)[:, None]).ravel()
-            xyz[start:end, 1] = gy.ravel()  # row-major cells: y varies slowest
-            xyz[start:end, 2] = origin[2]
-            value[start:end] = cells.ravel()
-            tensor_index[start:end] = k
-        placements.append(
-            TensorPlacement(
-                info.name,
-                info.shape,
-                info.rows,
-                info.cols,
-                block,
-                grid,
-                origin,
-                start,
-                nonfinite[k],
-                panels,
-                panel_rows,
-                pitch,
-            )
-        )
-        start += count
+    for s, (role, first, end) in enumerate(runs):
+        z = float(-slots[s] * step)
+        w, h = sizes[s]
+        margin = FRAME_MARGIN * max(w, h, factor) + factor / 2.0
+        blocks.append(BlockSlice(_label(names[first:end]), role, first, end, z,
+                                 (-w / 2 - margin, w / 2 + margin, margin, -h - margin)))
+        for k in range(first, end):
+            info, cells, (panels, panel_rows, pitch) = infos[k], cell_grids[k], folds[k]
+            block = block_shape(info.rows, factor)
+            cx, cy = corners[k]
+            top = cy - (factor / 2.0 if info.rows == 1 else 0.5)
+            origin = (-w / 2 + cx + 0.5, top, z)
+            count = cells.size
+            grid = (int(cells.shape[0]), int(cells.shape[1])) if count else (0, 0)
+            if count:
+                stop = start + count
+                row = _centres(info.rows, block[0])
+                panel = np.minimum(row // panel_rows, panels - 1)
+                x = origin[0] + _centres(info.cols, block[1])
+                gx, gy = np.meshgrid(x, origin[1] - (row - panel * panel_rows))
+                xyz[start:stop, 0] = (gx + (panel * pitch)[:, None]).ravel()
+                xyz[start:stop, 1] = gy.ravel()  # row-major cells: y varies slowest
+                xyz[start:stop, 2] = z
+                value[start:stop] = cells.ravel()
+                tensor_index[start:stop] = k
+            placements.append(TensorPlacement(
+                info.name, info.shape, info.rows, info.cols, block, grid, origin, start,
+                nonfinite[k], panels, panel_rows, pitch, s,
+            ))
+            start += count
     for array in (xyz, value, tensor_index):
         array.setflags(write=False)
-    names = tuple(t.name for t in infos)
-    return Scene(xyz, value, tensor_index, names, factor, pool, tuple(placements))
+    return Scene(xyz, value, tensor_index, tuple(names), factor, pool,
+                 tuple(placements), tuple(blocks))
 
 
 def layout(

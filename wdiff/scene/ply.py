@@ -1,8 +1,9 @@
-"""Binary PLY point cloud, written from a numpy structured array.
+"""Binary PLY point cloud and triangle mesh, written from numpy structured arrays.
 
 Not Open3D's writer: it keeps only xyz and colours and drops the scalar field (FORMATS.md). Colours
 are ``uchar`` (float colours read as black in VTK); the value is ``scalar_accumulated`` because
-CloudCompare turns ``scalar_*`` properties into scalar fields by itself. The header is fixed text,
+CloudCompare turns ``scalar_*`` properties into scalar fields by itself; the mesh repeats it as
+``quality``, the one per-vertex value MeshLab keeps (FORMATS.md). The header is fixed text,
 so the same points always give the same bytes.
 """
 
@@ -32,16 +33,34 @@ COMMENT = "wdiff accumulated weight change sum_t |W(t+1)-W(t)|, one point per po
 _PLY_TYPES = {"<f4": "float", "u1": "uchar"}
 
 
-def ply_header(count: int) -> bytes:
-    """The header for ``count`` vertices (ASCII, ends with ``end_header\\n``)."""
+#: One mesh vertex: the point-cloud fields plus ``quality`` (the value again), which MeshLab keeps.
+MESH_VERTEX_DTYPE = np.dtype(
+    VERTEX_DTYPE.descr[:6] + [("quality", "<f4"), ("scalar_accumulated", "<f4")]
+)
+#: One triangle: ``property list uchar int vertex_indices`` with its count byte (always 3), packed.
+FACE_DTYPE = np.dtype([("count", "u1"), ("v0", "<i4"), ("v1", "<i4"), ("v2", "<i4")])
+
+MESH_COMMENT = "wdiff accumulated weight change sum_t |W(t+1)-W(t)|, each tensor a height field"
+
+
+def ply_header(
+    count: int,
+    dtype: np.dtype = VERTEX_DTYPE,
+    faces: int | None = None,
+    comment: str = COMMENT,
+) -> bytes:
+    """The header for ``count`` vertices of ``dtype`` (and ``faces`` triangles), ASCII, ending with
+    ``end_header\n``."""
     lines = [
         "ply",
         "format binary_little_endian 1.0",
-        f"comment {COMMENT}",
+        f"comment {comment}",
         f"element vertex {count}",
     ]
-    for name in VERTEX_DTYPE.names or ():
-        lines.append(f"property {_PLY_TYPES[VERTEX_DTYPE[name].str.lstrip('|')]} {name}")
+    for name in dtype.names or ():
+        lines.append(f"property {_PLY_TYPES[dtype[name].str.lstrip('|')]} {name}")
+    if faces is not None:
+        lines += [f"element face {faces}", "property list uchar int vertex_indices"]
     lines.append("end_header")
     return ("\n".join(lines) + "\n").encode("ascii")
 
@@ -69,3 +88,25 @@ def write_ply(path: str | os.PathLike[str], records: np.ndarray) -> None:
     with atomic_write(path) as f:
         f.write(ply_header(len(records)))
         f.write(np.ascontiguousarray(records).view(np.uint8))
+
+
+def write_mesh_ply(path: str | os.PathLike[str], vertices: np.ndarray, triangles: np.ndarray) -> None:
+    """Write a triangle mesh: ``MESH_VERTEX_DTYPE`` records and (M, 3) vertex indices, atomically.
+
+    Refuses indices outside ``[0, len(vertices))``: a reader would crash or draw garbage.
+    """
+    if vertices.dtype != MESH_VERTEX_DTYPE:
+        raise ValueError(f"vertices must have dtype {MESH_VERTEX_DTYPE}, got {vertices.dtype}")
+    triangles = np.asarray(triangles)
+    if triangles.ndim != 2 or triangles.shape[1] != 3:
+        raise ValueError(f"triangles must be (M, 3), got {triangles.shape}")
+    if triangles.size and (triangles.min() < 0 or triangles.max() >= len(vertices)):
+        raise ValueError("triangle vertex index out of range")
+    faces = np.empty(len(triangles), dtype=FACE_DTYPE)
+    faces["count"] = 3
+    for k in range(3):
+        faces[f"v{k}"] = triangles[:, k]
+    with atomic_write(path) as f:
+        f.write(ply_header(len(vertices), MESH_VERTEX_DTYPE, len(faces), MESH_COMMENT))
+        f.write(np.ascontiguousarray(vertices).view(np.uint8))
+        f.write(faces.view(np.uint8))

@@ -21,10 +21,10 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from wdiff.naming import block_of
 from wdiff.scene._files import atomic_write
 from wdiff.scene.color import ColorScale
 from wdiff.scene.layout import Scene
@@ -32,11 +32,13 @@ from wdiff.scene.layout import Scene
 BACKGROUND = (0.086, 0.090, 0.110)  # dark blue-grey
 FOREGROUND = (0.90, 0.91, 0.93)
 MUTED = (0.62, 0.64, 0.68)
-FOV_DEG = 30.0  # vertical; mild perspective, little distortion
+FRAME_RGB = (0.30, 0.32, 0.37)  # block frames: visible against the background, quieter than any data
+FOV_DEG = 20.0  # vertical; mild perspective, so the far side of a wide block is not squeezed
 AZIMUTH_DEG = 38.0  # camera to the right of the stack axis: it recedes to the right
 ELEVATION_DEG = 24.0  # and above it
 MAX_POINT_SIZE = 16.0
 LABEL_CHAR_PX = 7.5  # about one character of the 9-point label font at 100 dpi
+TITLE_EM = 0.6  # average character width of the title font, in em
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,15 @@ def fit_camera(
 
 
 def silhouette(scene: Scene) -> np.ndarray:
-    """The four corners of every tensor's footprint (outer edges of its elements), (4 * T, 3)."""
+    """The four corners of every block's frame (or tensor, without frames), (4 * k, 3)."""
     corners = []
-    for p in scene.placements:
+    for b in scene.blocks:
+        left, right, top, bottom = b.frame
+        corners += [(left, top, b.z), (right, top, b.z), (left, bottom, b.z), (right, bottom, b.z)]
+    for p in scene.placements if not scene.blocks else ():
         if p.count:
-            x0, y0, z = p.origin
-            left, right, top, bottom = x0 - 0.5, x0 + p.width - 0.5, y0 + 0.5, y0 - p.height + 0.5
+            left, right, top, bottom = p.bounds
+            z = p.origin[2]
             corners += [(left, top, z), (right, top, z), (left, bottom, z), (right, bottom, z)]
     if not corners:  # nothing to draw: frame the origin
         corners = [(-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)]
@@ -195,6 +200,82 @@ def _quiet_native_stdout() -> Iterator[None]:
             os.close(saved)
 
 
+class Offscreen:
+    """One headless Open3D renderer for several pictures of the same size (the frames of a film).
+
+    ``with Offscreen((w, h)) as r: image = r.draw(xyz, rgb, camera, point_px)``; uint8 (h, w, 3).
+    """
+
+    def __init__(self, size: tuple[int, int], background: Sequence[float] = BACKGROUND) -> None:
+        self.size = size
+        self.background = background
+        self._renderer: Any = None
+        self._level: Any = None
+
+    def __enter__(self) -> Offscreen:
+        import open3d as o3d
+        from open3d.visualization import rendering
+
+        self._level = o3d.utility.get_verbosity_level()
+        o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # no "X11 GLFW init failed"
+        with _quiet_native_stdout():
+            self._renderer = rendering.OffscreenRenderer(*self.size)
+        scene = self._renderer.scene
+        # Filament takes the clear colour as sRGB and stores it linear; with post-processing
+        # off nothing converts it back, so pre-encode it (0.5 grey would come out as 55).
+        scene.set_background([*_linear_to_srgb(self.background), 1.0])
+        scene.view.set_post_processing(False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import open3d as o3d
+
+        # Release the engine before the next renderer is made (one at a time is safe).
+        self._renderer = None
+        o3d.utility.set_verbosity_level(self._level)
+
+    def draw(
+        self,
+        xyz: np.ndarray,
+        rgb: np.ndarray,
+        camera: Camera,
+        point_px: float,
+        lines: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Render coloured points (and grey line segments: block frames) seen by ``camera``."""
+        import open3d as o3d
+        from open3d.visualization import rendering
+
+        width, height = self.size
+        scene = self._renderer.scene
+        scene.clear_geometry()
+        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
+        cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+        material = rendering.MaterialRecord()
+        material.shader = "defaultUnlit"
+        material.point_size = float(point_px)
+        scene.add_geometry("accumulated", cloud, material)
+        if lines is not None and len(lines[1]):
+            segments = o3d.geometry.LineSet(
+                o3d.utility.Vector3dVector(lines[0]), o3d.utility.Vector2iVector(lines[1])
+            )
+            segments.paint_uniform_color(FRAME_RGB)
+            line_material = rendering.MaterialRecord()
+            line_material.shader = "unlitLine"
+            line_material.line_width = 1.0
+            scene.add_geometry("frames", segments, line_material)
+        view = scene.camera
+        view.set_projection(
+            camera.fov_deg, width / height, camera.near, camera.far, rendering.Camera.FovType.Vertical
+        )
+        view.look_at(
+            camera.center.astype(np.float32), camera.eye.astype(np.float32), camera.up.astype(np.float32)
+        )
+        with _quiet_native_stdout():
+            image = np.asarray(self._renderer.render_to_image())
+        return np.ascontiguousarray(image[:, :, :3])
+
+
 def render_points(
     xyz: np.ndarray,
     rgb: np.ndarray,
@@ -202,48 +283,11 @@ def render_points(
     camera: Camera,
     point_px: float,
     background: Sequence[float] = BACKGROUND,
+    lines: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Render coloured points headless with Open3D; uint8 (height, width, 3)."""
-    import open3d as o3d
-    from open3d.visualization import rendering
-
-    width, height = size
-    level = o3d.utility.get_verbosity_level()
-    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # no "X11 GLFW init failed"
-    try:
-        with _quiet_native_stdout():
-            renderer = rendering.OffscreenRenderer(width, height)
-            try:
-                cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz.astype(np.float64)))
-                cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
-                material = rendering.MaterialRecord()
-                material.shader = "defaultUnlit"
-                material.point_size = float(point_px)
-                # Filament takes the clear colour as sRGB and stores it linear; with post-processing
-                # off nothing converts it back, so pre-encode it (0.5 grey would come out as 55).
-                renderer.scene.set_background([*_linear_to_srgb(background), 1.0])
-                renderer.scene.view.set_post_processing(False)
-                renderer.scene.add_geometry("accumulated", cloud, material)
-                view = renderer.scene.camera
-                view.set_projection(
-                    camera.fov_deg,
-                    width / height,
-                    camera.near,
-                    camera.far,
-                    rendering.Camera.FovType.Vertical,
-                )
-                view.look_at(
-                    camera.center.astype(np.float32),
-                    camera.eye.astype(np.float32),
-                    camera.up.astype(np.float32),
-                )
-                image = np.asarray(renderer.render_to_image())
-            finally:
-                # Release the engine before the next renderer is made (one per call is safe).
-                del renderer
-    finally:
-        o3d.utility.set_verbosity_level(level)
-    return np.ascontiguousarray(image[:, :, :3])
+    with Offscreen(size, background) as renderer:
+        return renderer.draw(xyz, rgb, camera, point_px, lines)
 
 
 @dataclass(frozen=True)
@@ -256,64 +300,55 @@ class Label:
 
 
 def block_labels(scene: Scene, camera: Camera, size: tuple[int, int], *, top: float = 0.0) -> list[Label]:
-    """One label per block (``h.0``, ``wte``...) at the top-left corner of its widest tensor.
+    """One label per depth slice (``h.0``, ``wpe + wte``...) at the top corner of its frame that is
+    on the left in the picture (the frame's right edge when seen from behind).
 
-    Names lose the prefix all blocks share (``transformer.``). A label that would overlap the last
-    one drawn is skipped, so deep stacks stay readable. ``top`` shifts y into the figure.
+    A label that would overlap the last one drawn is skipped, so deep stacks stay readable. ``top``
+    shifts y into the figure.
     """
-    blocks = [block_of(p.name) for p in scene.placements]
-    prefix = _common_prefix(blocks)
     labels: list[Label] = []
     last: tuple[float, float, float, float] | None = None  # text box: left, right, top, bottom
-    k = 0
-    while k < len(blocks):
-        end = k
-        while end < len(blocks) and blocks[end] == blocks[k]:
-            end += 1
-        members = [p for p in scene.placements[k:end] if p.count]
-        if members:
-            widest = max(members, key=lambda p: p.width)
-            corner = [widest.origin[0] - 0.5, widest.origin[1] + 0.5, members[0].origin[2]]
-            x, y = camera.project(np.array([corner]), *size)[0]
-            text = _short_name(blocks[k], prefix)
-            box = (x - LABEL_CHAR_PX * len(text) - 6.0, x, y - 16.0, y)
-            if last is None or not _overlap(box, last):
-                labels.append(Label(text, float(x) - 3.0, float(y) + top - 1.0))
-                last = box
-        k = end
+    for b in scene.blocks:
+        if not any(p.count for p in scene.placements[b.first : b.end]):
+            continue
+        corners = np.array([[b.frame[0], b.frame[2], b.z], [b.frame[1], b.frame[2], b.z]])
+        x, y = min(camera.project(corners, *size), key=lambda c: c[0])  # the top corner on the left
+        y = max(y, 17.0)  # the text (16 px tall, above its corner) stays inside the picture
+        text = " + ".join(short_block_name(part) for part in b.label.split(" + "))
+        box = (x - LABEL_CHAR_PX * len(text) - 6.0, x, y - 16.0, y)
+        if last is None or not _overlap(box, last):
+            labels.append(Label(text, float(x) - 3.0, float(y) + top - 1.0))
+            last = box
     return labels
+
+
+def short_block_name(block: str) -> str:
+    """A block's name as people say it: ``layer.0`` for ``bert.encoder.layer.0``, ``wte`` for
+    ``transformer.wte``; ``encoder.``/``decoder.`` stay when present (``decoder.block.3``)."""
+    parts = block.split(".")
+    if parts[-1].isdigit() and len(parts) >= 2:
+        short = parts[-2:]
+        side = [p for p in parts[:-2] if p in ("encoder", "decoder")]
+        return ".".join(side[-1:] + short)
+    return parts[-1]
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
 
 
-def _short_name(block: str, prefix: str) -> str:
-    """``block`` without ``prefix``, but never a bare number (``layers.7``, not ``7``)."""
-    rest = block[len(prefix) :]
-    if not rest:
-        return block
-    if rest.isdigit():
-        parts = prefix.rstrip(".").split(".")
-        return f"{parts[-1]}.{rest}" if parts[-1] else rest
-    return rest
+def frame_lines(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """The rectangle around every slice as line segments: points (4k, 3) and index pairs (4k, 2)."""
+    points, pairs = [], []
+    for b in scene.blocks:
+        left, right, top, bottom = b.frame
+        base = len(points)
+        points += [(left, top, b.z), (right, top, b.z), (right, bottom, b.z), (left, bottom, b.z)]
+        pairs += [(base + i, base + (i + 1) % 4) for i in range(4)]
+    return np.array(points, np.float64).reshape(-1, 3), np.array(pairs, np.int32).reshape(-1, 2)
 
 
-def _common_prefix(names: Sequence[str]) -> str:
-    """The dotted prefix all names share: ``transformer.`` for ``transformer.h.0``, ``...wte``."""
-    if len(set(names)) < 2:
-        return ""
-    parts = [n.split(".") for n in names]
-    shared = []
-    for column in zip(*parts, strict=False):  # stops at the shortest name
-        if len(set(column)) != 1:
-            break
-        shared.append(column[0])
-    return ".".join(shared) + "." if shared else ""
-
-
-def compose_png(
-    path: str | os.PathLike[str],
+def compose(
     image: np.ndarray,
     cs: ColorScale,
     *,
@@ -323,8 +358,9 @@ def compose_png(
     footer: str = "",
     labels: Sequence[Label] = (),
     flagged: int = 0,
-) -> None:
-    """Save the render with colour bar, title, labels and legend as one PNG of exactly ``size``.
+) -> np.ndarray:
+    """The render with colour bar, title, labels and legend as one uint8 RGB picture of exactly
+    ``size``.
 
     The render goes at the left, ``top`` pixels below the top edge (room for the title).
     """
@@ -355,8 +391,9 @@ def compose_png(
             va="bottom",
             path_effects=outline,
         )
-    if title:
-        fig.text(12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=14, ha="left", va="top")
+    if title:  # 14 pt, smaller when the picture is too narrow for the whole title
+        size_pt = min(14.0, (width - 24) / (len(title) * TITLE_EM * 100 / 72))
+        fig.text(12 / width, 1 - 10 / height, title, color=FOREGROUND, fontsize=size_pt, ha="left", va="top")
     if footer:
         fig.text(12 / width, 8 / height, footer, color=MUTED, fontsize=8, ha="left", va="bottom")
 
@@ -379,5 +416,14 @@ def compose_png(
             fontsize=8,
             handlelength=1.0,
         )
+    canvas = fig.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+
+
+def save_png(path: str | os.PathLike[str], picture: np.ndarray) -> None:
+    """Write a uint8 RGB picture as PNG, atomically."""
+    from PIL import Image
+
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100, facecolor=BACKGROUND)
+        Image.fromarray(picture).save(f, format="png", optimize=True)

@@ -1,0 +1,166 @@
+"""``wdiff view OUT/``: the scene in an Open3D window: orbit (drag), zoom (wheel), and Ctrl+click a
+point to see its tensor, the weights it stands for and its value.
+
+Needs a display. Without one (``DISPLAY``/``WAYLAND_DISPLAY`` unset on Linux) it raises a
+``WdiffError`` that points to ``render.png`` and ``scene.html`` (the CLI: one line, exit code 2).
+The scene is rebuilt from the results with the pooling and colours the run used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wdiff.errors import WdiffError
+from wdiff.results import ACCUMULATED, SUMMARY
+from wdiff.scene.layout import Scene
+
+
+def has_display() -> bool:
+    """Whether a window can open: on Linux an X11 or Wayland display must be named."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def describe(scene: Scene, point: int) -> str:
+    """What a picked point is: ``tensor  [row, col] (or rows a..b, cols c..d)  value``."""
+    name, (r0, r1), (c0, c1) = scene.locate(point)
+    where = f"[{r0}, {c0}]" if r1 - r0 == 1 and c1 - c0 == 1 else f"rows {r0}..{r1 - 1}, cols {c0}..{c1 - 1}"
+    shape = "x".join(str(d) for d in scene.placements[int(scene.tensor_index[point])].shape) or "scalar"
+    return f"{name} ({shape})  {where}  |ΔW| = {float(scene.value[point]):.4g}"
+
+
+def nearest(scene: Scene, position: np.ndarray) -> int:
+    """The scene point closest to a 3-D position (where the user clicked)."""
+    d = np.sum((scene.xyz.astype(np.float64) - np.asarray(position, np.float64)) ** 2, axis=1)
+    return int(np.argmin(d))
+
+
+def unproject(
+    view: np.ndarray,
+    projection: np.ndarray,
+    pixel: tuple[float, float],
+    depth: float,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """World position of a pixel (x right, y down) whose view-space depth is ``depth``.
+
+    Open3D 0.20's ``Scene.render_to_depth_image`` gives view-space distances along the view axis
+    (infinity where nothing was drawn), not the [0, 1] buffer ``Camera.unproject`` expects (seen).
+    """
+    w, h = size
+    ndc_x, ndc_y = 2.0 * pixel[0] / w - 1.0, 1.0 - 2.0 * pixel[1] / h
+    eye = np.array([ndc_x * depth / projection[0, 0], ndc_y * depth / projection[1, 1], -depth, 1.0])
+    return (np.linalg.inv(view) @ eye)[:3]
+
+
+def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
+    """The scene of a results folder, its colours and a title, as the run drew them."""
+    import json
+
+    from wdiff import scene as sc
+
+    folder = Path(out)
+    if not (folder / SUMMARY).is_file() or not (folder / ACCUMULATED).is_file():
+        raise WdiffError(folder, "no wdiff results here (summary.json and accumulated.safetensors)")
+    summary = json.loads((folder / SUMMARY).read_text())
+    options = summary.get("scene") or {}
+    built = sc.build_scene(
+        folder / ACCUMULATED,
+        list(summary["tensors"]),
+        max_points=int(options.get("max_points", 1_000_000)),
+        pool=options.get("pool", "max"),
+    )
+    colors = sc.colorize_scene(built, options.get("color_scale", "log"), options.get("normalize", "global"))
+    return built, colors.rgb, f"wdiff: {Path(summary.get('source', folder)).name}"
+
+
+def view(out: str | os.PathLike[str]) -> None:
+    """Open the window (blocks until it is closed)."""
+    if not (Path(out) / SUMMARY).is_file():
+        raise WdiffError(out, "no wdiff results here (no summary.json)")
+    if not has_display():
+        raise WdiffError(
+            out,
+            "no display here (DISPLAY is not set), so no window: open render.png or scene.html "
+            "in this folder instead (scene.html rotates in any browser)",
+        )
+    scene, rgb, title = load(out)
+    Window(scene, rgb, title).run()
+
+
+class Window:
+    """The Open3D window of a scene. ``run()`` blocks until it is closed; ``pick(x, y, done)`` finds
+    the point under a pixel of the 3-D view (what Ctrl+click does) and calls ``done(text)``."""
+
+    def __init__(self, scene: Scene, rgb: np.ndarray, title: str, size: tuple[int, int] = (1280, 800)):
+        import open3d as o3d
+        from open3d.visualization import gui, rendering
+
+        self.scene = scene
+        self.app = gui.Application.instance
+        self.app.initialize()
+        self.window = self.app.create_window(title, *size)
+        self.widget = gui.SceneWidget()
+        self.widget.scene = rendering.Open3DScene(self.window.renderer)
+        self.widget.scene.set_background([0.086, 0.090, 0.110, 1.0])
+        cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(scene.xyz.astype(np.float64)))
+        cloud.colors = o3d.utility.Vector3dVector(rgb.astype(np.float64) / 255.0)
+        material = rendering.MaterialRecord()
+        material.shader = "defaultUnlit"
+        material.point_size = 3.0
+        self.widget.scene.add_geometry("accumulated", cloud, material)
+        bounds = self.widget.scene.bounding_box
+        self.widget.setup_camera(30.0, bounds, bounds.get_center())
+        self.info = gui.Label("Ctrl+click a point: tensor, weights, value")
+        self.window.add_child(self.widget)
+        self.window.add_child(self.info)
+        self.window.set_on_layout(self._layout)
+        self.widget.set_on_mouse(self._mouse)
+
+    def _layout(self, context: object) -> None:
+        from open3d.visualization import gui
+
+        frame = self.window.content_rect
+        self.widget.frame = frame
+        self.info.frame = gui.Rect(frame.x + 8, frame.y + 8, frame.width - 16, 24)
+
+    def _mouse(self, event: Any) -> Any:
+        from open3d.visualization import gui
+
+        if event.type == gui.MouseEvent.Type.BUTTON_DOWN and event.is_modifier_down(gui.KeyModifier.CTRL):
+            self.pick(event.x - self.widget.frame.x, event.y - self.widget.frame.y, self._show)
+            return gui.Widget.EventCallbackResult.HANDLED
+        return gui.Widget.EventCallbackResult.IGNORED
+
+    def _show(self, text: str) -> None:
+        def update() -> None:
+            self.info.text = text
+
+        self.app.post_to_main_thread(self.window, update)
+
+    def pick(self, x: int, y: int, done: Callable[[str], None]) -> None:
+        """Read the depth under pixel (x, y), turn it into a world position, name the nearest point."""
+        camera = self.widget.scene.camera
+        size = (self.widget.frame.width, self.widget.frame.height)
+
+        def picked(depth_image: Any) -> None:
+            depth = float(np.asarray(depth_image)[y, x])
+            if not np.isfinite(depth) or depth <= 0:  # the background
+                done("nothing here")
+                return
+            view = np.asarray(camera.get_view_matrix())
+            projection = np.asarray(camera.get_projection_matrix())
+            world = unproject(view, projection, (x, y), depth, size)
+            done(describe(self.scene, nearest(self.scene, world)))
+
+        self.widget.scene.scene.render_to_depth_image(picked)
+
+    def run(self) -> None:
+        self.app.run()
