@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/wdiff run sample_checkpoints/digits-gpt2 -o out/demo
+	$(VENV)/bin/wdiff run sample_checkpoints/digits-gpt2 -o out/demo --frames --mesh --views oblique,back
 
 test: setup
 	$(PY) -m pytest -q

@@ -51,6 +51,15 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+def _console(quiet: bool):
+    """stderr for people: lines are not cut where a log file or pipe has no width (rich would wrap
+    at 80 columns), tables get room for full tensor names."""
+    from rich.console import Console
+
+    tty = sys.stderr.isatty()
+    return Console(stderr=True, quiet=quiet, soft_wrap=True, width=None if tty else 200)
+
+
 def _api_options(
     max_points: int,
     no_render: bool,
@@ -157,7 +166,6 @@ def run_command(
     from wdiff import _warm
 
     _warm.start()  # kernels and colours load on a side thread while we import and scan
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -170,7 +178,7 @@ def run_command(
     from wdiff import api
     from wdiff.scan import Run
 
-    err = Console(stderr=True, quiet=quiet)
+    err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,
         pool, color_scale, normalize, size, views, mesh, frames, html_points,
@@ -243,12 +251,11 @@ def report_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No findings table.")] = False,
 ) -> None:
     """Rebuild findings.json, metrics.csv, tensors.csv and report.html from results, without recomputing."""
-    from rich.console import Console
 
     from wdiff.report import write_report
 
     report = write_report(out)
-    _print_findings(Console(stderr=True, quiet=quiet), out)
+    _print_findings(_console(quiet), out)
     typer.echo(f"{report.path}: {len(report.findings)} findings")
 
 
@@ -270,12 +277,11 @@ def compare_command(
 
 def watch_command(**options: object) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
-    from rich.console import Console
 
     from wdiff.watch import watch
 
     folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
-    err = Console(stderr=True, quiet=bool(options.pop("quiet")))
+    err = _console(bool(options.pop("quiet")))
     api_options = _api_options(**options)  # type: ignore[arg-type]
 
     def on_update(res: object) -> None:
