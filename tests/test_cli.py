@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -85,6 +86,10 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
         "summary.json",
         "tensors.csv",
     ]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert modes == {name: oct(0o666 & ~umask) for name in modes}  # ordinary files, none private
     # a second run replaces the results in place, leaving no temporary folders behind
     p = wdiff("run", str(run), "-o", str(out), "--no-render", "-q")
     assert p.returncode == 0, p.stderr

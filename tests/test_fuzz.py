@@ -6,8 +6,8 @@ header length, numbers and dtype names inside the JSON), so both the framing and
 after a successful JSON parse are reached. The safetensors target is also differential: wdiff
 accepts a mutated file exactly when the safetensors library does.
 
-A quick run is part of ``make test``; ``-m slow`` runs 10,000 cases per target. Adding a target (the
-ONNX reader) is one function returning a ``Target``, listed in ``TARGETS``.
+A quick run is part of ``make test``; ``-m slow`` runs 10,000 cases per target. Adding a target is
+one function returning a ``Target``, listed in ``TARGETS``.
 """
 
 from __future__ import annotations
@@ -99,9 +99,30 @@ def index_target(folder: Path) -> Target:
     return Target([index, pretty], folder, "model.safetensors.index.json", lambda _: read_checkpoint(folder))
 
 
+def onnx_target(folder: Path) -> Target:
+    """ONNX models with inline (raw_data) and typed initializers, and one with external data in
+    ``w.bin`` beside it (mutations then hit locations, offsets and lengths)."""
+    import ml_dtypes
+    from kinds import onnx_model
+
+    from wdiff.readers.onnx import read_onnx
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "a.weight": (rng.standard_normal((3, 4)).astype(np.float32), "F32"),
+        "b.bias": (rng.standard_normal(5).astype(ml_dtypes.bfloat16), "BF16"),
+    }
+    seeds = []
+    for i, kw in enumerate([{}, {"typed": True}, {"external": "w.bin"}]):
+        path = onnx_model(folder / f"seed{i}.onnx", weights, {"a.weight": ("MatMul", 1)}, **kw)
+        seeds.append(path.read_bytes())
+    return Target(seeds, folder, "fuzz.onnx", read_onnx)
+
+
 TARGETS: dict[str, Callable[[Path], Target]] = {
     "safetensors header": safetensors_target,
     "shard index": index_target,
+    "onnx model": onnx_target,
 }
 
 # --- mutations ------------------------------------------------------------------------------------

@@ -105,6 +105,16 @@ class Staging:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
 
+    def _ordinary_modes(self) -> None:
+        """Results are ordinary files (0666 minus the umask): some writers, the safetensors library
+        among them, create theirs private (0600), which would hide them from colleagues."""
+        assert self.folder is not None
+        umask = os.umask(0)
+        os.umask(umask)
+        for entry in self.folder.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                entry.chmod(0o666 & ~umask)
+
     def commit(self) -> None:
         """Swap the finished results into ``out``; ``close()`` removes the previous ones.
 
@@ -113,6 +123,7 @@ class Staging:
         previous results.
         """
         assert self.folder is not None
+        self._ordinary_modes()
         if not self.out.exists():
             os.replace(self.folder, self.out)
             self.folder = None
