@@ -234,7 +234,6 @@ def run(
                     progress("compute", nbytes, total)
 
             _warm.wait()  # compute_seconds counts from the first read, not from loading the kernels
-            _warm.start_report()  # the report's imports overlap with compute
             result = compute(
                 the_run,
                 str(acc_path),
