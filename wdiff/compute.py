@@ -109,6 +109,72 @@ class Previous:
     tensors: dict[str, dict]  # its summary entries
 
 
+@dataclass
+class ChunkBuffers:
+    """What one chunk task folds its results into: the partial sums, and its part of the scene's cells,
+    of the frames and of the row sums. Shared by checkpoint chunks and LoRA chunks (``wdiff.lora``)."""
+
+    interval_sum: np.ndarray  # (T-1,)
+    interval_sumsq: np.ndarray  # (T-1,)
+    sumsq: np.ndarray  # (T,)
+    dot_first: np.ndarray  # (T,)
+    nonfinite: np.ndarray  # (T,) int64
+    cell_row0: int  # the scene's cells: first cell row, cells (or empty), the pooling line
+    cells: np.ndarray
+    line: np.ndarray
+    frame_row0: int  # the frames: first cell row, (intervals, rows, cols) cells, lines, line states
+    frames: np.ndarray
+    frame_lines: np.ndarray
+    frame_states: np.ndarray
+    first_row: int  # the row sums: first row, one float64 per row of the chunk (or empty)
+    rows: np.ndarray
+
+    @classmethod
+    def for_chunk(
+        cls,
+        tensor: AlignedTensor,
+        start: int,
+        stop: int,
+        resume: bool,
+        grid: Grid | None,
+        frame_grid: Grid | None,
+    ) -> ChunkBuffers:
+        count = len(tensor.refs)
+        live = stop > start
+        cell_row0, cells, line = 0, np.empty((0, 0)), np.empty(0)
+        if grid is not None and live:
+            cell_row0, n_rows = grid.cell_rows(start, stop)
+            cells, line = grid.empty(n_rows), kernels.pool_line(grid.rows, grid.cols, grid.mean)
+        intervals = count - 2 if resume else count - 1  # intervals this chunk adds
+        frame_row0, frames, frame_lines = 0, np.empty((0, 0, 0)), np.empty((0, 0))
+        if frame_grid is not None and live and intervals > 0:
+            frame_row0, n_rows = frame_grid.cell_rows(start, stop)
+            frames = frame_grid.empty(intervals, n_rows)
+            line_size = kernels.pool_line(frame_grid.rows, frame_grid.cols, frame_grid.mean).size
+            if intervals * line_size * 8 > FRAME_LINES_BYTES:  # many frames of wide rows: straight to cells
+                line_size = 0
+            frame_lines = np.full((intervals, line_size), 0.0 if frame_grid.mean else -np.inf)
+        row_cols = _row_cols(tensor.shape)
+        first_row = start // row_cols
+        return cls(
+            np.zeros(count - 1), np.zeros(count - 1), np.zeros(count), np.zeros(count),
+            np.zeros(count, np.int64), cell_row0, cells, line, frame_row0, frames, frame_lines,
+            np.full(frames.shape[0], -1, np.int64), first_row,
+            np.zeros((stop - 1) // row_cols - first_row + 1 if live else 0),
+        )  # fmt: skip
+
+    def stats(self, net_sumsq: float, acc_sum: float, acc_max: float, acc_nonfinite: int, nbytes: int):
+        """The chunk's ChunkStats (W(0) . W(0) is its own sum of squares)."""
+        self.dot_first[0] = self.sumsq[0]
+        return ChunkStats(
+            self.interval_sum, self.interval_sumsq, self.sumsq, self.dot_first, self.nonfinite,
+            float(net_sumsq), float(acc_sum), float(acc_max), nbytes,
+            self.cells if self.cells.size else None, self.cell_row0, int(acc_nonfinite),
+            self.rows if self.rows.size else None, self.first_row,
+            self.frames if self.frames.size else None, self.frame_row0,
+        )  # fmt: skip
+
+
 def process_chunk(
     tensor: AlignedTensor,
     start: int,
@@ -133,39 +199,14 @@ def process_chunk(
     codes = np.array([kernels.decoder_code(r.dtype) for r in refs], np.int8)
     itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
     offsets = np.array([r.offset for r in refs], np.int64)
-    interval_sum = np.zeros(count - 1)
-    interval_sumsq = np.zeros(count - 1)
-    sumsq = np.zeros(count)
-    dot_first = np.zeros(count)
-    nonfinite = np.zeros(count, np.int64)
     block = kernels.block_elements(itemsizes)
     raw = np.empty(block * int(itemsizes.max()), np.uint8)
     scratch = np.empty((4, block + kernels.SCRATCH_PAD), np.float32)
-    if grid is not None and stop > start:
-        row0, n_rows = grid.cell_rows(start, stop)
-        cells = grid.empty(n_rows)
-        line = kernels.pool_line(grid.rows, grid.cols, grid.mean)
-        dims = grid.dims()
-    else:
-        row0, cells, line, dims = 0, np.empty((0, 0)), np.empty(0), np.zeros(4, np.int64)
-    intervals = count - 2 if acc_in else count - 1  # intervals this chunk adds
-    if frame_grid is not None and stop > start and intervals > 0:
-        frame_row0, n_rows = frame_grid.cell_rows(start, stop)
-        frames = frame_grid.empty(intervals, n_rows)
-        line_size = kernels.pool_line(frame_grid.rows, frame_grid.cols, frame_grid.mean).size
-        if intervals * line_size * 8 > FRAME_LINES_BYTES:  # many frames of wide rows: straight to cells
-            line_size = 0
-        frame_lines = np.full((intervals, line_size), 0.0 if frame_grid.mean else -np.inf)
-        frame_dims = frame_grid.dims()
-    else:
-        frame_row0, frames, frame_lines = 0, np.empty((0, 0, 0)), np.empty((0, 0))
-        frame_dims = np.zeros(4, np.int64)
-    frame_states = np.full(frames.shape[0], -1, np.int64)
-    diff = np.empty(block if frames.size else 1, np.float32)
+    b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
+    dims = grid.dims() if grid is not None else np.zeros(4, np.int64)
+    frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
+    diff = np.empty(block if b.frames.size else 1, np.float32)
     mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
-    row_cols = _row_cols(tensor.shape)
-    first_row = start // row_cols
-    rows = np.zeros((stop - 1) // row_cols - first_row + 1 if stop > start else 0)
     totals = np.zeros(4)
     opened: dict[str, int] = {}
     try:
@@ -178,9 +219,9 @@ def process_chunk(
         acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
         status = kernels.stream_chunk(
             fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-            acc_fd, acc_offset, raw, scratch, interval_sum, interval_sumsq, sumsq, dot_first, nonfinite,
-            totals, dims, mean, cells, row0, line, row_cols, rows, first_row, frame_dims, frames,
-            frame_row0, frame_lines, frame_states, diff,
+            acc_fd, acc_offset, raw, scratch, b.interval_sum, b.interval_sumsq, b.sumsq, b.dot_first,
+            b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line, _row_cols(tensor.shape), b.rows,
+            b.first_row, frame_dims, b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff,
         )  # fmt: skip
     except OSError as e:
         raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
@@ -196,14 +237,8 @@ def process_chunk(
         raise WdiffError(
             refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable"
         )
-    dot_first[0] = sumsq[0]
     nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
-    net_sumsq, acc_sum, acc_max, acc_nonfinite = totals
-    return ChunkStats(
-        interval_sum, interval_sumsq, sumsq, dot_first, nonfinite, float(net_sumsq), float(acc_sum),
-        float(acc_max), nbytes, cells if cells.size else None, row0, int(acc_nonfinite),
-        rows if rows.size else None, first_row, frames if frames.size else None, frame_row0,
-    )  # fmt: skip
+    return b.stats(*totals, nbytes)
 
 
 def _row_cols(shape: tuple[int, ...]) -> int:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from wdiff import kernels
-from wdiff.compute import FRAME_LINES_BYTES, ChunkStats, Grid, _row_cols
+from wdiff.compute import ChunkBuffers, ChunkStats, Grid, _row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import TensorRef
 from wdiff.readers.lora import LoraRef
@@ -79,31 +79,13 @@ def process_chunk(
     factors = [_Factors(r) for r in refs]  # type: ignore[arg-type]
     cols = _row_cols(tensor.shape)  # the product's rows are the tensor's rows
     rows_per_block = max(1, BLOCK_ELEMENTS // cols)
-    interval_sum, interval_sumsq = np.zeros(count - 1), np.zeros(count - 1)
-    sumsq, dot_first = np.zeros(count), np.zeros(count)
-    nonfinite = np.zeros(count, np.int64)
     net_sumsq = acc_sum = acc_max = 0.0
     acc_bad = 0
     scratch = np.empty((4, rows_per_block * cols), np.float32)  # first, two ping-pong buffers, acc
     diff = np.empty(rows_per_block * cols, np.float32)
     lut = kernels.decode_table("F32")
-    live = stop > start
-    row0, cells, line, state = 0, np.empty((0, 0)), np.empty(0), np.full(1, -1, np.int64)
-    if grid is not None and live:
-        row0, n_rows = grid.cell_rows(start, stop)
-        cells, line = grid.empty(n_rows), kernels.pool_line(grid.rows, grid.cols, grid.mean)
-    intervals = count - 2 if resume else count - 1  # intervals this chunk adds
-    frame_row0, frames = 0, np.empty((0, 0, 0))
-    if frame_grid is not None and live and intervals > 0:
-        frame_row0, n_rows = frame_grid.cell_rows(start, stop)
-        frames = frame_grid.empty(intervals, n_rows)
-        frame_line = kernels.pool_line(frame_grid.rows, frame_grid.cols, frame_grid.mean)
-        if intervals * frame_line.size * 8 > FRAME_LINES_BYTES:  # as compute: straight to the cells
-            frame_line = frame_line[:0]
-        frame_lines = np.repeat(frame_line[None], intervals, axis=0)
-        frame_states = np.full(intervals, -1, np.int64)
-    first_row = start // cols
-    row_sums = np.zeros((stop - 1) // cols - first_row + 1 if live else 0)
+    b = ChunkBuffers.for_chunk(tensor, start, stop, resume, grid, frame_grid)
+    state = np.full(1, -1, np.int64)
     fd = os.open(out_path, os.O_WRONLY)
     acc_fd = os.open(acc_in[0], os.O_RDONLY) if acc_in else -1
     try:
@@ -123,52 +105,47 @@ def process_chunk(
                 old, new = scratch[1 + (t + 1) % 2, :n], scratch[1 + t % 2, :n]
                 if t == 0 or (resume and t == 1):  # W(0), or W(K-1) where an incremental run restarts
                     x, y = kernels.start(w, lut, first if t == 0 else new, new)
-                    sumsq[t] += x
-                    nonfinite[t] += y
+                    b.sumsq[t] += x
+                    b.nonfinite[t] += y
                     continue
                 sums = kernels.step(w, lut, first, old, new, acc, not resume and t == 1)
-                interval_sum[t - 1] += sums[0]
-                interval_sumsq[t - 1] += sums[1]
-                sumsq[t] += sums[2]
-                dot_first[t] += sums[3]
-                nonfinite[t] += sums[4]
+                b.interval_sum[t - 1] += sums[0]
+                b.interval_sumsq[t - 1] += sums[1]
+                b.sumsq[t] += sums[2]
+                b.dot_first[t] += sums[3]
+                b.nonfinite[t] += sums[4]
                 f = t - 2 if resume else t - 1  # this interval's frame
-                if frames.size:
+                if b.frames.size:
                     kernels.abs_diff(new, old, diff[:n])
                     g = frame_grid
                     kernels.pool_fold(
-                        diff[:n], lo, g.rows, g.cols, g.block[0], g.block[1], g.mean, frames[f], frame_row0,
-                        frame_lines[f], frame_states[f : f + 1],
+                        diff[:n], lo, g.rows, g.cols, g.block[0], g.block[1], g.mean, b.frames[f],
+                        b.frame_row0, b.frame_lines[f], b.frame_states[f : f + 1],
                     )  # fmt: skip
             net_sumsq += kernels.net_change(first, scratch[1 + (count - 1) % 2, :n])
             total, peak = kernels.sum_and_max(acc)
             acc_sum += total
             if not np.isnan(acc_max):  # NaN-aware max, as stream_chunk: once NaN, it stays NaN
                 acc_max = peak if np.isnan(peak) else max(acc_max, peak)
-            if cells.size:  # counts the map's non-finite values, as stream_chunk does
+            if b.cells.size:  # counts the map's non-finite values, as stream_chunk does
                 acc_bad += kernels.pool_fold(
-                    acc, lo, grid.rows, grid.cols, grid.block[0], grid.block[1], grid.mean, cells,
-                    row0, line, state,
+                    acc, lo, grid.rows, grid.cols, grid.block[0], grid.block[1], grid.mean, b.cells,
+                    b.cell_row0, b.line, state,
                 )  # fmt: skip
-            if row_sums.size:
-                kernels.add_row_sums(acc, lo, cols, row_sums, first_row)
+            if b.rows.size:
+                kernels.add_row_sums(acc, lo, cols, b.rows, b.first_row)
             if os.pwrite(fd, acc.tobytes(), out_offset + lo * 4) != n * 4:
                 raise WdiffError(out_path, "writing the results failed (disk full?)")
     finally:
         os.close(fd)
         if acc_fd >= 0:
             os.close(acc_fd)
-    if cells.size:
-        kernels.pool_flush(cells, line, state, grid.block[1], grid.mean)
-    for f in range(frames.shape[0]):
+    if b.cells.size:
+        kernels.pool_flush(b.cells, b.line, state, grid.block[1], grid.mean)
+    for f in range(b.frames.shape[0]):
         kernels.pool_flush(
-            frames[f], frame_lines[f], frame_states[f : f + 1], frame_grid.block[1], frame_grid.mean
+            b.frames[f], b.frame_lines[f], b.frame_states[f : f + 1], frame_grid.block[1], frame_grid.mean
         )
-    dot_first[0] = sumsq[0]
     # adapter bytes, shared out over the chunks so that progress adds up to ``bytes_to_read``
     nbytes = sum(r.nbytes for r in refs) * (stop - start) // max(1, tensor.numel)
-    return ChunkStats(
-        interval_sum, interval_sumsq, sumsq, dot_first, nonfinite, net_sumsq, acc_sum, float(acc_max),
-        nbytes, cells if cells.size else None, row0, acc_bad, row_sums if row_sums.size else None,
-        first_row, frames if frames.size else None, frame_row0,
-    )  # fmt: skip
+    return b.stats(net_sumsq, acc_sum, acc_max, acc_bad, nbytes)
