@@ -132,3 +132,15 @@ def test_incremental_run_extends_rows_and_frames_like_a_full_run(tmp_path):
     np.testing.assert_array_equal(again.frames(name), full.frames(name))
     wider = wdiff.run(source, tmp_path / "inc", render=False, frames=True, frame_points=200)
     assert wider.summary["update"] == "full"  # other frame grids: the old frames cannot be extended
+
+
+def test_frame_budget_bounds_the_frames_of_long_runs():
+    from wdiff.api import FRAME_VALUES, frame_budget_for
+
+    assert frame_budget_for(200_000, 7, 50) == 200_000  # a usual run keeps the budget asked for
+    assert frame_budget_for(200_000, 100, 50) == 200_000  # 20 million cells: still within
+    for intervals in (101, 1000, 10_000):
+        budget = frame_budget_for(200_000, intervals, 50)
+        assert budget * intervals <= FRAME_VALUES and budget * intervals > FRAME_VALUES // 2
+    assert frame_budget_for(200_000, 150, 50) == frame_budget_for(200_000, 199, 50)  # steps, not a slope
+    assert frame_budget_for(200_000, 10**9, 50) == 50  # never below one point per tensor

@@ -170,7 +170,8 @@ def run(
     ``summary["update"]`` says what was done: "full", "incremental from K" or "up to date".
 
     ``frames=True`` also writes ``frames.safetensors``: the change of every interval (not accumulated),
-    pooled into cells under a budget of ``frame_points`` points, for the training film.
+    pooled into cells under a budget of ``frame_points`` points, for the training film (halved for
+    runs so long that all frames together would exceed FRAME_VALUES cells; see ``frame_budget_for``).
 
     ``inputs`` may be a scanned :class:`Run`. ``extend_only=True`` refuses to do anything but extend
     the results in ``out``, and ``keep(folder)`` adds files to the new results folder before it is
@@ -200,7 +201,8 @@ def run(
         previous, update = (
             _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
         )
-        frame_plan = _cell_plan(the_run, frame_points) if frames else {}
+        frame_budget = frame_budget_for(frame_points, len(the_run.checkpoints) - 1, len(the_run.tensors))
+        frame_plan = _cell_plan(the_run, frame_budget) if frames else {}
         frame_grids = {  # pooled like the scene (max or mean), for the film
             name: Grid(rows, cols, block, mean=scene.pool == "mean")
             for name, (rows, cols, block) in frame_plan.items()
@@ -297,6 +299,19 @@ def run(
     finally:
         staging.close()
     return Results.load(out)
+
+
+FRAME_VALUES = 20_000_000  # all frames of a run together: 160 MB of float64 cells while they are combined
+
+
+def frame_budget_for(frame_points: int, intervals: int, tensors: int) -> int:
+    """Points per frame: ``frame_points``, halved as often as needed to keep every frame of the run
+    within FRAME_VALUES (a run of 1,000 checkpoints would otherwise hold 200 million cells). Halving
+    in steps keeps the frames' grid unchanged while a watched run grows, until its length doubles."""
+    budget = frame_points
+    while budget > tensors and budget * max(intervals, 1) > FRAME_VALUES:
+        budget //= 2
+    return max(budget, tensors)
 
 
 def _cell_plan(run: Run, max_points: int) -> dict:
