@@ -101,8 +101,11 @@ def _previous(
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 
-def _previous_frames(out: Path, known: int, grids: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """The frames of earlier results when they cover its ``known - 1`` intervals on these grids."""
+def _previous_frames(
+    out: Path, known: int, grids: dict[str, Any], pool: str
+) -> dict[str, np.ndarray] | None:
+    """The frames of earlier results when they cover its ``known - 1`` intervals on these grids,
+    pooled the same way."""
     try:
         old = Results(out, {})
         info = old.frame_info()
@@ -113,11 +116,7 @@ def _previous_frames(out: Path, known: int, grids: dict[str, Any]) -> dict[str, 
         f.shape == (known - 1, *grid.shape) and tuple(info["blocks"].get(name, ())) == grid.block
         for (name, grid), f in zip(grids.items(), frames.values())
     )
-    return frames if same and info["pool"] == ("mean" if _any_mean(grids) else "max") else None
-
-
-def _any_mean(grids: dict[str, Any]) -> bool:
-    return any(g.mean for g in grids.values())
+    return frames if same and info["pool"] == pool else None
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -181,7 +180,7 @@ def run(
     budget, pooling, colours, picture size and views, ``mesh.ply``, the film and ``scene.html``; when
     given, it replaces ``max_points``, ``render``, ``frames`` and ``frame_points``.
     """
-    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, Grid, bytes_to_read, compute
+    from wdiff.compute import DEFAULT_CHUNK_ELEMENTS, ComputeResult, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
@@ -201,15 +200,16 @@ def run(
         previous, update = (
             _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
         )
-        frame_budget = frame_budget_for(frame_points, len(the_run.checkpoints) - 1, len(the_run.tensors))
-        frame_plan = _cell_plan(the_run, frame_budget) if frames else {}
-        frame_grids = {  # pooled like the scene (max or mean), for the film
-            name: Grid(rows, cols, block, mean=scene.pool == "mean")
-            for name, (rows, cols, block) in frame_plan.items()
-        }
+        intervals = len(the_run.checkpoints) - 1
+        frame_plan = (
+            _cell_plan(the_run, frame_budget_for(frame_points, intervals, len(the_run.tensors)))
+            if frames
+            else {}
+        )
+        frame_grids = _grids(frame_plan, scene.pool)  # pooled like the scene (max or mean), for the film
         old_frames = None
         if frames and previous is not None:
-            old_frames = _previous_frames(out, previous.known, frame_grids)
+            old_frames = _previous_frames(out, previous.known, frame_grids, scene.pool)
             if old_frames is None:  # earlier results without these frames: recompute them all
                 previous, update = None, "full"
         if extend_only and previous is None:
@@ -245,22 +245,23 @@ def run(
                 workers=workers,
                 progress=advance,
                 previous=previous,
-                grids={
-                    name: Grid(rows, cols, block, mean=scene.pool == "mean")
-                    for name, (rows, cols, block) in plan.items()
-                },
+                grids=_grids(plan, scene.pool),
                 frame_grids=frame_grids,
             )
             from wdiff.scene import save_cells
+            from wdiff.scene.pooling import cell_counts
 
             save_cells(tmp / POOLED, plan, result.cells, scene.pool)
             write_rows(tmp / ROWS, result.rows)
             if frames:
-                done = {n: frame_grids[n].finish(f) for n, f in result.frames.items()}
+                done = {}
+                for n, f in result.frames.items():  # "mean" frames hold sums until here
+                    g = frame_grids[n]
+                    done[n] = f / cell_counts(g.rows, g.cols, g.block) if g.mean else f
                 if old_frames is not None:
                     done = {n: np.concatenate([old_frames[n], f]) for n, f in done.items()}
                 blocks = {n: g.block for n, g in frame_grids.items()}
-                write_frames(tmp / FRAMES, done, blocks, "mean" if _any_mean(frame_grids) else "max")
+                write_frames(tmp / FRAMES, done, blocks, scene.pool)
         for name, others in the_run.aliases.items():  # tied weights: reported once, with every name
             if name in result.tensors:
                 result.tensors[name]["aliases"] = others
@@ -312,6 +313,13 @@ def frame_budget_for(frame_points: int, intervals: int, tensors: int) -> int:
     while budget > tensors and budget * max(intervals, 1) > FRAME_VALUES:
         budget //= 2
     return max(budget, tensors)
+
+
+def _grids(plan: dict, pool: str) -> dict:
+    """The compute step's Grid for each tensor of a scene's cell plan."""
+    from wdiff.compute import Grid
+
+    return {name: Grid(rows, cols, block, mean=pool == "mean") for name, (rows, cols, block) in plan.items()}
 
 
 def _cell_plan(run: Run, max_points: int) -> dict:

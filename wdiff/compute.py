@@ -80,13 +80,6 @@ class Grid:
     def dims(self) -> np.ndarray:
         return np.array([self.rows, self.cols, *self.block], np.int64)
 
-    def finish(self, cells: np.ndarray) -> np.ndarray:
-        """Folded cells as values: maxima as they are, sums divided by the elements of each cell."""
-        if not self.mean:
-            return cells
-        sizes = [np.minimum(b, n - np.arange(0, n, b)) for n, b in zip((self.rows, self.cols), self.block)]
-        return cells / np.outer(*sizes)
-
 
 @dataclass(frozen=True)
 class TensorResult:

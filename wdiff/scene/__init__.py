@@ -30,7 +30,7 @@ from wdiff.scene.color import Colors, ColorScale, Scale, colorize
 from wdiff.scene.layout import Scene, TensorPlacement, layout
 from wdiff.scene.options import VIEWS, SceneOptions
 from wdiff.scene.ply import vertex_records, write_ply
-from wdiff.scene.pooling import Pool, _cell_sizes, block_shape, pool_factor
+from wdiff.scene.pooling import Pool, block_shape, cell_counts, pool_factor
 
 __all__ = [
     "POOLED",
@@ -94,7 +94,7 @@ def save_cells(
     for name, (raw, nonfinite) in cells.items():
         rows, cols, block = plan[name]
         if pool == "mean":
-            raw = raw / np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
+            raw = raw / cell_counts(rows, cols, block)
         finished[name] = (raw, block, nonfinite)
     write_pooled(path, finished, pool)
 

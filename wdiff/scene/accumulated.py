@@ -242,9 +242,9 @@ class AccumulatedFile:
         if bad < 0:
             raise WdiffError(self.path, f"reading tensor {name!r} failed: the file shrank")
         if pool == "mean":
-            from wdiff.scene.pooling import _cell_sizes
+            from wdiff.scene.pooling import cell_counts
 
-            cells /= np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
+            cells /= cell_counts(rows, cols, block)
         return cells.astype(np.float32), int(bad)
 
     def _precomputed(self, name: str, block: tuple[int, int], pool: str) -> tuple[np.ndarray, int] | None:

@@ -128,14 +128,18 @@ class GridPooler:
         """The pooled cells, float32, shape (ceil(rows / br), ceil(cols / bc))."""
         if self.pool == "max":
             return self._acc.copy()
-        counts = np.outer(_cell_sizes(self.rows, self.block[0]), _cell_sizes(self.cols, self.block[1]))
-        return (self._acc / counts).astype(np.float32)
+        return (self._acc / cell_counts(self.rows, self.cols, self.block)).astype(np.float32)
 
 
 def _cell_sizes(length: int, size: int) -> np.ndarray:
     """Elements in each cell along one axis (the last cell may be short)."""
     edges = np.minimum(np.arange(0, length + size, size, dtype=np.int64), length)
     return np.diff(edges)[: ceil_div(length, size)]
+
+
+def cell_counts(rows: int, cols: int, block: tuple[int, int]) -> np.ndarray:
+    """Elements in each cell of a rows x cols grid pooled by ``block``: what turns sums into means."""
+    return np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
 
 
 def coarsen(
