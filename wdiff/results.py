@@ -91,10 +91,7 @@ class Results:
 
     def accumulated(self, name: str) -> np.ndarray:
         """The accumulated change map of one tensor (float32, the tensor's shape)."""
-        from safetensors import safe_open
-
-        with safe_open(self.path / ACCUMULATED, framework="numpy") as f:
-            return f.get_tensor(name)
+        return _get(self.path / ACCUMULATED, name)
 
     def rows(self, name: str) -> np.ndarray:
         """Per-row accumulated change of one tensor: the sum of its accumulated map over each row
@@ -125,6 +122,7 @@ class Results:
 
 
 def _get(path: Path, name: str) -> np.ndarray:
+    """One tensor of a results file (FileNotFoundError naming the file when the run did not write it)."""
     from safetensors import safe_open
 
     if not path.is_file():
