@@ -105,34 +105,52 @@ def test_nonfinite_values_are_counted_not_hidden(tmp_path):
 
 def test_kernel_step_against_numpy_one_liner():
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
-    first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.full_like(a, 0.5)
-    kernels.start(a, kernels.decode_table("F32"), first, old)
-    diff_sum, diff_sumsq, sumsq, dot, nonfinite = kernels.step(
-        b, kernels.decode_table("F32"), first, old, new, acc
-    )
+    f, a, b = (rng.standard_normal(1001).astype(np.float32) for _ in range(3))
+    lut = kernels.decode_table("F32")
+    acc = np.full_like(a, 0.5)
+    assert kernels.start(a, lut) == pytest.approx((np.sum(a.astype(np.float64) ** 2), 0), rel=1e-12)
+    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = kernels.step(f, a, b, lut, acc, False, True)
+    b64 = b.astype(np.float64)
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
-    np.testing.assert_allclose(diff_sum, np.sum(np.abs(b.astype(np.float64) - a)), rtol=1e-6)
-    np.testing.assert_allclose(diff_sumsq, np.sum((b.astype(np.float64) - a) ** 2), rtol=1e-6)
-    np.testing.assert_allclose(sumsq, np.sum(b.astype(np.float64) ** 2), rtol=1e-6)
-    np.testing.assert_allclose(dot, np.dot(b.astype(np.float64), a), rtol=1e-6)
-    assert nonfinite == 0 and np.array_equal(new, b) and np.array_equal(first, a) and np.array_equal(old, a)
+    np.testing.assert_allclose(diff_sum, np.sum(np.abs(b64 - a)), rtol=1e-6)
+    np.testing.assert_allclose(diff_sumsq, np.sum((b64 - a) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(sumsq, np.sum(b64**2), rtol=1e-6)
+    np.testing.assert_allclose(dist, np.sum((b64 - f) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(total, np.sum(acc.astype(np.float64)), rtol=1e-6)
+    assert nonfinite == 0 and peak == acc.max()
+    # not the last interval: no sum or max of the map; fresh: acc is overwritten
+    *_, total, peak = kernels.step(f, a, b, lut, acc, True, False)
+    assert total == 0.0 and peak == 0.0 and np.array_equal(acc, np.abs(b - a))
+
+
+def test_kernel_step_decodes_bf16_blocks_like_ml_dtypes():
+    import ml_dtypes
+
+    rng = np.random.default_rng(1)
+    f, a, b = (rng.standard_normal(777).astype(ml_dtypes.bfloat16) for _ in range(3))
+    acc = np.zeros(777, np.float32)
+    sums = kernels.step(*(x.view(np.int16) for x in (f, a, b)), kernels.decode_table("BF16"), acc, True, True)
+    f32, a32, b32 = (x.astype(np.float64) for x in (f, a, b))
+    assert np.array_equal(acc, np.abs(b.astype(np.float32) - a.astype(np.float32)))
+    np.testing.assert_allclose(sums[3], np.sum((b32 - f32) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(sums[0], np.sum(np.abs(b32 - a32)), rtol=1e-6)
 
 
 def test_kernel_sums_leave_nonfinite_terms_out():
     a = np.array([1.0, 2.0, 3.0, np.inf], np.float32)
     b = np.array([2.0, np.nan, 5.0, 1.0], np.float32)
-    first, old, new, acc = np.empty_like(a), np.empty_like(a), np.empty_like(a), np.zeros_like(a)
-    assert kernels.start(a, kernels.decode_table("F32"), first, old) == (14.0, 1)
-    diff_sum, diff_sumsq, sumsq, dot, nonfinite = kernels.step(
-        b, kernels.decode_table("F32"), first, old, new, acc
-    )
+    lut = kernels.decode_table("F32")
+    acc = np.zeros_like(a)
+    assert kernels.start(a, lut) == (14.0, 1)
+    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = kernels.step(a, a, b, lut, acc, False, True)
     assert diff_sum == 1.0 + 2.0 and diff_sumsq == 1.0 + 4.0  # NaN and -Inf differences left out
-    assert sumsq == 4.0 + 25.0 + 1.0 and dot == 2.0 + 15.0 and nonfinite == 1
+    assert sumsq == 4.0 + 25.0 + 1.0 and dist == 1.0 + 4.0 and nonfinite == 1
     assert np.isnan(acc[1]) and np.isinf(acc[3]) and acc[0] == 1.0 and acc[2] == 2.0
-    total, peak = kernels.sum_and_max(acc)
-    assert np.isnan(total) and np.isnan(peak)
-    assert kernels.sum_and_max(np.array([1.0, 3.0, 2.0], np.float32)) == (6.0, 3.0)
+    assert np.isnan(total) and np.isnan(peak)  # the map holds a NaN: so do its sum and max
+    c = np.array([4.0, 2.0, 5.0, 1.0], np.float32)
+    acc = np.zeros(4, np.float32)
+    sums = kernels.step(c, c, np.array([4.0, 2.0, 5.0, np.inf], np.float32), lut, acc, True, True)
+    assert np.isinf(sums[5]) and np.isinf(sums[6])  # Inf, not NaN: a real maximum
 
 
 @pytest.mark.parametrize("budget, chunk", [(5000, 1000), (100_000, 333), (40, 4096)])

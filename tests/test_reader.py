@@ -18,14 +18,13 @@ FLOAT_CODES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]
 
 
 def _decode(ref) -> np.ndarray:
-    """Decode a tensor the way compute does: raw bytes by offset through the start kernel."""
+    """Decode a tensor the way compute does: raw bytes by offset through the kernels' decoder."""
     with open(ref.path, "rb") as f:
         f.seek(ref.offset)
         raw = np.frombuffer(f.read(ref.nbytes), np.uint8)
-    n = ref.numel
-    first, prev = np.empty(n, np.float32), np.empty(n, np.float32)
-    kernels.start(raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), first, prev)
-    return first.reshape(ref.shape)
+    out = np.empty(ref.numel, np.float32)
+    kernels.decode_into(raw.view(kernels.raw_view(ref.dtype)), kernels.decode_table(ref.dtype), out)
+    return out.reshape(ref.shape)
 
 
 @pytest.mark.parametrize("code", FLOAT_CODES)

@@ -93,7 +93,7 @@ def _previous(
         old.get("wdiff_version") == __version__
         and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
         and (out / ROWS).is_file()
-        and all("interval_l1" in entry for entry in tensors.values())
+        and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
     )
     if not (same_start and same_tensors and same_setup):
         return None, "full"

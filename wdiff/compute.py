@@ -34,9 +34,8 @@ class ChunkStats:
     interval_sum: np.ndarray  # (T-1,) sum of |W(t+1) - W(t)|
     interval_sumsq: np.ndarray  # (T-1,) sum of (W(t+1) - W(t))^2
     sumsq: np.ndarray  # (T,) sum of W(t)^2
-    dot_first: np.ndarray  # (T,) sum of W(t) * W(0)
+    dist_first: np.ndarray  # (T,) sum of (W(t) - W(0))^2
     nonfinite: np.ndarray  # (T,) count of NaN/Inf values in W(t)
-    net_sumsq: float  # sum of (W(T-1) - W(0))^2
     acc_sum: float  # sum of the accumulated map
     acc_max: float
     nbytes: int  # checkpoint bytes read
@@ -110,7 +109,7 @@ class ChunkBuffers:
     interval_sum: np.ndarray  # (T-1,)
     interval_sumsq: np.ndarray  # (T-1,)
     sumsq: np.ndarray  # (T,)
-    dot_first: np.ndarray  # (T,)
+    dist_first: np.ndarray  # (T,)
     nonfinite: np.ndarray  # (T,) int64
     cell_row0: int  # the scene's cells: first cell row, cells (or empty), the pooling line
     cells: np.ndarray
@@ -156,12 +155,11 @@ class ChunkBuffers:
             np.zeros((stop - 1) // row_cols - first_row + 1 if live else 0),
         )  # fmt: skip
 
-    def stats(self, net_sumsq: float, acc_sum: float, acc_max: float, acc_nonfinite: int, nbytes: int):
-        """The chunk's ChunkStats (W(0) . W(0) is its own sum of squares)."""
-        self.dot_first[0] = self.sumsq[0]
+    def stats(self, acc_sum: float, acc_max: float, acc_nonfinite: int, nbytes: int):
+        """The chunk's ChunkStats."""
         return ChunkStats(
-            self.interval_sum, self.interval_sumsq, self.sumsq, self.dot_first, self.nonfinite,
-            float(net_sumsq), float(acc_sum), float(acc_max), nbytes,
+            self.interval_sum, self.interval_sumsq, self.sumsq, self.dist_first, self.nonfinite,
+            float(acc_sum), float(acc_max), nbytes,
             self.cells if self.cells.size else None, self.cell_row0, int(acc_nonfinite),
             self.rows if self.rows.size else None, self.first_row,
             self.frames if self.frames.size else None, self.frame_row0,
@@ -193,14 +191,16 @@ def process_chunk(
     itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
     offsets = np.array([r.offset for r in refs], np.int64)
     block = kernels.block_elements(itemsizes)
-    raw = np.empty(block * int(itemsizes.max()), np.uint8)
-    scratch = np.empty((4, block + kernels.SCRATCH_PAD), np.float32)
+    uniform = len({(c, i) for c, i in zip(codes.tolist(), lut_index.tolist())}) == 1
+    raw = np.empty(1 if uniform else block * int(itemsizes.max()), np.uint8)  # only to decode from
+    weights = kernels.weight_buffers(block, itemsizes)
+    acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
     b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
     dims = grid.dims() if grid is not None else np.zeros(4, np.int64)
     frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
     diff = np.empty(block if b.frames.size else 1, np.float32)
     mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
-    totals = np.zeros(4)
+    totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
     opened: dict[str, int] = {}
     try:
         for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
@@ -212,9 +212,10 @@ def process_chunk(
         acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
         status = kernels.stream_chunk(
             fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-            acc_fd, acc_offset, raw, scratch, b.interval_sum, b.interval_sumsq, b.sumsq, b.dot_first,
-            b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line, _row_cols(tensor.shape), b.rows,
-            b.first_row, frame_dims, b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff,
+            acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
+            b.dist_first, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
+            _row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
+            b.frame_lines, b.frame_states, diff,
         )  # fmt: skip
     except OSError as e:
         raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
@@ -269,34 +270,34 @@ def combine(
     interval_sum = np.zeros(count - 1)
     interval = np.zeros(count - 1)
     sumsq = np.zeros(count)
-    dot_first = np.zeros(count)
+    dist_first = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
-    net_sumsq = acc_sum = 0.0
+    acc_sum = 0.0
     acc_max = 0.0
     for c in chunks:  # always in chunk order, whatever order they finished in: same bits every run
         interval_sum += c.interval_sum
         interval += c.interval_sumsq
         sumsq += c.sumsq
-        dot_first += c.dot_first
+        dist_first += c.dist_first
         nonfinite += c.nonfinite
-        net_sumsq += c.net_sumsq
         acc_sum += c.acc_sum
         acc_max = max(acc_max, c.acc_max) if not (math.isnan(c.acc_max) or math.isnan(acc_max)) else math.nan
     norms = np.sqrt(sumsq)
     first_norm = float(norms[0])
-    net = math.sqrt(net_sumsq)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = dot_first / (norms * first_norm)
-    rotation = [None if not np.isfinite(c) else float(1.0 - c) for c in cosine]
+    distance = np.sqrt(dist_first)  # ||W(t) - W(0)||
+    net = float(distance[-1])
+    rotation = _rotation(norms, first_norm, dist_first)
     interval_l1 = interval_sum.tolist()
     interval_l2 = np.sqrt(interval).tolist()
     l2 = norms.tolist()
+    distance_l2 = distance.tolist()
     counts = nonfinite.tolist()
     if previous is not None:  # new values start at W(K) (index 2) and interval K-1 (index 1)
         interval_l1 = previous["interval_l1"] + interval_l1[1:]
         interval_l2 = previous["interval_l2"] + interval_l2[1:]
         l2 = previous["l2"] + l2[2:]
         rotation = previous["rotation"] + rotation[2:]
+        distance_l2 = previous["distance_l2"] + distance_l2[2:]
         counts = previous["nonfinite"] + counts[2:]
     cells = frames = rows = None
     if tensor.numel:
@@ -324,9 +325,20 @@ def combine(
         "interval_l2": interval_l2,
         "l2": l2,
         "rotation": rotation,
+        "distance_l2": distance_l2,
         "nonfinite": counts,
     }
     return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks), rows, frames)
+
+
+def _rotation(norms: np.ndarray, first_norm: float, dist_first: np.ndarray) -> list[float | None]:
+    """1 - cos(W(t), W(0)) for every checkpoint, from the norms and the squared distances to W(0):
+    ``(|W(t) - W(0)|^2 - (|W(t)| - |W(0)|)^2) / (2 |W(t)| |W(0)|)``. The same value as one minus the
+    cosine, without its cancellation: a layer that turned by 1e-7 is told apart from one that turned by
+    2e-7 (``1 - dot / norms`` loses that in float32 sums). None where a norm is 0 or not finite."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (dist_first - (norms - first_norm) ** 2) / (2.0 * norms * first_norm)
+    return [float(min(max(x, 0.0), 2.0)) if np.isfinite(x) else None for x in r]
 
 
 def _chunks(tensor: AlignedTensor, chunk_elements: int) -> list[tuple[int, int]]:

@@ -81,6 +81,17 @@ def _f32_from_bits(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _bits_of_f32(typingctx, value):
+    """The bits of a float32 as a uint32 (a register bitcast)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
 def _decode(src, lut, i):  # typed implementations below, chosen at compile time by src's dtype
     raise NotImplementedError
 
@@ -108,120 +119,112 @@ def _decode_impl(src, lut, i):
 
 
 @_kernel
-def start(src, lut, first, prev):
-    """Decode checkpoint 0 into ``first`` and ``prev``. Returns (sum of W^2, non-finite count)."""
+def start(src, lut):
+    """Sum of W^2 (float64) and the non-finite count of one block of a checkpoint, decoded from
+    ``src``: checkpoint 0, or the checkpoint an incremental run restarts from."""
     sumsq = 0.0
-    for i in range(first.size):
-        v = _decode(src, lut, i)
-        first[i] = v
-        prev[i] = v
-        sumsq += np.float64(v) * np.float64(v)
+    for i in range(src.size):
+        v = np.float64(_decode(src, lut, i))
+        sumsq += v * v
     if _finite(sumsq):
         return sumsq, 0
-    return _careful_norm(prev)
+    return _careful_norm(src, lut)
 
 
 @_exact
-def _careful_norm(w):
+def _careful_norm(src, lut):
     sumsq = 0.0
     nonfinite = 0
-    for i in range(w.size):
-        if _finite(w[i]):
-            sumsq += np.float64(w[i]) * np.float64(w[i])
+    for i in range(src.size):
+        v = _decode(src, lut, i)
+        if _finite(v):
+            sumsq += np.float64(v) * np.float64(v)
         else:
             nonfinite += 1
     return sumsq, nonfinite
 
 
 @_kernel
-def step(src, lut, first, old, new, acc, fresh=False):
-    """One interval: ``new = W(t+1)``, ``acc += |W(t+1) - W(t)|`` where ``old = W(t)``.
+def step(first, old, new, lut, acc, fresh=False, last=False):
+    """One interval: ``acc += |W(t+1) - W(t)|`` with ``old = W(t)``, ``new = W(t+1)``, ``first = W(0)``.
 
-    Returns (sum of |dW|, sum of dW^2, sum of W(t+1)^2, dot(W(t+1), W(0)), non-finite count of
-    W(t+1)) for this block, accumulated in float64. The loop sums unconditionally so it vectorises;
-    only when a sum comes out non-finite (a NaN or Inf in the block, rare) it is redone leaving
-    non-finite terms out, so one NaN does not hide the magnitude of every other weight. The
-    accumulated map itself carries the NaN. ``old`` and ``new`` are separate buffers (the caller swaps
-    them) so that redo is possible. ``fresh``: this is the first interval of the block, ``acc`` is
-    overwritten (saves zeroing it).
+    The three weight blocks are the checkpoints' own bytes (any dtype ``_decode`` knows, all the same
+    one), decoded on the fly: nothing is copied or converted in between, and a float32 checkpoint is
+    read straight into the buffer this loop reads. Returns (sum of |dW|, sum of dW^2, sum of
+    W(t+1)^2, sum of (W(t+1) - W(0))^2, non-finite count of W(t+1)), and when ``last`` (the run's last
+    interval: ``acc`` is final) also the sum and the max of ``acc`` (zeros otherwise).
+
+    The loop sums unconditionally so it vectorises; only when a sum comes out non-finite (a NaN or
+    Inf in the block, rare) it is redone leaving non-finite terms out, so one NaN does not hide the
+    magnitude of every other weight. The accumulated map itself carries the NaN, and so do its sum and
+    max. ``fresh``: this is the first interval, ``acc`` is overwritten (saves zeroing it).
     """
     # float32 partial sums: the vectorised loop keeps 32 or more independent accumulators, each summing
-    # at most a few hundred terms of one BLOCK, and the caller adds the blocks up in float64. That is
+    # at most a few hundred terms of one block, and the caller adds the blocks up in float64. That is
     # 1.6x faster than float64 here, with a relative error far below the 1e-4 the tests demand.
     diff_sum = np.float32(0.0)
     diff_sumsq = np.float32(0.0)
     sumsq = np.float32(0.0)
-    dot_first = np.float32(0.0)
+    dist_first = np.float32(0.0)
+    total = np.float32(0.0)
+    # The max as an integer: ``acc`` holds magnitudes (or NaN), and the bits of non-negative floats
+    # order like their values, with every NaN above +Inf. A signed int32 max vectorises (6x faster
+    # here than a float max that must keep NaN, or an unsigned one).
+    peak = np.int32(0)
     for i in range(acc.size):
-        v = _decode(src, lut, i)
-        d = v - old[i]
+        v = _decode(new, lut, i)
+        w0 = _decode(first, lut, i)
+        d = v - _decode(old, lut, i)
+        e = v - w0
         a = abs(d)
-        acc[i] = a if fresh else acc[i] + a
-        new[i] = v
+        s = a if fresh else acc[i] + a
+        acc[i] = s
         diff_sum += a
         diff_sumsq += d * d
         sumsq += v * v
-        dot_first += v * first[i]
-    if _finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dot_first):
-        return np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dot_first), 0
-    return _careful_step_sums(first, old, new)
+        dist_first += e * e
+        if last:  # loop-invariant: LLVM unswitches the loop and both versions vectorise
+            total += s
+            bits = np.int32(_bits_of_f32(s) & np.uint32(0x7FFFFFFF))
+            peak = bits if bits > peak else peak
+    nonfinite = 0
+    if not (_finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dist_first)):
+        diff_sum, diff_sumsq, sumsq, dist_first, nonfinite = _careful_step_sums(first, old, new, lut)
+    return (
+        np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dist_first), nonfinite,
+        np.float64(total), np.float64(_f32_from_bits(np.uint32(peak))),
+    )  # fmt: skip
 
 
 @_exact
-def _careful_step_sums(first, old, new):
+def _careful_step_sums(first, old, new, lut):
     diff_sum = 0.0
     diff_sumsq = 0.0
     sumsq = 0.0
-    dot_first = 0.0
+    dist_first = 0.0
     nonfinite = 0
     for i in range(new.size):
-        v = new[i]
-        d = np.float64(v) - np.float64(old[i])
+        v = np.float64(_decode(new, lut, i))
+        d = v - np.float64(_decode(old, lut, i))
+        e = v - np.float64(_decode(first, lut, i))
         if _finite(d):
             diff_sum += abs(d)
             diff_sumsq += d * d
+        if _finite(e):
+            dist_first += e * e
         if _finite(v):
-            sumsq += np.float64(v) * np.float64(v)
-            if _finite(first[i]):
-                dot_first += np.float64(v) * np.float64(first[i])
+            sumsq += v * v
         else:
             nonfinite += 1
-    return diff_sum, diff_sumsq, sumsq, dot_first, nonfinite
+    return diff_sum, diff_sumsq, sumsq, dist_first, nonfinite
 
 
 @_kernel
-def net_change(first, last):
-    """Sum of (W_last - W_first)^2 over the finite differences of this block."""
-    total = 0.0
-    for i in range(first.size):
-        d = np.float64(last[i]) - np.float64(first[i])
-        total += d * d
-    if _finite(total):
-        return total
-    return _careful_net_change(first, last)
-
-
-@_exact
-def _careful_net_change(first, last):
-    total = 0.0
-    for i in range(first.size):
-        d = np.float64(last[i]) - np.float64(first[i])
-        if _finite(d):
-            total += d * d
-    return total
-
-
-@_kernel
-def sum_and_max(values):
-    """(sum, max) of a block; NaN when the block holds a NaN."""
-    total = 0.0
-    peak = np.float32(0.0)
-    for i in range(values.size):
-        total += values[i]
-        peak = max(peak, values[i])
-    if _is_nan(total):  # a NaN in the block
-        return total, np.float32(np.nan)
-    return total, peak
+def decode_into(src, lut, out):
+    """out = the float32 values of ``src`` (a checkpoint's bytes; used when the dtype changes along a
+    run, so that every block handed to ``step`` has the same type)."""
+    for i in range(out.size):
+        out[i] = _decode(src, lut, i)
 
 
 @intrinsic
@@ -284,9 +287,9 @@ def _write_full(fd, data, nbytes, offset):
 CODE_F32, CODE_F64, CODE_BF16, CODE_TABLE16, CODE_TABLE8 = 0, 1, 2, 3, 4
 BLOCK = 1 << 14  # elements per sub-block: 64 KiB of float32 (``block_elements`` adapts it per dtype)
 READ_BYTES = 1 << 17  # bytes per read: measured best here for F32 and BF16 (64 KiB: BF16 at half speed)
-# Rows of the scratch buffer are padded by 64 bytes: with power-of-two strides the five streams of the
-# loop (raw, first, old, new, acc) compete for the same cache sets.
-SCRATCH_PAD = 16
+# Rows of the weight buffers are padded by 64 bytes: with power-of-two strides the four streams of the
+# loop (first, old, new, acc) compete for the same cache sets.
+SCRATCH_PAD = 64
 
 
 def block_elements(itemsizes) -> int:
@@ -294,62 +297,87 @@ def block_elements(itemsizes) -> int:
     return max(BLOCK // 2, READ_BYTES // max(itemsizes))
 
 
+def weight_buffers(block: int, itemsizes) -> np.ndarray:
+    """The three weight buffers ``stream_chunk`` needs for sub-blocks of ``block`` elements: W(0) and
+    two that take turns as W(t) and W(t+1); each holds a block of checkpoint bytes or of float32."""
+    return np.empty((3, block * max(4, int(max(itemsizes))) + SCRATCH_PAD), np.uint8)
+
+
 OK = 0
 
 
 @_kernel
-def _fold_typed(
-    t,
-    rebase,
-    fresh,
-    src,
-    lut,
-    first,
-    old,
-    new,
-    acc,
-    interval_sum,
-    interval_sumsq,
-    sumsq,
-    dot_first,
-    nonfinite,
-):
-    if t == 0 or rebase:  # checkpoint 0 (into first), or the restart point of an incremental run
-        x, y = start(src, lut, first if t == 0 else new, new)
+def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, fdiff):
+    """One checkpoint's block, already in ``new``: its sums, or one interval folded into ``acc``.
+
+    ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals); ``frame``: also
+    write this interval's |dW| into ``fdiff`` (for the frames). Returns the sum of ``acc`` when
+    ``last`` (0 otherwise).
+    """
+    interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals = sums
+    if t == 0 or rebase:  # checkpoint 0, or the restart point of an incremental run
+        x, y = start(new, lut)
         sumsq[t] += x
         nonfinite[t] += y
-    else:
-        a, b, c, d, e = step(src, lut, first, old, new, acc, fresh)
-        interval_sum[t - 1] += a
-        interval_sumsq[t - 1] += b
-        sumsq[t] += c
-        dot_first[t] += d
-        nonfinite[t] += e
+        return 0.0
+    a, b, c, d, e, total, peak = step(first, old, new, lut, acc, fresh, last)
+    interval_sum[t - 1] += a
+    interval_sumsq[t - 1] += b
+    sumsq[t] += c
+    dist_first[t] += d
+    nonfinite[t] += e
+    if last:
+        totals[0] += total
+        _merge_peak(totals, peak)
+    if frame:
+        abs_diff(new, old, lut, fdiff)
+    return total
 
 
 @_kernel
-def _fold(
-    t, rebase, fresh, raw, code, lut, first, old, new, acc, interval_sum, interval_sumsq, sumsq, dot_first,
-    nonfinite,
-):  # fmt: skip
-    """Decode one sub-block of checkpoint ``t`` from its raw bytes and fold it into the sums."""
-    stats = (interval_sum, interval_sumsq, sumsq, dot_first, nonfinite)
+def _fold(code, lut, rows, k0, k1, k2, n, t, rebase, fresh, last, acc, sums, frame, fdiff):
+    """``_fold_typed`` on buffers ``k0`` (W(0)), ``k1`` (W(t-1)) and ``k2`` (W(t)) of ``rows``, viewed
+    as the ``n`` values of their dtype ``code`` (the choice of decoder is made here, once per block)."""
+    args = (lut, t, rebase, fresh, last, acc, sums, frame, fdiff)
     if code == CODE_F32:
-        _fold_typed(t, rebase, fresh, raw.view(np.float32), lut, first, old, new, acc, *stats)
+        b = n * 4
+        x, y, z = rows[k0, :b].view(np.float32), rows[k1, :b].view(np.float32), rows[k2, :b].view(np.float32)
+        return _fold_typed(x, y, z, *args)
     elif code == CODE_F64:
-        _fold_typed(t, rebase, fresh, raw.view(np.float64), lut, first, old, new, acc, *stats)
+        b = n * 8
+        x, y, z = rows[k0, :b].view(np.float64), rows[k1, :b].view(np.float64), rows[k2, :b].view(np.float64)
+        return _fold_typed(x, y, z, *args)
     elif code == CODE_BF16:
-        _fold_typed(t, rebase, fresh, raw.view(np.int16), lut, first, old, new, acc, *stats)
+        b = n * 2
+        x, y, z = rows[k0, :b].view(np.int16), rows[k1, :b].view(np.int16), rows[k2, :b].view(np.int16)
+        return _fold_typed(x, y, z, *args)
     elif code == CODE_TABLE16:
-        _fold_typed(t, rebase, fresh, raw.view(np.uint16), lut, first, old, new, acc, *stats)
+        b = n * 2
+        x, y, z = rows[k0, :b].view(np.uint16), rows[k1, :b].view(np.uint16), rows[k2, :b].view(np.uint16)
+        return _fold_typed(x, y, z, *args)
     else:
-        _fold_typed(t, rebase, fresh, raw, lut, first, old, new, acc, *stats)
+        return _fold_typed(rows[k0, :n], rows[k1, :n], rows[k2, :n], *args)
+
+
+@_kernel
+def _decode_block(raw, code, lut, out):
+    """``decode_into`` with the decoder chosen by ``code`` (for runs whose dtype changes)."""
+    if code == CODE_F32:
+        decode_into(raw[: out.size * 4].view(np.float32), lut, out)
+    elif code == CODE_F64:
+        decode_into(raw[: out.size * 8].view(np.float64), lut, out)
+    elif code == CODE_BF16:
+        decode_into(raw[: out.size * 2].view(np.int16), lut, out)
+    elif code == CODE_TABLE16:
+        decode_into(raw[: out.size * 2].view(np.uint16), lut, out)
+    else:
+        decode_into(raw[: out.size], lut, out)
 
 
 @_exact
 def _merge_peak(totals, peak):
-    if not _is_nan(totals[2]):  # NaN-aware max: once NaN, it stays NaN
-        totals[2] = peak if _is_nan(np.float64(peak)) else max(totals[2], peak)
+    if not _is_nan(totals[1]):  # NaN-aware max: once NaN, it stays NaN
+        totals[1] = peak if _is_nan(np.float64(peak)) else max(totals[1], peak)
 
 
 @_kernel
@@ -360,34 +388,41 @@ def add_row_sums(values, first, cols, rows, row0):
     while k < n:
         r = (first + k) // cols
         seg = min(n - k, cols - (first + k - r * cols))  # this row's part of the piece
-        total = 0.0
-        for q in range(k, k + seg):
-            total += values[q]
+        piece = values[k : k + seg]  # indices from 0: no negative-index check, so the loop vectorises
+        total = np.float32(0.0)  # float32 partial sums (see ``step``); rows add up in float64
+        for q in range(piece.size):
+            total += piece[q]
         rows[r - row0] += total
         k += seg
 
 
 @_kernel
-def abs_diff(new, old, out):
-    """out = |new - old| (one interval's change, for the frames)."""
-    for i in range(new.size):
-        out[i] = abs(new[i] - old[i])
+def abs_diff(new, old, lut, out):
+    """out = |new - old| (one interval's change, for the frames), decoded from the blocks' bytes."""
+    for i in range(out.size):
+        out[i] = abs(_decode(new, lut, i) - _decode(old, lut, i))
 
 
 @_kernel
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
-    acc_in_fd, acc_in_offset, raw, scratch, interval_sum, interval_sumsq, sumsq, dot_first, nonfinite,
-    totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid, fcells, fcell_row0, flines,
-    fstates, diff,
+    acc_in_fd, acc_in_offset, raw, weights, acc_buf, block, interval_sum, interval_sumsq, sumsq,
+    dist_first, nonfinite, totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid,
+    fcells, fcell_row0, flines, fstates, diff,
 ):  # fmt: skip
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
 
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
     are added into ``interval_sum`` and ``interval_sumsq`` (T-1: sum of |dW| and dW^2), ``sumsq``,
-    ``dot_first``, ``nonfinite`` (T) and ``totals`` = [sum of (W_last - W_first)^2, sum of acc, max
-    of acc, non-finite count of acc].
+    ``dist_first`` (sum of (W(t) - W(0))^2), ``nonfinite`` (T) and ``totals`` = [sum of acc, max of
+    acc, non-finite count of acc].
+
+    Each sub-block of a checkpoint is read (``pread``, no GIL) straight into one of the three
+    ``weights`` buffers (``weight_buffers``: W(0), and two that take turns as W(t-1) and W(t)) and
+    ``step`` decodes them as it goes. When the dtype changes along the run, each block is read into
+    ``raw`` instead and decoded into its buffer as float32. ``acc_buf`` (``block`` float32 or more)
+    holds the accumulated slice, written to ``out_fd`` at ``out_offset`` (``pwrite``).
 
     When ``cells`` is not empty, the finished accumulated values are also pooled into the scene's
     cells (``pool_fold``; ``grid`` = [rows, cols, block_rows, block_cols], ``mean`` the pool kind),
@@ -399,47 +434,58 @@ def stream_chunk(
     Incremental runs pass ``acc_in_fd >= 0``: the accumulated map starts from the previous results at
     ``acc_in_offset`` instead of zero, and the checkpoints are [W(0), W(K-1), W(K), ...]: W(0) for the
     net change and rotation, W(K-1) the point the new intervals start from (no interval before it).
+    There must be at least one interval (two checkpoints; three when resuming).
 
-    ``scratch`` (4 x block float32: first, two ping-pong weight buffers, acc; its width sets the
-    sub-block) and ``raw`` (block x the widest itemsize bytes) are reused. Returns OK, ``-(t + 1)``
-    when reading checkpoint t failed (the file shrank or an I/O error), ``-(T + 1)`` when writing
-    failed, ``-(T + 2)`` when reading previous results failed.
+    Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an I/O error),
+    ``-(T + 1)`` when writing failed, ``-(T + 2)`` when reading previous results failed.
     """
     count = fds.size
     resume = acc_in_fd >= 0
-    block = scratch.shape[1] - SCRATCH_PAD
+    uniform = True  # one dtype all along: blocks stay in their own bytes
+    for t in range(1, count):
+        if codes[t] != codes[0] or lut_index[t] != lut_index[0]:
+            uniform = False
+    code = codes[0] if uniform else CODE_F32
+    lut = luts[lut_index[0]]
     state = np.full(1, -1, np.int64)
+    sums = (interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals)
     for lo in range(begin, end, block):
         n = min(block, end - lo)
-        first = scratch[0, :n]
-        acc = scratch[3, :n]
+        acc = acc_buf[:n]
         if resume and not _read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
             return -(count + 2)
+        clean = False
         for t in range(count):
+            # buffer 0 holds W(0); then 1, 2, 1, 2, ... (the previous checkpoint is in the other one)
+            k_new = 0 if t == 0 else 1 + (t - 1) % 2
+            k_old = 0 if t <= 1 else 1 + t % 2
             nbytes = n * itemsizes[t]
-            if not _read_full(fds[t], raw, nbytes, offsets[t] + lo * itemsizes[t]):
-                return -(t + 1)
-            old = scratch[1 + (t + 1) % 2, :n]  # W(t-1) lives in the other ping-pong buffer
-            new = scratch[1 + t % 2, :n]
-            lut = luts[lut_index[t]]
+            where = offsets[t] + lo * itemsizes[t]
+            if uniform:
+                if not _read_full(fds[t], weights[k_new], nbytes, where):
+                    return -(t + 1)
+            else:
+                if not _read_full(fds[t], raw, nbytes, where):
+                    return -(t + 1)
+                out = weights[k_new, : n * 4].view(np.float32)
+                _decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
             rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
             fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
-            stats = (interval_sum, interval_sumsq, sumsq, dot_first, nonfinite)
-            _fold(t, rebase, fresh, raw[:nbytes], codes[t], lut, first, old, new, acc, *stats)
             f = t - 2 if resume else t - 1  # this interval's frame
-            if fcells.size and f >= 0:
-                abs_diff(new, old, diff[:n])
+            frame = fcells.size > 0 and f >= 0
+            fdiff = diff[:n]
+            last = t == count - 1
+            args = (n, t, rebase, fresh, last, acc, sums, frame, fdiff)
+            total = _fold(code, lut, weights, 0, k_old, k_new, *args)
+            clean = last and _finite(total)  # acc is final and holds no NaN or Inf
+            if frame:
                 pool_fold(
-                    diff[:n], lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0,
+                    fdiff, lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0,
                     flines[f], fstates[f : f + 1],
                 )  # fmt: skip
-        totals[0] += net_change(first, scratch[1 + (count - 1) % 2, :n])
-        total, peak = sum_and_max(acc)
-        totals[1] += total
-        _merge_peak(totals, peak)
         if cells.size:
-            totals[3] += pool_fold(
-                acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state
+            totals[2] += pool_fold(
+                acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state, clean
             )
         if rows.size:
             add_row_sums(acc, lo, row_cols, rows, row0)
@@ -482,16 +528,12 @@ def _fold_down(values, line, mean, clean):
         for q in range(values.size):
             line[q] += values[q]
     else:
-        for q in range(values.size):
-            line[q] = max(line[q], values[q])  # max() may drop a NaN: put it back below
+        for q in range(values.size):  # np.maximum keeps NaN, and vectorises (a select does not here)
+            line[q] = np.maximum(line[q], values[q])
     if clean:
         return 0
     for q in range(values.size):
         bad += not _finite(values[q])
-    if bad and not mean:
-        for q in range(values.size):
-            if _is_nan(values[q]):
-                line[q] = np.nan
     return bad
 
 
@@ -576,8 +618,8 @@ def warm_up() -> None:
     f64 = np.zeros(1)
     stream_chunk(
         np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
-        np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8),
-        np.empty((4, 1 + SCRATCH_PAD), np.float32), f64[:0], f64[:0], f64, f64, i64, np.zeros(4),
+        np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8), weight_buffers(1, [4]),
+        np.empty(1, np.float32), 1, f64[:0], f64[:0], f64, f64, i64, np.zeros(3),
         np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0), 1, np.empty(0), 0,
         np.zeros(4, np.int64), np.empty((0, 0, 0)), 0, np.empty((0, 0)), i64, np.empty(1, np.float32),
     )  # fmt: skip

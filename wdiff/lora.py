@@ -79,9 +79,10 @@ def process_chunk(
     factors = [_Factors(r) for r in refs]  # type: ignore[arg-type]
     cols = _row_cols(tensor.shape)  # the product's rows are the tensor's rows
     rows_per_block = max(1, BLOCK_ELEMENTS // cols)
-    net_sumsq = acc_sum = acc_max = 0.0
+    acc_sum = acc_max = 0.0
     acc_bad = 0
-    scratch = np.empty((4, rows_per_block * cols), np.float32)  # first, two ping-pong buffers, acc
+    # W(0) and two buffers that take turns as W(t-1) and W(t), float32; then the accumulated slice
+    scratch = np.empty((4, rows_per_block * cols), np.float32)
     diff = np.empty(rows_per_block * cols, np.float32)
     lut = kernels.decode_table("F32")
     b = ChunkBuffers.for_chunk(tensor, start, stop, resume, grid, frame_grid)
@@ -100,37 +101,41 @@ def process_chunk(
                 if len(raw) != n * 4:
                     raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
                 acc[:] = np.frombuffer(raw, np.float32)
+            clean = False
             for t in range(count):
-                w = np.ascontiguousarray(factors[t].rows(r0, r1)[cut], np.float32)
-                old, new = scratch[1 + (t + 1) % 2, :n], scratch[1 + t % 2, :n]
+                new = first if t == 0 else scratch[1 + (t - 1) % 2, :n]
+                old = first if t <= 1 else scratch[1 + t % 2, :n]
+                new[:] = factors[t].rows(r0, r1)[cut]  # rounded to float32
                 if t == 0 or (resume and t == 1):  # W(0), or W(K-1) where an incremental run restarts
-                    x, y = kernels.start(w, lut, first if t == 0 else new, new)
+                    x, y = kernels.start(new, lut)
                     b.sumsq[t] += x
                     b.nonfinite[t] += y
                     continue
-                sums = kernels.step(w, lut, first, old, new, acc, not resume and t == 1)
+                last = t == count - 1
+                sums = kernels.step(first, old, new, lut, acc, not resume and t == 1, last)
                 b.interval_sum[t - 1] += sums[0]
                 b.interval_sumsq[t - 1] += sums[1]
                 b.sumsq[t] += sums[2]
-                b.dot_first[t] += sums[3]
+                b.dist_first[t] += sums[3]
                 b.nonfinite[t] += sums[4]
+                if last:
+                    total, peak = sums[5], sums[6]
+                    clean = bool(np.isfinite(total))
+                    acc_sum += total
+                    if not np.isnan(acc_max):  # NaN-aware max, as stream_chunk: once NaN, it stays NaN
+                        acc_max = peak if np.isnan(peak) else max(acc_max, peak)
                 f = t - 2 if resume else t - 1  # this interval's frame
                 if b.frames.size:
-                    kernels.abs_diff(new, old, diff[:n])
+                    kernels.abs_diff(new, old, lut, diff[:n])
                     g = frame_grid
                     kernels.pool_fold(
                         diff[:n], lo, g.rows, g.cols, g.block[0], g.block[1], g.mean, b.frames[f],
                         b.frame_row0, b.frame_lines[f], b.frame_states[f : f + 1],
                     )  # fmt: skip
-            net_sumsq += kernels.net_change(first, scratch[1 + (count - 1) % 2, :n])
-            total, peak = kernels.sum_and_max(acc)
-            acc_sum += total
-            if not np.isnan(acc_max):  # NaN-aware max, as stream_chunk: once NaN, it stays NaN
-                acc_max = peak if np.isnan(peak) else max(acc_max, peak)
             if b.cells.size:  # counts the map's non-finite values, as stream_chunk does
                 acc_bad += kernels.pool_fold(
                     acc, lo, grid.rows, grid.cols, grid.block[0], grid.block[1], grid.mean, b.cells,
-                    b.cell_row0, b.line, state,
+                    b.cell_row0, b.line, state, clean,
                 )  # fmt: skip
             if b.rows.size:
                 kernels.add_row_sums(acc, lo, cols, b.rows, b.first_row)
@@ -148,4 +153,4 @@ def process_chunk(
         )
     # adapter bytes, shared out over the chunks so that progress adds up to ``bytes_to_read``
     nbytes = sum(r.nbytes for r in refs) * (stop - start) // max(1, tensor.numel)
-    return b.stats(net_sumsq, acc_sum, acc_max, acc_bad, nbytes)
+    return b.stats(acc_sum, acc_max, acc_bad, nbytes)
