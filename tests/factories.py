@@ -111,7 +111,13 @@ def reference(checkpoints: Sequence[Mapping[str, np.ndarray]], name: str) -> dic
     diffs = [b - a for a, b in zip(w, w[1:])]
     net = float(np.linalg.norm((w[-1] - w[0]).ravel()))
     first = float(np.linalg.norm(w[0].ravel()))
+    norms = [float(np.linalg.norm(x.ravel())) for x in w]
     return {
+        "distance_l2": [float(np.linalg.norm((x - w[0]).ravel())) for x in w],
+        "rotation": [
+            1.0 - float(np.dot(x.ravel(), w[0].ravel())) / (n * first) if n and first else None
+            for x, n in zip(w, norms)
+        ],
         "accumulated": sum(np.abs(d) for d in diffs),
         "net_l2": net,
         "relative_change": net / first if first else None,

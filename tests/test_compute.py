@@ -31,12 +31,12 @@ def _compute(run, tmp_path, **kw):
     return result, load_file(str(path))
 
 
-def _check(result, acc, checkpoints):
-    for name in SHAPES:
+def _check(result, acc, checkpoints, shapes=SHAPES):
+    for name in shapes:
         ref = reference(checkpoints, name)
         got = result.tensors[name]
         scale = max(float(np.max(ref["accumulated"], initial=0.0)), 1e-30)
-        assert acc[name].shape == SHAPES[name] and acc[name].dtype == np.float32
+        assert acc[name].shape == shapes[name] and acc[name].dtype == np.float32
         np.testing.assert_allclose(acc[name], ref["accumulated"], rtol=0, atol=1e-4 * scale)
         np.testing.assert_allclose(got["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got["net_l2"], ref["net_l2"], rtol=1e-4, atol=1e-6)
@@ -50,6 +50,11 @@ def _check(result, acc, checkpoints):
         else:
             assert name not in result.rows
         np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["distance_l2"], ref["distance_l2"], rtol=1e-4, atol=1e-6)
+        assert [r is None for r in got["rotation"]] == [r is None for r in ref["rotation"]]
+        for r, x in zip(got["rotation"], ref["rotation"]):
+            if x is not None:
+                np.testing.assert_allclose(r, max(x, 0.0), rtol=1e-3, atol=1e-7)
         if ref["relative_change"] is None:
             assert got["relative_change"] is None
         else:
@@ -85,9 +90,26 @@ def test_dtype_change_between_checkpoints(tmp_path):
     paths = [save(tmp_path / f"s{i}.safetensors", c) for i, c in enumerate(seq)]
     run = scan(paths)
     result, acc = _compute(run, tmp_path, chunk_elements=5)
-    ref = reference(seq, "w")
-    np.testing.assert_allclose(acc["w"], ref["accumulated"], atol=1e-6)
+    _check(result, acc, seq, {"w": (9, 4)})  # blocks decoded to float32 first, then the same kernels
     assert result.tensors["w"]["dtype"] == ["BF16", "F16", "F32"]
+
+
+@pytest.mark.parametrize(
+    "code, sizes, top", [("F32", (3e-5, 1e-4, 3e-4), 1e-7), ("BF16", (3e-3, 6e-3, 1e-2), 1e-4)]
+)
+def test_small_rotations_are_resolved(tmp_path, code, sizes, top):
+    """A layer that turns by 1e-10..1e-7 over a million weights: 1 - cos from float32 dot products
+    cannot see that (the cosine rounds to 1 +- 1e-7); the squared distances to W(0) do. (BF16 cannot
+    hold changes that small: its steps are larger.)"""
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal(1 << 20)
+    steps = [w0 + rng.standard_normal(w0.size) * s for s in (0.0, *sizes)]
+    seq = [{"w": w.astype(DTYPES[code][0])} for w in steps]
+    run = scan([save(tmp_path / f"s{i}.safetensors", c) for i, c in enumerate(seq)])
+    result, _ = _compute(run, tmp_path, chunk_elements=100_003)
+    ref = reference(seq, "w")["rotation"]
+    assert 1e-10 < ref[1] < ref[3] < top
+    np.testing.assert_allclose(result.tensors["w"]["rotation"], ref, rtol=1e-3, atol=1e-13)
 
 
 def test_nonfinite_values_are_counted_not_hidden(tmp_path):
