@@ -13,6 +13,7 @@ leaves half-written results where the previous ones were.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -251,6 +252,7 @@ def run(
             from wdiff.scene import save_cells
             from wdiff.scene.pooling import cell_counts
 
+            t_write = time.perf_counter()
             save_cells(tmp / POOLED, plan, result.cells, scene.pool)
             write_rows(tmp / ROWS, result.rows)
             if frames:
@@ -262,6 +264,9 @@ def run(
                     done = {n: np.concatenate([old_frames[n], f]) for n, f in done.items()}
                 blocks = {n: g.block for n, g in frame_grids.items()}
                 write_frames(tmp / FRAMES, done, blocks, scene.pool)
+            # compute_seconds: from the first read to the last result written
+            written = result.compute_seconds + time.perf_counter() - t_write
+            result = dataclasses.replace(result, compute_seconds=written)
         for name, others in the_run.aliases.items():  # tied weights: reported once, with every name
             if name in result.tensors:
                 result.tensors[name]["aliases"] = others

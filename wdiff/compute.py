@@ -455,10 +455,12 @@ def compute(
         if progress is not None:
             progress(result.nbytes)
 
-    t0 = time.perf_counter()
     if scheduler in ("threads", "processes", "sync"):
-        values = _run_local(dsk, tensor_keys, scheduler, workers, done)
-    else:
+        get = _local_get(scheduler, workers)  # imports dask: not part of compute_seconds
+        t0 = time.perf_counter()
+        values = _run_local(dsk, tensor_keys, get, done)
+    else:  # includes starting the cluster or connecting to it
+        t0 = time.perf_counter()
         values = _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done)
     seconds = time.perf_counter() - t0
     tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
@@ -468,20 +470,34 @@ def compute(
     return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells, rows, frames)
 
 
-def _run_local(dsk, keys, scheduler, workers, done):
+def _local_get(scheduler: str, workers: int | None) -> Callable:
+    """``get(dsk, keys)`` of one of Dask's local schedulers (only the one asked for is imported)."""
+    import functools
+
     import dask
-    import dask.multiprocessing
-    import dask.threaded
+
+    if scheduler == "sync":
+        return dask.get
+    if scheduler == "threads":
+        import dask.threaded
+
+        get = dask.threaded.get
+    else:
+        import dask.multiprocessing
+
+        get = dask.multiprocessing.get
+    return functools.partial(get, num_workers=workers) if workers else get
+
+
+def _run_local(dsk, keys, get, done):
     from dask.callbacks import Callback
 
     def posttask(key, result, dsk, state, worker_id):
         if isinstance(result, ChunkStats):
             done(result)
 
-    get = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get, "sync": dask.get}[scheduler]
-    kwargs = {"num_workers": workers} if workers and scheduler != "sync" else {}
     with Callback(posttask=posttask):
-        return get(dsk, keys, **kwargs)
+        return get(dsk, keys)
 
 
 def _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done):

@@ -145,14 +145,16 @@ def _careful_norm(src, lut):
 
 
 @_kernel
-def step(first, old, new, lut, acc, fresh=False, last=False):
+def step(first, old, new, lut, acc, fresh=False):
     """One interval: ``acc += |W(t+1) - W(t)|`` with ``old = W(t)``, ``new = W(t+1)``, ``first = W(0)``.
 
     The three weight blocks are the checkpoints' own bytes (any dtype ``_decode`` knows, all the same
     one), decoded on the fly: nothing is copied or converted in between, and a float32 checkpoint is
     read straight into the buffer this loop reads. Returns (sum of |dW|, sum of dW^2, sum of
-    W(t+1)^2, sum of (W(t+1) - W(0))^2, non-finite count of W(t+1)), and when ``last`` (the run's last
-    interval: ``acc`` is final) also the sum and the max of ``acc`` (zeros otherwise).
+    W(t+1)^2, sum of (W(t+1) - W(0))^2, non-finite count of W(t+1), sum of ``acc``, max of ``acc``):
+    the last two are what the caller needs after the last interval, and cost nothing measurable here
+    (an ``if last`` would make LLVM compile a second version of the loop, whose sums could round
+    differently: an incremental run must give the same bits as a full one).
 
     The loop sums unconditionally so it vectorises; only when a sum comes out non-finite (a NaN or
     Inf in the block, rare) it is redone leaving non-finite terms out, so one NaN does not hide the
@@ -183,10 +185,9 @@ def step(first, old, new, lut, acc, fresh=False, last=False):
         diff_sumsq += d * d
         sumsq += v * v
         dist_first += e * e
-        if last:  # loop-invariant: LLVM unswitches the loop and both versions vectorise
-            total += s
-            bits = np.int32(_bits_of_f32(s) & np.uint32(0x7FFFFFFF))
-            peak = bits if bits > peak else peak
+        total += s
+        bits = np.int32(_bits_of_f32(s) & np.uint32(0x7FFFFFFF))
+        peak = bits if bits > peak else peak
     nonfinite = 0
     if not (_finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dist_first)):
         diff_sum, diff_sumsq, sumsq, dist_first, nonfinite = _careful_step_sums(first, old, new, lut)
@@ -311,8 +312,8 @@ def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, 
     """One checkpoint's block, already in ``new``: its sums, or one interval folded into ``acc``.
 
     ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals); ``frame``: also
-    write this interval's |dW| into ``fdiff`` (for the frames). Returns the sum of ``acc`` when
-    ``last`` (0 otherwise).
+    write this interval's |dW| into ``fdiff`` (for the frames); ``last``: ``acc`` is final, add its
+    sum and max to ``totals``. Returns the sum of ``acc`` (0 for a checkpoint without an interval).
     """
     interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals = sums
     if t == 0 or rebase:  # checkpoint 0, or the restart point of an incremental run
@@ -320,7 +321,7 @@ def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, 
         sumsq[t] += x
         nonfinite[t] += y
         return 0.0
-    a, b, c, d, e, total, peak = step(first, old, new, lut, acc, fresh, last)
+    a, b, c, d, e, total, peak = step(first, old, new, lut, acc, fresh)
     interval_sum[t - 1] += a
     interval_sumsq[t - 1] += b
     sumsq[t] += c

@@ -112,7 +112,7 @@ def process_chunk(
                     b.nonfinite[t] += y
                     continue
                 last = t == count - 1
-                sums = kernels.step(first, old, new, lut, acc, not resume and t == 1, last)
+                sums = kernels.step(first, old, new, lut, acc, not resume and t == 1)
                 b.interval_sum[t - 1] += sums[0]
                 b.interval_sumsq[t - 1] += sums[1]
                 b.sumsq[t] += sums[2]
