@@ -118,7 +118,11 @@ def run_command(
         int, typer.Option("--max-points", help="Point budget of the whole 3D scene.")
     ] = 1_000_000,
     no_render: Annotated[
-        bool, typer.Option("--no-render", help="Skip render.png (results and PLY only).")
+        bool,
+        typer.Option(
+            "--no-render",
+            help="No pictures: no render.png, no report charts (`wdiff report OUT` draws them).",
+        ),
     ] = False,
     chunk_mb: Annotated[
         float,
@@ -165,7 +169,8 @@ def run_command(
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
 
-    _warm.start()  # kernels and colours load on a side thread while we import and scan
+    # kernels (and matplotlib, for pictures) load on side threads while we import and scan
+    _warm.start(plotting=not no_render or frames)
     from rich.progress import (
         BarColumn,
         DownloadColumn,

@@ -5,7 +5,8 @@ default maps log10 of the value between robust bounds: a low percentile of the p
 few near-zero cells do not squash the scale) and the maximum. Zeros and values below the low bound
 take the bottom colour; NaN/Inf take a flag colour that is not in the colormap. Colours are looked
 up in the colormap's own 256-entry table with matplotlib's rounding, so the points match the colour
-bar exactly.
+bar exactly; the tables of the common colormaps ship with wdiff (``SHIPPED``), so colouring points
+does not import matplotlib.
 
 ``viridis`` is the default: its bright end reads well against the dark background of the render, and
 it stays ordered for colour-blind readers and in greyscale.
@@ -130,13 +131,26 @@ def normalize(values: np.ndarray, cs: ColorScale) -> np.ndarray:
     return t
 
 
+#: Colormaps whose tables ship in ``colormaps.npz`` (made from matplotlib by
+#: ``scripts/make_colormaps.py``): colouring points with them needs no matplotlib, whose import is the
+#: largest fixed cost of a run that draws no picture. Any other matplotlib name still works.
+SHIPPED: tuple[str, ...] = ("viridis", "plasma", "inferno", "magma", "cividis", "turbo")
+
+
 @functools.cache
 def lookup_table(cmap: str = CMAP) -> np.ndarray:
-    """The colormap's 256 colours as uint8 (256, 3) (read-only, cached: importing matplotlib costs)."""
-    import matplotlib
+    """The colormap's 256 colours as uint8 (256, 3) (read-only, cached): from the shipped tables,
+    or from matplotlib for a colormap that is not shipped."""
+    if cmap in SHIPPED:
+        from importlib import resources
 
-    colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
-    table = colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+        with resources.files("wdiff.scene").joinpath("colormaps.npz").open("rb") as f, np.load(f) as tables:
+            table = tables[cmap]
+    else:
+        import matplotlib
+
+        colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
+        table = colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
     table.flags.writeable = False
     return table
 
