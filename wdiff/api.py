@@ -235,6 +235,7 @@ def run(
                 if progress is not None:
                     progress("compute", nbytes, total)
 
+            _warm.import_scheduler(scheduler)  # while the kernels load (LLVM, without the GIL)
             _warm.wait()  # compute_seconds counts from the first read, not from loading the kernels
             result = compute(
                 the_run,

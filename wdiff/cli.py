@@ -36,11 +36,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """wdiff: accumulated weight change of training checkpoints, in 3D."""
+    # before the command's options are parsed (not for its --help, which it would slow down)
+    if ctx.invoked_subcommand in ("run", "watch") and "--help" not in sys.argv:
+        from wdiff import _warm
+
+        _warm.start()  # the kernels load on a side thread meanwhile (matplotlib: see run_command)
 
 
 def _human(nbytes: float) -> str:
