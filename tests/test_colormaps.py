@@ -48,3 +48,30 @@ def test_colouring_points_does_not_import_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("scale", ["log", "linear"])
+def test_point_colours_equal_matplotlibs_on_awkward_values(scale):
+    """apply() works on whole arrays in place; every kind of value still gets matplotlib's colour:
+    its colormap under LogNorm/Normalize of the value clipped to the scale, the bottom colour for
+    zeros and negatives, the flag colour for NaN and +-Inf."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    from wdiff.scene.color import FLAG_RGB, ColorScale, apply, color_scale
+
+    rng = np.random.default_rng(11)
+    values = np.r_[
+        (10 ** rng.uniform(-12, 3, 20_000)),
+        [0.0, -0.0, -1e-3, -np.inf, np.inf, np.nan, 1e-45, 1e-40, 3.4e38, 1.0],
+    ].astype(np.float32)
+    bounds = color_scale(values, scale)
+    cmap = matplotlib.colormaps["viridis"]
+    for cs in (bounds, ColorScale(1e-6, 1.0, scale), ColorScale(float(values[7]), float(values[8]), scale)):
+        if scale == "linear":
+            cs = ColorScale(0.0, cs.vmax, scale)
+        rgb = apply(values, cs)
+        finite = np.isfinite(values)
+        norm = LogNorm(cs.vmin, cs.vmax) if scale == "log" else Normalize(cs.vmin, cs.vmax)
+        clipped = np.clip(values[finite].astype(np.float64), cs.vmin, cs.vmax)  # wdiff scales in float64
+        np.testing.assert_array_equal(rgb[finite], cmap(norm(clipped), bytes=True)[:, :3])
+        assert (rgb[~finite] == FLAG_RGB).all()
