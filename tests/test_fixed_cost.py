@@ -1,6 +1,6 @@
 """What a whole ``wdiff run`` process loads: a run that draws no picture never imports matplotlib
 (its import and the report's charts were the largest fixed cost of a --no-render run), nor onnx
-when no checkpoint is ONNX. Checked in a real CLI process, at its exit."""
+when no checkpoint is ONNX, nor rich under --quiet. Checked in a real CLI process, at its exit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import json, os, sys, threading
 from wdiff import _warm, cli
 _real_exit = os._exit
 def _exit(code):
-    heavy = ("matplotlib", "open3d", "onnx", "dask", "numba")
+    heavy = ("matplotlib", "open3d", "onnx", "dask", "numba", "rich")
     seen = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
     threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("wdiff-warm"))
     started = {"kernels": _warm._kernels is not None, "plotting": _warm._plotting is not None}
@@ -42,7 +42,7 @@ def test_no_render_run_never_imports_matplotlib(tmp_path):
     out = tmp_path / "out"
     p, seen = _probe("run", str(run), "-o", str(out), "--no-render", "--quiet")
     assert p.returncode == 0, p.stderr
-    assert seen["modules"] == ["dask", "numba"], seen  # no matplotlib, open3d or onnx
+    assert seen["modules"] == ["dask", "numba"], seen  # no matplotlib, open3d, onnx, nor rich (--quiet)
     assert seen["started"] == {"kernels": True, "plotting": False}
     # ... and the run did its work: results, PLY coloured from the shipped table, scene.html, report
     from wdiff.results import Results
