@@ -22,6 +22,15 @@ import wdiff
 from wdiff.errors import WdiffError
 
 PLANTED = {"frozen": ("layers.1.mlp.weight",), "unused_rows": {"embed.weight": [2, 3]}}
+#: The sections of a report with its charts, in order (the 3D view follows when there are renders).
+SECTIONS = [
+    "Run",
+    "Findings",
+    "Training curves",
+    "Change per block and interval",
+    "Top movers and frozen parts",
+    "Per-row change",
+]
 
 
 class _Page(HTMLParser):
@@ -74,14 +83,7 @@ def rendered(tmp_path_factory):
 
 def test_report_is_self_contained_and_shows_every_part(rendered):
     page = _parse(rendered.path / "report.html")
-    assert page.headings[:6] == [
-        "Run",
-        "Findings",
-        "Training curves",
-        "Change per block and interval",
-        "Top movers and frozen parts",
-        "Per-row change",
-    ]
+    assert page.headings[:6] == SECTIONS
     assert page.headings[-1] == "3D view"
     pictures = [_decoded(src) for src in page.images]
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pictures)
@@ -132,14 +134,7 @@ def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path
     )
     assert p.returncode == 0, p.stderr
     page = _parse(res.path / "report.html")
-    assert page.headings[:6] == [
-        "Run",
-        "Findings",
-        "Training curves",
-        "Change per block and interval",
-        "Top movers and frozen parts",
-        "Per-row change",
-    ]
+    assert page.headings[:6] == SECTIONS
     assert len(page.images) >= 3 and all(_decoded(src).startswith(b"\x89PNG") for src in page.images)
     assert "Charts skipped" not in (res.path / "report.html").read_text()
     assert {name: (res.path / name).read_bytes() for name in tables} == tables  # same analysis
