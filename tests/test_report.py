@@ -22,6 +22,15 @@ import wdiff
 from wdiff.errors import WdiffError
 
 PLANTED = {"frozen": ("layers.1.mlp.weight",), "unused_rows": {"embed.weight": [2, 3]}}
+#: The sections of a report with its charts, in order (the 3D view follows when there are renders).
+SECTIONS = [
+    "Run",
+    "Findings",
+    "Training curves",
+    "Change per block and interval",
+    "Top movers and frozen parts",
+    "Per-row change",
+]
 
 
 class _Page(HTMLParser):
@@ -74,14 +83,7 @@ def rendered(tmp_path_factory):
 
 def test_report_is_self_contained_and_shows_every_part(rendered):
     page = _parse(rendered.path / "report.html")
-    assert page.headings[:6] == [
-        "Run",
-        "Findings",
-        "Training curves",
-        "Change per block and interval",
-        "Top movers and frozen parts",
-        "Per-row change",
-    ]
+    assert page.headings[:6] == SECTIONS
     assert page.headings[-1] == "3D view"
     pictures = [_decoded(src) for src in page.images]
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pictures)
@@ -110,14 +112,32 @@ def test_report_embeds_every_render_and_the_gif(rendered, tmp_path):
         assert (out / name).read_bytes() in embedded, name
 
 
-def test_no_render_report_has_no_3d_pictures(tmp_path):
-    checkpoints, steps = sgd_run(blocks=3)
+def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path):
+    checkpoints, steps = sgd_run(blocks=3, **PLANTED)
     root = trainer_run(tmp_path / "run", checkpoints, steps)
     res = wdiff.run(root, tmp_path / "out", render=False)
     page = _parse(res.path / "report.html")
-    assert "3D view" not in page.headings and not (res.path / "render.png").exists()
-    assert len(page.images) >= 2  # the curves and the heatmap are there
-    assert json.loads((res.path / "findings.json").read_text()) == []
+    assert not (res.path / "render.png").exists()
+    assert page.images == []  # no charts, no 3D view: --no-render draws no picture of any kind
+    assert page.headings == ["Run", "Findings", "Top movers and frozen parts"]
+    text = (res.path / "report.html").read_text()
+    assert text.count("Charts skipped (--no-render)") == 1 and "`wdiff report`" in text
+    assert "layers.1.mlp.weight" in text  # the tables are all there
+    found = json.loads((res.path / "findings.json").read_text())
+    assert {(f["kind"], f["tensor"]) for f in found} == {
+        ("frozen", "layers.1.mlp.weight"),
+        ("unchanged_rows", "embed.weight"),
+    }
+    tables = {n: (res.path / n).read_bytes() for n in ("findings.json", "metrics.csv", "tensors.csv")}
+    p = subprocess.run(
+        [sys.executable, "-m", "wdiff", "report", str(res.path), "-q"], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    page = _parse(res.path / "report.html")
+    assert page.headings[:6] == SECTIONS
+    assert len(page.images) >= 3 and all(_decoded(src).startswith(b"\x89PNG") for src in page.images)
+    assert "Charts skipped" not in (res.path / "report.html").read_text()
+    assert {name: (res.path / name).read_bytes() for name in tables} == tables  # same analysis
 
 
 def test_report_command_rebuilds_without_recomputing(rendered, tmp_path):

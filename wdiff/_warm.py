@@ -1,14 +1,16 @@
 """Load on side threads what a run needs later, while the main thread imports and scans.
 
-Two threads, started together before the CLI's own imports:
+Two threads, started before the CLI's own imports:
 
 - the compute kernels from the Numba cache (about 0.4 s, mostly in LLVM, which releases the GIL);
-  compute waits for this one (``wait``);
-- matplotlib (about 0.8 s of pure-Python import: the colour table, the report's figures and the Agg
-  backend). Nobody waits for it: the colour table and the report import it again and find it loaded
-  (or wait on the import lock). Started at the beginning it overlaps with the kernel loading (the
-  other core) instead of running during compute, where an import holding the GIL stalls the Dask
-  threads between their Numba calls (measured: compute 0.45 s -> 0.9 s on 6 x 128 MB BF16).
+  compute waits for this one (``wait``); always started;
+- matplotlib (about 0.8 s of pure-Python import: the report's figures and the Agg backend), only for
+  a run that draws pictures (``start(plotting=True)``): a ``--no-render`` run never imports it, and
+  a thread importing it would hold the GIL the main thread needs to import and scan. Nobody waits for
+  it: the pictures and the report import it again and find it loaded (or wait on the import lock).
+  Started at the beginning it overlaps with the kernel loading (the other core) instead of running
+  during compute, where an import holding the GIL stalls the Dask threads between their Numba calls
+  (measured: compute 0.45 s -> 0.9 s on 6 x 128 MB BF16).
 
 Nothing heavy is imported at module level.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import threading
 
 _kernels: threading.Thread | None = None
+_plotting: threading.Thread | None = None
 _lock = threading.Lock()
 
 
@@ -34,22 +37,31 @@ def _load_plotting() -> None:
     try:
         import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401
-
-        from wdiff.scene.color import lookup_table
-
-        lookup_table()
     except Exception:  # noqa: BLE001 - the real use reports any failure, with context
         pass
 
 
-def start() -> None:
-    """Start loading (once per process)."""
-    global _kernels
+def start(plotting: bool = False) -> None:
+    """Start loading the kernels, and matplotlib when ``plotting`` (each once per process)."""
+    global _kernels, _plotting
     with _lock:
         if _kernels is None:
             _kernels = threading.Thread(target=_load_kernels, name="wdiff-warm-kernels", daemon=True)
             _kernels.start()
-            threading.Thread(target=_load_plotting, name="wdiff-warm-plotting", daemon=True).start()
+        if plotting and _plotting is None:
+            _plotting = threading.Thread(target=_load_plotting, name="wdiff-warm-plotting", daemon=True)
+            _plotting.start()
+
+
+def import_scheduler(scheduler: str) -> None:
+    """Import the Dask scheduler compute will use (``dask/__init__`` alone is about 0.25 s of Python),
+    on the calling thread while the kernels are still loading: that loading is mostly LLVM, which
+    releases the GIL, so the import fits in its shadow instead of running after it. The cluster
+    schedulers (dask.distributed) are left to compute: they are seconds to start anyway."""
+    if scheduler in ("threads", "processes", "sync"):
+        import dask.callbacks  # noqa: F401
+        import dask.multiprocessing  # noqa: F401
+        import dask.threaded  # noqa: F401
 
 
 def wait() -> None:

@@ -185,13 +185,13 @@ def run(
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
-    _warm.start()
-    out = Path(out)
-    _check_out(out)
     if scene is None:
         from wdiff.scene.options import SceneOptions
 
         scene = SceneOptions(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
+    _warm.start(plotting=scene.render or scene.frames)  # no matplotlib at all for a run without pictures
+    out = Path(out)
+    _check_out(out)
     frames, frame_points = scene.frames, scene.frame_points
     the_run = inputs if isinstance(inputs, Run) else scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
@@ -236,6 +236,7 @@ def run(
                 if progress is not None:
                     progress("compute", nbytes, total)
 
+            _warm.import_scheduler(scheduler)  # while the kernels load (LLVM, without the GIL)
             _warm.wait()  # compute_seconds counts from the first read, not from loading the kernels
             result = compute(
                 the_run,
@@ -300,7 +301,9 @@ def run(
         write_json(tmp / SUMMARY, summary)
         from wdiff.report import write_report
 
-        write_report(tmp)  # findings.json, metrics.csv, tensors.csv, report.html (see wdiff.report)
+        # findings.json, metrics.csv, tensors.csv, report.html (see wdiff.report); its charts are
+        # pictures too: none without render (`wdiff report OUT` draws them)
+        write_report(tmp, charts=scene.render)
         staging.commit()
     finally:
         staging.close()

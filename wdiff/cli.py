@@ -6,6 +6,7 @@ Progress goes to stderr (rich), results to files, a one-line summary to stdout. 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -51,13 +52,25 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+class _Silent:
+    """The console of ``--quiet``: prints nothing, and spares the import of rich (about 0.1 s with
+    its progress bar and tables) in runs whose output nobody reads."""
+
+    is_terminal = False
+
+    def print(self, *objects: object, **options: object) -> None:
+        pass
+
+
 def _console(quiet: bool):
     """stderr for people: lines are not cut where a log file or pipe has no width (rich would wrap
     at 80 columns), tables get room for full tensor names."""
+    if quiet:
+        return _Silent()
     from rich.console import Console
 
     tty = sys.stderr.isatty()
-    return Console(stderr=True, quiet=quiet, soft_wrap=True, width=None if tty else 200)
+    return Console(stderr=True, soft_wrap=True, width=None if tty else 200)
 
 
 def _api_options(
@@ -118,7 +131,11 @@ def run_command(
         int, typer.Option("--max-points", help="Point budget of the whole 3D scene.")
     ] = 1_000_000,
     no_render: Annotated[
-        bool, typer.Option("--no-render", help="Skip render.png (results and PLY only).")
+        bool,
+        typer.Option(
+            "--no-render",
+            help="No pictures: no render.png, no report charts (`wdiff report OUT` draws them).",
+        ),
     ] = False,
     chunk_mb: Annotated[
         float,
@@ -165,16 +182,8 @@ def run_command(
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
 
-    _warm.start()  # kernels and colours load on a side thread while we import and scan
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
+    # kernels (and matplotlib, for pictures) load on side threads while we import and scan
+    _warm.start(plotting=not no_render or frames)
     from wdiff import api
     from wdiff.scan import Run
 
@@ -200,25 +209,18 @@ def run_command(
                 line += f", {m['by_sharing']} stored once in some export"
             err.print(line)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=quiet or not err.is_terminal,  # a bar in a log is noise (and a stray blank line)
-    )
+    # a bar in a log is noise (and a stray blank line): only on a terminal
+    progress = _progress_bar(err) if err.is_terminal else None
     tasks: dict[str, int] = {}
 
     def on_progress(phase: str, advance: int, total: int) -> None:
+        assert progress is not None
         if phase not in tasks:
             tasks[phase] = progress.add_task(phase, total=total)
         progress.update(tasks[phase], advance=advance)
 
-    with progress:
-        res = api.run(inputs, out, progress=on_progress, on_scan=on_scan, **options)
+    with progress or contextlib.nullcontext():
+        res = api.run(inputs, out, progress=on_progress if progress else None, on_scan=on_scan, **options)
     if res.summary["update"] != "full":
         err.print(f"{res.summary['update']} (earlier results in {out} extended)", highlight=False)
     timing = res.summary["timing"]
@@ -231,8 +233,32 @@ def run_command(
     _print_findings(err, out)
 
 
+def _progress_bar(err):
+    """The transient progress bar of ``wdiff run`` on the terminal ``err``."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 def _print_findings(err, out: Path) -> None:
     """The findings of ``out`` as a short table on stderr (none: one line)."""
+    if isinstance(err, _Silent):
+        return
     from wdiff.report import FINDINGS, REPORT
     from wdiff.report.build import read_findings
     from wdiff.report.table import findings_table
@@ -371,6 +397,13 @@ def main() -> None:
     Typer (in standalone mode) handles ``--help`` and usage errors itself (exit code 2); wdiff's own
     errors become one line and exit code 2; anything else is a bug: one line and exit code 1.
     """
+    if sys.argv[1:2] in (["run"], ["watch"]) and "--help" not in sys.argv:
+        from wdiff import _warm
+
+        # The kernels load on a side thread (0.7 s, the longest part of a run's start) while typer
+        # parses the options (0.15 s with the pydantic it imports) and the run imports and scans:
+        # started here, before parsing, that thread ends when the main thread is ready for it.
+        _warm.start()
     try:
         app()
     except SystemExit as e:  # how click ends every command, success included

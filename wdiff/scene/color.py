@@ -5,7 +5,8 @@ default maps log10 of the value between robust bounds: a low percentile of the p
 few near-zero cells do not squash the scale) and the maximum. Zeros and values below the low bound
 take the bottom colour; NaN/Inf take a flag colour that is not in the colormap. Colours are looked
 up in the colormap's own 256-entry table with matplotlib's rounding, so the points match the colour
-bar exactly.
+bar exactly; the tables of the common colormaps ship with wdiff (``SHIPPED``), so colouring points
+does not import matplotlib.
 
 ``viridis`` is the default: its bright end reads well against the dark background of the render, and
 it stays ordered for colour-blind readers and in greyscale.
@@ -116,27 +117,47 @@ def color_scale(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> C
 
 def normalize(values: np.ndarray, cs: ColorScale) -> np.ndarray:
     """Position of each value on the scale, clipped to [0, 1] (NaN for non-finite values)."""
-    v = values.astype(np.float64)
-    finite = np.isfinite(v)
-    t = np.full(v.shape, np.nan)
+    # Whole-array arithmetic in place (the same float64 operations on every value that keeps its
+    # result, so the same bits as computing on the selected values only): a million points take
+    # 10 ms instead of 20 without the gathers and scatters of boolean indexing.
+    t = values.astype(np.float64)
+    finite = np.isfinite(t)
     if cs.scale == "log":
         lo, hi = np.log10(cs.vmin), np.log10(cs.vmax)
-        positive = finite & (v > 0)
-        t[finite] = 0.0  # zeros (and negatives, which should not occur) sit at the bottom
-        t[positive] = (np.log10(v[positive]) - lo) / (hi - lo)
+        positive = finite & (t > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # zeros and negatives: overwritten below
+            np.log10(t, out=t)
+        t -= lo
+        t /= hi - lo
+        t[~positive] = 0.0  # zeros (and negatives, which should not occur) sit at the bottom
     else:
-        t[finite] = (v[finite] - cs.vmin) / (cs.vmax - cs.vmin)
+        t -= cs.vmin
+        t /= cs.vmax - cs.vmin
+    t[~finite] = np.nan
     np.clip(t, 0.0, 1.0, out=t)
     return t
 
 
+#: Colormaps whose tables ship in ``colormaps.npz`` (made from matplotlib by
+#: ``scripts/make_colormaps.py``): colouring points with them needs no matplotlib, whose import is the
+#: largest fixed cost of a run that draws no picture. Any other matplotlib name still works.
+SHIPPED: tuple[str, ...] = ("viridis", "plasma", "inferno", "magma", "cividis", "turbo")
+
+
 @functools.cache
 def lookup_table(cmap: str = CMAP) -> np.ndarray:
-    """The colormap's 256 colours as uint8 (256, 3) (read-only, cached: importing matplotlib costs)."""
-    import matplotlib
+    """The colormap's 256 colours as uint8 (256, 3) (read-only, cached): from the shipped tables,
+    or from matplotlib for a colormap that is not shipped."""
+    if cmap in SHIPPED:
+        from importlib import resources
 
-    colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
-    table = colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
+        with resources.files("wdiff.scene").joinpath("colormaps.npz").open("rb") as f, np.load(f) as tables:
+            table = tables[cmap]
+    else:
+        import matplotlib
+
+        colormap = matplotlib.colormaps[cmap].resampled(_LUT_SIZE)
+        table = colormap(np.arange(_LUT_SIZE), bytes=True)[:, :3]
     table.flags.writeable = False
     return table
 
@@ -145,9 +166,12 @@ def apply(values: np.ndarray, cs: ColorScale) -> np.ndarray:
     """uint8 (N, 3) colours of ``values`` on the scale ``cs``."""
     t = normalize(values, cs)
     bad = np.isnan(t)
+    t[bad] = 0.0
     # matplotlib's rule (Colormap.__call__): index floor(t * N), with t == 1 going to N - 1.
-    index = np.minimum((np.where(bad, 0.0, t) * _LUT_SIZE).astype(np.int64), _LUT_SIZE - 1)
-    rgb = lookup_table(cs.cmap)[index]
+    t *= _LUT_SIZE
+    index = t.astype(np.intp)
+    np.minimum(index, _LUT_SIZE - 1, out=index)
+    rgb = lookup_table(cs.cmap).take(index, axis=0)
     rgb[bad] = cs.flag_rgb
     return rgb
 
