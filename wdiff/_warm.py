@@ -60,8 +60,11 @@ def import_scheduler(scheduler: str) -> None:
     schedulers (dask.distributed) are left to compute: they are seconds to start anyway."""
     if scheduler in ("threads", "processes", "sync"):
         import dask.callbacks  # noqa: F401
-        import dask.multiprocessing  # noqa: F401
-        import dask.threaded  # noqa: F401
+
+        if scheduler == "threads":
+            import dask.threaded  # noqa: F401
+        elif scheduler == "processes":
+            import dask.multiprocessing  # noqa: F401
 
 
 def wait() -> None:
