@@ -12,11 +12,15 @@ Two threads, started before the CLI's own imports:
   during compute, where an import holding the GIL stalls the Dask threads between their Numba calls
   (measured: compute 0.45 s -> 0.9 s on 6 x 128 MB BF16).
 
+The CLI also tunes its own process for a run (``tune_process``, not done for notebook users): the
+garbage collector pauses through the start-up imports, and freed memory stays in the process.
+
 Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 
 _kernels: threading.Thread | None = None
@@ -67,8 +71,45 @@ def import_scheduler(scheduler: str) -> None:
             import dask.multiprocessing  # noqa: F401
 
 
+_gc_paused = False
+
+
+def tune_process() -> None:
+    """Tune the CLI's process for a run (called first thing by ``wdiff run``/``watch``).
+
+    - Python's cyclic garbage collector pauses until ``wait``: the start-up imports (numpy, numba,
+      dask, typer) allocate hundreds of thousands of objects, none of them garbage, and the
+      collections they trigger cost about 0.15 s of a 1 s start here. ``wait`` freezes what was
+      loaded (later collections skip it) and turns the collector back on.
+    - glibc's malloc serves blocks below 32 MiB from its heap and keeps freed memory in the process
+      (``mallopt``), instead of mapping every large numpy temporary afresh and unmapping it after
+      use: each fresh page is a page fault, and on this project's virtual machines a fresh page
+      first costs the host a fault too (100 MB touched at 0.4 GB/s the first time, 7 GB/s after).
+      Measured: writing ``points.ply`` and ``scene.html`` for 1 M points, 0.31 s -> 0.18 s. Peak
+      memory is what it was; freed memory is simply not handed back before the process ends.
+    """
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")  # glibc only: elsewhere the defaults stay
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest allowed value
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
 def wait() -> None:
-    """Wait until the kernels are loaded (starting the loading if nobody did)."""
+    """Wait until the kernels are loaded (starting the loading if nobody did); resume the garbage
+    collector if ``tune_process`` paused it."""
+    global _gc_paused
     start()
     assert _kernels is not None
     _kernels.join()
+    if _gc_paused:
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()

@@ -403,6 +403,7 @@ def main() -> None:
         # The kernels load on a side thread (0.7 s, the longest part of a run's start) while typer
         # parses the options (0.15 s with the pydantic it imports) and the run imports and scans:
         # started here, before parsing, that thread ends when the main thread is ready for it.
+        _warm.tune_process()
         _warm.start()
     try:
         app()
