@@ -336,28 +336,25 @@ def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, 
 
 
 @_kernel
+def _views(rows, k0, k1, k2, nbytes, dtype):
+    """The first ``nbytes`` of buffers ``k0``, ``k1``, ``k2`` of ``rows``, as arrays of ``dtype``."""
+    return rows[k0, :nbytes].view(dtype), rows[k1, :nbytes].view(dtype), rows[k2, :nbytes].view(dtype)
+
+
+@_kernel
 def _fold(code, lut, rows, k0, k1, k2, n, t, rebase, fresh, last, acc, sums, frame, fdiff):
     """``_fold_typed`` on buffers ``k0`` (W(0)), ``k1`` (W(t-1)) and ``k2`` (W(t)) of ``rows``, viewed
     as the ``n`` values of their dtype ``code`` (the choice of decoder is made here, once per block)."""
     args = (lut, t, rebase, fresh, last, acc, sums, frame, fdiff)
     if code == CODE_F32:
-        b = n * 4
-        x, y, z = rows[k0, :b].view(np.float32), rows[k1, :b].view(np.float32), rows[k2, :b].view(np.float32)
-        return _fold_typed(x, y, z, *args)
+        return _fold_typed(*_views(rows, k0, k1, k2, n * 4, np.float32), *args)
     elif code == CODE_F64:
-        b = n * 8
-        x, y, z = rows[k0, :b].view(np.float64), rows[k1, :b].view(np.float64), rows[k2, :b].view(np.float64)
-        return _fold_typed(x, y, z, *args)
+        return _fold_typed(*_views(rows, k0, k1, k2, n * 8, np.float64), *args)
     elif code == CODE_BF16:
-        b = n * 2
-        x, y, z = rows[k0, :b].view(np.int16), rows[k1, :b].view(np.int16), rows[k2, :b].view(np.int16)
-        return _fold_typed(x, y, z, *args)
+        return _fold_typed(*_views(rows, k0, k1, k2, n * 2, np.int16), *args)
     elif code == CODE_TABLE16:
-        b = n * 2
-        x, y, z = rows[k0, :b].view(np.uint16), rows[k1, :b].view(np.uint16), rows[k2, :b].view(np.uint16)
-        return _fold_typed(x, y, z, *args)
-    else:
-        return _fold_typed(rows[k0, :n], rows[k1, :n], rows[k2, :n], *args)
+        return _fold_typed(*_views(rows, k0, k1, k2, n * 2, np.uint16), *args)
+    return _fold_typed(*_views(rows, k0, k1, k2, n, np.uint8), *args)
 
 
 @_kernel
