@@ -166,6 +166,15 @@ class ChunkBuffers:
         )  # fmt: skip
 
 
+def pooling_args(grid: Grid | None, frame_grid: Grid | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """What the kernels take for the scene's and the frames' pooling: both grids' dimensions (zeros
+    when there is none) and the pool kind."""
+    dims = grid.dims() if grid is not None else np.zeros(4, np.int64)
+    frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
+    mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
+    return dims, frame_dims, mean
+
+
 def process_chunk(
     tensor: AlignedTensor,
     start: int,
@@ -196,10 +205,8 @@ def process_chunk(
     weights = kernels.weight_buffers(block, itemsizes)
     acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
     b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
-    dims = grid.dims() if grid is not None else np.zeros(4, np.int64)
-    frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
+    dims, frame_dims, mean = pooling_args(grid, frame_grid)
     diff = np.empty(block if b.frames.size else 1, np.float32)
-    mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
     opened: dict[str, int] = {}
     try:

@@ -401,6 +401,63 @@ def abs_diff(new, old, lut, out):
         out[i] = abs(_decode(new, lut, i) - _decode(old, lut, i))
 
 
+def slot(t: int) -> int:
+    """The weight buffer checkpoint t goes into: W(0) in buffer 0, then 1, 2, 1, 2, ... (the previous
+    checkpoint is always in the other one)."""
+    return 0 if t == 0 else 1 + (t - 1) % 2
+
+
+_slot = njit(cache=True)(slot)
+
+
+@_kernel
+def fold_checkpoint(
+    code, lut, weights, t, count, resume, lo, n, acc, sums, fgrid, mean, fcells, fcell_row0, flines,
+    fstates, diff,
+):  # fmt: skip
+    """Fold checkpoint ``t``'s block of ``n`` elements from ``lo``, already in buffer ``slot(t)`` of
+    ``weights`` (as dtype ``code``), into ``sums`` and ``acc``; pool the interval's |dW| into its frame
+    (``fcells``, when not empty). Returns True when this was the last checkpoint and ``acc`` is free
+    of NaN and Inf (its pooling may skip counting them)."""
+    rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
+    fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
+    last = t == count - 1
+    f = t - 2 if resume else t - 1  # this interval's frame
+    frame = fcells.size > 0 and f >= 0
+    fdiff = diff[:n]
+    old = 0 if t <= 1 else _slot(t - 1)
+    args = (n, t, rebase, fresh, last, acc, sums, frame, fdiff)
+    total = _fold(code, lut, weights, 0, old, _slot(t), *args)
+    if frame:
+        pool_fold(
+            fdiff, lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0, flines[f],
+            fstates[f : f + 1],
+        )  # fmt: skip
+    return last and _finite(total)
+
+
+@_kernel
+def finish_block(acc, lo, clean, totals, grid, mean, cells, cell_row0, line, state, row_cols, rows, row0):
+    """The finished accumulated values of a block (elements from ``lo``): pooled into the scene's
+    cells (``clean``: known free of NaN/Inf; the count of those goes to ``totals[2]``) and added to
+    the row sums (each part skipped when its array is empty)."""
+    if cells.size:
+        totals[2] += pool_fold(
+            acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state, clean
+        )
+    if rows.size:
+        add_row_sums(acc, lo, row_cols, rows, row0)
+
+
+@_exact
+def finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates):
+    """Move the partly filled pooling lines of the last rows into the cells and the frames."""
+    if cells.size:
+        pool_flush(cells, line, state, grid[3], mean)
+    for f in range(fcells.shape[0]):
+        pool_flush(fcells[f], flines[f], fstates[f : f + 1], fgrid[3], mean)
+
+
 @_kernel
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
@@ -454,46 +511,24 @@ def stream_chunk(
             return -(count + 2)
         clean = False
         for t in range(count):
-            # buffer 0 holds W(0); then 1, 2, 1, 2, ... (the previous checkpoint is in the other one)
-            k_new = 0 if t == 0 else 1 + (t - 1) % 2
-            k_old = 0 if t <= 1 else 1 + t % 2
             nbytes = n * itemsizes[t]
             where = offsets[t] + lo * itemsizes[t]
             if uniform:
-                if not _read_full(fds[t], weights[k_new], nbytes, where):
+                if not _read_full(fds[t], weights[_slot(t)], nbytes, where):
                     return -(t + 1)
             else:
                 if not _read_full(fds[t], raw, nbytes, where):
                     return -(t + 1)
-                out = weights[k_new, : n * 4].view(np.float32)
+                out = weights[_slot(t), : n * 4].view(np.float32)
                 _decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
-            rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
-            fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
-            f = t - 2 if resume else t - 1  # this interval's frame
-            frame = fcells.size > 0 and f >= 0
-            fdiff = diff[:n]
-            last = t == count - 1
-            args = (n, t, rebase, fresh, last, acc, sums, frame, fdiff)
-            total = _fold(code, lut, weights, 0, k_old, k_new, *args)
-            clean = last and _finite(total)  # acc is final and holds no NaN or Inf
-            if frame:
-                pool_fold(
-                    fdiff, lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0,
-                    flines[f], fstates[f : f + 1],
-                )  # fmt: skip
-        if cells.size:
-            totals[2] += pool_fold(
-                acc, lo, grid[0], grid[1], grid[2], grid[3], mean, cells, cell_row0, line, state, clean
-            )
-        if rows.size:
-            add_row_sums(acc, lo, row_cols, rows, row0)
+            clean = fold_checkpoint(
+                code, lut, weights, t, count, resume, lo, n, acc, sums, fgrid, mean, fcells, fcell_row0,
+                flines, fstates, diff,
+            )  # fmt: skip
+        finish_block(acc, lo, clean, totals, grid, mean, cells, cell_row0, line, state, row_cols, rows, row0)
         if not _write_full(out_fd, acc, n * 4, out_offset + lo * 4):
             return -(count + 1)
-    if cells.size:
-        pool_flush(cells, line, state, grid[3], mean)
-    if fcells.size:
-        for f in range(fcells.shape[0]):
-            pool_flush(fcells[f], flines[f], fstates[f : f + 1], fgrid[3], mean)
+    finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
     return OK
 
 

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from wdiff import kernels
-from wdiff.compute import ChunkBuffers, ChunkStats, Grid, _row_cols
+from wdiff.compute import ChunkBuffers, ChunkStats, Grid, _row_cols, pooling_args
 from wdiff.errors import WdiffError
 from wdiff.readers.base import TensorRef
 from wdiff.readers.lora import LoraRef
@@ -67,7 +67,7 @@ def process_chunk(
     """``compute.process_chunk`` for an effective LoRA change: same arguments, same ChunkStats.
 
     Each block of ``W(t)`` is formed in float64, rounded to float32 and handed to the same Numba
-    kernels (``kernels.start``/``kernels.step``, the pooling and row-sum kernels) that process an F32
+    kernels (``kernels.fold_checkpoint``, ``finish_block``, ``finish_chunk``) that process an F32
     checkpoint, so the sums, the handling of NaN/Inf, the accumulated map, its rows, cells and frames
     are those of a run over the effective weights saved as F32. ``acc_in``: continue an incremental
     run from earlier results; ``tensor.refs`` are then [W(0), W(K-1), W(K), ...] and there is no
@@ -79,13 +79,15 @@ def process_chunk(
     factors = [_Factors(r) for r in refs]  # type: ignore[arg-type]
     cols = _row_cols(tensor.shape)  # the product's rows are the tensor's rows
     rows_per_block = max(1, BLOCK_ELEMENTS // cols)
-    acc_sum = acc_max = 0.0
-    acc_bad = 0
-    # W(0) and two buffers that take turns as W(t-1) and W(t), float32; then the accumulated slice
-    scratch = np.empty((4, rows_per_block * cols), np.float32)
-    diff = np.empty(rows_per_block * cols, np.float32)
+    block = rows_per_block * cols
+    weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t) as float32 (see kernels.slot)
+    acc_buf = np.empty(block, np.float32)
     lut = kernels.decode_table("F32")
     b = ChunkBuffers.for_chunk(tensor, start, stop, resume, grid, frame_grid)
+    dims, frame_dims, mean = pooling_args(grid, frame_grid)
+    diff = np.empty(block if b.frames.size else 1, np.float32)
+    totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
+    sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.nonfinite, totals)
     state = np.full(1, -1, np.int64)
     fd = os.open(out_path, os.O_WRONLY)
     acc_fd = os.open(acc_in[0], os.O_RDONLY) if acc_in else -1
@@ -95,7 +97,7 @@ def process_chunk(
             lo, hi = max(start, r0 * cols), min(stop, r1 * cols)
             n = hi - lo
             cut = slice(lo - r0 * cols, hi - r0 * cols)
-            first, acc = scratch[0, :n], scratch[3, :n]
+            acc = acc_buf[:n]
             if acc_in:
                 raw = os.pread(acc_fd, n * 4, acc_in[1] + lo * 4)
                 if len(raw) != n * 4:
@@ -103,54 +105,24 @@ def process_chunk(
                 acc[:] = np.frombuffer(raw, np.float32)
             clean = False
             for t in range(count):
-                new = first if t == 0 else scratch[1 + (t - 1) % 2, :n]
-                old = first if t <= 1 else scratch[1 + t % 2, :n]
-                new[:] = factors[t].rows(r0, r1)[cut]  # rounded to float32
-                if t == 0 or (resume and t == 1):  # W(0), or W(K-1) where an incremental run restarts
-                    x, y = kernels.start(new, lut)
-                    b.sumsq[t] += x
-                    b.nonfinite[t] += y
-                    continue
-                last = t == count - 1
-                sums = kernels.step(first, old, new, lut, acc, not resume and t == 1)
-                b.interval_sum[t - 1] += sums[0]
-                b.interval_sumsq[t - 1] += sums[1]
-                b.sumsq[t] += sums[2]
-                b.dist_first[t] += sums[3]
-                b.nonfinite[t] += sums[4]
-                if last:
-                    total, peak = sums[5], sums[6]
-                    clean = bool(np.isfinite(total))
-                    acc_sum += total
-                    if not np.isnan(acc_max):  # NaN-aware max, as stream_chunk: once NaN, it stays NaN
-                        acc_max = peak if np.isnan(peak) else max(acc_max, peak)
-                f = t - 2 if resume else t - 1  # this interval's frame
-                if b.frames.size:
-                    kernels.abs_diff(new, old, lut, diff[:n])
-                    g = frame_grid
-                    kernels.pool_fold(
-                        diff[:n], lo, g.rows, g.cols, g.block[0], g.block[1], g.mean, b.frames[f],
-                        b.frame_row0, b.frame_lines[f], b.frame_states[f : f + 1],
-                    )  # fmt: skip
-            if b.cells.size:  # counts the map's non-finite values, as stream_chunk does
-                acc_bad += kernels.pool_fold(
-                    acc, lo, grid.rows, grid.cols, grid.block[0], grid.block[1], grid.mean, b.cells,
-                    b.cell_row0, b.line, state, clean,
+                weights[kernels.slot(t), : n * 4].view(np.float32)[:] = factors[t].rows(r0, r1)[cut]
+                clean = kernels.fold_checkpoint(
+                    kernels.CODE_F32, lut, weights, t, count, resume, lo, n, acc, sums, frame_dims, mean,
+                    b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff,
                 )  # fmt: skip
-            if b.rows.size:
-                kernels.add_row_sums(acc, lo, cols, b.rows, b.first_row)
+            kernels.finish_block(
+                acc, lo, clean, totals, dims, mean, b.cells, b.cell_row0, b.line, state, cols, b.rows,
+                b.first_row,
+            )  # fmt: skip
             if os.pwrite(fd, acc.tobytes(), out_offset + lo * 4) != n * 4:
                 raise WdiffError(out_path, "writing the results failed (disk full?)")
     finally:
         os.close(fd)
         if acc_fd >= 0:
             os.close(acc_fd)
-    if b.cells.size:
-        kernels.pool_flush(b.cells, b.line, state, grid.block[1], grid.mean)
-    for f in range(b.frames.shape[0]):
-        kernels.pool_flush(
-            b.frames[f], b.frame_lines[f], b.frame_states[f : f + 1], frame_grid.block[1], frame_grid.mean
-        )
+    kernels.finish_chunk(
+        dims, mean, b.cells, b.line, state, frame_dims, b.frames, b.frame_lines, b.frame_states
+    )
     # adapter bytes, shared out over the chunks so that progress adds up to ``bytes_to_read``
     nbytes = sum(r.nbytes for r in refs) * (stop - start) // max(1, tensor.numel)
-    return b.stats(acc_sum, acc_max, acc_bad, nbytes)
+    return b.stats(*totals, nbytes)
