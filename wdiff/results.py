@@ -68,8 +68,13 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """``data`` as the JSON wdiff writes: NaN and Infinity as null (strict readers need that)."""
+    return json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    Path(path).write_text(json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n")
+    Path(path).write_text(json_text(data))
 
 
 @dataclass(frozen=True)

@@ -161,10 +161,10 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bo
     # An output dir may hold the final model beside its checkpoint-N folders (``trainer.save_model()``
     # into output_dir, PEFT adapters included): the checkpoint folders are the sequence.
     run_dir = len(inputs) == 1 and inputs[0].is_dir()
-    live = run_dir and (not has_weights(inputs[0]) or bool(_hf_checkpoints(inputs[0])))
+    hf = _hf_checkpoints(inputs[0]) if run_dir else []
+    live = run_dir and (not has_weights(inputs[0]) or bool(hf))
     if live:
         folder = inputs[0]
-        hf = _hf_checkpoints(folder)
         pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
         if not pairs and (folder / "checkpoints").is_dir():  # accelerate project_dir, automatic naming
             pairs = list(_numbered_checkpoints(folder / "checkpoints"))

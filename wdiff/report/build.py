@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
 from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
-from wdiff.results import SUMMARY, Results, write_json
+from wdiff.results import SUMMARY, Results, json_text
 
 FINDINGS = "findings.json"
 METRICS = "metrics.csv"
@@ -51,23 +52,15 @@ class Report:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write beside ``path`` and rename: a reader never sees half a file, a failure leaves the old one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write beside ``path`` and rename (``atomic_write``): a reader never sees half a file, a failure
+    leaves the old one."""
+    with atomic_write(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """``results.write_json`` (NaN/Infinity as null, which strict readers need), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_json(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, json_text(data))
 
 
 def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:

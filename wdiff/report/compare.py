@@ -8,7 +8,6 @@ Writes into ``CMP/``: ``compare.csv`` (one row per tensor), ``compare.json`` (ru
 from __future__ import annotations
 
 import io
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.metrics import RunMetrics, analyse, log_series
+from wdiff.metrics import RunMetrics, _div, analyse, log_series
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
@@ -37,12 +36,6 @@ class Comparison:
     path: Path  # report.html
     tensors: list[dict[str, Any]]
     blocks: list[dict[str, Any]]
-
-
-def _ratio(b: float | None, a: float | None) -> float | None:
-    if a is None or b is None or a == 0 or not (math.isfinite(a) and math.isfinite(b)):
-        return None
-    return b / a
 
 
 def check_same_architecture(a: Results, b: Results) -> None:
@@ -80,7 +73,7 @@ def tensor_ratios(ma: RunMetrics, mb: RunMetrics) -> list[dict[str, Any]]:
         for key in COMPARED:
             row[f"a_{key}"] = ta[key]
             row[f"b_{key}"] = tb[key]
-            row[f"{key}_ratio"] = _ratio(tb[key], ta[key])
+            row[f"{key}_ratio"] = _div(tb[key], ta[key])
         rows.append(row)
     return rows
 
@@ -93,7 +86,7 @@ def block_ratios(ma: RunMetrics, mb: RunMetrics) -> list[dict[str, Any]]:
         sums[ta["block"]][0] += ta["path_l1"]
         sums[ta["block"]][1] += b_by_name[ta["tensor"]]["path_l1"]
     return [
-        {"block": block, "a_path_l1": a, "b_path_l1": b, "path_l1_ratio": _ratio(b, a)}
+        {"block": block, "a_path_l1": a, "b_path_l1": b, "path_l1_ratio": _div(b, a)}
         for block, (a, b) in sums.items()
     ]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wdiff._files import atomic_write
 from wdiff.scene import color
-from wdiff.scene._files import atomic_write
 from wdiff.scene.accumulated import TensorInfo
 from wdiff.scene.layout import Scene, _assemble
 from wdiff.scene.options import SceneOptions

@@ -20,7 +20,7 @@ from importlib import resources
 
 import numpy as np
 
-from wdiff.scene._files import atomic_write
+from wdiff._files import atomic_write
 from wdiff.scene.color import ColorScale, lookup_table, point_colors
 from wdiff.scene.layout import Scene, coarsen_scene
 from wdiff.scene.options import VIEWS

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from wdiff.scene._files import atomic_write
+from wdiff._files import atomic_write
 
 #: One vertex record, packed (19 bytes), little-endian, in header order.
 VERTEX_DTYPE = np.dtype(

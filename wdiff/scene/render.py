@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from wdiff.scene._files import atomic_write
+from wdiff._files import atomic_write
 from wdiff.scene.color import ColorScale
 from wdiff.scene.layout import Scene
 
@@ -274,20 +274,6 @@ class Offscreen:
         with _quiet_native_stdout():
             image = np.asarray(self._renderer.render_to_image())
         return np.ascontiguousarray(image[:, :, :3])
-
-
-def render_points(
-    xyz: np.ndarray,
-    rgb: np.ndarray,
-    size: tuple[int, int],
-    camera: Camera,
-    point_px: float,
-    background: Sequence[float] = BACKGROUND,
-    lines: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Render coloured points headless with Open3D; uint8 (height, width, 3)."""
-    with Offscreen(size, background) as renderer:
-        return renderer.draw(xyz, rgb, camera, point_px, lines)
 
 
 @dataclass(frozen=True)
