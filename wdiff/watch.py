@@ -44,6 +44,7 @@ from wdiff.scan import (
     _hf_checkpoints,
     _load_trainer_state,
     _numbered_checkpoints,
+    _unfinished,
     fingerprint,
 )
 
@@ -168,10 +169,11 @@ class Watcher:
             if pending.stable < self.settle:
                 continue
             try:
+                problem = _unfinished(path, self._expect_state)  # as scan judges the newest one
+                if problem is not None:
+                    raise WdiffError(path, problem)
                 if self._expect_state and path.is_dir():
-                    if not (path / TRAINER_STATE).is_file():
-                        raise WdiffError(path, f"no {TRAINER_STATE}, which the HF Trainer writes last")
-                    _load_trainer_state(path / TRAINER_STATE)
+                    _load_trainer_state(path / TRAINER_STATE)  # half-written JSON: still being saved
                 read_checkpoint(path)
             except WdiffError as e:
                 pending.problem = str(e)
