@@ -97,7 +97,7 @@ def write_html(
     max_points: int = 200_000,
 ) -> None:
     """Write the viewer with at most ``max_points`` points (the scene pooled further, exactly)."""
-    shown = coarsen_scene(scene, max(max_points, sum(1 for p in scene.placements if p.count)))
+    shown = coarsen_scene(scene, max_points)
     s = shown.pool_factor
     cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
     subtitle = f"{len(shown.names)} tensors in {len(shown.blocks)} blocks; {len(shown):,} points, each {cell}"

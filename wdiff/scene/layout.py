@@ -412,7 +412,9 @@ def coarsen_scene(scene: Scene, max_points: int) -> Scene:
 
     Exact: equal to pooling the original elements with the new factor, without rereading the file.
     Used to draw a picture with about one point per pixel while the point cloud keeps full detail.
+    Every non-empty tensor keeps at least one point, whatever ``max_points`` asks.
     """
+    max_points = max(max_points, sum(1 for p in scene.placements if p.count))
     infos = [TensorInfo(p.name, p.shape) for p in scene.placements]
     factor = pool_factor(((t.rows, t.cols) for t in infos if t.size > 0), max_points, step=scene.pool_factor)
     if factor == scene.pool_factor:

@@ -50,7 +50,7 @@ class Picture:
         img_w, img_h = width - PANEL_WIDTH, height - top - FOOTER_HEIGHT
         if img_w < 64 or img_h < 64:
             raise ValueError(f"size {size} is too small for the picture")
-        budget = max(max_render_points or img_w * img_h // 4, sum(1 for p in scene.placements if p.count))
+        budget = max_render_points or img_w * img_h // 4
         shown = coarsen_scene(scene, budget)
         azimuth, elevation = VIEWS[view]
         outline = render.silhouette(shown)
