@@ -11,7 +11,7 @@ import math
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -105,7 +105,15 @@ DTYPES: dict[str, DType] = _dtypes()
 
 @dataclass(frozen=True)
 class TensorRef:
-    """One tensor of one checkpoint: name, dtype, shape and the byte range of its data in a file."""
+    """One tensor of one checkpoint: name, dtype, shape and where its bytes come from.
+
+    The plain source (``source == "bytes"``): the row-major elements lie in one byte range of one file,
+    ``nbytes`` from ``offset`` of ``path`` (safetensors, ONNX raw and external data, PyTorch storages).
+    Subclasses are the other sources: ``PiecesRef`` (several byte ranges, in element order) and
+    ``wdiff.readers.lora.LoraRef`` (computed: a LoRA product). Compute has one path per source kind.
+    """
+
+    source: ClassVar[str] = "bytes"
 
     name: str
     dtype: str
@@ -121,3 +129,33 @@ class TensorRef:
     @property
     def kind(self) -> DType:
         return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``count`` consecutive elements (row-major) of a tensor, from element ``start``, stored from byte
+    ``offset`` of ``path``."""
+
+    start: int
+    count: int
+    path: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class PiecesRef(TensorRef):
+    """A tensor whose row-major elements lie in several byte ranges, in element order, covering it
+    exactly (torch.distributed.checkpoint shards, strided PyTorch views). ``path``/``offset`` are the
+    first piece's, ``nbytes`` counts the bytes of every piece."""
+
+    source: ClassVar[str] = "pieces"
+
+    pieces: tuple[Piece, ...] = ()
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor (or a checkpoint) left out, and why, in words a user reads."""
+
+    name: str
+    reason: str

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from wdiff.readers.base import TensorRef, read_json
 
@@ -38,6 +38,8 @@ _PREFIX = "base_model.model."
 class LoraRef(TensorRef):
     """The effective change ``scale * B @ A`` (transposed if ``transpose``) of one module in one
     checkpoint. ``path``/``offset``/``nbytes`` describe B; ``nbytes`` counts the bytes of A and B."""
+
+    source: ClassVar[str] = "product"
 
     a: TensorRef
     b: TensorRef
