@@ -39,7 +39,8 @@ from wdiff.results import (
     write_json,
     write_rows,
 )
-from wdiff.scan import Run, fingerprint, scan
+from wdiff.scan import fingerprint, scan
+from wdiff.sequence import Run
 
 if TYPE_CHECKING:
     from wdiff.compute import Previous
@@ -277,11 +278,13 @@ def run(
             "source": the_run.source,
             "checkpoints": [
                 {"path": c.path, "step": c.step, "tensors": len(c.tensors), "fingerprint": f}
+                | ({"state_key": c.state_key} if c.state_key is not None else {})
                 for c, f in zip(the_run.checkpoints, fingerprints)
             ],
             "tensors": result.tensors,
             "skipped": [{"name": s.name, "reason": s.reason} for s in the_run.skipped],
             "left_out": [{"path": s.name, "reason": s.reason} for s in the_run.left_out],
+            "warnings": [{"path": s.name, "reason": s.reason} for s in the_run.warnings],
             "timing": {
                 "read_bytes": result.read_bytes,
                 "compute_seconds": result.compute_seconds,

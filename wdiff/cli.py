@@ -185,7 +185,7 @@ def run_command(
     # kernels (and matplotlib, for pictures) load on side threads while we import and scan
     _warm.start(plotting=not no_render or frames)
     from wdiff import api
-    from wdiff.scan import Run
+    from wdiff.sequence import Run
 
     err = _console(quiet)
     options = _api_options(
@@ -194,7 +194,7 @@ def run_command(
     )  # fmt: skip
 
     def on_scan(scanned: Run) -> None:
-        for s in scanned.left_out + scanned.skipped:
+        for s in scanned.warnings + scanned.left_out + scanned.skipped:
             err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False, soft_wrap=True)
         steps = scanned.steps
         err.print(

@@ -1,83 +1,38 @@
 """The Dask graph: one task per chunk of a tensor, streaming that chunk of every checkpoint.
 
-A task reads the same element range of the tensor from checkpoint 0, 1, ..., T-1 by offset, runs the
-Numba kernels, writes its slice of the accumulated map straight into the output file and returns only
-a few sums. Memory is therefore (threads x chunk size), whatever the size of the model. Per-tensor
-combine tasks add the sums up into the metrics of ``summary.json``.
+A task reads the same element range of the tensor from checkpoint 0, 1, ..., T-1, runs the Numba
+kernels, writes its slice of the accumulated map straight into the output file and returns only a few
+sums. Memory is therefore (threads x chunk size), whatever the size of the model. Which task reads a
+tensor depends only on where its bytes come from (``TensorRef.source``, see ``TASKS``). Per-tensor
+aggregate tasks add the sums up into the metrics of ``summary.json``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from wdiff import kernels
+from wdiff import blocks, stream
+from wdiff.chunk import ChunkStats, Grid, row_cols
 from wdiff.errors import WdiffError
-from wdiff.readers.lora import LoraRef
 from wdiff.results import OutputLayout
-from wdiff.scan import AlignedTensor, Run
+from wdiff.sequence import AlignedTensor, Run
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "TASKS", "ComputeResult", "Grid", "Previous", "bytes_to_read", "compute"]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # elements per Dask task; memory per task is a few sub-blocks
-FRAME_LINES_BYTES = 64 << 20  # per task, for the line buffers of the frames (one per interval)
-
-
-@dataclass(frozen=True)
-class ChunkStats:
-    """Partial sums of one chunk, all float64 (counts int64); added up per tensor."""
-
-    interval_sum: np.ndarray  # (T-1,) sum of |W(t+1) - W(t)|
-    interval_sumsq: np.ndarray  # (T-1,) sum of (W(t+1) - W(t))^2
-    sumsq: np.ndarray  # (T,) sum of W(t)^2
-    dist_first: np.ndarray  # (T,) sum of (W(t) - W(0))^2
-    nonfinite: np.ndarray  # (T,) count of NaN/Inf values in W(t)
-    acc_sum: float  # sum of the accumulated map
-    acc_max: float
-    nbytes: int  # checkpoint bytes read
-    cells: np.ndarray | None = None  # the chunk's part of the scene's cells (see Grid)
-    cell_row0: int = 0  # first cell row in ``cells``
-    acc_nonfinite: int = 0  # non-finite values of the accumulated map
-    rows: np.ndarray | None = None  # row sums of the accumulated map, rows row0.. of the tensor
-    row0: int = 0
-    frames: np.ndarray | None = None  # (intervals, cell rows, cell cols): each interval's |dW| pooled
-    frame_row0: int = 0
-
-
-@dataclass(frozen=True)
-class Grid:
-    """How the scene pools one tensor: its grid (rows x cols elements) into cells of ``block``.
-
-    Computed by the caller (``wdiff.api`` asks the scene); compute folds every finished value of the
-    accumulated map into these cells on the way, so the scene need not read the results again.
-    """
-
-    rows: int
-    cols: int
-    block: tuple[int, int]
-    mean: bool = False  # sums (the caller divides) instead of maxima
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (-(-self.rows // self.block[0]), -(-self.cols // self.block[1]))
-
-    def empty(self, *shape: int) -> np.ndarray:
-        """Cells before anything is folded in (the reduction's identity); by default all of them,
-        or ``shape`` = (cell rows,) or (frames, cell rows) of them."""
-        lead = shape[:-1] + (shape[-1], self.shape[1]) if shape else self.shape
-        return np.full(lead, 0.0 if self.mean else -np.inf)
-
-    def cell_rows(self, start: int, stop: int) -> tuple[int, int]:
-        """The cell rows elements [start, stop) of the flattened grid fall in (first, count)."""
-        row0 = start // self.cols // self.block[0]
-        return row0, (stop - 1) // self.cols // self.block[0] - row0 + 1
-
-    def dims(self) -> np.ndarray:
-        return np.array([self.rows, self.cols, *self.block], np.int64)
+# The chunk task of each source kind (``TensorRef.source``): all take the same arguments and return
+# the same ChunkStats, so the graph and the aggregation do not care where the bytes come from.
+TASKS: dict[str, Callable[..., ChunkStats]] = {
+    "bytes": stream.process_chunk,  # one byte range per checkpoint: the Numba streaming driver
+    "pieces": blocks.process_pieces,  # several byte ranges (sharded DCP tensors, strided views)
+    "product": blocks.process_product,  # computed: the effective change of a LoRA adapter
+}
 
 
 @dataclass(frozen=True)
@@ -99,153 +54,6 @@ class Previous:
     offsets: dict[str, int]  # where each tensor's data starts in it
     known: int  # checkpoints it covers (K >= 2)
     tensors: dict[str, dict]  # its summary entries
-
-
-@dataclass
-class ChunkBuffers:
-    """What one chunk task folds its results into: the partial sums, and its part of the scene's cells,
-    of the frames and of the row sums. Shared by checkpoint chunks and LoRA chunks (``wdiff.lora``)."""
-
-    interval_sum: np.ndarray  # (T-1,)
-    interval_sumsq: np.ndarray  # (T-1,)
-    sumsq: np.ndarray  # (T,)
-    dist_first: np.ndarray  # (T,)
-    nonfinite: np.ndarray  # (T,) int64
-    cell_row0: int  # the scene's cells: first cell row, cells (or empty), the pooling line
-    cells: np.ndarray
-    line: np.ndarray
-    frame_row0: int  # the frames: first cell row, (intervals, rows, cols) cells, lines, line states
-    frames: np.ndarray
-    frame_lines: np.ndarray
-    frame_states: np.ndarray
-    first_row: int  # the row sums: first row, one float64 per row of the chunk (or empty)
-    rows: np.ndarray
-
-    @classmethod
-    def for_chunk(
-        cls,
-        tensor: AlignedTensor,
-        start: int,
-        stop: int,
-        resume: bool,
-        grid: Grid | None,
-        frame_grid: Grid | None,
-    ) -> ChunkBuffers:
-        count = len(tensor.refs)
-        live = stop > start
-        cell_row0, cells, line = 0, np.empty((0, 0)), np.empty(0)
-        if grid is not None and live:
-            cell_row0, n_rows = grid.cell_rows(start, stop)
-            cells, line = grid.empty(n_rows), kernels.pool_line(grid.rows, grid.cols, grid.mean)
-        intervals = count - 2 if resume else count - 1  # intervals this chunk adds
-        frame_row0, frames, frame_lines = 0, np.empty((0, 0, 0)), np.empty((0, 0))
-        if frame_grid is not None and live and intervals > 0:
-            frame_row0, n_rows = frame_grid.cell_rows(start, stop)
-            frames = frame_grid.empty(intervals, n_rows)
-            line_size = kernels.pool_line(frame_grid.rows, frame_grid.cols, frame_grid.mean).size
-            if intervals * line_size * 8 > FRAME_LINES_BYTES:  # many frames of wide rows: straight to cells
-                line_size = 0
-            frame_lines = np.full((intervals, line_size), 0.0 if frame_grid.mean else -np.inf)
-        row_cols = _row_cols(tensor.shape)
-        first_row = start // row_cols
-        return cls(
-            np.zeros(count - 1), np.zeros(count - 1), np.zeros(count), np.zeros(count),
-            np.zeros(count, np.int64), cell_row0, cells, line, frame_row0, frames, frame_lines,
-            np.full(frames.shape[0], -1, np.int64), first_row,
-            np.zeros((stop - 1) // row_cols - first_row + 1 if live else 0),
-        )  # fmt: skip
-
-    def stats(self, acc_sum: float, acc_max: float, acc_nonfinite: int, nbytes: int):
-        """The chunk's ChunkStats."""
-        return ChunkStats(
-            self.interval_sum, self.interval_sumsq, self.sumsq, self.dist_first, self.nonfinite,
-            float(acc_sum), float(acc_max), nbytes,
-            self.cells if self.cells.size else None, self.cell_row0, int(acc_nonfinite),
-            self.rows if self.rows.size else None, self.first_row,
-            self.frames if self.frames.size else None, self.frame_row0,
-        )  # fmt: skip
-
-
-def pooling_args(grid: Grid | None, frame_grid: Grid | None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """What the kernels take for the scene's and the frames' pooling: both grids' dimensions (zeros
-    when there is none) and the pool kind."""
-    dims = grid.dims() if grid is not None else np.zeros(4, np.int64)
-    frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
-    mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
-    return dims, frame_dims, mean
-
-
-def process_chunk(
-    tensor: AlignedTensor,
-    start: int,
-    stop: int,
-    out_path: str,
-    out_offset: int,
-    acc_in: tuple[str, int] | None = None,
-    grid: Grid | None = None,
-    frame_grid: Grid | None = None,
-) -> ChunkStats:
-    """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
-
-    Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
-    writes without the GIL) and returns the partial sums. ``acc_in`` = (path, offset) of earlier
-    results to continue from: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
-    ``kernels.stream_chunk``). ``grid``: pool the accumulated map into the scene's cells on the way;
-    ``frame_grid``: pool every interval's |dW| into cells too (the frames of the training film).
-    """
-    refs = tensor.refs
-    count = len(refs)
-    luts, lut_index = kernels.decode_tables([r.dtype for r in refs])
-    codes = np.array([kernels.decoder_code(r.dtype) for r in refs], np.int8)
-    itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
-    offsets = np.array([r.offset for r in refs], np.int64)
-    block = kernels.block_elements(itemsizes)
-    uniform = len({(c, i) for c, i in zip(codes.tolist(), lut_index.tolist())}) == 1
-    raw = np.empty(1 if uniform else block * int(itemsizes.max()), np.uint8)  # only to decode from
-    weights = kernels.weight_buffers(block, itemsizes)
-    acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
-    b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
-    dims, frame_dims, mean = pooling_args(grid, frame_grid)
-    diff = np.empty(block if b.frames.size else 1, np.float32)
-    totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
-    opened: dict[str, int] = {}
-    try:
-        for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
-            if path not in opened:
-                opened[path] = os.open(path, os.O_RDONLY)
-        out_fd = os.open(out_path, os.O_WRONLY)
-        opened["\0out"] = out_fd
-        fds = np.array([opened[r.path] for r in refs], np.int32)
-        acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
-        status = kernels.stream_chunk(
-            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-            acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
-            b.dist_first, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
-            _row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
-            b.frame_lines, b.frame_states, diff,
-        )  # fmt: skip
-    except OSError as e:
-        raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
-    finally:
-        for fd in opened.values():
-            os.close(fd)
-    if status < 0:
-        t = -status - 1
-        if t == count:
-            raise WdiffError(out_path, "writing the results failed (disk full?)")
-        if t == count + 1 and acc_in:
-            raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
-        raise WdiffError(
-            refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable"
-        )
-    nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
-    return b.stats(*totals, nbytes)
-
-
-def _row_cols(shape: tuple[int, ...]) -> int:
-    """Elements per row: rows are the first dimension (a neuron, a token, a conv filter); a vector's
-    rows are its elements and a scalar is one row."""
-    return max(1, math.prod(shape[1:])) if len(shape) >= 2 else 1
 
 
 def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
@@ -308,7 +116,7 @@ def combine(
         counts = previous["nonfinite"] + counts[2:]
     cells = frames = rows = None
     if tensor.numel:
-        rows = np.zeros(tensor.numel // _row_cols(tensor.shape))
+        rows = np.zeros(tensor.numel // row_cols(tensor.shape))
         for c in chunks:
             _place(rows, c.rows, c.row0, 0, maximum=False)
     if grid is not None and tensor.numel:
@@ -373,9 +181,7 @@ def build_graph(
     dsk: dict = {}
     chunk_keys, tensor_keys = [], []
     for j, tensor in enumerate(run.tensors):
-        task = process_chunk
-        if isinstance(tensor.refs[0], LoraRef):  # effective LoRA change: B @ A products (wdiff.lora)
-            from wdiff.lora import process_chunk as task
+        task = TASKS[tensor.source]
         entry = None
         acc_in = None
         if previous is not None:

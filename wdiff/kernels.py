@@ -358,7 +358,7 @@ def _fold(code, lut, rows, k0, k1, k2, n, t, rebase, fresh, last, acc, sums, fra
 
 
 @_kernel
-def _decode_block(raw, code, lut, out):
+def decode_block(raw, code, lut, out):
     """``decode_into`` with the decoder chosen by ``code`` (for runs whose dtype changes)."""
     if code == CODE_F32:
         decode_into(raw[: out.size * 4].view(np.float32), lut, out)
@@ -520,7 +520,7 @@ def stream_chunk(
                 if not _read_full(fds[t], raw, nbytes, where):
                     return -(t + 1)
                 out = weights[_slot(t), : n * 4].view(np.float32)
-                _decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
+                decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
             clean = fold_checkpoint(
                 code, lut, weights, t, count, resume, lo, n, acc, sums, fgrid, mean, fcells, fcell_row0,
                 flines, fstates, diff,

@@ -1,10 +1,17 @@
-"""Find a sequence of checkpoints, order it by training step and line up the same tensors across it.
+"""Find a sequence of checkpoints, order it by training step and read each one.
 
-Three shapes of input (FORMATS.md):
+Three shapes of input (docs/formats.md):
 - an HF Trainer output dir: ``checkpoint-<step>/`` folders, ordered by step, ``trainer_state.json`` read;
-- a folder of checkpoints (files or folders) ordered by the step number in their names
-  (``step_900`` before ``step_1000``);
-- an explicit ordered list of checkpoint files or folders.
+- a folder of checkpoints (files or folders of any format ``wdiff.readers`` knows) ordered by the step
+  in their names (``step_900`` before ``step_1000``, ``epoch=2-step=150.ckpt``, ``global_step300/``), or
+  by the step a PyTorch file records when its name has none (Lightning's ``last.ckpt``, counted once);
+  found in the folder itself or, when it has none, in ``checkpoints/`` (accelerate, Lightning);
+- an explicit list of checkpoint files or folders, kept in the user's order (a warning when their
+  steps say otherwise).
+
+Every checkpoint's side files (``config.json``, ``adapter_config.json``, ``trainer_state.json``) are read
+from its folder, or from the folder of a checkpoint file. The sequence is then put together by
+``wdiff.assemble``, the step ``watch`` shares.
 """
 
 from __future__ import annotations
@@ -12,37 +19,36 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
-from wdiff.naming import last_number, network_order
-from wdiff.readers import (
-    TensorRef,
-    has_weights,
-    looks_like_onnx,
-    looks_like_safetensors,
-    missing,
-    read_checkpoint,
-)
+from wdiff.readers import has_weights, is_checkpoint_file, missing, open_checkpoint
 from wdiff.readers.base import read_json
-from wdiff.readers.lora import effective_tensors
-from wdiff.readers.onnx_match import match_sequence
-from wdiff.readers.tied import find_aliases
+from wdiff.readers.lora import read_adapter_config
+from wdiff.readers.tied import ties_embeddings
+from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
+
+__all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped", "fingerprint", "scan", "step_of"]
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# A step named as such wins over other numbers: ``epoch=2-step=150-v1.ckpt`` is step 150.
+_NAMED_STEP = re.compile(r"(?:^|[^a-z])(?:global_?)?steps?[=_-]?(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"(\d+)")
+_SUFFIXES = (".safetensors", ".onnx", ".ckpt", ".pth", ".pt", ".bin")
 TRAINER_STATE = "trainer_state.json"
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """One checkpoint of the sequence: where it is, its training step, its tensors by name."""
-
-    path: str
-    step: int | None
-    tensors: dict[str, TensorRef] = field(repr=False)
-    # Set when ``tensors`` are kept copies (``wdiff watch``): the identity of the original files.
-    known_fingerprint: str | None = field(default=None, repr=False)
+def step_of(name: str) -> int | None:
+    """The training step a checkpoint's name gives: ``step=N``/``stepN``/``global_stepN`` if
+    present, else the last number (``checkpoint-500``, ``ckpt_000050.pth``); None without one."""
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    named = _NAMED_STEP.findall(name)
+    if named:
+        return int(named[-1])
+    found = _NUMBER.findall(name)
+    return int(found[-1]) if found else None
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:
@@ -53,7 +59,9 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     if checkpoint.known_fingerprint is not None:
         return checkpoint.known_fingerprint
     digest = hashlib.sha256()
-    for path in sorted({r.path for r in checkpoint.tensors.values()}):
+    files = {r.path for r in checkpoint.tensors.values()}
+    files |= {p.path for r in checkpoint.tensors.values() for p in getattr(r, "pieces", ())}
+    for path in sorted(files):
         try:
             st = os.stat(path)
         except OSError as e:  # e.g. save_total_limit deleted it since the scan
@@ -62,68 +70,25 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     return digest.hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class AlignedTensor:
-    """The same tensor in every checkpoint: ``refs[t]`` locates it in checkpoint ``t``."""
-
-    name: str
-    shape: tuple[int, ...]
-    refs: tuple[TensorRef, ...] = field(repr=False)
-
-    @property
-    def numel(self) -> int:
-        return self.refs[0].numel
-
-    @property
-    def dtypes(self) -> list[str]:
-        return sorted({r.dtype for r in self.refs})
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A tensor left out of the computation, and why (in words a user reads)."""
-
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Run:
-    """A scanned checkpoint sequence, ready to compute: what ``wdiff.scan`` returns."""
-
-    source: str
-    checkpoints: tuple[Checkpoint, ...]
-    tensors: tuple[AlignedTensor, ...]  # computable tensors, network order
-    skipped: tuple[Skipped, ...]
-    trainer_state: dict | None = field(default=None, repr=False)
-    left_out: tuple[Skipped, ...] = ()  # checkpoints left out (by path): a live run's unfinished newest
-    matching: dict | None = field(default=None, repr=False)  # how ONNX names were matched (onnx_match)
-    aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights: name -> other names
-
-    @property
-    def steps(self) -> list[int | None]:
-        return [c.step for c in self.checkpoints]
-
-    @property
-    def bytes_per_pass(self) -> int:
-        """Bytes of checkpoint data one pass over the computable tensors reads."""
-        return sum(r.nbytes for t in self.tensors for r in t.refs)
-
-
-def _load_trainer_state(path: Path) -> dict:
+def load_trainer_state(path: Path) -> dict:
     state = read_json(path, "trainer state")  # bare NaN/Infinity accepted, as json.dumps writes them
     if not isinstance(state, dict):
         raise WdiffError(path, "trainer state is not a JSON object")
     return state
 
 
+def side_folder(path: Path) -> Path:
+    """Where a checkpoint's side files are: the checkpoint folder, or the folder of a checkpoint file."""
+    return path if path.is_dir() else path.parent
+
+
 def _is_checkpoint(path: Path) -> bool:
-    if path.is_dir():
-        return has_weights(path)
-    return path.is_file() and (looks_like_safetensors(path) or looks_like_onnx(path))
+    if path.name.startswith("."):
+        return False
+    return has_weights(path) if path.is_dir() else is_checkpoint_file(path)
 
 
-def _hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+def hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for child in folder.iterdir():
         m = _HF_CHECKPOINT.match(child.name)
@@ -132,27 +97,61 @@ def _hf_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Checkpoint files or folders inside ``folder``, ordered by the step number in their names."""
-    children = sorted(c for c in folder.iterdir() if not c.name.startswith("."))
-    candidates = [c for c in children if _is_checkpoint(c)]
-    if not candidates:
-        return []
-    numbered = []
+def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Checkpoint files or folders inside ``folder``, ordered by the step in their names.
+
+    A file whose name has no number (Lightning's ``last.ckpt``) takes the step the file records; when
+    another checkpoint has that step it is the same checkpoint saved twice, and counted once.
+    """
+    candidates = [c for c in sorted(folder.iterdir()) if _is_checkpoint(c)]
+    numbered: list[tuple[int, Path]] = []
+    unnamed: list[tuple[int, Path]] = []
     for c in candidates:
-        step = last_number(c.name.removesuffix(".safetensors"))
+        step = step_of(c.name)
         if step is None:
-            raise WdiffError(
-                c,
-                "has no step number in its name, so its place in the sequence is unknown; "
-                "pass the checkpoints in order explicitly",
-            )
+            inside = open_checkpoint(c).step if c.is_file() else None
+            if inside is None:
+                raise WdiffError(
+                    c,
+                    "has no step number in its name or inside, so its place in the sequence is unknown; "
+                    "pass the checkpoints in order explicitly",
+                )
+            unnamed.append((inside, c))
+            continue
         numbered.append((step, c))
+    steps = {s for s, _ in numbered}
+    numbered += [(s, c) for s, c in unnamed if s not in steps]
     numbered.sort()
     for (a, pa), (b, pb) in zip(numbered, numbered[1:]):
         if a == b:
             raise WdiffError(folder, f"{pa.name} and {pb.name} have the same step number {a}")
     return numbered
+
+
+def listing(folder: Path) -> list[tuple[int, Path]]:
+    """The checkpoints of a training output folder, ordered by step: ``checkpoint-N/`` folders, else
+    numbered checkpoints in it, else in its ``checkpoints/`` (accelerate, Lightning). ``watch`` lists
+    a folder with this too."""
+    found = hf_checkpoints(folder) or numbered_checkpoints(folder)
+    if not found and (folder / "checkpoints").is_dir():
+        found = numbered_checkpoints(folder / "checkpoints")
+    return found
+
+
+def _explicit_step(path: Path) -> int | None:
+    """The step of a checkpoint named on the command line: its ``trainer_state.json``, its name, then
+    its folder's ``trainer_state.json`` or name (``checkpoint-50/model.safetensors``)."""
+    folder = side_folder(path)
+    for candidate in ([path] if path.is_dir() else [path, folder]):
+        state = candidate / TRAINER_STATE
+        if candidate.is_dir() and state.is_file():
+            step = load_trainer_state(state).get("global_step")
+            if isinstance(step, int) and not isinstance(step, bool):
+                return step
+        named = step_of(candidate.name)
+        if named is not None:
+            return named
+    return None
 
 
 def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bool]:
@@ -161,35 +160,34 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bo
     # An output dir may hold the final model beside its checkpoint-N folders (``trainer.save_model()``
     # into output_dir, PEFT adapters included): the checkpoint folders are the sequence.
     run_dir = len(inputs) == 1 and inputs[0].is_dir()
-    hf = _hf_checkpoints(inputs[0]) if run_dir else []
+    hf = hf_checkpoints(inputs[0]) if run_dir else []
     live = run_dir and (not has_weights(inputs[0]) or bool(hf))
     if live:
-        folder = inputs[0]
-        pairs: list[tuple[int | None, Path]] = list(hf or _numbered_checkpoints(folder))
-        if not pairs and (folder / "checkpoints").is_dir():  # accelerate project_dir, automatic naming
-            pairs = list(_numbered_checkpoints(folder / "checkpoints"))
+        pairs: list[tuple[int | None, Path]] = list(listing(inputs[0]))
         if not pairs:
-            raise WdiffError(folder, "no checkpoints found (no checkpoint-N folders, no safetensors)")
-    else:
-        for p in inputs:
-            if not p.exists():
-                raise WdiffError(p, missing(p))
-        pairs = []
-        for p in inputs:
-            state = p / TRAINER_STATE if p.is_dir() else None
-            step = None
-            if state is not None and state.is_file():
-                step = _load_trainer_state(state).get("global_step")
-            if not isinstance(step, int):
-                m = _HF_CHECKPOINT.match(p.name)
-                step = int(m.group(1)) if m else last_number(p.name.removesuffix(".safetensors"))
-            pairs.append((step, p))
-    return pairs, live
+            raise WdiffError(
+                inputs[0], "no checkpoints found (no checkpoint-N folders, no safetensors, ONNX or PyTorch files)"
+            )
+        return pairs, live
+    for p in inputs:
+        if not p.exists():
+            raise WdiffError(p, missing(p))
+    return [(_explicit_step(p), p) for p in inputs], live
+
+
+def _out_of_order(checkpoints: Sequence[Checkpoint]) -> list[Skipped]:
+    """A warning for each checkpoint given after one with a later step (the order given is kept)."""
+    known = [c for c in checkpoints if c.step is not None]
+    return [
+        Skipped(b.path, f"given after {a.path} (step {a.step}) but its step is {b.step}: kept in the order given")
+        for a, b in zip(known, known[1:])
+        if b.step < a.step  # type: ignore[operator]
+    ]
 
 
 def _unfinished(path: Path, expect_state: bool) -> str | None:
-    """Why a checkpoint folder of a live training run is not complete yet (FORMATS.md: the HF Trainer
-    writes ``trainer_state.json`` last and has no temp-folder-then-rename), or None."""
+    """Why a checkpoint folder of a live training run is not complete yet (docs/formats.md: the HF
+    Trainer writes ``trainer_state.json`` last and has no temp-folder-then-rename), or None."""
     if not (expect_state and path.is_dir()):
         return None
     state = path / TRAINER_STATE
@@ -198,23 +196,44 @@ def _unfinished(path: Path, expect_state: bool) -> str | None:
     return None
 
 
+def read_one(step: int | None, path: Path, expect_state: bool = False, newest: bool = False) -> Checkpoint:
+    """Read one checkpoint with its side files: the tensors, the adapter config, the tie flag.
+
+    ``expect_state``: the run writes ``trainer_state.json`` (last), so a folder without one is not
+    complete yet; nor is the ``newest`` one while that file does not parse.
+    """
+    problem = _unfinished(path, expect_state)
+    if problem is not None:
+        raise WdiffError(path, problem)
+    if newest and expect_state and path.is_dir():
+        load_trainer_state(path / TRAINER_STATE)  # half-written JSON: still being saved
+    contents = open_checkpoint(path)
+    folder = side_folder(path)
+    if step is None:
+        step = contents.step
+    return Checkpoint(
+        str(path), step, contents.tensors, adapter=read_adapter_config(folder), tied=ties_embeddings(folder),
+        state_key=contents.state_key, skipped=contents.skipped,
+    )  # fmt: skip
+
+
+def expects_state(pairs: Sequence[tuple[int | None, Path]]) -> bool:
+    """Whether a live run writes ``trainer_state.json`` into its checkpoint folders."""
+    return any((p / TRAINER_STATE).is_file() for _, p in pairs if p.is_dir())
+
+
 def _read_checkpoints(
     pairs: Sequence[tuple[int | None, Path]], live: bool
 ) -> tuple[list[Checkpoint], list[Skipped]]:
     """Read every checkpoint. In a folder training may still write into, the newest one failing
     (no trainer_state.json yet, a shard missing or failing validation) is left out with a reason;
     any older one failing is an error: something broke it after it was complete."""
-    expect_state = live and any((p / TRAINER_STATE).is_file() for _, p in pairs if p.is_dir())
+    expect_state = live and expects_state(pairs)
     checkpoints, left_out = [], []
     for i, (step, p) in enumerate(pairs):
         newest = live and i == len(pairs) - 1 and len(pairs) > 2
         try:
-            problem = _unfinished(p, expect_state)
-            if problem is not None:
-                raise WdiffError(p, problem)
-            if newest and expect_state and p.is_dir():
-                _load_trainer_state(p / TRAINER_STATE)  # half-written JSON: still being saved
-            checkpoints.append(Checkpoint(str(p), step, read_checkpoint(p)))
+            checkpoints.append(read_one(step, p, expect_state, newest))
         except WdiffError as e:
             if not newest:
                 raise
@@ -222,27 +241,11 @@ def _read_checkpoints(
     return checkpoints, left_out
 
 
-def _align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
-    names = set().union(*(c.tensors for c in checkpoints))
-    aligned, skipped = [], []
-    for name in network_order(list(names)):
-        refs = [c.tensors.get(name) for c in checkpoints]
-        missing = [c.path for c, r in zip(checkpoints, refs) if r is None]
-        if missing:
-            skipped.append(Skipped(name, f"missing from {len(missing)} checkpoint(s), first {missing[0]}"))
-            continue
-        shapes = {r.shape for r in refs if r is not None}
-        if len(shapes) > 1:
-            where = ", ".join(str(list(s)) for s in sorted(shapes))
-            skipped.append(Skipped(name, f"changes shape across checkpoints: {where}"))
-            continue
-        kinds = {r.kind for r in refs if r is not None}
-        not_float = sorted(k.code for k in kinds if not k.is_float)
-        if not_float:
-            skipped.append(Skipped(name, f"dtype {'/'.join(not_float)} is not a float: not computed"))
-            continue
-        aligned.append(AlignedTensor(name, refs[0].shape, tuple(refs)))  # type: ignore[arg-type]
-    return aligned, skipped
+def trainer_state(checkpoints: Sequence[Checkpoint]) -> dict | None:
+    """The newest ``trainer_state.json`` beside the checkpoints (it holds the whole log history)."""
+    states = [side_folder(Path(c.path)) / TRAINER_STATE for c in checkpoints]
+    states = [s for s in states if s.is_file()]
+    return load_trainer_state(states[-1]) if states else None
 
 
 def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Run:
@@ -263,22 +266,14 @@ def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> R
                 where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
             )
         checkpoints, left_out = _read_checkpoints(pairs, live)
-        renamed, matching = match_sequence([c.tensors for c in checkpoints])
-        checkpoints = [replace(c, tensors=r) for c, r in zip(checkpoints, renamed)]
-        tensors, skipped = _align(checkpoints)
-        tensors, aliases = find_aliases([Path(c.path) for c in checkpoints], tensors)
-        lora, lora_skipped = effective_tensors(checkpoints)
-        by_name = {t.name: t for t in tensors + lora}
-        tensors = [by_name[name] for name in network_order(list(by_name))]
-        skipped = skipped + lora_skipped
-        if not tensors:
+        warnings = [] if live else _out_of_order(checkpoints)
+        assembly = assemble(checkpoints)
+        if not assembly.tensors:
             raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
-        # The newest trainer_state.json holds the whole log history.
-        states = [Path(c.path) / TRAINER_STATE for c in checkpoints]
-        states = [s for s in states if s.parent.is_dir() and s.is_file()]
-        state = _load_trainer_state(states[-1]) if states else None
+        state = trainer_state(checkpoints)
     except OSError as e:  # an unreadable folder met while listing or testing it
         raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
     return Run(
-        source, tuple(checkpoints), tuple(tensors), tuple(skipped), state, tuple(left_out), matching, aliases
-    )
+        source, assembly.checkpoints, assembly.tensors, assembly.skipped, state, tuple(left_out),
+        assembly.matching, assembly.aliases, tuple(warnings),
+    )  # fmt: skip

@@ -27,65 +27,20 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from wdiff import api
+from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
-from wdiff.readers import TensorRef, read_checkpoint
-from wdiff.readers.safetensors import read_header
+from wdiff.kept import keep, read_kept
 from wdiff.results import SUMMARY, Results
-from wdiff.scan import (
-    TRAINER_STATE,
-    Checkpoint,
-    Run,
-    _align,
-    _hf_checkpoints,
-    _load_trainer_state,
-    _numbered_checkpoints,
-    _unfinished,
-    fingerprint,
-)
+from wdiff.scan import expects_state, fingerprint, listing, read_one, trainer_state
+from wdiff.sequence import Checkpoint, Run
 
 KEPT_FIRST = "watch-first.safetensors"
 KEPT_LAST = "watch-last.safetensors"
-_COPY_BLOCK = 1 << 24
-
-
-def copy_tensors(tensors: dict[str, TensorRef], dest: Path) -> None:
-    """Write ``tensors`` into one safetensors file at ``dest``, their bytes exactly as stored.
-
-    The header is laid out like the official writer's (space-padded to a multiple of 8); the bytes
-    move with ``copy_file_range`` in bounded blocks, never through memory whole.
-    """
-    header: dict[str, Any] = {}
-    begin = 0
-    order = sorted(tensors.values(), key=lambda r: r.name)
-    for ref in order:
-        header[ref.name] = {
-            "dtype": ref.dtype,
-            "shape": list(ref.shape),
-            "data_offsets": [begin, begin + ref.nbytes],
-        }
-        begin += ref.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(dest, "wb") as out:
-        out.write(len(raw).to_bytes(8, "little") + raw)
-        out.flush()
-        for ref in order:
-            with open(ref.path, "rb") as src:
-                done = 0
-                while done < ref.nbytes:
-                    n = os.copy_file_range(
-                        src.fileno(), out.fileno(), min(_COPY_BLOCK, ref.nbytes - done), ref.offset + done
-                    )
-                    if n == 0:
-                        raise WdiffError(
-                            ref.path, f"tensor {ref.name!r}: the file shrank while it was copied"
-                        )
-                    done += n
 
 
 def _snapshot(path: Path) -> tuple | None:
@@ -98,11 +53,6 @@ def _snapshot(path: Path) -> tuple | None:
         return tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     except OSError:
         return None
-
-
-def _listing(folder: Path) -> list[tuple[int, Path]]:
-    """The checkpoints in ``folder`` as ``wdiff run`` orders them: (step, path)."""
-    return _hf_checkpoints(folder) or _numbered_checkpoints(folder)
 
 
 @dataclass
@@ -169,12 +119,7 @@ class Watcher:
             if pending.stable < self.settle:
                 continue
             try:
-                problem = _unfinished(path, self._expect_state)  # as scan judges the newest one
-                if problem is not None:
-                    raise WdiffError(path, problem)
-                if self._expect_state and path.is_dir():
-                    _load_trainer_state(path / TRAINER_STATE)  # half-written JSON: still being saved
-                read_checkpoint(path)
+                read_one(step, path, self._expect_state, newest=True)  # as scan judges the newest one
             except WdiffError as e:
                 pending.problem = str(e)
                 continue
@@ -184,10 +129,10 @@ class Watcher:
     def poll(self) -> list[Results]:
         """List the folder once; add every checkpoint that became complete. Returns the updates."""
         last = self.last_step()
-        listing = _listing(self.folder)
+        found = listing(self.folder)
         # Once the run is seen writing trainer_state.json, a checkpoint without one is incomplete.
-        self._expect_state = self._expect_state or any((p / TRAINER_STATE).is_file() for _, p in listing)
-        candidates = [(s, p) for s, p in listing if last is None or s > last]
+        self._expect_state = self._expect_state or expects_state(found)
+        candidates = [(s, p) for s, p in found if last is None or s > last]
         self._pending = {p: v for p, v in self._pending.items() if any(p == c for _, c in candidates)}
         ready = self._complete(candidates)
         updates = []
@@ -218,9 +163,9 @@ class Watcher:
         """Validate a new checkpoint and copy its tensors to ``copy`` beside OUT, which the update
         then reads: the original may be deleted any time now (None: it was already)."""
         try:
-            live = Checkpoint(str(path), step, read_checkpoint(path))
+            live = read_one(step, path)
             identity = fingerprint(live)
-            copy_tensors(live.tensors, copy)
+            keep(live, copy)
             if fingerprint(live) != identity:
                 raise WdiffError(path, "changed while it was copied")
         except (OSError, WdiffError) as e:
@@ -228,8 +173,7 @@ class Watcher:
                 raise
             self.warn(f"{path}: deleted before it could be read, left out ({e})")
             return None
-        kept, _ = read_header(copy)
-        return Checkpoint(str(path), step, kept, known_fingerprint=identity)
+        return read_kept(copy, str(path), step, identity)
 
     def _run(self, run: Run, keep: Callable[[Path], None], **extra: Any) -> Results:
         try:
@@ -240,13 +184,15 @@ class Watcher:
             self.on_update(results)
         return results
 
-    def _assemble(self, checkpoints: list[Checkpoint], newest: Path) -> Run:
-        tensors, skipped = _align(checkpoints)
-        if not tensors:
+    def _assemble(self, checkpoints: list[Checkpoint]) -> Run:
+        """The run over these checkpoints, put together by the assembly step ``wdiff run`` uses."""
+        assembly = assemble(checkpoints)
+        if not assembly.tensors:
             raise WdiffError(self.folder, "no floating-point tensor is present in every checkpoint")
-        state = newest / TRAINER_STATE
-        trainer_state = _load_trainer_state(state) if newest.is_dir() and state.is_file() else None
-        return Run(str(self.folder), tuple(checkpoints), tuple(tensors), tuple(skipped), trainer_state)
+        return Run(
+            str(self.folder), assembly.checkpoints, assembly.tensors, assembly.skipped,
+            trainer_state(checkpoints[-1:]), matching=assembly.matching, aliases=assembly.aliases,
+        )  # fmt: skip
 
     def _start(self, first: tuple[int, Path], second: tuple[int, Path]) -> Results | None:
         """The first results, from the two oldest complete checkpoints (read from their copies,
@@ -255,7 +201,7 @@ class Watcher:
             checkpoints = [self._read(*first, self._first_staged), self._read(*second, self._staged)]
             if None in checkpoints:
                 return None
-            run = self._assemble(checkpoints, second[1])  # type: ignore[arg-type]
+            run = self._assemble(checkpoints)  # type: ignore[arg-type]
 
             def keep(folder: Path) -> None:
                 os.replace(self._first_staged, folder / KEPT_FIRST)
@@ -272,16 +218,17 @@ class Watcher:
         checkpoint = self._read(step, path, self._staged)
         if checkpoint is None:
             return None
-        first, _ = read_header(self.out / KEPT_FIRST)
-        last, _ = read_header(self.out / KEPT_LAST)
         # Checkpoints between W(0) and W(K-1) are not read again (their intervals are in OUT's
         # accumulated map): they stand in with W(K-1)'s tensors, and ``extend_only`` makes sure
         # nothing but an extension of OUT's results can be computed from them.
-        known = [
-            Checkpoint(h["path"], h["step"], first if i == 0 else last, known_fingerprint=h["fingerprint"])
-            for i, h in enumerate(history)
-        ]
-        run = self._assemble([*known, checkpoint], path)
+        first, *middle = history
+        known = [read_kept(self.out / KEPT_FIRST, first["path"], first["step"], first["fingerprint"])]
+        if middle:
+            last = read_kept(self.out / KEPT_LAST, middle[-1]["path"], None, None)
+            known += [
+                replace(last, path=h["path"], step=h["step"], known_fingerprint=h["fingerprint"]) for h in middle
+            ]
+        run = self._assemble([*known, checkpoint])
 
         def keep(folder: Path) -> None:
             api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs

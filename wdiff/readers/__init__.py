@@ -1,7 +1,14 @@
-"""Find the weights of one checkpoint (a file or a folder) and list its tensors.
+"""Find the weights of one checkpoint (a file or a folder) and list its tensors: the one way in.
 
-Formats are recognised by their first bytes, not their suffix. Pickle files (``pytorch_model.bin``,
-``*.pt``) are never unpickled: loading one runs arbitrary code.
+Each format is one module that says whether it can open a path and lists the tensors there (name,
+shape, dtype, where the bytes are); nothing here reads tensor data. A file is recognised by its first
+bytes, never by its suffix alone: safetensors, ONNX, PyTorch's ``torch.save`` zip (read by a restricted
+unpickler that never runs pickle code, ``readers.torch``) and the legacy ``torch.save`` format (refused
+in one line). A folder is a checkpoint when it holds one model's weights: a shard index (safetensors or
+``pytorch_model.bin.index.json``), ``model.safetensors``, one ``*.safetensors``, an accelerate
+``save_state`` with several models, one ONNX model, a torch.distributed.checkpoint (``.metadata`` +
+``*.distcp``), DeepSpeed's ``mp_rank_00_model_states.pt``, ``pytorch_model.bin``/``adapter_model.bin``,
+or one other PyTorch file that is not optimizer, scheduler or RNG state.
 """
 
 from __future__ import annotations
@@ -11,39 +18,41 @@ import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, DType, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, Contents, DType, TensorRef, open_regular
+from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
+from wdiff.readers.torch import looks_like_legacy_torch, looks_like_torch_zip, read_torch
 
 __all__ = [
     "DTYPES",
+    "Contents",
     "DType",
     "TensorRef",
     "find_weights",
     "has_weights",
+    "is_checkpoint_file",
     "looks_like_onnx",
     "looks_like_safetensors",
+    "open_checkpoint",
     "read_checkpoint",
 ]
 
-PICKLE_HINT = (
-    "is a PyTorch pickle, which wdiff never unpickles (loading one can run code); convert it to "
-    'safetensors once where you trust it: python -c "import torch; from safetensors.torch import '
-    "save_file; save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\""
+BIN_INDEX = "pytorch_model.bin.index.json"
+LEGACY_HINT = (
+    "is in the legacy (pre-1.6) torch.save format, which wdiff does not read; convert it once with a "
+    "torch that reads it: torch.save(torch.load('IN', weights_only=True), 'OUT.pt')"
 )
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
-
-
-def _sniff_pickle(path: Path) -> bool:
-    """Torch pickles start with the pickle protocol byte or are zip archives (torch >= 1.6)."""
-    try:
-        with open_regular(path) as f:
-            head = f.read(4)
-    except (OSError, WdiffError):
-        return False
-    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin)$")
+# PyTorch files beside the weights that are not weights (HF Trainer, accelerate, DeepSpeed, Lightning).
+_NOT_WEIGHTS = re.compile(
+    r"^(optimizer|scheduler|scaler|lr_scheduler|training_args|trainer_state|rng_state|random_states"
+    r"|zero_pp_rank_|bf16_zero_pp_rank_|.*optim_states|custom_checkpoint_)",
+    re.IGNORECASE,
+)
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_TORCH_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin", "mp_rank_00_model_states.pt", "model.bin")
 
 
 def missing(path: Path) -> str:
@@ -53,43 +62,82 @@ def missing(path: Path) -> str:
     return "no such file or folder"
 
 
+def is_torch_file(path: Path) -> bool:
+    """A PyTorch file (zip or legacy) whose name does not say it is optimizer, scheduler or RNG state."""
+    return (
+        path.is_file()
+        and _NOT_WEIGHTS.match(path.name) is None
+        and (looks_like_torch_zip(path) or looks_like_legacy_torch(path))
+    )
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """A single file that holds one checkpoint's weights, recognised by its bytes."""
+    if not path.is_file():
+        return False
+    return looks_like_safetensors(path) or looks_like_onnx(path) or is_torch_file(path)
+
+
+def _only(folder: Path, pattern: str, what: str) -> Path | None:
+    """The one file matching ``pattern`` in ``folder``; None if none; an error if several."""
+    found = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:4])
+        raise WdiffError(folder, f"several {what} in one checkpoint folder: {names}")
+    return found[0] if found else None
+
+
 def find_weights(folder: Path) -> Path | None:
-    """The weights entry point of a checkpoint folder: a shard index, a single safetensors file, the
-    folder itself for an accelerate ``save_state`` with several models, or a single ONNX model."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return index
+    """The weights entry point of a checkpoint folder (see the module docstring), the folder itself
+    for an accelerate ``save_state`` with several models and a torch.distributed.checkpoint; None when
+    the folder holds no checkpoint."""
+    for name in (INDEX_NAME, BIN_INDEX):
+        if (folder / name).is_file():
+            return folder / name
     if len(accelerate_models(folder)) > 1:
         return folder
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return single
-    indexes = sorted(folder.glob("*.safetensors.index*.json"))
-    if len(indexes) == 1:
-        return indexes[0]
+    if (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors"
+    index = _only(folder, "*.safetensors.index*.json", "shard indexes")
+    if index is not None:
+        return index
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if len(files) == 1:
-        shard = _SHARD_NAME.search(files[0].name)
-        if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
-            raise WdiffError(
-                files[0], f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
-            )
+        _check_lone_shard(files[0])
         return files[0]
-    if len(files) > 1 or len(indexes) > 1:
-        names = ", ".join(p.name for p in (indexes or files)[:4])
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files[:4])
         raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
-    models = sorted(p for p in folder.glob("*.onnx") if p.is_file())
-    if len(models) == 1:
-        return models[0]
-    if len(models) > 1:
-        raise WdiffError(folder, f"several ONNX models in one checkpoint folder: {models[0].name}, ...")
+    model = _only(folder, "*.onnx", "ONNX models")
+    if model is not None:
+        return model
+    if looks_like_dcp(folder):
+        return folder
+    for name in _TORCH_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    torch_files = sorted(
+        p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES and is_torch_file(p)
+    )  # fmt: skip
+    if len(torch_files) == 1:
+        _check_lone_shard(torch_files[0])
+        return torch_files[0]
+    if len(torch_files) > 1:
+        names = ", ".join(p.name for p in torch_files[:4])
+        raise WdiffError(folder, f"several PyTorch weight files and no shard index: {names}")
     return None
+
+
+def _check_lone_shard(path: Path) -> None:
+    shard = _SHARD_NAME.search(path.name)
+    if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
+        raise WdiffError(path, f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete")
 
 
 def has_weights(folder: Path) -> bool:
     """Does this folder hold the weights of one checkpoint?
 
-    A folder of several unrelated ``.safetensors`` files (no index, no ``model.safetensors``) is not one
+    A folder of several unrelated weight files (no index, no ``model.safetensors``) is not one
     checkpoint: the scanner treats it as a folder of checkpoint files.
     """
     try:
@@ -98,31 +146,62 @@ def has_weights(folder: Path) -> bool:
         return False
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
-    """All tensors of one checkpoint, by name, from a file or a checkpoint folder."""
+def _contents(found: object) -> Contents:
+    """A format module's result as ``Contents`` (the PyTorch readers return the same fields)."""
+    if isinstance(found, Contents):
+        return found
+    return Contents(
+        dict(found.tensors),  # type: ignore[attr-defined]
+        tuple(found.skipped),  # type: ignore[attr-defined]
+        found.state_key,  # type: ignore[attr-defined]
+        found.step,  # type: ignore[attr-defined]
+    )
+
+
+def _read_file(path: Path) -> Contents:
+    """One checkpoint file, by its first bytes."""
+    if looks_like_safetensors(path):
+        tensors, _ = read_header(path)
+        return Contents(tensors)
+    if looks_like_onnx(path) or path.suffix == ".onnx":  # the suffix only once the bytes said nothing
+        return Contents(dict(read_onnx(path)))
+    if looks_like_torch_zip(path):
+        return _contents(read_torch(path))
+    if looks_like_legacy_torch(path):
+        raise WdiffError(path, LEGACY_HINT)
+    # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
+    tensors, _ = read_header(path)
+    return Contents(tensors)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Contents:
+    """Everything a reader finds in one checkpoint, a file or a checkpoint folder."""
     path = Path(path)
     if path.is_dir():
         entry = find_weights(path)
         if entry is None:
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-            weights = [n for n in pickles if n.startswith(("pytorch_model", "model", "adapter_model"))]
-            if weights:
-                raise WdiffError(path / weights[0], PICKLE_HINT)
-            raise WdiffError(path, "no safetensors weights in this folder")
+            raise WdiffError(path, "no weights in this folder (safetensors, ONNX or PyTorch)")
         if entry == path:
-            return read_accelerate(path)
+            if looks_like_dcp(path):
+                return _contents(read_dcp(path))
+            return Contents(read_accelerate(path))
         path = entry
     if not path.exists():
         raise WdiffError(path, missing(path))
     if path.name.endswith(".json"):
-        return read_sharded(path)
-    if looks_like_safetensors(path):
-        tensors, _ = read_header(path)
-        return tensors
-    if looks_like_onnx(path) or path.suffix == ".onnx":  # the suffix only once the bytes said nothing
-        return dict(read_onnx(path))
-    if _sniff_pickle(path):
-        raise WdiffError(path, PICKLE_HINT)
-    # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
-    tensors, _ = read_header(path)
-    return tensors
+        shards: dict[Path, Contents] = {}
+
+        def shard_tensors(shard: Path) -> dict[str, TensorRef]:
+            shards[shard] = _read_file(shard)
+            return shards[shard].tensors
+
+        tensors = read_sharded(path, shard_tensors)
+        skipped = tuple(s for c in shards.values() for s in c.skipped)
+        keys = {c.state_key for c in shards.values()}
+        return Contents(tensors, skipped, keys.pop() if len(keys) == 1 else None)
+    return _read_file(path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, TensorRef]:
+    """All tensors of one checkpoint, by name, from a file or a checkpoint folder."""
+    return open_checkpoint(path).tensors

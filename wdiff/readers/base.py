@@ -159,3 +159,14 @@ class Skipped:
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a reader found in one checkpoint: its tensors, what it saw but could not read, and for a
+    pickled checkpoint where the weights were (``state_key``) and the training step it records."""
+
+    tensors: dict[str, TensorRef]
+    skipped: tuple[Skipped, ...] = ()
+    state_key: str | None = None
+    step: int | None = None

@@ -8,7 +8,7 @@ A PEFT checkpoint holds ``adapter_model.safetensors`` + ``adapter_config.json``.
 ``lora_embedding_B`` (dim, r)) are always transposed; conv adapters flatten A's trailing dimensions.
 
 This module only pairs A with B and works out each checkpoint's scale and orientation from the
-tensors' headers (``LoraRef``); ``wdiff.lora`` computes the products chunk by chunk. The effective
+tensors' headers (``LoraRef``); ``wdiff.blocks`` computes the products chunk by chunk. The effective
 tensor is named like the base weight it changes: ``base_model.model.`` stripped, ``lora_A``/``lora_B``
 and the adapter name dropped, ending in ``.weight``.
 """
@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from wdiff.readers.base import TensorRef, read_json
 
+from wdiff.readers.base import Skipped
+
 if TYPE_CHECKING:
-    from wdiff.scan import AlignedTensor, Checkpoint, Skipped
+    from wdiff.sequence import AlignedTensor, Checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(
@@ -47,14 +49,13 @@ class LoraRef(TensorRef):
     transpose: bool
 
 
-def _config(checkpoint: Checkpoint) -> tuple[dict | None, Path | None]:
-    path = Path(checkpoint.path)
-    folder = path if path.is_dir() else path.parent
+def read_adapter_config(folder: Path) -> dict | None:
+    """The ``adapter_config.json`` of a PEFT checkpoint folder (None when there is none)."""
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
-        return None, None
+        return None
     config = read_json(config_path, "adapter config")
-    return (config if isinstance(config, dict) else None), config_path
+    return config if isinstance(config, dict) else None
 
 
 def _pattern_value(patterns: object, module: str, default: object) -> object:
@@ -113,10 +114,10 @@ def _effective(
 
 def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
     """The effective weight change of every module adapted in every checkpoint of a PEFT LoRA run."""
-    from wdiff.scan import AlignedTensor, Skipped
+    from wdiff.sequence import AlignedTensor
 
-    configs = [_config(c) for c in checkpoints]
-    if any(c is None for c, _ in configs):
+    configs = [c.adapter for c in checkpoints]
+    if any(c is None for c in configs):
         return [], []
     per_checkpoint = [_pairs(c.tensors) for c in checkpoints]
     keys = sorted(set().union(*per_checkpoint), key=lambda k: (k[0], k[1] or "", k[2]))
@@ -131,12 +132,13 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
             skipped.append(Skipped(label, "effective LoRA change: a stored tensor has the same name"))
             continue
         refs, why = [], ""
-        for checkpoint, pairs, (config, config_path) in zip(checkpoints, per_checkpoint, configs):
+        for checkpoint, pairs, config in zip(checkpoints, per_checkpoint, configs):
             assert config is not None
             peft_type = str(config.get("peft_type", "LORA")).upper()
             pair = pairs.get((module, adapter, embedding), {})
             if peft_type != "LORA" or config.get("use_dora"):
-                why = f"{config_path}: {'DoRA' if config.get('use_dora') else peft_type} adapters change the weight differently: effective change not computed"  # noqa: E501
+                kind = "DoRA" if config.get("use_dora") else peft_type
+                why = f"{checkpoint.path}: {kind} adapters change the weight differently: effective change not computed"  # noqa: E501
             elif "A" not in pair or "B" not in pair:
                 why = f"lora_A or lora_B missing from {checkpoint.path}"
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
@@ -153,8 +154,17 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     return tensors, metadata
 
 
-def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
-    """Tensors of a sharded checkpoint, through its ``*.safetensors.index.json``."""
+def _shard_header(path: Path) -> dict[str, TensorRef]:
+    tensors, _ = read_header(path)
+    return tensors
+
+
+def read_sharded(
+    index_path: str | os.PathLike[str],
+    read_shard: Callable[[Path], dict[str, TensorRef]] = _shard_header,
+) -> dict[str, TensorRef]:
+    """Tensors of a sharded checkpoint, through its index (``model.safetensors.index.json``, or HF's
+    ``pytorch_model.bin.index.json`` of the same shape, with ``read_shard`` reading a PyTorch shard)."""
     index_path = Path(index_path)
     folder = index_path.parent.resolve()
     index = read_json(index_path, "shard index")
@@ -176,7 +186,7 @@ def read_sharded(index_path: str | os.PathLike[str]) -> dict[str, TensorRef]:
             raise WdiffError(index_path, f"shard path {shown(shard)} leaves the checkpoint folder")
         if not candidate.is_file():
             raise WdiffError(index_path, f"shard {shown(shard)} named in weight_map does not exist")
-        shards[shard], _ = read_header(candidate)
+        shards[shard] = read_shard(candidate)
 
     tensors: dict[str, TensorRef] = {}
     for name, shard in weight_map.items():

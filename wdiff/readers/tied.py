@@ -13,14 +13,15 @@ Two ways a checkpoint says a tensor is shared (FORMATS.md):
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wdiff.errors import WdiffError
+from wdiff.readers.base import read_json
+
 if TYPE_CHECKING:
-    from wdiff.scan import AlignedTensor
+    from wdiff.sequence import AlignedTensor
 
 OUTPUT_EMBEDDING = "lm_head.weight"
 _INPUT_EMBEDDING = re.compile(
@@ -28,10 +29,15 @@ _INPUT_EMBEDDING = re.compile(
 )
 
 
-def _ties_embeddings(folder: Path) -> bool:
+def ties_embeddings(folder: Path) -> bool:
+    """Whether the ``config.json`` in a checkpoint folder says the output embedding is tied to the
+    input one (a missing or unreadable config says nothing)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        config = read_json(config_path, "model config")
+    except WdiffError:
         return False
     if not isinstance(config, dict):
         return False
@@ -43,17 +49,18 @@ def _ties_embeddings(folder: Path) -> bool:
 
 
 def find_aliases(
-    folders: Sequence[Path], tensors: list[AlignedTensor]
+    tied: bool, tensors: list[AlignedTensor]
 ) -> tuple[list[AlignedTensor], dict[str, list[str]]]:
     """Drop the aliases of tensors stored once; return the kept tensors and name -> its aliases.
 
-    ``tensors`` are in network order; the first name of a group is kept.
+    ``tensors`` are in network order; the first name of a group is kept. ``tied``: the newest
+    checkpoint's config says ``tie_word_embeddings``.
     """
     kept: list[AlignedTensor] = []
     aliases: dict[str, list[str]] = {}
     by_storage: dict[tuple, str] = {}
     for tensor in tensors:
-        key = tuple((r.path, r.offset, r.nbytes, r.dtype, r.shape) for r in tensor.refs)
+        key = tuple((r.path, r.offset, r.nbytes, r.dtype, r.shape, getattr(r, "pieces", ())) for r in tensor.refs)
         if tensor.refs[0].nbytes == 0:  # empty tensors share offsets without sharing anything
             kept.append(tensor)
             continue
@@ -63,7 +70,7 @@ def find_aliases(
         else:
             aliases.setdefault(owner, []).append(tensor.name)
     names = {t.name for t in kept} | {a for group in aliases.values() for a in group}
-    if OUTPUT_EMBEDDING not in names and folders and folders[-1].is_dir() and _ties_embeddings(folders[-1]):
+    if OUTPUT_EMBEDDING not in names and tied:
         embeddings = [t.name for t in kept if _INPUT_EMBEDDING.search(t.name) and len(t.shape) == 2]
         if len(embeddings) == 1:
             aliases.setdefault(embeddings[0], []).append(OUTPUT_EMBEDDING)

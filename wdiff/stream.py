@@ -1,0 +1,84 @@
+"""The chunk task for tensors stored as one byte range per checkpoint (``TensorRef.source == "bytes"``):
+safetensors, ONNX raw and external data, PyTorch storages. The hot path: the Numba driver
+``kernels.stream_chunk`` reads, decodes, accumulates and writes without the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from wdiff import kernels
+from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
+from wdiff.errors import WdiffError
+from wdiff.sequence import AlignedTensor
+
+
+def process_chunk(
+    tensor: AlignedTensor,
+    start: int,
+    stop: int,
+    out_path: str,
+    out_offset: int,
+    acc_in: tuple[str, int] | None = None,
+    grid: Grid | None = None,
+    frame_grid: Grid | None = None,
+) -> ChunkStats:
+    """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
+
+    Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
+    writes without the GIL) and returns the partial sums. ``acc_in`` = (path, offset) of earlier
+    results to continue from: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
+    ``kernels.stream_chunk``). ``grid``: pool the accumulated map into the scene's cells on the way;
+    ``frame_grid``: pool every interval's |dW| into cells too (the frames of the training film).
+    """
+    refs = tensor.refs
+    count = len(refs)
+    luts, lut_index = kernels.decode_tables([r.dtype for r in refs])
+    codes = np.array([kernels.decoder_code(r.dtype) for r in refs], np.int8)
+    itemsizes = np.array([r.kind.bits // 8 for r in refs], np.int64)
+    offsets = np.array([r.offset for r in refs], np.int64)
+    block = kernels.block_elements(itemsizes)
+    uniform = len({(c, i) for c, i in zip(codes.tolist(), lut_index.tolist())}) == 1
+    raw = np.empty(1 if uniform else block * int(itemsizes.max()), np.uint8)  # only to decode from
+    weights = kernels.weight_buffers(block, itemsizes)
+    acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
+    b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
+    dims, frame_dims, mean = pooling_args(grid, frame_grid)
+    diff = np.empty(block if b.frames.size else 1, np.float32)
+    totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
+    opened: dict[str, int] = {}
+    try:
+        for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
+            if path not in opened:
+                opened[path] = os.open(path, os.O_RDONLY)
+        out_fd = os.open(out_path, os.O_WRONLY)
+        opened["\0out"] = out_fd
+        fds = np.array([opened[r.path] for r in refs], np.int32)
+        acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
+        status = kernels.stream_chunk(
+            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
+            acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
+            b.dist_first, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
+            row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
+            b.frame_lines, b.frame_states, diff,
+        )  # fmt: skip
+    except OSError as e:
+        raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+    if status < 0:
+        t = -status - 1
+        if t == count:
+            raise WdiffError(out_path, "writing the results failed (disk full?)")
+        if t == count + 1 and acc_in:
+            raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
+        raise WdiffError(
+            refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable"
+        )
+    nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
+    return b.stats(*totals, nbytes)
+
+
