@@ -50,14 +50,14 @@ def keep(checkpoint: Checkpoint, dest: Path) -> None:
     """
     owners: dict[tuple, str] = {}
     shared: dict[str, str] = {}
-    stored: list[TensorRef] = []
+    stored: list[tuple[str, TensorRef]] = []  # by the checkpoint's name (a ref may carry its file's name)
     for name in sorted(checkpoint.tensors):
         ref = checkpoint.tensors[name]
         owner = owners.setdefault(_storage(ref), name) if ref.nbytes else name
         if owner != name:
             shared[name] = owner
         else:
-            stored.append(ref)
+            stored.append((name, ref))
     facts: dict[str, Any] = {
         "shared": shared,
         "onnx": {
@@ -72,17 +72,21 @@ def keep(checkpoint: Checkpoint, dest: Path) -> None:
     }
     header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(facts)}}
     begin = 0
-    for ref in stored:
-        header[ref.name] = {"dtype": ref.dtype, "shape": list(ref.shape), "data_offsets": [begin, begin + ref.nbytes]}
+    for name, ref in stored:
+        header[name] = {
+            "dtype": ref.dtype,
+            "shape": list(ref.shape),
+            "data_offsets": [begin, begin + ref.nbytes],
+        }
         begin += ref.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(dest, "wb") as out:
         out.write(len(raw).to_bytes(8, "little") + raw)
         out.flush()
-        for ref in stored:
+        for name, ref in stored:
             for path, offset, nbytes in _ranges(ref):
-                _copy(ref.name, path, offset, nbytes, out.fileno())
+                _copy(name, path, offset, nbytes, out.fileno())
 
 
 def _copy(name: str, path: str, offset: int, nbytes: int, out: int) -> None:
@@ -95,9 +99,7 @@ def _copy(name: str, path: str, offset: int, nbytes: int, out: int) -> None:
             done += n
 
 
-def read_kept(
-    path: Path, original: str, step: int | None, fingerprint: str | None
-) -> Checkpoint:
+def read_kept(path: Path, original: str, step: int | None, fingerprint: str | None) -> Checkpoint:
     """The checkpoint kept at ``path`` (by :func:`keep`), as the original at ``original`` was read."""
     tensors, metadata = read_header(path)
     try:

@@ -142,7 +142,7 @@ def _explicit_step(path: Path) -> int | None:
     """The step of a checkpoint named on the command line: its ``trainer_state.json``, its name, then
     its folder's ``trainer_state.json`` or name (``checkpoint-50/model.safetensors``)."""
     folder = side_folder(path)
-    for candidate in ([path] if path.is_dir() else [path, folder]):
+    for candidate in [path] if path.is_dir() else [path, folder]:
         state = candidate / TRAINER_STATE
         if candidate.is_dir() and state.is_file():
             step = load_trainer_state(state).get("global_step")
@@ -166,7 +166,8 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bo
         pairs: list[tuple[int | None, Path]] = list(listing(inputs[0]))
         if not pairs:
             raise WdiffError(
-                inputs[0], "no checkpoints found (no checkpoint-N folders, no safetensors, ONNX or PyTorch files)"
+                inputs[0],
+                "no checkpoints found (no checkpoint-N folders, no safetensors, ONNX or PyTorch files)",
             )
         return pairs, live
     for p in inputs:
@@ -179,7 +180,9 @@ def _out_of_order(checkpoints: Sequence[Checkpoint]) -> list[Skipped]:
     """A warning for each checkpoint given after one with a later step (the order given is kept)."""
     known = [c for c in checkpoints if c.step is not None]
     return [
-        Skipped(b.path, f"given after {a.path} (step {a.step}) but its step is {b.step}: kept in the order given")
+        Skipped(
+            b.path, f"given after {a.path} (step {a.step}) but its step is {b.step}: kept in the order given"
+        )
         for a, b in zip(known, known[1:])
         if b.step < a.step  # type: ignore[operator]
     ]

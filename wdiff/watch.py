@@ -226,7 +226,8 @@ class Watcher:
         if middle:
             last = read_kept(self.out / KEPT_LAST, middle[-1]["path"], None, None)
             known += [
-                replace(last, path=h["path"], step=h["step"], known_fingerprint=h["fingerprint"]) for h in middle
+                replace(last, path=h["path"], step=h["step"], known_fingerprint=h["fingerprint"])
+                for h in middle
             ]
         run = self._assemble([*known, checkpoint])
 

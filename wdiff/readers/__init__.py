@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, Contents, DType, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, Contents, DType, TensorRef
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
@@ -131,7 +131,9 @@ def find_weights(folder: Path) -> Path | None:
 def _check_lone_shard(path: Path) -> None:
     shard = _SHARD_NAME.search(path.name)
     if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
-        raise WdiffError(path, f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete")
+        raise WdiffError(
+            path, f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
+        )
 
 
 def has_weights(folder: Path) -> bool:

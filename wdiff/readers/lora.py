@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from wdiff.readers.base import TensorRef, read_json
-
-from wdiff.readers.base import Skipped
+from wdiff.readers.base import Skipped, TensorRef, read_json
 
 if TYPE_CHECKING:
     from wdiff.sequence import AlignedTensor, Checkpoint

@@ -60,7 +60,9 @@ def find_aliases(
     aliases: dict[str, list[str]] = {}
     by_storage: dict[tuple, str] = {}
     for tensor in tensors:
-        key = tuple((r.path, r.offset, r.nbytes, r.dtype, r.shape, getattr(r, "pieces", ())) for r in tensor.refs)
+        key = tuple(
+            (r.path, r.offset, r.nbytes, r.dtype, r.shape, getattr(r, "pieces", ())) for r in tensor.refs
+        )
         if tensor.refs[0].nbytes == 0:  # empty tensors share offsets without sharing anything
             kept.append(tensor)
             continue

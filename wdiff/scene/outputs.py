@@ -60,7 +60,7 @@ def write_outputs(
         files += write_film(folder, folder / FRAMES, built, run_name, steps, options)
     if options.html:
         step("html")
-        from wdiff.scene.html import write_html
+        from wdiff.scene.webview import write_html
 
         write_html(built, colors.scale, folder / HTML, title, options.html_points)
         files.append(HTML)
