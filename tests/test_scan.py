@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,39 @@ def test_broken_trainer_state_names_the_file(tmp_path):
     with pytest.raises(WdiffError, match="checkpoint-2/trainer_state.json: trainer state is not valid JSON"):
         scan(root)
     json.loads((root / "checkpoint-1" / "trainer_state.json").read_text(), parse_constant=float)
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "digits-gpt2"
+
+
+def test_explicit_files_take_their_steps_and_side_files_from_their_folders(tmp_path):
+    files = [SAMPLE / f"checkpoint-{s}" / "model.safetensors" for s in (50, 100, 400)]
+    run = scan(files)
+    assert run.steps == [50, 100, 400]
+    assert run.aliases == {"transformer.wte.weight": ["lm_head.weight"]}  # config.json beside the file
+    assert run.trainer_state is not None and run.trainer_state["global_step"] == 400
+    assert run.warnings == ()
+    same = scan([f.parent for f in files])
+    assert [t.name for t in same.tensors] == [t.name for t in run.tensors] and same.steps == run.steps
+
+
+def test_an_explicit_list_out_of_step_order_is_kept_with_a_warning(tmp_path):
+    files = [SAMPLE / f"checkpoint-{s}" / "model.safetensors" for s in (150, 50, 100)]
+    run = scan(files)
+    assert run.steps == [150, 50, 100]  # the user's order
+    (warning,) = run.warnings
+    assert (
+        warning.name == str(files[1]) and "step is 50" in warning.reason and "order given" in warning.reason
+    )
+
+
+def test_a_named_step_wins_over_other_numbers():
+    from wdiff.scan import step_of
+
+    assert step_of("epoch=2-step=150-v1.ckpt") == 150
+    assert step_of("global_step300") == 300
+    assert step_of("checkpoint-500") == 500
+    assert step_of("ckpt_000050.pth") == 50
+    assert step_of("model_epoch10_step500.pt") == 500
+    assert step_of("step-1000") == 1000
+    assert step_of("last.ckpt") is None
