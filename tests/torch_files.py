@@ -122,7 +122,9 @@ def save_dcp_sharded(
     so each has one chunk per rank, in that rank's ``__R_0.distcp``. One spawn writes every folder."""
     import torch.multiprocessing as mp
 
-    jobs = [(str(folder), {n: np.array(a) for n, a in tensors.items()}) for folder, tensors in checkpoints.items()]
+    jobs = [
+        (str(folder), {n: np.array(a) for n, a in tensors.items()}) for folder, tensors in checkpoints.items()
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         mp.spawn(_sharded_worker, args=(world, store, jobs, dict(shard_dims or {}), key), nprocs=world)
