@@ -171,7 +171,7 @@ def _pickle_folder(tmp: Path) -> tuple[list[Path], Path]:
     good = tmp / "step-1"
     _good(good, "model.safetensors")
     (tmp / "step-2").mkdir()
-    (tmp / "step-2" / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # torch zip pickle
+    (tmp / "step-2" / "pytorch_model.bin").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # a zip, no torch records
     return [good, tmp / "step-2"], tmp / "step-2" / "pytorch_model.bin"
 
 
@@ -231,7 +231,7 @@ ERRORS: dict[str, tuple[Callable[[Path], tuple[list[Path], Path]], str]] = {
     "empty folder": (_empty_folder, "no checkpoints found"),
     "one checkpoint": (_one_checkpoint, "found 1 checkpoint(s)"),
     "pickle named .safetensors": (_pickle_named_safetensors, "never unpickles"),
-    "folder holding only a pickle": (_pickle_folder, "never unpickles"),
+    "folder holding a zip that is not a torch file": (_pickle_folder, "not a torch.save file"),
     "symlink loop": (_symlink_loop, "symlink loop"),
     "named pipe": (_fifo, "not a regular file"),
     "unreadable file (chmod 000)": (_unreadable, "Permission denied"),

@@ -82,12 +82,14 @@ def test_single_file_and_sharded_checkpoints_in_one_run(tmp_path):
     _check_all(res, seq)
 
 
-def test_pickled_checkpoints_are_refused_with_a_conversion_hint(tmp_path):
+def test_a_zip_that_is_not_a_torch_file_is_refused_in_one_line(tmp_path):
     for step in (1, 2):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a torch zip pickle")
-    with pytest.raises(WdiffError, match=r"pytorch_model\.bin.*never unpickles.*save_file"):
+        (folder / "pytorch_model.bin").write_bytes(b"PK\x03\x04 a zip, not from torch.save")
+    with pytest.raises(
+        WdiffError, match=r"checkpoint-1/pytorch_model\.bin: is a zip archive but not a torch.save"
+    ):
         scan(tmp_path)
 
 

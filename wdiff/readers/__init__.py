@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, Contents, DType, TensorRef
+from wdiff.readers.base import DTYPES, Contents, DType, TensorRef, open_regular
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
@@ -43,6 +43,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 LEGACY_HINT = (
     "is in the legacy (pre-1.6) torch.save format, which wdiff does not read; convert it once with a "
     "torch that reads it: torch.save(torch.load('IN', weights_only=True), 'OUT.pt')"
+)
+RAW_PICKLE = (
+    "is a raw pickle, not a torch.save file: wdiff never unpickles arbitrary objects (loading one can run "
+    "code); save the state dict with torch.save or safetensors"
 )
 _SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin)$")
 # PyTorch files beside the weights that are not weights (HF Trainer, accelerate, DeepSpeed, Lightning).
@@ -160,6 +164,14 @@ def _contents(found: object) -> Contents:
     )
 
 
+def _head(path: Path) -> bytes:
+    try:
+        with open_regular(path) as f:
+            return f.read(4)
+    except (OSError, WdiffError):
+        return b""
+
+
 def _read_file(path: Path) -> Contents:
     """One checkpoint file, by its first bytes."""
     if looks_like_safetensors(path):
@@ -171,6 +183,15 @@ def _read_file(path: Path) -> Contents:
         return _contents(read_torch(path))
     if looks_like_legacy_torch(path):
         raise WdiffError(path, LEGACY_HINT)
+    head = _head(path)
+    if head.startswith(b"PK\x03\x04"):
+        raise WdiffError(
+            path,
+            "is a zip archive but not a torch.save file (its first entry is not ARCHIVE/data.pkl or a "
+            "storage)",
+        )
+    if head.startswith(b"\x80"):
+        raise WdiffError(path, RAW_PICKLE)
     # Not recognised by its bytes: let the safetensors parser say precisely what is wrong.
     tensors, _ = read_header(path)
     return Contents(tensors)
