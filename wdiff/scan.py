@@ -130,11 +130,20 @@ def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def listing(folder: Path) -> list[tuple[int, Path]]:
     """The checkpoints of a training output folder, ordered by step: ``checkpoint-N/`` folders, else
-    numbered checkpoints in it, else in its ``checkpoints/`` (accelerate, Lightning). ``watch`` lists
-    a folder with this too."""
+    numbered checkpoints in it, else in its ``checkpoints/`` (accelerate, Lightning's ``dirpath``),
+    else in Lightning's default ``lightning_logs/version_N/checkpoints/`` when one version has them.
+    ``watch`` lists a folder with this too."""
     found = hf_checkpoints(folder) or numbered_checkpoints(folder)
     if not found and (folder / "checkpoints").is_dir():
         found = numbered_checkpoints(folder / "checkpoints")
+    if not found and (folder / "lightning_logs").is_dir():
+        versions = sorted(p for p in (folder / "lightning_logs").glob("version_*/checkpoints") if p.is_dir())
+        listed = [(v, numbered_checkpoints(v)) for v in versions]
+        listed = [(v, found) for v, found in listed if found]
+        if len(listed) > 1:
+            names = ", ".join(str(v.relative_to(folder)) for v, _ in listed[:3])
+            raise WdiffError(folder, f"several Lightning runs ({names}): point wdiff at one of them")
+        found = listed[0][1] if listed else []
     return found
 
 
