@@ -610,14 +610,18 @@ def _tensor(
     numel = math.prod(entry.shape)
     plans = [(chunk, *_runs(entry.shape, chunk)) for chunk in entry.chunks]
     pieces_total = sum(count for _, _, count, _ in plans)
-    cut_chunks = [c for c, cut, count, _ in plans if count > 1]
-    if pieces_total > MAX_PIECES or (cut_chunks and numel < MIN_PIECE_ELEMENTS * pieces_total):
+    cut_chunks = [c for c, _, count, _ in plans if count > 1]
+
+    def scattered() -> Skipped:
         c = cut_chunks[0]
         return Skipped(
             name,
             f"saved in {pieces_total} scattered pieces (chunks of {list(c.sizes)} cut along later dims "
             f"of {list(entry.shape)}): too many small reads",
         )
+
+    if pieces_total > MAX_PIECES:  # before listing them: a crafted file could ask for billions
+        return scattered()
     # Every element once: the runs of all chunks, sorted, must follow each other from 0 to numel.
     runs: list[tuple[int, int, Chunk, int]] = []  # (start, length, chunk, run number in the chunk)
     for chunk, cut, count, length in plans:
@@ -638,6 +642,8 @@ def _tensor(
         raise WdiffError(
             metadata_path, f"tensor {_shown(fqn)}: its chunks cover {expected} of {numel} elements"
         )
+    if cut_chunks and numel < MIN_PIECE_ELEMENTS * pieces_total:
+        return scattered()
 
     located: dict[Chunk, tuple[str, _ChunkData]] = {}
     for chunk in entry.chunks:
