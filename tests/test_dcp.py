@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -447,3 +448,65 @@ def test_looks_like_dcp(tmp_path: Path, sharded: list[Path]) -> None:
     shutil.copy(sharded[0] / ".metadata", only_metadata / ".metadata")
     assert not looks_like_dcp(only_metadata)  # no items: not finished, or not DCP
     assert not looks_like_dcp(tmp_path / "missing")
+
+
+# --- damaged bytes: a one-line refusal or a consistent reading, never a crash --------------------
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tensors = {"w": _normal((8, 4)), "b": _normal((4,), ml_dtypes.bfloat16), "s": np.float32(1)}
+    return save_dcp(tmp_path_factory.mktemp("dcp_fuzz") / "step-1", tensors, extra={"step": 1})
+
+
+def _fuzz(pristine: Path, examples: int) -> None:
+    """Overwrite a few bytes of ``.metadata`` or an item file, maybe truncate it: ``read_dcp`` refuses
+    in one line naming a file of the folder, or what it accepts stays inside the folder's files."""
+    outcomes = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=examples <= 100)
+    @given(
+        target=st.sampled_from([".metadata", "__0_0.distcp"]),
+        edits=st.lists(
+            st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4
+        ),
+        cut=st.one_of(st.none(), st.floats(0, 1)),
+    )
+    def one(target: str, edits: list[tuple[float, int]], cut: float | None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(shutil.copytree(pristine, Path(tmp) / "step-1"))
+            path = folder / target
+            data = bytearray(path.read_bytes())
+            for where, value in edits:
+                data[int(where * len(data))] = value
+            if cut is not None:
+                data = data[: int(cut * len(data))]
+            path.write_bytes(bytes(data))
+            try:
+                got = read_dcp(folder)
+            except WdiffError as e:
+                assert "\n" not in str(e) and str(e).startswith(str(folder)), str(e)
+                outcomes["refused"] += 1
+                return
+            outcomes["accepted"] += 1
+            for ref in got.tensors.values():
+                width = ref.kind.bits // 8
+                ranges = (
+                    [(p.path, p.offset, p.count * width) for p in ref.pieces]
+                    if isinstance(ref, PiecesRef)
+                    else []
+                )
+                for path, offset, n in ranges or [(ref.path, ref.offset, ref.nbytes)]:
+                    assert Path(path).parent == folder and offset + n <= os.path.getsize(path)
+
+    one()
+    assert outcomes["refused"] > 0
+
+
+def test_damaged_bytes_quick(pristine: Path) -> None:
+    _fuzz(pristine, 60)
+
+
+@pytest.mark.slow
+def test_damaged_bytes_long(pristine: Path) -> None:
+    _fuzz(pristine, 5_000)

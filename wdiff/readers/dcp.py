@@ -520,8 +520,13 @@ class _ChunkData:
     strides: tuple[int, ...]
 
 
-def _chunk_data(f: BinaryIO, file: str, info: StorageInfo, fqn: str, dtype: str, chunk: Chunk) -> _ChunkData:
-    """Read the item's zip directory and data.pkl and check them against the metadata."""
+def _chunk_data(
+    f: BinaryIO, file: str, info: StorageInfo, fqn: str, dtype: str, chunk: Chunk, parsed: dict[bytes, object]
+) -> _ChunkData:
+    """Read the item's zip directory and data.pkl and check them against the metadata.
+
+    ``parsed`` keeps each distinct data.pkl's result for the whole folder: chunks of one shape and dtype
+    pickle to the same bytes, so a folder of thousands of items unpickles a few dozen."""
     where = f"{fqn} chunk at {list(chunk.offsets)} (item at byte {info.offset})"
 
     def fail(problem: str) -> WdiffError:
@@ -541,10 +546,12 @@ def _chunk_data(f: BinaryIO, file: str, info: StorageInfo, fqn: str, dtype: str,
     if order is not None and order.size <= 16:
         if item.read(item.data_start("byteorder", order), order.size) != b"little":
             raise fail("saved on a big-endian machine; wdiff reads little-endian data")
-    try:
-        tensor = restricted_load(data, file, _chunk_allowlist(file), persistent_load=_storage_ref)
-    except WdiffError as e:
-        raise fail(e.problem) from None
+    if data not in parsed:
+        try:
+            parsed[data] = restricted_load(data, file, _chunk_allowlist(file), persistent_load=_storage_ref)
+        except WdiffError as e:
+            raise fail(e.problem) from None
+    tensor = parsed[data]
     if not isinstance(tensor, _ChunkTensor):
         raise fail("data.pkl holds something other than one tensor")
     if tensor.storage.dtype != dtype:
@@ -731,6 +738,7 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     meta = read_metadata(metadata_path)
     prefix, names = model_prefix(n for n, e in meta.entries.items() if isinstance(e, TensorEntry))
     files = _Files(folder, metadata_path)
+    parsed: dict[bytes, object] = {}
 
     def chunk_data(fqn: str, entry: TensorEntry) -> Callable[[Chunk, StorageInfo], tuple[str, _ChunkData]]:
         def locate(chunk: Chunk, info: StorageInfo) -> tuple[str, _ChunkData]:
@@ -747,7 +755,7 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
                     f"file is truncated: {fqn} chunk at {list(chunk.offsets)} is bytes {info.offset}-"
                     f"{info.offset + info.length} of a {size}-byte file",
                 )
-            return path, _chunk_data(f, path, info, fqn, entry.dtype, chunk)
+            return path, _chunk_data(f, path, info, fqn, entry.dtype, chunk, parsed)
 
         return locate
 
