@@ -89,19 +89,26 @@ class Placeholder:
         return f"Placeholder({self.module}.{self.name})"
 
 
-class _WithPlaceholders(Mapping[tuple[str, str], object]):
-    """``allowed``, plus a ``Global`` for every name under one of ``prefixes``."""
+def _under(full: str, prefix: str) -> bool:
+    return prefix == "" or full == prefix or full.startswith(prefix + ".")
 
-    def __init__(self, allowed: Mapping[tuple[str, str], object], prefixes: Iterable[str]) -> None:
+
+class _WithPlaceholders(Mapping[tuple[str, str], object]):
+    """``allowed``, plus a ``Global`` for every name under one of ``prefixes`` and none of ``refused``."""
+
+    def __init__(
+        self, allowed: Mapping[tuple[str, str], object], prefixes: Iterable[str], refused: Iterable[str]
+    ) -> None:
         self._allowed = allowed
         self._prefixes = tuple(prefixes)
+        self._refused = tuple(refused)
 
     def __getitem__(self, key: tuple[str, str]) -> object:
         if key in self._allowed:
             return self._allowed[key]
         module, name = key
         full = f"{module}.{name}"
-        if any(full == p or full.startswith(p + ".") for p in self._prefixes):
+        if any(_under(full, p) for p in self._prefixes) and not any(_under(full, r) for r in self._refused):
             return Global(module, name)
         raise KeyError(key)
 
@@ -113,13 +120,35 @@ class _WithPlaceholders(Mapping[tuple[str, str], object]):
 
 
 def with_placeholders(
-    allowed: Mapping[tuple[str, str], object], prefixes: Iterable[str]
+    allowed: Mapping[tuple[str, str], object], prefixes: Iterable[str], refused: Iterable[str] = ()
 ) -> Mapping[tuple[str, str], object]:
     """An allowlist for ``restricted_load`` where names under ``prefixes`` become ``Placeholder``s.
 
     A prefix matches ``module.qualname`` whole or up to a dot: ``"omegaconf"`` covers
-    ``omegaconf.dictconfig.DictConfig``, ``"argparse.Namespace"`` that one class only."""
-    return _WithPlaceholders(allowed, prefixes)
+    ``omegaconf.dictconfig.DictConfig``, ``"argparse.Namespace"`` that one class only, ``""`` every
+    name. Names under ``refused`` stay refused even so; names in ``allowed`` win over both.
+    A placeholder is inert whatever its name: ``refused`` only decides which names make a file
+    suspicious enough to refuse outright (``os.system`` in a checkpoint is an attack, not data).
+    """
+    return _WithPlaceholders(allowed, prefixes, refused)
+
+
+# Names whose only use in a pickle is running code. Under ``with_placeholders(..., prefixes=[""])`` they
+# stay refused, so a crafted file gets a clear refusal naming them (not a quiet placeholder).
+RUNS_CODE = (
+    "builtins", "__builtin__", "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "importlib",
+    "runpy", "code", "codeop", "pickle", "_pickle", "pickletools", "copyreg", "copy_reg", "marshal", "types",
+    "ctypes", "_ctypes", "shutil", "socket", "_socket", "io", "_io", "pty", "platform", "webbrowser",
+    "multiprocessing", "_posixsubprocess", "threading", "_thread", "asyncio", "signal", "operator",
+    "_operator", "functools", "_functools", "itertools", "inspect", "pdb", "bdb", "timeit", "trace",
+    "cProfile", "profile", "ssl", "http", "urllib", "ftplib", "smtplib", "xmlrpc", "sqlite3", "zipimport",
+    "pkgutil", "site", "setuptools", "pip", "imp", "gc", "weakref", "_weakref", "ast", "dis", "tempfile",
+    "glob", "fcntl", "resource", "mmap", "select", "selectors", "tkinter", "logging", "unittest", "doctest",
+    "torch.load", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch._ops", "torch.utils.cpp_extension",
+    "torch.storage._load_from_bytes", "torch.serialization", "torch._dynamo", "torch.compile",
+    "numpy.load", "numpy.lib.npyio", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
+    "dill", "cloudpickle", "joblib", "yaml", "jinja2", "IPython",
+)  # fmt: skip
 
 
 def _check_key(key: object, path: str, budget: list[int]) -> None:
