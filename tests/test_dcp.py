@@ -31,7 +31,6 @@ from wdiff.readers.dcp import (
     DcpMetadata,
     StorageInfo,
     TensorEntry,
-    _ChunkData,
     _tensor,
     looks_like_dcp,
     model_prefix,
@@ -154,7 +153,7 @@ def test_dtypes_scalars_empty_and_strided(tmp_path: Path) -> None:
     got2 = read_dcp(folder2)
     skipped = {s.name: s.reason for s in got2.skipped}
     assert sorted(skipped) == ["channels_last", "complex128", "transposed"]
-    assert "strides [1, 5]" in skipped["transposed"] and "torch.complex128" in skipped["complex128"]
+    assert "stride [1, 5]" in skipped["transposed"] and "torch.complex128" in skipped["complex128"]
     assert list(got2.tensors) == ["view"]
     _assert_same(folder2, "model.", got2.tensors)
 
@@ -243,8 +242,8 @@ def _pieces_of(shape: tuple[int, ...], chunks: list[Chunk]) -> tuple[TensorRef |
     meta = DcpMetadata({}, infos, None)
     index = {c: f"f{k}" for k, c in enumerate(chunks)}
 
-    def locate(chunk: Chunk, info: StorageInfo) -> tuple[str, _ChunkData]:
-        return index[chunk], _ChunkData(8, True, ())
+    def locate(chunk: Chunk, info: StorageInfo) -> TensorRef:
+        return TensorRef("t", "I32", chunk.sizes, index[chunk], 8, 4 * math.prod(chunk.sizes))
 
     return _tensor("t", "t", TensorEntry("I32", shape, tuple(chunks)), meta, locate, ".metadata"), blobs
 
@@ -379,6 +378,26 @@ def test_length_and_offset_must_match_the_item(small: Path) -> None:
     _one_line_error(small, "__0_0.distcp", "model.layers.0.w chunk at [0, 0]", "no end-of-archive record")
 
 
+def test_range_covering_the_next_item(small: Path) -> None:
+    """A range two items long ends with the next item's zip, which zipfile would happily read."""
+    with open(small / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    items = sorted(
+        (
+            (v.offset, v.length, k.fqn)
+            for k, v in metadata.storage_data.items()
+            if v.relative_path == "__0_0.distcp"
+        )
+    )
+    (_, length, fqn), (_, next_length, _) = next(
+        (a, b)
+        for a, b in zip(items, items[1:])
+        if a[2] != "model.layers.0.narrow"  # that one is not read
+    )
+    _set_storage(small, fqn, length=length + next_length)
+    _one_line_error(small, "__0_0.distcp", "does not start at the item's offset")
+
+
 def test_item_offset_off_by_some_bytes(small: Path) -> None:
     _set_storage(small, "model.layers.0.w", offset=3)
     _one_line_error(small, "__0_0.distcp", "not a torch.save zip")
@@ -403,7 +422,7 @@ def test_dtype_must_match_the_item(small: Path) -> None:
         metadata.state_dict_metadata["model.layers.0.w"].properties.dtype = torch.float16
 
     _rewrite_metadata(small, change)
-    _one_line_error(small, "holds F32 data where the metadata says F16")
+    _one_line_error(small, "__0_0.distcp", "holds F32 [4, 4] where the metadata says F16 [4, 4]")
 
 
 def test_unknown_global_inside_an_item(small: Path) -> None:
