@@ -408,6 +408,18 @@ def test_transforms_are_refused(small: Path) -> None:
     _one_line_error(small, "stream.zstd/1", "does not decode")
 
 
+def test_safetensors_serialization_is_refused(tmp_path: Path) -> None:
+    """FileSystemWriter(serialization_format=SAFETENSORS) writes one safetensors blob per file and item
+    offsets that do not point at the tensors: torch's own dcp.load cannot read it either."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    writer = dcp.FileSystemWriter(str(tmp_path / "st"), serialization_format=SerializationFormat.SAFETENSORS)
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": {"a": torch.randn(4, 4)}, "step": 3}, storage_writer=writer)
+    _one_line_error(tmp_path / "st", "__0_0.distcp", "safetensors blob")
+
+
 def test_chunk_gap_in_metadata(small: Path) -> None:
     def change(metadata) -> None:
         entry = metadata.state_dict_metadata["model.layers.0.w"]

@@ -43,8 +43,11 @@ from wdiff.readers.torch import TORCH_DTYPES, TorchContents
 METADATA_NAME = ".metadata"
 DISTCP_SUFFIX = ".distcp"
 MAX_METADATA_BYTES = 1 << 30  # a 70B model sharded over 1,000 ranks has a .metadata of tens of MB
-MAX_PIECES = 1 << 16  # byte ranges per tensor; a chunk cut along a later dim is one range per row
-MIN_PIECE_ELEMENTS = 64  # average elements per range once chunks are cut into rows
+# Byte ranges per tensor (a chunk cut along a later dim is one range per row) and their average length
+# once chunks are cut into rows: torch.py's limits for strided views, for the same reason (compute
+# reads every range on its own).
+MAX_PIECES = torch_file.MAX_PIECES
+MIN_PIECE_ELEMENTS = torch_file.MIN_PIECE
 MAX_DATA_PKL_BYTES = 1 << 20  # a chunk's data.pkl is ~150 bytes
 
 # Top-level names of what is saved beside the model: torchtitan (optimizer, lr_scheduler, dataloader,
@@ -198,7 +201,9 @@ def _instance(value: object, name: str, where: str, path: str) -> Placeholder:
 
 
 def _sizes(value: object, where: str, path: str) -> tuple[int, ...]:
-    if not (isinstance(value, tuple) and all(_is_uint(d) for d in value)):
+    if not (
+        isinstance(value, tuple) and len(value) <= torch_file.MAX_DIMS and all(_is_uint(d) for d in value)
+    ):
         raise WdiffError(path, f"{where} is not a list of sizes")
     return value
 
@@ -631,6 +636,8 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
                 skipped.append(got)
             else:
                 tensors[name] = got
+    except OSError as e:  # an I/O error while reading a header (the checks above name bad bytes)
+        raise WdiffError(folder, f"cannot read: {e.strerror or e}") from None
     finally:
         files.close()
     return TorchContents(
