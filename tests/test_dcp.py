@@ -80,6 +80,7 @@ def test_single_process_model_and_optimizer(tmp_path: Path, dtype: torch.dtype) 
     assert looks_like_dcp(folder)
     got = read_dcp(folder)
     assert got.state_key == "model" and got.step == 300 and got.skipped == ()
+    assert read_dcp(folder / ".metadata") == got  # the metadata file stands for its folder
     assert sorted(got.tensors) == sorted(model.state_dict())  # optimizer state left out
     code = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
     assert {r.dtype for r in got.tensors.values()} == {code}

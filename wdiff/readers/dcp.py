@@ -49,14 +49,13 @@ MAX_METADATA_BYTES = 1 << 30  # a 70B model sharded over 1,000 ranks has a .meta
 MAX_PIECES = torch_file.MAX_PIECES
 MIN_PIECE_ELEMENTS = torch_file.MIN_PIECE
 MAX_DATA_PKL_BYTES = 1 << 20  # a chunk's data.pkl is ~150 bytes
+_EOCD_SIZE = 22  # a zip's end-of-central-directory record, without comment
 
-# Top-level names of what is saved beside the model: torchtitan (optimizer, lr_scheduler, dataloader,
-# train_state), the DCP tutorial and most scripts (optim, optimizer), Lightning (optimizer_states,
-# callbacks, loops: a ModelCheckpoint callback keeps its best score as a tensor), rng states.
-NOT_MODEL = re.compile(
-    r"(optimizers?(_\d+|_states?)?|optim|(lr_)?schedulers?|lr_scheduler_\d+|data_?loader|train_state"
-    r"|callbacks|loops|rng(_states?)?)"
-)
+# Top-level names of what is saved beside the model: torch.py's (optimizer, optim, lr_scheduler,
+# callbacks, loops, rng_state, ...) plus what torchtitan adds (dataloader, train_state) and numbered
+# optimizers and schedulers (Lightning's optimizer_0, torchtitan's lr_scheduler_0 inside lists).
+NOT_MODEL_KEYS = torch_file.IGNORED_KEYS | {"dataloader", "data_loader", "train_state"}
+_NUMBERED_STATE = re.compile(r"(optimizer|optim|lr_scheduler|scheduler)_\d+")
 MODEL_PREFIXES = ("app.model.", "model.", "")
 
 
@@ -306,9 +305,13 @@ def _shown(value: object) -> str:
 def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
     """The prefix the model's weights share, and their full names.
 
-    Weights are the tensor names outside the ``NOT_MODEL`` namespaces (also under ``app.``); the prefix
+    Weights are the tensor names outside the ``NOT_MODEL_KEYS`` namespaces (also under ``app.``); the prefix
     is the first of ``MODEL_PREFIXES`` every weight has (``""``: the top level, as torchtitan saves)."""
-    weights = [n for n in names if not NOT_MODEL.fullmatch(n.removeprefix("app.").split(".", 1)[0])]
+    weights = []
+    for name in names:
+        first = name.removeprefix("app.").split(".", 1)[0]
+        if first not in NOT_MODEL_KEYS and not _NUMBERED_STATE.fullmatch(first):
+            weights.append(name)
     for prefix in MODEL_PREFIXES:
         if weights and all(n.startswith(prefix) for n in weights):
             return prefix, weights
@@ -393,9 +396,9 @@ def _chunk_ref(
         # The zip must fill the item exactly: zipfile would also accept a zip that ends before the
         # item does (trailing bytes) or starts after it (bytes prepended), e.g. the next item's zip
         # inside a too-long range, and that is another tensor's data.
-        window.seek(info.length - 22)
-        tail = window.read(22)
-        if len(tail) != 22 or tail[:4] != b"PK\x05\x06" or tail[20:] != b"\0\0":
+        window.seek(max(info.length - _EOCD_SIZE, 0))
+        tail = window.read(_EOCD_SIZE)
+        if len(tail) != _EOCD_SIZE or tail[:4] != b"PK\x05\x06" or tail[20:] != b"\0\0":
             raise WdiffError(file, "no end-of-archive record where the item's length ends")
         folder, entries, archive = torch_file._entries(window, file, info.length)
         if archive.infolist()[0].header_offset != 0:
@@ -599,9 +602,13 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     model); other non-tensor values and tensors wdiff cannot read are listed in ``skipped``. The step
     is the last number of the folder's name (``step-1000``)."""
     folder = Path(folder)
+    if folder.name == METADATA_NAME and not folder.is_dir():  # the .metadata file given for its folder
+        folder = folder.parent
     metadata_path = str(folder / METADATA_NAME)
     meta = read_metadata(metadata_path)
-    prefix, names = model_prefix(n for n, e in meta.entries.items() if isinstance(e, TensorEntry))
+    # bytes entries (ints, dicts, BytesIO) are not weights
+    entries = {n: e for n, e in meta.entries.items() if isinstance(e, TensorEntry)}
+    prefix, names = model_prefix(entries)
     files = _Files(folder, metadata_path)
     parsed: dict[bytes, object] = {}
 
@@ -629,9 +636,7 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     try:
         for fqn in names:
             name = fqn[len(prefix) :]
-            entry = meta.entries[fqn]
-            assert isinstance(entry, TensorEntry)  # bytes entries (ints, dicts, BytesIO) are not weights
-            got = _tensor(name, fqn, entry, meta, locator(fqn), metadata_path)
+            got = _tensor(name, fqn, entries[fqn], meta, locator(fqn), metadata_path)
             if isinstance(got, Skipped):
                 skipped.append(got)
             else:
