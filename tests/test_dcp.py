@@ -179,11 +179,12 @@ SHARD_DIMS = {"layers.0.wide": 1, "layers.0.narrow": 1, "replicated": None}
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("dcp_sharded")
     later = {k: (np.array(v) * 2).astype(np.array(v).dtype) for k, v in SHARDED.items()}
-    return save_dcp_sharded({root / "step-100": SHARDED, root / "step-200": later}, shard_dims=SHARD_DIMS)
+    checkpoints = {root / "step-100": SHARDED, root / "step-200": later}
+    return save_dcp_sharded(checkpoints, shard_dims=SHARD_DIMS, fsdp2=(root / "fsdp2-step-1",))
 
 
 def test_sharded_pieces_match_torch(sharded: list[Path]) -> None:
-    for folder, step in zip(sharded, (100, 200)):
+    for folder, step in zip(sharded[:2], (100, 200)):
         assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
         got = read_dcp(folder)
         assert got.step == step and got.state_key == "model"
@@ -207,6 +208,19 @@ def test_sharded_pieces_match_torch(sharded: list[Path]) -> None:
     for name, a in SHARDED.items():
         if name in got.tensors:
             assert read_ref(got.tensors[name]).tobytes() == np.array(a).tobytes(), name
+
+
+def test_fsdp2_model_and_optimizer(sharded: list[Path]) -> None:
+    """A real FSDP2 (fully_shard) model: every parameter Shard(0) over 2 ranks, uneven where the rows
+    do not split evenly (Embedding(11, .): 6 + 5 rows); the AdamW state is left out."""
+    folder = sharded[2]
+    got = read_dcp(folder)
+    assert got.state_key == "model" and got.step == 1 and got.skipped == ()
+    names = ["0.weight", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
+    assert sorted(got.tensors) == sorted(names)
+    assert all(isinstance(r, PiecesRef) and len(r.pieces) == 2 for r in got.tensors.values())
+    assert [p.count for p in got.tensors["0.weight"].pieces] == [96, 80]
+    _assert_same(folder, "model.", got.tensors)
 
 
 # --- chunk geometry, without files -----------------------------------------------------------------

@@ -93,7 +93,31 @@ def save_dcp(
     return save_dcp_state(folder, state)
 
 
-def _sharded_worker(rank: int, world: int, store: str, jobs: list, shard_dims: dict, key: str | None) -> None:
+def _fsdp2_save(folder: str, mesh: object) -> None:
+    """A tiny model wrapped with FSDP2 (``fully_shard`` per layer and at the root), one AdamW step, then
+    ``{"model", "optim"}`` from ``get_state_dict``, as training scripts save them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)  # the same initial weights on every rank, as after a broadcast
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(11, 16), torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 5)
+    )
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+
+
+def _sharded_worker(
+    rank: int, world: int, store: str, jobs: list, shard_dims: dict, key: str | None, fsdp2: list
+) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
@@ -112,6 +136,8 @@ def _sharded_worker(rank: int, world: int, store: str, jobs: list, shard_dims: d
                 # no scatter (gloo cannot send fp8)
                 model[name] = distribute_tensor(to_torch(a), mesh, [placement], src_data_rank=None)
             dcp.save(model if key is None else {key: model}, checkpoint_id=folder)
+        for folder in fsdp2:
+            _fsdp2_save(folder, mesh)
         # Both ranks done before teardown: tearing gloo down while the peer still talks aborts the
         # process ("terminate called without an active exception") about every other run.
         dist.barrier()
@@ -125,19 +151,24 @@ def save_dcp_sharded(
     shard_dims: Mapping[str, int | None] | None = None,
     key: str | None = "model",
     world: int = 2,
+    fsdp2: tuple[str | Path, ...] = (),
 ) -> list[Path]:
     """DCP folders written by ``world`` processes (gloo on CPU), as FSDP2 / torchtitan write them: every
     tensor a DTensor with ``Shard(shard_dims.get(name, 0))`` (``None``: replicated, written once),
-    so each has one chunk per rank, in that rank's ``__R_0.distcp``. One spawn writes every folder."""
+    so each has one chunk per rank, in that rank's ``__R_0.distcp``. One spawn writes every folder,
+    and also, into each of ``fsdp2``, a tiny model trained one step under FSDP2 ``fully_shard`` with
+    its AdamW state (``{"model": ..., "optim": ...}``)."""
     import torch.multiprocessing as mp
 
     jobs = [
         (str(folder), {n: np.array(a) for n, a in tensors.items()}) for folder, tensors in checkpoints.items()
     ]
+    extra = [str(folder) for folder in fsdp2]
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        mp.spawn(_sharded_worker, args=(world, store, jobs, dict(shard_dims or {}), key), nprocs=world)
-    return [Path(folder) for folder, _ in jobs]
+        args = (world, store, jobs, dict(shard_dims or {}), key, extra)
+        mp.spawn(_sharded_worker, args=args, nprocs=world)
+    return [Path(folder) for folder, _ in jobs] + [Path(folder) for folder in extra]
 
 
 def load_dcp(folder: str | Path) -> dict[str, np.ndarray]:

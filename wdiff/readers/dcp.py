@@ -515,13 +515,13 @@ def _tensor(
 
     located: dict[Chunk, TensorRef] = {}  # each chunk's own elements, row-major, in one byte range
     for chunk in entry.chunks:
+        if 0 in chunk.sizes:  # holds no element: its item (torch 2.13 writes one) is not needed
+            continue
         info = meta.storage.get((fqn, chunk.offsets))
         if info is None:
             raise WdiffError(
                 metadata_path, f"tensor {_shown(fqn)}: chunk at {list(chunk.offsets)} has no storage entry"
             )
-        if 0 in chunk.sizes:
-            continue
         got = locate(chunk, info)
         if isinstance(got, Skipped):
             return Skipped(name, got.reason)
