@@ -125,6 +125,14 @@ def test_app_state_prefix(tmp_path: Path) -> None:
     _assert_same(folder, "app.model.", got.tensors)
 
 
+def test_no_model_weights(tmp_path: Path) -> None:
+    _, opt = _mlp_and_adam(torch.float32)
+    folder = save_dcp_state(tmp_path / "optim-only", {"optimizer": opt.state_dict(), "step": 3})
+    _one_line_error(
+        folder, ".metadata", "holds no model weights (only optimizer or training state)", "optimizer"
+    )
+
+
 def test_dtypes_scalars_empty_and_strided(tmp_path: Path) -> None:
     tensors = {
         "f64": _normal((3, 5), np.float64),

@@ -609,6 +609,12 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     # bytes entries (ints, dicts, BytesIO) are not weights
     entries = {n: e for n, e in meta.entries.items() if isinstance(e, TensorEntry)}
     prefix, names = model_prefix(entries)
+    if not names:
+        tops = ", ".join(dict.fromkeys(_shown(n.split(".", 1)[0]) for n in meta.entries))
+        only = " (only optimizer or training state)" if entries else ""
+        raise WdiffError(
+            metadata_path, f"holds no model weights{only}; top-level names: {tops[:200] or 'none'}"
+        )
     files = _Files(folder, metadata_path)
     parsed: dict[bytes, object] = {}
 
