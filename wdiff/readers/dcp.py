@@ -319,6 +319,9 @@ def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
 
 
 # --- one item: a torch.save zip inside a .distcp file ---------------------------------------------
+# An item is read with readers.torch's own zip, data.pkl and tensor-view code (``_entries``,
+# ``_read_record``, ``_allowed``, ``_locate``), so the rules for a torch.save zip have one owner; only
+# the window (an item is a zip inside a bigger file) and the cache of parsed data.pkl bytes are here.
 
 
 class _Window(io.RawIOBase):
