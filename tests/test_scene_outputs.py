@@ -37,32 +37,68 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
     "names, expected",
     [
         (  # GPT-2: wte/wpe sort after h.* by name; ln_f before the head it feeds
-            ["lm_head.weight", "transformer.h.10.mlp.c_fc.weight", "transformer.h.2.attn.c_attn.weight",
-             "transformer.ln_f.weight", "transformer.wpe.weight", "transformer.wte.weight"],
-            ["transformer.wpe.weight", "transformer.wte.weight", "transformer.h.2.attn.c_attn.weight",
-             "transformer.h.10.mlp.c_fc.weight", "transformer.ln_f.weight", "lm_head.weight"],
+            [
+                "lm_head.weight",
+                "transformer.h.10.mlp.c_fc.weight",
+                "transformer.h.2.attn.c_attn.weight",
+                "transformer.ln_f.weight",
+                "transformer.wpe.weight",
+                "transformer.wte.weight",
+            ],
+            [
+                "transformer.wpe.weight",
+                "transformer.wte.weight",
+                "transformer.h.2.attn.c_attn.weight",
+                "transformer.h.10.mlp.c_fc.weight",
+                "transformer.ln_f.weight",
+                "lm_head.weight",
+            ],
         ),
         (  # BERT: the layer's own "output" stays in the body; pooler and classifier are heads
-            ["classifier.weight", "bert.pooler.dense.weight", "bert.encoder.layer.0.output.dense.weight",
-             "bert.embeddings.word_embeddings.weight"],
-            ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.dense.weight",
-             "bert.pooler.dense.weight", "classifier.weight"],
+            [
+                "classifier.weight",
+                "bert.pooler.dense.weight",
+                "bert.encoder.layer.0.output.dense.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ],
+            [
+                "bert.embeddings.word_embeddings.weight",
+                "bert.encoder.layer.0.output.dense.weight",
+                "bert.pooler.dense.weight",
+                "classifier.weight",
+            ],
         ),
         (  # Llama
-            ["lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.embed_tokens.weight"],
-            ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",
-             "lm_head.weight"],
+            [
+                "lm_head.weight",
+                "model.norm.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.embed_tokens.weight",
+            ],
+            [
+                "model.embed_tokens.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            ],
         ),
         (  # CNN: "classifier" sorts before "features" by name
             ["classifier.1.weight", "features.3.weight", "features.0.weight"],
             ["features.0.weight", "features.3.weight", "classifier.1.weight"],
         ),
         (  # T5: encoder before decoder; unknown names keep natural order
-            ["decoder.block.0.layer.0.SelfAttention.q.weight",
-             "encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight", "lm_head.weight"],
-            ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
-             "decoder.block.0.layer.0.SelfAttention.q.weight", "lm_head.weight"],
+            [
+                "decoder.block.0.layer.0.SelfAttention.q.weight",
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "shared.weight",
+                "lm_head.weight",
+            ],
+            [
+                "shared.weight",
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "decoder.block.0.layer.0.SelfAttention.q.weight",
+                "lm_head.weight",
+            ],
         ),
         (["fc10.weight", "fc2.weight", "fc1.weight"], ["fc1.weight", "fc2.weight", "fc10.weight"]),
     ],
@@ -109,8 +145,10 @@ def test_cnn_layout_kernels_as_out_by_in_khkw_blocks_in_order(tmp_path):
 
 
 def test_tensors_of_a_block_stand_side_by_side_at_true_size(tmp_path):
-    shapes = {f"model.layers.0.{m}.weight": s for m, s in
-              [("q", (64, 64)), ("k", (16, 64)), ("v", (16, 64)), ("o", (64, 64)), ("up", (128, 64))]}
+    shapes = {
+        f"model.layers.0.{m}.weight": s
+        for m, s in [("q", (64, 64)), ("k", (16, 64)), ("v", (16, 64)), ("o", (64, 64)), ("up", (128, 64))]
+    }
     scene = build_scene(_save(tmp_path / "accumulated.safetensors", shapes), list(shapes))
     assert len(scene.blocks) == 1
     boxes = [p.bounds for p in scene.placements]
@@ -120,8 +158,17 @@ def test_tensors_of_a_block_stand_side_by_side_at_true_size(tmp_path):
 
 
 def test_modules_of_a_block_follow_the_data_flow(tmp_path):
-    flow = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    flow = [
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     shapes = {f"model.layers.0.{m}.weight": (8,) if "norm" in m else (8, 8) for m in flow}
     scene = build_scene(_save(tmp_path / "accumulated.safetensors", shapes))  # names sorted as text
     assert scene.names[0] == "model.layers.0.input_layernorm.weight"
@@ -224,8 +271,11 @@ def test_mesh_header_is_golden_and_open3d_reads_the_colours(tmp_path):
     write_mesh_ply(tmp_path / "mesh.ply", vertices, triangles)
     mesh = o3d.io.read_triangle_mesh(str(tmp_path / "mesh.ply"))
     assert len(mesh.triangles) == len(triangles) and mesh.has_vertex_colors()
-    np.testing.assert_allclose(np.asarray(mesh.vertex_colors) * 255, np.c_[vertices["red"], vertices["green"],
-                               vertices["blue"]], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(mesh.vertex_colors) * 255,
+        np.c_[vertices["red"], vertices["green"], vertices["blue"]],
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="out of range"):
         write_mesh_ply(tmp_path / "bad.ply", vertices, np.array([[0, 1, len(vertices)]]))
     assert not (tmp_path / "bad.ply").exists()
@@ -252,15 +302,21 @@ def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
     scene = build_scene(path, list(shapes))
     rng = np.random.default_rng(4)
     grid = {n: (1 if len(s) == 1 else s[0], s[-1]) for n, s in shapes.items()}
-    frames = {n: np.stack([rng.uniform(0.5, 1, g) * 0.5**t for t in range(4)]).astype(np.float32)
-              for n, g in grid.items()}
-    save_file(frames, str(tmp_path / "frames.safetensors"),
-              {"pool": "max", "blocks": '{"h.0.w": [1, 1], "h.1.w": [1, 1], "h.1.b": [1, 1]}'})
+    frames = {
+        n: np.stack([rng.uniform(0.5, 1, g) * 0.5**t for t in range(4)]).astype(np.float32)
+        for n, g in grid.items()
+    }
+    save_file(
+        frames,
+        str(tmp_path / "frames.safetensors"),
+        {"pool": "max", "blocks": '{"h.0.w": [1, 1], "h.1.w": [1, 1], "h.1.b": [1, 1]}'},
+    )
     scenes = interval_scenes(frames, scene, "max", 1)
     assert len(scenes) == 4 and all(s.blocks == scene.blocks for s in scenes)
     options = SceneOptions(size=(480, 320), color_scale="linear")
-    written = write_film(tmp_path, tmp_path / "frames.safetensors", scene, "synthetic", [10, 20, 30, 40, 50],
-                         options)
+    written = write_film(
+        tmp_path, tmp_path / "frames.safetensors", scene, "synthetic", [10, 20, 30, 40, 50], options
+    )
     assert written[0] == "frames.gif"
     gif = iio.imread(tmp_path / "frames.gif", index=None)
     assert gif.shape == (4, 320, 480, 3)
@@ -288,8 +344,16 @@ def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
     shapes = {"model.layers.0.w": (30, 41), "model.layers.0.b": (41,), "model.layers.1.w": (17, 9)}
     seq = random_sequence(shapes, 4, seed=3)
     run = trainer_run(tmp_path / "run", seq, steps=[1, 2, 3, 4])
-    options = SceneOptions(max_points=120, pool=pool, frames=True, mesh=True, render=False, html_points=50,
-                           size=(400, 300), frame_points=60)
+    options = SceneOptions(
+        max_points=120,
+        pool=pool,
+        frames=True,
+        mesh=True,
+        render=False,
+        html_points=50,
+        size=(400, 300),
+        frame_points=60,
+    )
     res = wdiff.run(run, tmp_path / "out", scene=options)
     out = tmp_path / "out"
     s = res.summary["scene"]["pool_factor"]
@@ -299,9 +363,12 @@ def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
     for k, name in enumerate(res.names):
         grid = res.accumulated(name).reshape(1 if len(shapes[name]) == 1 else shapes[name][0], -1)
         block = (1, s) if grid.shape[0] == 1 else (s, s)
-        expected = np.array([[reduce(grid[i : i + block[0], j : j + block[1]])
-                              for j in range(0, grid.shape[1], block[1])]
-                             for i in range(0, grid.shape[0], block[0])])
+        expected = np.array(
+            [
+                [reduce(grid[i : i + block[0], j : j + block[1]]) for j in range(0, grid.shape[1], block[1])]
+                for i in range(0, grid.shape[0], block[0])
+            ]
+        )
         np.testing.assert_allclose(scene.cells(k), expected, rtol=1e-5)
         frames = res.frames(name)
         assert frames.shape[0] == 3
@@ -317,8 +384,14 @@ def test_pool_kind_reaches_compute_scene_and_frames(tmp_path, pool):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt2") / "out"
-    options = SceneOptions(size=(640, 400), views=("oblique", "back"), mesh=True, frames=True,
-                           max_points=20_000, html_points=5_000)
+    options = SceneOptions(
+        size=(640, 400),
+        views=("oblique", "back"),
+        mesh=True,
+        frames=True,
+        max_points=20_000,
+        html_points=5_000,
+    )
     return wdiff.run(SAMPLES / "digits-gpt2", out, scene=options), out
 
 
@@ -331,7 +404,13 @@ def test_sample_run_writes_every_output_within_its_budget(gpt2):
     scene = res.summary["scene"]
     video = ["frames.mp4"] if (out / "frames.mp4").exists() else []
     assert scene["files"] == [
-        "points.ply", "render.png", "render-back.png", "mesh.ply", "frames.gif", *video, "scene.html"
+        "points.ply",
+        "render.png",
+        "render-back.png",
+        "mesh.ply",
+        "frames.gif",
+        *video,
+        "scene.html",
     ]
     assert all((out / name).is_file() for name in scene["files"])
     assert scene["blocks"][0] == "transformer.wpe + transformer.wte"
@@ -401,8 +480,14 @@ def test_scene_html_loads_rotates_and_hovers_in_headless_chromium(gpt2):
     assert "http://" not in page and "https://" not in page and "<script src" not in page  # no network
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--window-size=1000,700", "--disable-dev-shm-usage"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--window-size=1000,700",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
@@ -450,8 +535,9 @@ def test_scene_html_loads_rotates_and_hovers_in_headless_chromium(gpt2):
 
 
 def _wdiff(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wdiff", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "wdiff", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_view_without_a_display_says_so_in_one_line(gpt2):
@@ -521,9 +607,19 @@ def test_view_window_picks_a_point_under_a_virtual_display(gpt2, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PICK_PROBE)
     p = subprocess.run(
-        ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, str(probe), str(out),
-         "transformer.h.0.attn.c_attn.weight"],
-        capture_output=True, text=True, timeout=90,
+        [
+            "xvfb-run",
+            "-a",
+            "-s",
+            "-screen 0 1280x1024x24",
+            sys.executable,
+            str(probe),
+            str(out),
+            "transformer.h.0.attn.c_attn.weight",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])

@@ -23,48 +23,40 @@ each chunk into runs of the tensor's row-major elements (``Piece``). Tensor byte
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from wdiff.errors import WdiffError
 from wdiff.naming import last_number
+from wdiff.readers import torch as torch_file
 from wdiff.readers.base import DTYPES, Piece, PiecesRef, Skipped, TensorRef, open_regular
-from wdiff.readers.pickle import Global, Placeholder, plain_containers, restricted_load
+from wdiff.readers.pickle import Global, Placeholder, describe, plain_containers, restricted_load
+from wdiff.readers.torch import TORCH_DTYPES, TorchContents
 
 METADATA_NAME = ".metadata"
 DISTCP_SUFFIX = ".distcp"
 MAX_METADATA_BYTES = 1 << 30  # a 70B model sharded over 1,000 ranks has a .metadata of tens of MB
-MAX_PIECES = 1 << 16  # byte ranges per tensor; a chunk cut along a later dim is one range per row
-MIN_PIECE_ELEMENTS = 64  # average elements per range once chunks are cut into rows
-MAX_ITEM_ENTRIES = 64  # files in one item's zip: torch.save of a tensor writes 7
+# Byte ranges per tensor (a chunk cut along a later dim is one range per row) and their average length
+# once chunks are cut into rows: torch.py's limits for strided views, for the same reason (compute
+# reads every range on its own).
+MAX_PIECES = torch_file.MAX_PIECES
+MIN_PIECE_ELEMENTS = torch_file.MIN_PIECE
 MAX_DATA_PKL_BYTES = 1 << 20  # a chunk's data.pkl is ~150 bytes
+_EOCD_SIZE = 22  # a zip's end-of-central-directory record, without comment
 
-# Top-level names of what is saved beside the model: torchtitan (optimizer, lr_scheduler, dataloader,
-# train_state), the DCP tutorial and most scripts (optim, optimizer), Lightning (optimizer_states,
-# callbacks, loops: a ModelCheckpoint callback keeps its best score as a tensor), rng states.
-NOT_MODEL = re.compile(
-    r"(optimizers?(_\d+|_states?)?|optim|(lr_)?schedulers?|lr_scheduler_\d+|data_?loader|train_state"
-    r"|callbacks|loops|rng(_states?)?)"
-)
+# Top-level names of what is saved beside the model: torch.py's (optimizer, optim, lr_scheduler,
+# callbacks, loops, rng_state, ...) plus what torchtitan adds (dataloader, train_state) and numbered
+# optimizers and schedulers (Lightning's optimizer_0, torchtitan's lr_scheduler_0 inside lists).
+NOT_MODEL_KEYS = torch_file.IGNORED_KEYS | {"dataloader", "data_loader", "train_state"}
+_NUMBERED_STATE = re.compile(r"(optimizer|optim|lr_scheduler|scheduler)_\d+")
 MODEL_PREFIXES = ("app.model.", "model.", "")
-
-
-@dataclass(frozen=True)
-class TorchContents:
-    """What a PyTorch checkpoint holds for wdiff: the model's tensors by name, what was left out and
-    why, where in the saved dict the weights were (``state_key``) and the training step if known."""
-
-    tensors: dict[str, TensorRef]
-    skipped: tuple[Skipped, ...]
-    state_key: str | None
-    step: int | None
 
 
 # --- the DCP records, as wdiff keeps them ----------------------------------------------------------
@@ -114,40 +106,19 @@ class DcpMetadata:
     version: str | None
 
 
-# --- torch names -----------------------------------------------------------------------------------
-
-# torch.dtype (pickled as the global ``torch.<name>``) -> wdiff dtype code; names wdiff has no code for
-# (complex128, quantized, sub-byte) still unpickle and their tensors are reported as left out.
-TORCH_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32",
-    "uint32": "U32", "int64": "I64", "uint64": "U64", "complex64": "C64",
-}  # fmt: skip
-_OTHER_TORCH_DTYPES = (
-    "complex128", "complex32", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "float4_e2m1fn_x2",
-    "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
-    "int1", "int2", "int3", "int4", "int5", "int6", "int7",
-    "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
-)  # fmt: skip
-# typed storage class (``torch.FloatStorage``) -> wdiff dtype code, as torch.save names them
-STORAGE_DTYPES = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "BoolStorage": "BOOL", "ByteStorage": "U8", "CharStorage": "I8", "ShortStorage": "I16",
-    "IntStorage": "I32", "LongStorage": "I64", "ComplexFloatStorage": "C64",
-}  # fmt: skip
+# --- what .metadata may name ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Dtype:
-    """A ``torch.<name>`` dtype global."""
+    """A ``torch.<name>`` dtype global: ``code`` is wdiff's spelling, or ``torch.<name>`` when wdiff
+    does not read that dtype (complex128, quantized, sub-byte)."""
 
     name: str
 
     @property
     def code(self) -> str:
-        return TORCH_DTYPES.get(self.name, f"torch.{self.name}")
+        return TORCH_DTYPES[self.name][0] or f"torch.{self.name}"
 
 
 _MD = "torch.distributed.checkpoint.metadata"
@@ -192,7 +163,7 @@ def metadata_allowlist(path: str) -> dict[tuple[str, str], object]:
 
     allowed: dict[tuple[str, str], object] = dict(plain_containers(path))
     allowed.update({key: Global(*key) for key in _DCP_CLASSES})
-    allowed.update({("torch", n): _Dtype(n) for n in (*TORCH_DTYPES, *_OTHER_TORCH_DTYPES)})
+    allowed.update({("torch", n): _Dtype(n) for n in TORCH_DTYPES})
     allowed[("torch", "Size")] = size
     allowed[(_MD, "_MEM_FORMAT_ENCODING")] = memory_format
     allowed[("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING")] = memory_format
@@ -229,7 +200,9 @@ def _instance(value: object, name: str, where: str, path: str) -> Placeholder:
 
 
 def _sizes(value: object, where: str, path: str) -> tuple[int, ...]:
-    if not (isinstance(value, tuple) and all(_is_uint(d) for d in value)):
+    if not (
+        isinstance(value, tuple) and len(value) <= torch_file.MAX_DIMS and all(_is_uint(d) for d in value)
+    ):
         raise WdiffError(path, f"{where} is not a list of sizes")
     return value
 
@@ -332,9 +305,13 @@ def _shown(value: object) -> str:
 def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
     """The prefix the model's weights share, and their full names.
 
-    Weights are the tensor names outside the ``NOT_MODEL`` namespaces (also under ``app.``); the prefix
+    Weights are the tensor names outside the ``NOT_MODEL_KEYS`` namespaces (also under ``app.``); the prefix
     is the first of ``MODEL_PREFIXES`` every weight has (``""``: the top level, as torchtitan saves)."""
-    weights = [n for n in names if not NOT_MODEL.fullmatch(n.removeprefix("app.").split(".", 1)[0])]
+    weights = []
+    for name in names:
+        first = name.removeprefix("app.").split(".", 1)[0]
+        if first not in NOT_MODEL_KEYS and not _NUMBERED_STATE.fullmatch(first):
+            weights.append(name)
     for prefix in MODEL_PREFIXES:
         if weights and all(n.startswith(prefix) for n in weights):
             return prefix, weights
@@ -342,232 +319,126 @@ def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
 
 
 # --- one item: a torch.save zip inside a .distcp file ---------------------------------------------
-
-_EOCD = struct.Struct("<4sHHHHIIH")
-_EOCD64_LOCATOR = struct.Struct("<4sIQI")
-_EOCD64 = struct.Struct("<4sQHHIIQQQQ")
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+# An item is read with readers.torch's own zip, data.pkl and tensor-view code (``_entries``,
+# ``_read_record``, ``_allowed``, ``_locate``), so the rules for a torch.save zip have one owner; only
+# the window (an item is a zip inside a bigger file) and the cache of parsed data.pkl bytes are here.
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """A file of the item's zip: its local header's place and its sizes (relative to the item)."""
+class _Window(io.RawIOBase):
+    """Bytes ``[base, base + length)`` of an open file, as a file of their own: one item's zip, which
+    torch.py's zip reader then reads exactly as it reads a whole torch.save file."""
 
-    header: int
-    size: int
-    method: int
+    def __init__(self, f: BinaryIO, base: int, length: int) -> None:
+        super().__init__()
+        self.fd, self.base, self.length, self.pos = f.fileno(), base, length, 0
 
+    def readable(self) -> bool:
+        return True
 
-@dataclass(frozen=True)
-class _StorageRef:
-    """A storage named by ``persistent_load``: ``data/<key>`` of the zip, ``numel`` elements."""
+    def seekable(self) -> bool:
+        return True
 
-    dtype: str
-    key: str
-    numel: int
+    def tell(self) -> int:
+        return self.pos
 
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = offset + (0, self.pos, self.length)[whence]
+        if pos < 0:
+            raise OSError("seek before the start of the item")
+        self.pos = pos
+        return pos
 
-@dataclass(frozen=True)
-class _ChunkTensor:
-    """What a chunk's ``data.pkl`` rebuilds: a view of a storage."""
-
-    storage: _StorageRef
-    storage_offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-class _Item:
-    """Reads the zip of one item: ``length`` bytes from ``base`` of the open file ``f``."""
-
-    def __init__(self, f: BinaryIO, base: int, length: int, fail: Callable[[str], WdiffError]) -> None:
-        self.f, self.base, self.length, self.fail = f, base, length, fail
-
-    def read(self, at: int, n: int) -> bytes:
-        if at < 0 or n < 0 or at + n > self.length:
-            raise self.fail(f"zip structure points past the item's {self.length} bytes")
-        data = os.pread(self.f.fileno(), n, self.base + at)
-        if len(data) != n:
-            raise self.fail("file is truncated inside the item")
+    def read(self, n: int | None = -1) -> bytes:
+        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        if end <= self.pos:
+            return b""
+        data = os.pread(self.fd, end - self.pos, self.base + self.pos)
+        self.pos += len(data)
         return data
 
-    def entries(self) -> dict[str, _Entry]:
-        if self.length < _EOCD.size:
-            raise self.fail(f"item of {self.length} bytes is too short for a torch.save zip")
-        head = self.read(0, 4)
-        if head != b"PK\x03\x04":
-            if self.read(8, 1) == b"{" if self.length > 8 else False:
-                raise self.fail(
-                    "item is a safetensors blob (FileSystemWriter serialization_format=SAFETENSORS), "
-                    "which wdiff does not read (and torch's FileSystemReader does not either)"
-                )
-            raise self.fail("item is not a torch.save zip")
-        end = self.length - _EOCD.size
-        sig, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack(self.read(end, _EOCD.size))
-        if sig != b"PK\x05\x06":
-            raise self.fail("item is not a torch.save zip (no end-of-archive record where its length ends)")
-        if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-            sig, _, at, _ = _EOCD64_LOCATOR.unpack(
-                self.read(end - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size)
-            )
-            if sig != b"PK\x06\x07":
-                raise self.fail("item's ZIP64 end-of-archive locator is missing")
-            fields = _EOCD64.unpack(self.read(at, _EOCD64.size))
-            if fields[0] != b"PK\x06\x06":
-                raise self.fail("item's ZIP64 end-of-archive record is missing")
-            count, cd_size, cd_offset = fields[7], fields[8], fields[9]
-        if count > MAX_ITEM_ENTRIES or cd_size > MAX_ITEM_ENTRIES * 1024:
-            raise self.fail(f"item's zip lists {count} files, not a torch.save of one tensor")
-        cd = self.read(cd_offset, cd_size)
-        out: dict[str, _Entry] = {}
-        pos = 0
-        for _ in range(count):
-            if pos + _CENTRAL.size > len(cd):
-                raise self.fail("item's zip directory is truncated")
-            fields = _CENTRAL.unpack_from(cd, pos)
-            if fields[0] != b"PK\x01\x02":
-                raise self.fail("item's zip directory is damaged")
-            method, csize, usize = fields[4], fields[8], fields[9]
-            name_len, extra_len, comment_len, header = fields[10], fields[11], fields[12], fields[16]
-            name_at = pos + _CENTRAL.size
-            name = cd[name_at : name_at + name_len].decode("utf-8", "replace")
-            extra = cd[name_at + name_len : name_at + name_len + extra_len]
-            usize, csize, header = _zip64_extra(extra, usize, csize, header)
-            out[name] = _Entry(header, usize, method)
-            pos = name_at + name_len + extra_len + comment_len
-        return out
-
-    def data_start(self, name: str, entry: _Entry) -> int:
-        """Where an entry's bytes start in the item (past its local header and torch's padding)."""
-        if entry.method != 0:
-            raise self.fail(f"{name} is compressed in the item's zip; torch.save stores entries uncompressed")
-        fields = _LOCAL.unpack(self.read(entry.header, _LOCAL.size))
-        if fields[0] != b"PK\x03\x04":
-            raise self.fail(f"{name}: no local zip header where the directory says")
-        start = entry.header + _LOCAL.size + fields[9] + fields[10]
-        if start + entry.size > self.length:
-            raise self.fail(f"{name} runs past the end of the item")
-        return start
-
-
-def _zip64_extra(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int, int]:
-    """Sizes and offset from a ZIP64 extra field (id 1), for the fields the entry marks 0xFFFFFFFF."""
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, pos)
-        body = extra[pos + 4 : pos + 4 + n]
-        if tag == 1:
-            values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
-            if usize == 0xFFFFFFFF and values:
-                usize = values.pop(0)
-            if csize == 0xFFFFFFFF and values:
-                csize = values.pop(0)
-            if header == 0xFFFFFFFF and values:
-                header = values.pop(0)
-        pos += 4 + n
-    return usize, csize, header
-
-
-def _chunk_allowlist(path: str) -> dict[tuple[str, str], object]:
-    """What a chunk's ``data.pkl`` may name: the tensor rebuild functions, storage types, dtypes."""
-
-    def rebuild(storage: object, offset: object, size: object, stride: object, *rest: object) -> _ChunkTensor:
-        if not isinstance(storage, _StorageRef) or not _is_uint(offset):
-            raise WdiffError(path, "data.pkl rebuilds a tensor from something other than a storage")
-        for dims in (size, stride):
-            if not (isinstance(dims, tuple) and all(_is_uint(d) for d in dims)):
-                raise WdiffError(path, "data.pkl gives a tensor size or stride that is not a list of sizes")
-        return _ChunkTensor(storage, offset, size, stride)  # type: ignore[arg-type]
-
-    def rebuild_v3(storage: object, offset: object, size: object, stride: object, grad: object,
-                   hooks: object, dtype: object, *rest: object) -> _ChunkTensor:  # fmt: skip
-        # an UntypedStorage (fp8, uint16-64) with the dtype passed last
-        if not isinstance(storage, _StorageRef) or not isinstance(dtype, _Dtype) or storage.dtype != "U8":
-            raise WdiffError(path, "data.pkl rebuilds a typed tensor from something other than bytes")
-        code = dtype.code
-        if code not in DTYPES:
-            raise WdiffError(path, f"data.pkl holds a tensor of dtype {code}")
-        width = DTYPES[code].bits // 8
-        typed = _StorageRef(code, storage.key, storage.numel // width)
-        return rebuild(typed, offset, size, stride)
-
-    allowed: dict[tuple[str, str], object] = dict(plain_containers(path))
-    allowed[("torch._utils", "_rebuild_tensor_v2")] = rebuild
-    allowed[("torch._utils", "_rebuild_tensor_v3")] = rebuild_v3
-    allowed.update({("torch", n): _Dtype(n) for n in TORCH_DTYPES})
-    allowed.update({("torch", n): n for n in STORAGE_DTYPES})
-    allowed[("torch.storage", "UntypedStorage")] = "UntypedStorage"
-    return allowed
-
-
-def _storage_ref(pid: object) -> _StorageRef:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-        raise ValueError("a persistent id that is not a storage")
-    _, kind, key, _, numel = pid
-    code = "U8" if kind == "UntypedStorage" else STORAGE_DTYPES.get(kind) if isinstance(kind, str) else None
-    if code is None or not isinstance(key, str) or not _is_uint(numel):
-        raise ValueError(f"a storage of an unknown type {kind!r}")
-    return _StorageRef(code, key, numel)
+    def readall(self) -> bytes:
+        return self.read(-1)
 
 
 @dataclass(frozen=True)
-class _ChunkData:
-    """Where a chunk's elements are: from byte ``offset`` of the file, row-major if ``row_major``."""
+class _StorageName:
+    """A persistent id of data.pkl, before it is matched with the item's entries (data.pkl bytes repeat
+    across items; the entries' offsets do not)."""
 
-    offset: int
-    row_major: bool
-    strides: tuple[int, ...]
+    kind: object
+    key: object
+    numel: object
 
 
-def _chunk_data(f: BinaryIO, file: str, info: StorageInfo, fqn: str, dtype: str, chunk: Chunk) -> _ChunkData:
-    """Read the item's zip directory and data.pkl and check them against the metadata."""
+def _storage_name(pid: object) -> _StorageName:
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+        raise ValueError(f"a persistent id {describe(pid)} that is not a torch storage")
+    _, kind, key, _location, numel = pid
+    return _StorageName(kind, key.decode("ascii", "replace") if isinstance(key, bytes) else key, numel)
+
+
+def _chunk_ref(
+    f: BinaryIO, file: str, info: StorageInfo, fqn: str, chunk: Chunk, parsed: dict[bytes, object]
+) -> TensorRef | Skipped:
+    """Where one chunk's elements are in ``file``, from its item's zip directory and data.pkl.
+
+    ``parsed`` keeps each distinct data.pkl's result for the whole folder: chunks of one shape and dtype
+    pickle to the same bytes, so a folder of thousands of items unpickles a few dozen."""
     where = f"{fqn} chunk at {list(chunk.offsets)} (item at byte {info.offset})"
-
-    def fail(problem: str) -> WdiffError:
-        return WdiffError(file, f"{where}: {problem}")
-
-    item = _Item(f, info.offset, info.length, fail)
-    entries = item.entries()
-    pkl_names = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pkl_names) != 1:
-        raise fail("item's zip has no data.pkl: not a torch.save")
-    archive = pkl_names[0][: -len("/data.pkl")]
-    pkl = entries[pkl_names[0]]
-    if pkl.size > MAX_DATA_PKL_BYTES:
-        raise fail(f"data.pkl of {pkl.size} bytes is not a tensor's")
-    data = item.read(item.data_start(pkl_names[0], pkl), pkl.size)
-    order = entries.get(f"{archive}/byteorder")
-    if order is not None and order.size <= 16:
-        if item.read(item.data_start("byteorder", order), order.size) != b"little":
-            raise fail("saved on a big-endian machine; wdiff reads little-endian data")
+    window = _Window(f, info.offset, info.length)
     try:
-        tensor = restricted_load(data, file, _chunk_allowlist(file), persistent_load=_storage_ref)
+        if window.read(4) != b"PK\x03\x04":
+            window.seek(8)
+            if window.read(1) == b"{":  # an 8-byte length then JSON: safetensors
+                raise WdiffError(
+                    file,
+                    "item is a safetensors blob (FileSystemWriter serialization_format=SAFETENSORS), "
+                    "which wdiff does not read (nor does torch's FileSystemReader)",
+                )
+            raise WdiffError(file, "item is not a torch.save zip")
+        # The zip must fill the item exactly: zipfile would also accept a zip that ends before the
+        # item does (trailing bytes) or starts after it (bytes prepended), e.g. the next item's zip
+        # inside a too-long range, and that is another tensor's data.
+        window.seek(max(info.length - _EOCD_SIZE, 0))
+        tail = window.read(_EOCD_SIZE)
+        if len(tail) != _EOCD_SIZE or tail[:4] != b"PK\x05\x06" or tail[20:] != b"\0\0":
+            raise WdiffError(file, "no end-of-archive record where the item's length ends")
+        folder, entries, archive = torch_file._entries(window, file, info.length)
+        if archive.infolist()[0].header_offset != 0:
+            raise WdiffError(file, "the item's zip does not start at the item's offset")
+        if "data.pkl" not in entries:
+            raise WdiffError(file, f"item has no {folder}/data.pkl: not a torch.save")
+        if "byteorder" in entries:
+            order = torch_file._read_record(window, file, archive, folder, entries["byteorder"], 16)
+            if order != b"little":
+                raise WdiffError(
+                    file, f"item's byteorder is {describe(order)}: wdiff reads little-endian data"
+                )
+        data = torch_file._read_record(window, file, archive, folder, entries["data.pkl"], MAX_DATA_PKL_BYTES)
+        if data not in parsed:
+            # only what torch.save writes for one tensor; anything else is refused
+            allowed = torch_file._allowed(file)
+            parsed[data] = restricted_load(data, file, allowed, persistent_load=_storage_name)
+        tensor = parsed[data]
+        if isinstance(tensor, torch_file._Unread):
+            return Skipped(fqn, f"{tensor.reason}: not read")
+        if not isinstance(tensor, torch_file._Tensor) or not isinstance(tensor.storage, _StorageName):
+            raise WdiffError(file, f"item holds {describe(tensor)}, not one tensor")
+        name = tensor.storage
+        entry = entries.get(f"data/{name.key}") if isinstance(name.key, str) else None
+        if not isinstance(name.kind, torch_file._StorageType) or type(name.numel) is not int or entry is None:
+            raise WdiffError(
+                file, f"data.pkl names storage {describe(name.key)}, which the item does not hold"
+            )
+        if not entry.stored or name.numel * torch_file.TORCH_DTYPES[name.kind.dtype][1] != entry.size:
+            raise WdiffError(file, f"storage {describe(name.key)} is not {name.numel} stored elements")
+        # the entry's offset in the .distcp file, so the located range is one of that file
+        storage = torch_file._Storage(
+            name.key, name.kind.dtype, replace(entry, offset=info.offset + entry.offset)
+        )
+        return torch_file._locate(fqn, replace(tensor, storage=storage), file)
     except WdiffError as e:
-        raise fail(e.problem) from None
-    if not isinstance(tensor, _ChunkTensor):
-        raise fail("data.pkl holds something other than one tensor")
-    if tensor.storage.dtype != dtype:
-        raise fail(f"holds {tensor.storage.dtype} data where the metadata says {dtype}")
-    if tensor.size != chunk.sizes or len(tensor.stride) != len(tensor.size):
-        raise fail(f"holds a tensor of size {list(tensor.size)} where the metadata says {list(chunk.sizes)}")
-    name = f"{archive}/data/{tensor.storage.key}"
-    storage = entries.get(name)
-    if storage is None:
-        raise fail(f"data.pkl names storage {tensor.storage.key!r}, which the item does not hold")
-    width = DTYPES[dtype].bits // 8
-    numel = math.prod(chunk.sizes)
-    if storage.size != tensor.storage.numel * width:
-        raise fail(f"storage of {storage.size} bytes where data.pkl says {tensor.storage.numel} elements")
-    # the furthest element the view reaches, for any strides
-    reach = tensor.storage_offset + sum((s - 1) * st for s, st in zip(tensor.size, tensor.stride)) + 1
-    if numel and reach > tensor.storage.numel:
-        raise fail("the tensor view runs past its storage")
-    start = item.data_start(name, storage)
-    row_major = all(
-        st == math.prod(tensor.size[d + 1 :]) for d, st in enumerate(tensor.stride) if tensor.size[d] > 1
-    )
-    return _ChunkData(info.offset + start + tensor.storage_offset * width, row_major, tensor.stride)
+        raise WdiffError(file, f"{where}: {e.problem}") from None
 
 
 # --- chunks as runs of row-major elements ----------------------------------------------------------
@@ -600,7 +471,7 @@ def _tensor(
     fqn: str,
     entry: TensorEntry,
     meta: DcpMetadata,
-    chunk_data: Callable[[Chunk, StorageInfo], tuple[str, _ChunkData]],
+    locate: Callable[[Chunk, StorageInfo], TensorRef | Skipped],
     metadata_path: str,
 ) -> TensorRef | Skipped:
     """One tensor as a ``TensorRef`` (one byte range) or a ``PiecesRef``, or why it is left out."""
@@ -610,14 +481,18 @@ def _tensor(
     numel = math.prod(entry.shape)
     plans = [(chunk, *_runs(entry.shape, chunk)) for chunk in entry.chunks]
     pieces_total = sum(count for _, _, count, _ in plans)
-    cut_chunks = [c for c, cut, count, _ in plans if count > 1]
-    if pieces_total > MAX_PIECES or (cut_chunks and numel < MIN_PIECE_ELEMENTS * pieces_total):
+    cut_chunks = [c for c, _, count, _ in plans if count > 1]
+
+    def scattered() -> Skipped:
         c = cut_chunks[0]
         return Skipped(
             name,
             f"saved in {pieces_total} scattered pieces (chunks of {list(c.sizes)} cut along later dims "
             f"of {list(entry.shape)}): too many small reads",
         )
+
+    if pieces_total > MAX_PIECES:  # before listing them: a crafted file could ask for billions
+        return scattered()
     # Every element once: the runs of all chunks, sorted, must follow each other from 0 to numel.
     runs: list[tuple[int, int, Chunk, int]] = []  # (start, length, chunk, run number in the chunk)
     for chunk, cut, count, length in plans:
@@ -638,35 +513,44 @@ def _tensor(
         raise WdiffError(
             metadata_path, f"tensor {_shown(fqn)}: its chunks cover {expected} of {numel} elements"
         )
+    if cut_chunks and numel < MIN_PIECE_ELEMENTS * pieces_total:
+        return scattered()
 
-    located: dict[Chunk, tuple[str, _ChunkData]] = {}
+    located: dict[Chunk, TensorRef] = {}  # each chunk's own elements, row-major, in one byte range
     for chunk in entry.chunks:
+        if 0 in chunk.sizes:  # holds no element: its item (torch 2.13 writes one) is not needed
+            continue
         info = meta.storage.get((fqn, chunk.offsets))
         if info is None:
             raise WdiffError(
                 metadata_path, f"tensor {_shown(fqn)}: chunk at {list(chunk.offsets)} has no storage entry"
             )
-        if 0 in chunk.sizes:
-            continue
-        located[chunk] = chunk_data(chunk, info)
-        if not located[chunk][1].row_major:
-            return Skipped(
-                name,
-                f"a chunk is saved with strides {list(located[chunk][1].strides)} (transposed or "
-                "channels-last), not as row-major runs",
+        got = locate(chunk, info)
+        if isinstance(got, Skipped):
+            return Skipped(name, got.reason)
+        if got.dtype != entry.dtype or got.shape != chunk.sizes:
+            raise WdiffError(
+                got.path,
+                f"{fqn} chunk at {list(chunk.offsets)}: holds {got.dtype} {list(got.shape)} where the "
+                f"metadata says {entry.dtype} {list(chunk.sizes)}",
             )
+        if isinstance(got, PiecesRef):  # long strided runs: possible, never seen from DCP (it clones)
+            return Skipped(name, "a chunk is saved as a strided view, not in row-major order: not read")
+        located[chunk] = got
     if not runs:  # no elements: an empty tensor
-        file = next((p for p, _ in located.values()), metadata_path)
+        file = next((r.path for r in located.values()), metadata_path)
         return TensorRef(name, entry.dtype, entry.shape, file, 0, 0)
     pieces: list[Piece] = []
     for start, length, chunk, k in runs:
-        file, data = located[chunk]
-        offset = data.offset + k * length * width
+        ref = located[chunk]
+        offset = ref.offset + k * length * width
         last = pieces[-1] if pieces else None
-        if last is not None and last.path == file and last.offset + last.count * width == offset:
-            pieces[-1] = Piece(last.start, last.count + length, file, last.offset)  # consecutive on disk too
+        if last is not None and last.path == ref.path and last.offset + last.count * width == offset:
+            pieces[-1] = Piece(
+                last.start, last.count + length, ref.path, last.offset
+            )  # consecutive on disk too
         else:
-            pieces.append(Piece(start, length, file, offset))
+            pieces.append(Piece(start, length, ref.path, offset))
     if len(pieces) == 1:
         return TensorRef(name, entry.dtype, entry.shape, pieces[0].path, pieces[0].offset, numel * width)
     first = pieces[0]
@@ -721,13 +605,24 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     model); other non-tensor values and tensors wdiff cannot read are listed in ``skipped``. The step
     is the last number of the folder's name (``step-1000``)."""
     folder = Path(folder)
+    if folder.name == METADATA_NAME and not folder.is_dir():  # the .metadata file given for its folder
+        folder = folder.parent
     metadata_path = str(folder / METADATA_NAME)
     meta = read_metadata(metadata_path)
-    prefix, names = model_prefix(n for n, e in meta.entries.items() if isinstance(e, TensorEntry))
+    # bytes entries (ints, dicts, BytesIO) are not weights
+    entries = {n: e for n, e in meta.entries.items() if isinstance(e, TensorEntry)}
+    prefix, names = model_prefix(entries)
+    if not names:
+        tops = ", ".join(dict.fromkeys(_shown(n.split(".", 1)[0]) for n in meta.entries))
+        only = " (only optimizer or training state)" if entries else ""
+        raise WdiffError(
+            metadata_path, f"holds no model weights{only}; top-level names: {tops[:200] or 'none'}"
+        )
     files = _Files(folder, metadata_path)
+    parsed: dict[bytes, object] = {}
 
-    def chunk_data(fqn: str, entry: TensorEntry) -> Callable[[Chunk, StorageInfo], tuple[str, _ChunkData]]:
-        def locate(chunk: Chunk, info: StorageInfo) -> tuple[str, _ChunkData]:
+    def locator(fqn: str) -> Callable[[Chunk, StorageInfo], TensorRef | Skipped]:
+        def locate(chunk: Chunk, info: StorageInfo) -> TensorRef | Skipped:
             path, f, size = files.get(info.relative_path)
             if info.transforms:
                 raise WdiffError(
@@ -741,7 +636,7 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
                     f"file is truncated: {fqn} chunk at {list(chunk.offsets)} is bytes {info.offset}-"
                     f"{info.offset + info.length} of a {size}-byte file",
                 )
-            return path, _chunk_data(f, path, info, fqn, entry.dtype, chunk)
+            return _chunk_ref(f, path, info, fqn, chunk, parsed)
 
         return locate
 
@@ -750,13 +645,13 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     try:
         for fqn in names:
             name = fqn[len(prefix) :]
-            entry = meta.entries[fqn]
-            assert isinstance(entry, TensorEntry)  # bytes entries (ints, dicts, BytesIO) are not weights
-            got = _tensor(name, fqn, entry, meta, chunk_data(fqn, entry), metadata_path)
+            got = _tensor(name, fqn, entries[fqn], meta, locator(fqn), metadata_path)
             if isinstance(got, Skipped):
                 skipped.append(got)
             else:
                 tensors[name] = got
+    except OSError as e:  # an I/O error while reading a header (the checks above name bad bytes)
+        raise WdiffError(folder, f"cannot read: {e.strerror or e}") from None
     finally:
         files.close()
     return TorchContents(

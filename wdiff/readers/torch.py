@@ -400,6 +400,12 @@ def _allowed(path: str) -> dict[tuple[str, str], object]:
 def read_torch(path: str | os.PathLike[str]) -> TorchContents:
     """The model weights in a ``torch.save`` file, as byte ranges of it; see the module notes."""
     path = os.fspath(path)
+    folder, entries, data = _open(path)
+    return _load(data, path, folder, entries)
+
+
+def _open(path: str) -> tuple[str, dict[str, _Entry], bytes]:
+    """The archive folder, its entries and ``data.pkl``; refuses what is not a readable torch.save zip."""
     try:
         with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
@@ -426,7 +432,11 @@ def read_torch(path: str | os.PathLike[str]) -> TorchContents:
             data = _read_record(f, path, archive, folder, entries["data.pkl"], MAX_PICKLE_BYTES)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    return folder, entries, data
 
+
+def _load(data: bytes, path: str, folder: str, entries: dict[str, _Entry]) -> TorchContents:
+    """Unpickle ``data.pkl`` (storages located in ``entries``) and find the weights in it."""
     storages: dict[str, _Storage] = {}
 
     def persistent_load(pid: object) -> _Storage:
