@@ -5,7 +5,7 @@ Small, deterministic, REAL training runs on scikit-learn's bundled ``load_digits
 other sample scripts), each saved the way its library saves, 3-4 checkpoints per run, a few KB to a few
 hundred KB per checkpoint. Into ``OUT/<layout>/``:
 
-  research      step_0.pt, step_100.pt, ...: ``torch.save(model.state_dict())`` (plain research code)
+  research      step_0.pt, step_50.pt, ...: ``torch.save(model.state_dict())`` (plain research code)
   wrapped       ckpt_000050.pth, ...: ``torch.save({"model": sd, "optimizer": ..., "step": n, "config"})``
   hf-bin        HF Trainer, ``save_safetensors=False``: checkpoint-N/pytorch_model.bin (+ optimizer.pt,
                 scheduler.pt, rng_state.pth, training_args.bin, trainer_state.json, config.json)
@@ -168,10 +168,11 @@ def _cpu_copy(sd: dict) -> dict:
 
 
 def run_research(out: Path, hidden: int = 64) -> dict:
-    """step_0.pt .. step_300.pt: ``torch.save(model.state_dict(), f)``."""
+    """step_0.pt, step_50.pt .. step_150.pt (``step_100`` sorts before ``step_50`` as text):
+    ``torch.save(model.state_dict(), f)``."""
     wipe(out)
     losses = train_mlp(
-        300, 100, lambda s, m, o, sch: torch.save(m.state_dict(), out / f"step_{s}.pt"), hidden=hidden
+        150, 50, lambda s, m, o, sch: torch.save(m.state_dict(), out / f"step_{s}.pt"), hidden=hidden
     )
     return {"first_loss": losses[0], "last_loss": losses[-1]}
 

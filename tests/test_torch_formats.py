@@ -326,7 +326,7 @@ def test_cli_reads_the_pytorch_sample(tmp_path):
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.strip().splitlines()) == 1, p.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [c["step"] for c in summary["checkpoints"]] == [0, 100, 200, 300]
+    assert [c["step"] for c in summary["checkpoints"]] == [0, 50, 100, 150]
 
 
 def test_cli_legacy_format_exits_2_with_one_line(tmp_path):
