@@ -235,15 +235,12 @@ def test_hf_bin_tied_head_and_trainer_state(results, name):
     with the alias. The Trainer's optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin beside
     the weights are not checkpoints; trainer_state.json is read."""
     case, summary, accumulated = results(name)
-    pickled = (
-        torch.load(case.folder / "checkpoint-50" / "pytorch_model.bin", weights_only=True)
-        if (name == "hf-bin")
-        else None
-    )
-    if pickled is not None:
-        assert pickled["lm_head.weight"].untyped_storage().data_ptr() == (
-            pickled["transformer.wte.weight"].untyped_storage().data_ptr()
-        )
+    first = case.folder / "checkpoint-50"
+    index = first / "pytorch_model.bin.index.json"
+    shard = json.loads(index.read_text())["weight_map"]["lm_head.weight"] if index.exists() else None
+    pickled = torch.load(first / (shard or "pytorch_model.bin"), weights_only=True)
+    head, embedding = pickled["lm_head.weight"], pickled["transformer.wte.weight"]  # both saved, in one file
+    assert head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
     assert "lm_head.weight" not in summary["tensors"] and "lm_head.weight" not in accumulated
     assert summary["tensors"]["transformer.wte.weight"]["aliases"] == ["lm_head.weight"]
     assert summary["trainer_state"]["global_step"] == 150
