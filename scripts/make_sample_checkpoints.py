@@ -42,7 +42,6 @@ os.environ["PYTHONHASHSEED"] = "0"
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
