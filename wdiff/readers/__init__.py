@@ -82,13 +82,25 @@ def is_checkpoint_file(path: Path) -> bool:
     return looks_like_safetensors(path) or looks_like_onnx(path) or is_torch_file(path)
 
 
-def _only(folder: Path, pattern: str, what: str) -> Path | None:
-    """The one file matching ``pattern`` in ``folder``; None if none; an error if several."""
-    found = sorted(p for p in folder.glob(pattern) if p.is_file())
+def _only(folder: Path, found: list[Path], several: str) -> Path | None:
+    """The one file of ``found``; None if none; an error naming them (``several``) if more.
+    A lone shard of several (``-00001-of-00003``) is an incomplete checkpoint: its index is written
+    after the shards (docs/formats.md)."""
     if len(found) > 1:
-        names = ", ".join(p.name for p in found[:4])
-        raise WdiffError(folder, f"several {what} in one checkpoint folder: {names}")
-    return found[0] if found else None
+        names = ", ".join(p.name for p in sorted(found)[:4])
+        raise WdiffError(folder, f"{several}: {names}")
+    if not found:
+        return None
+    shard = _SHARD_NAME.search(found[0].name)
+    if shard and int(shard.group(2)) > 1:
+        raise WdiffError(
+            found[0], f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
+        )
+    return found[0]
+
+
+def _files(folder: Path, pattern: str) -> list[Path]:
+    return [p for p in folder.glob(pattern) if p.is_file()]
 
 
 def find_weights(folder: Path) -> Path | None:
@@ -102,42 +114,28 @@ def find_weights(folder: Path) -> Path | None:
         return folder
     if (folder / "model.safetensors").is_file():
         return folder / "model.safetensors"
-    index = _only(folder, "*.safetensors.index*.json", "shard indexes")
-    if index is not None:
-        return index
-    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if len(files) == 1:
-        _check_lone_shard(files[0])
-        return files[0]
-    if len(files) > 1:
-        names = ", ".join(p.name for p in files[:4])
-        raise WdiffError(folder, f"several weight files and no model.safetensors(.index.json): {names}")
-    model = _only(folder, "*.onnx", "ONNX models")
-    if model is not None:
-        return model
+    found = (
+        _only(
+            folder,
+            _files(folder, "*.safetensors.index*.json"),
+            "several shard indexes in one checkpoint folder",
+        )
+        or _only(
+            folder,
+            _files(folder, "*.safetensors"),
+            "several weight files and no model.safetensors(.index.json)",
+        )
+        or _only(folder, _files(folder, "*.onnx"), "several ONNX models in one checkpoint folder")
+    )
+    if found is not None:
+        return found
     if looks_like_dcp(folder):
         return folder
     for name in _TORCH_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
-    torch_files = sorted(
-        p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES and is_torch_file(p)
-    )  # fmt: skip
-    if len(torch_files) == 1:
-        _check_lone_shard(torch_files[0])
-        return torch_files[0]
-    if len(torch_files) > 1:
-        names = ", ".join(p.name for p in torch_files[:4])
-        raise WdiffError(folder, f"several PyTorch weight files and no shard index: {names}")
-    return None
-
-
-def _check_lone_shard(path: Path) -> None:
-    shard = _SHARD_NAME.search(path.name)
-    if shard and int(shard.group(2)) > 1:  # the index is written after the shards (FORMATS.md)
-        raise WdiffError(
-            path, f"shard {int(shard.group(1))} of {int(shard.group(2))} and no index yet: incomplete"
-        )
+    torch_files = [p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES and is_torch_file(p)]
+    return _only(folder, torch_files, "several PyTorch weight files and no shard index")
 
 
 def has_weights(folder: Path) -> bool:
