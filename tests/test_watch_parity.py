@@ -20,6 +20,7 @@ from wdiff.scan import listing
 from wdiff.watch import Watcher
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+TORCH_DATA = Path(__file__).resolve().parent / "data" / "torch"
 OPTIONS = {"render": False, "max_points": 512, "chunk_elements": 1000}
 
 
@@ -39,9 +40,9 @@ def replay_and_watch(source: Path, tmp: Path, delete_older: bool = True) -> Resu
     checkpoint_paths = {p for _, p in entries}
     for child in source.rglob("*"):  # side files of the run (config.json beside checkpoint files, ...)
         inside = any(child == p or p in child.parents for p in checkpoint_paths)
-        if child.is_file() and not inside:
+        if child.is_file() and not inside and child.suffix != ".ckpt":  # last.ckpt comes with the newest
             _copy(child, live / child.relative_to(source))
-    live.mkdir(exist_ok=True)
+    live.mkdir(parents=True, exist_ok=True)
     watcher = Watcher(live, out, settle=1, **OPTIONS)
     results = None
     written: list[Path] = []
@@ -93,3 +94,34 @@ def test_watch_reads_every_sample_like_run(sample, tmp_path):
     watched = replay_and_watch(SAMPLES / sample, tmp_path)
     batch = api.run(SAMPLES / sample, tmp_path / "batch", **OPTIONS)
     assert_same(watched, batch)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        SAMPLES / "digits-mlp-pt",  # torch.save state dicts, step_N.pt
+        TORCH_DATA / "hf-bin",  # HF pytorch_model.bin, tied lm_head.weight sharing a storage
+        TORCH_DATA / "hf-sharded",  # pytorch_model-0000i-of-00002.bin + index
+        TORCH_DATA / "peft-bin",  # adapter_model.bin: LoRA products
+        TORCH_DATA / "lightning" / "lightning_logs" / "version_0",  # epoch=E-step=S.ckpt + last.ckpt
+        TORCH_DATA / "deepspeed",  # global_stepN/mp_rank_00_model_states.pt
+    ],
+    ids=lambda p: p.name,
+)
+def test_watch_reads_every_pytorch_layout_like_run(run, tmp_path):
+    watched = replay_and_watch(run, tmp_path)
+    batch = api.run(run, tmp_path / "batch", **OPTIONS)
+    assert_same(watched, batch)
+
+
+def test_watch_reads_wrapped_and_dcp_runs_like_run(tmp_path):
+    import torch_files as tf
+
+    snaps = tf.train(60, 20)
+    runs = [tf.make_wrapped_run(tmp_path / "wrapped", snaps)[0].parent]
+    runs.append(tf.make_dcp_run(tmp_path / "dcp", snaps)[0].parent)
+    for run in runs:
+        watched = replay_and_watch(run, tmp_path / f"{run.name}-replay")
+        batch = api.run(run, tmp_path / f"{run.name}-batch", **OPTIONS)
+        assert_same(watched, batch)
+        assert watched.summary["checkpoints"][0]["state_key"] == "model"

@@ -103,9 +103,7 @@ def _previous(
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 
-def _previous_frames(
-    out: Path, known: int, grids: dict[str, Any], pool: str
-) -> dict[str, np.ndarray] | None:
+def _previous_frames(out: Path, known: int, grids: dict[str, Any], pool: str) -> dict[str, np.ndarray] | None:
     """The frames of earlier results when they cover its ``known - 1`` intervals on these grids,
     pooled the same way."""
     try:

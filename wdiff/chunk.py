@@ -150,5 +150,3 @@ def row_cols(shape: tuple[int, ...]) -> int:
     """Elements per row: rows are the first dimension (a neuron, a token, a conv filter); a vector's
     rows are its elements and a scalar is one row."""
     return max(1, math.prod(shape[1:])) if len(shape) >= 2 else 1
-
-

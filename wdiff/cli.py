@@ -166,8 +166,11 @@ def run_command(
     size: Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")] = "1280x800",
     views: Annotated[
         str,
-        typer.Option("--views", help="Comma-separated views: oblique, back, side, top, front; the first "
-                     "is render.png, the others render-<view>.png."),
+        typer.Option(
+            "--views",
+            help="Comma-separated views: oblique, back, side, top, front; the first "
+            "is render.png, the others render-<view>.png.",
+        ),
     ] = "oblique",
     mesh: Annotated[
         bool, typer.Option("--mesh", help="Also write mesh.ply (height-field surfaces).")

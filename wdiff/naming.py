@@ -96,3 +96,19 @@ def last_number(text: str) -> int | None:
     """The last integer in a string (``step_900.safetensors`` -> 900), or None."""
     found = _NUMBER.findall(text)
     return int(found[-1]) if found else None
+
+
+# A step named as such wins over other numbers: ``epoch=2-step=150-v1.ckpt`` is step 150.
+_NAMED_STEP = re.compile(r"(?:^|[^a-z])(?:global_?)?steps?[=_-]?(\d+)", re.IGNORECASE)
+_SUFFIXES = (".safetensors", ".onnx", ".ckpt", ".pth", ".pt", ".bin")
+
+
+def step_of(name: str) -> int | None:
+    """The training step a checkpoint's name gives: ``step=N``/``stepN``/``global_stepN`` if
+    present, else the last number (``checkpoint-500``, ``ckpt_000050.pth``); None without one."""
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    named = _NAMED_STEP.findall(name)
+    if named:
+        return int(named[-1])
+    return last_number(name)

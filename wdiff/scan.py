@@ -23,6 +23,7 @@ from pathlib import Path
 
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
+from wdiff.naming import step_of
 from wdiff.readers import has_weights, is_checkpoint_file, missing, open_checkpoint
 from wdiff.readers.base import read_json
 from wdiff.readers.lora import read_adapter_config
@@ -32,23 +33,7 @@ from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 __all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped", "fingerprint", "scan", "step_of"]
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# A step named as such wins over other numbers: ``epoch=2-step=150-v1.ckpt`` is step 150.
-_NAMED_STEP = re.compile(r"(?:^|[^a-z])(?:global_?)?steps?[=_-]?(\d+)", re.IGNORECASE)
-_NUMBER = re.compile(r"(\d+)")
-_SUFFIXES = (".safetensors", ".onnx", ".ckpt", ".pth", ".pt", ".bin")
 TRAINER_STATE = "trainer_state.json"
-
-
-def step_of(name: str) -> int | None:
-    """The training step a checkpoint's name gives: ``step=N``/``stepN``/``global_stepN`` if
-    present, else the last number (``checkpoint-500``, ``ckpt_000050.pth``); None without one."""
-    for suffix in _SUFFIXES:
-        name = name.removesuffix(suffix)
-    named = _NAMED_STEP.findall(name)
-    if named:
-        return int(named[-1])
-    found = _NUMBER.findall(name)
-    return int(found[-1]) if found else None
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:

@@ -80,5 +80,3 @@ def process_chunk(
         )
     nbytes = int((stop - start) * itemsizes.sum())  # checkpoint bytes; earlier results not counted
     return b.stats(*totals, nbytes)
-
-

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from wdiff.errors import WdiffError
+from wdiff.naming import step_of
 from wdiff.readers.base import DTYPES, Contents, DType, TensorRef, open_regular
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
@@ -134,7 +135,12 @@ def find_weights(folder: Path) -> Path | None:
     for name in _TORCH_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
+    # One other PyTorch file (``model.pt``) is the folder's weights. Files whose names give steps
+    # (``epoch=0-step=20.ckpt``, beside Lightning's ``last.ckpt``) make it a folder of checkpoints,
+    # even while it holds only the first one (training still writing it), not a checkpoint folder.
     torch_files = [p for p in folder.iterdir() if p.suffix in _TORCH_SUFFIXES and is_torch_file(p)]
+    if any(step_of(p.name) is not None for p in torch_files):
+        return None
     return _only(folder, torch_files, "several PyTorch weight files and no shard index")
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "write_points_ply",
 ]
 
+
 def build_scene(
     accumulated_path: str | os.PathLike[str],
     names: Sequence[str] | None = None,

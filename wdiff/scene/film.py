@@ -43,9 +43,7 @@ def read_frames(path: str | os.PathLike[str], names: Sequence[str]) -> tuple[dic
     return arrays, meta.get("pool", "max"), factor
 
 
-def interval_scenes(
-    frames: dict[str, np.ndarray], scene: Scene, pool: str, factor: int
-) -> list[Scene]:
+def interval_scenes(frames: dict[str, np.ndarray], scene: Scene, pool: str, factor: int) -> list[Scene]:
     """One scene per interval, laid out like ``scene`` (same tensors, shapes and order)."""
     infos = [TensorInfo(p.name, p.shape) for p in scene.placements]
     counts = {f.shape[0] for f in frames.values()}
@@ -70,7 +68,11 @@ def film_scale(scenes: Sequence[Scene], options: SceneOptions) -> color.ColorSca
         every = np.array([color.tensor_peaks(s.value, s.tensor_index, count) for s in scenes])
         peaks = tuple(float(p) for p in every.max(axis=0))
     base = color.ColorScale(
-        0.0, 1.0, options.color_scale, normalize=options.normalize, peaks=peaks,
+        0.0,
+        1.0,
+        options.color_scale,
+        normalize=options.normalize,
+        peaks=peaks,
         quantity="|ΔW| of the interval",
     )
     sample, tops = [], []
@@ -152,8 +154,15 @@ def write_mp4(path: Path, pictures: np.ndarray) -> bool:
     even = np.pad(pictures, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # yuv420p needs even
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     try:
-        iio.imwrite(tmp, even, extension=".mp4", fps=1 / SECONDS_PER_FRAME, codec="libx264",
-                    macro_block_size=1, ffmpeg_log_level="error")
+        iio.imwrite(
+            tmp,
+            even,
+            extension=".mp4",
+            fps=1 / SECONDS_PER_FRAME,
+            codec="libx264",
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():

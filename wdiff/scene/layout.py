@@ -349,8 +349,16 @@ def _assemble(
         z = float(-slots[s] * step)
         w, h = sizes[s]
         margin = FRAME_MARGIN * max(w, h, factor) + factor / 2.0
-        blocks.append(BlockSlice(_label(names[first:end]), role, first, end, z,
-                                 (-w / 2 - margin, w / 2 + margin, margin, -h - margin)))
+        blocks.append(
+            BlockSlice(
+                _label(names[first:end]),
+                role,
+                first,
+                end,
+                z,
+                (-w / 2 - margin, w / 2 + margin, margin, -h - margin),
+            )
+        )
         for k in range(first, end):
             info, cells, (panels, panel_rows, pitch) = infos[k], cell_grids[k], folds[k]
             block = block_shape(info.rows, factor)
@@ -370,15 +378,27 @@ def _assemble(
                 xyz[start:stop, 2] = z
                 value[start:stop] = cells.ravel()
                 tensor_index[start:stop] = k
-            placements.append(TensorPlacement(
-                info.name, info.shape, info.rows, info.cols, block, grid, origin, start,
-                nonfinite[k], panels, panel_rows, pitch, s,
-            ))
+            placements.append(
+                TensorPlacement(
+                    info.name,
+                    info.shape,
+                    info.rows,
+                    info.cols,
+                    block,
+                    grid,
+                    origin,
+                    start,
+                    nonfinite[k],
+                    panels,
+                    panel_rows,
+                    pitch,
+                    s,
+                )
+            )
             start += count
     for array in (xyz, value, tensor_index):
         array.setflags(write=False)
-    return Scene(xyz, value, tensor_index, tuple(names), factor, pool,
-                 tuple(placements), tuple(blocks))
+    return Scene(xyz, value, tensor_index, tuple(names), factor, pool, tuple(placements), tuple(blocks))
 
 
 def layout(

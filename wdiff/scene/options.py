@@ -71,8 +71,11 @@ class SceneOptions:
         _choice("--pool", self.pool, POOLS)
         _choice("--color-scale", self.color_scale, SCALES)
         _choice("--normalize", self.normalize, NORMALIZE)
-        for flag, n in (("--max-points", self.max_points), ("--html-points", self.html_points),
-                        ("--frame-points", self.frame_points)):
+        for flag, n in (
+            ("--max-points", self.max_points),
+            ("--html-points", self.html_points),
+            ("--frame-points", self.frame_points),
+        ):
             if int(n) < 1:
                 raise WdiffError(None, f"{flag} must be at least 1, got {n}")
         width, height = self.size

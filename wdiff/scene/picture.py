@@ -91,4 +91,3 @@ class Picture:
             labels=self.labels,
             flagged=int(np.count_nonzero(~np.isfinite(shown.value))),
         )
-

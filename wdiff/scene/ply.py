@@ -34,9 +34,7 @@ _PLY_TYPES = {"<f4": "float", "u1": "uchar"}
 
 
 #: One mesh vertex: the point-cloud fields plus ``quality`` (the value again), which MeshLab keeps.
-MESH_VERTEX_DTYPE = np.dtype(
-    VERTEX_DTYPE.descr[:6] + [("quality", "<f4"), ("scalar_accumulated", "<f4")]
-)
+MESH_VERTEX_DTYPE = np.dtype(VERTEX_DTYPE.descr[:6] + [("quality", "<f4"), ("scalar_accumulated", "<f4")])
 #: One triangle: ``property list uchar int vertex_indices`` with its count byte (always 3), packed.
 FACE_DTYPE = np.dtype([("count", "u1"), ("v0", "<i4"), ("v1", "<i4"), ("v2", "<i4")])
 
