@@ -522,7 +522,10 @@ def test_deepspeed_model_states(tmp_path) -> None:
     }
     got = _read_and_check(_save(ds, tmp_path / "mp_rank_00_model_states.pt"), state_key="module")
     assert got.step == 12
-    zero3 = {**ds, "module": {k: torch.empty(0, dtype=v.dtype) for k, v in sd.items()}}
+    # ZeRO-3: parameters are empty stand-ins, buffers (not partitioned) keep their values
+    params = dict(TinyLM().named_parameters())
+    zero3 = {**ds, "module": {k: torch.empty(0, dtype=v.dtype) if k in params else v for k, v in sd.items()}}
+    zero3["param_shapes"] = [collections.OrderedDict((k, v.shape) for k, v in params.items())]
     zero3["ds_config"] = {"zero_optimization": {"stage": 3}}
     with pytest.raises(WdiffError, match="DeepSpeed ZeRO-3 partitions.*zero_to_fp32.py") as e:
         read_torch(_save(zero3, tmp_path / "z3.pt"))
@@ -619,6 +622,24 @@ def test_storage_checks(tmp_path) -> None:
         )
 
 
+def test_sizes_past_int64_are_errors(tmp_path) -> None:
+    src = _save({"w": torch.randn(16)}, tmp_path / "src.pt")
+    with zipfile.ZipFile(src) as z:
+        data = z.read("src/data.pkl")
+    huge = data.replace(b"K\x10\x85", b"\x8a\x09" + (1 << 64).to_bytes(9, "little") + b"\x85", 1)
+    with pytest.raises(
+        WdiffError, match=r"tensor 'w': shape \[18446744073709551616\] is not a list of sizes"
+    ):
+        read_torch(_rezip(src, tmp_path / "a.pt", replace={"data.pkl": huge}))
+    digits = b"\x8b" + (3000).to_bytes(4, "little") + b"\x01" * 3000  # an int of ~7000 digits
+    with pytest.raises(WdiffError, match=r"tensor 'w': shape \[a int\] is not a list of sizes"):
+        read_torch(
+            _rezip(
+                src, tmp_path / "b.pt", replace={"data.pkl": data.replace(b"K\x10\x85", digits + b"\x85", 1)}
+            )
+        )
+
+
 def test_safety_inside_a_torch_zip(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     src = _save({"w": torch.ones(2)}, tmp_path / "src.pt")
@@ -677,13 +698,19 @@ def _bounded(run: Callable[[], object], size: int) -> None:
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         run()
+        TALLY["accepted"] += 1
     except WdiffError as e:
         assert "\n" not in str(e)
+        TALLY["refused"] += 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     peak = tracemalloc.get_traced_memory()[1] - before
+    TALLY["peak"] = max(TALLY["peak"], peak)
     assert peak <= MEMORY_FACTOR * size + MEMORY_SLACK, f"{peak} bytes for {size} input bytes"
+
+
+TALLY: collections.Counter[str] = collections.Counter()  # outcomes of the current fuzz run, printed
 
 
 @pytest.fixture(scope="module")
@@ -956,13 +983,17 @@ def test_seeds_are_valid(tmp_path) -> None:
 
 @pytest.mark.parametrize("target", FUZZ)
 def test_fuzz_quick(target, tmp_path, traced) -> None:
+    TALLY.clear()
     FUZZ[target](QUICK, tmp_path)
+    print(f"{target}: {dict(TALLY)}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", FUZZ)
 def test_fuzz_long(target, tmp_path, traced) -> None:
+    TALLY.clear()
     FUZZ[target](LONG, tmp_path)
+    print(f"{target}: {dict(TALLY)}")
 
 
 def test_bounded_catches_a_hang_and_a_blowup() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from wdiff.errors import WdiffError
 
 MAX_PICKLE_BYTES = 1 << 30  # torch's data.pkl holds no tensor bytes: real ones are kilobytes to megabytes
-MAX_OBJECTS = 20_000_000  # objects built per pickle: ~1 GiB of Python objects at most
+MAX_OBJECTS = 10_000_000  # objects pushed per pickle (a 10k-tensor data.pkl pushes ~200k): ~2 GiB at most
 HIGHEST_PROTOCOL = 5
 
 # Dict keys and set members are hashed. Hashes of str/bytes are salted per process; an int's hash is
@@ -144,8 +144,8 @@ RUNS_CODE = (
     "cProfile", "profile", "ssl", "http", "urllib", "ftplib", "smtplib", "xmlrpc", "sqlite3", "zipimport",
     "pkgutil", "site", "setuptools", "pip", "imp", "gc", "weakref", "_weakref", "ast", "dis", "tempfile",
     "glob", "fcntl", "resource", "mmap", "select", "selectors", "tkinter", "logging", "unittest", "doctest",
-    "torch.load", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch._ops", "torch.utils.cpp_extension",
-    "torch.storage._load_from_bytes", "torch.serialization", "torch._dynamo", "torch.compile",
+    "torch.load", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch._ops", "torch._dynamo",
+    "torch.utils.cpp_extension", "torch.storage._load_from_bytes", "torch.serialization", "torch.compile",
     "numpy.load", "numpy.lib.npyio", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
     "dill", "cloudpickle", "joblib", "yaml", "jinja2", "IPython",
 )  # fmt: skip
