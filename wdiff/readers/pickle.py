@@ -257,9 +257,16 @@ def plain_containers(path: str) -> dict[tuple[str, str], Callable[..., object]]:
         # ``state`` is the value of a builtin base (an int or str subclass); __dict__ follows as BUILD
         return Placeholder(cls.module, cls.name, () if state is None else (state,))
 
+    def empty_bytes(*args: object) -> bytes:
+        # protocols 0-2 write b"" as a call of bytes() with no arguments
+        if args:
+            raise WdiffError(path, "pickle calls bytes() with arguments")  # bytes(n) would allocate n
+        return b""
+
     names = {("builtins", kind): Global("builtins", kind) for kind in _BUILTIN_TYPE_NAMES}
     return {
         **names,
+        ("builtins", "bytes"): empty_bytes,
         ("copyreg", "_reconstructor"): reconstructor,
         ("collections", "OrderedDict"): ordered_dict,
         ("collections", "defaultdict"): default_dict,
