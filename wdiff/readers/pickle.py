@@ -289,8 +289,6 @@ class _Bad(Exception):
     """A malformed pickle: the message is turned into a WdiffError naming the file and the byte."""
 
 
-_MARK = object()  # never placed on the stack: marks are kept as stack depths (as CPython does)
-
 _CAUGHT = (
     _Bad,
     ValueError,  # bad literals, int() past 4300 digits, bad unicode escapes
