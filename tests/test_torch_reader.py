@@ -522,7 +522,10 @@ def test_deepspeed_model_states(tmp_path) -> None:
     }
     got = _read_and_check(_save(ds, tmp_path / "mp_rank_00_model_states.pt"), state_key="module")
     assert got.step == 12
-    zero3 = {**ds, "module": {k: torch.empty(0, dtype=v.dtype) for k, v in sd.items()}}
+    # ZeRO-3: parameters are empty stand-ins, buffers (not partitioned) keep their values
+    params = dict(TinyLM().named_parameters())
+    zero3 = {**ds, "module": {k: torch.empty(0, dtype=v.dtype) if k in params else v for k, v in sd.items()}}
+    zero3["param_shapes"] = [collections.OrderedDict((k, v.shape) for k, v in params.items())]
     zero3["ds_config"] = {"zero_optimization": {"stage": 3}}
     with pytest.raises(WdiffError, match="DeepSpeed ZeRO-3 partitions.*zero_to_fp32.py") as e:
         read_torch(_save(zero3, tmp_path / "z3.pt"))
@@ -619,6 +622,24 @@ def test_storage_checks(tmp_path) -> None:
         )
 
 
+def test_sizes_past_int64_are_errors(tmp_path) -> None:
+    src = _save({"w": torch.randn(16)}, tmp_path / "src.pt")
+    with zipfile.ZipFile(src) as z:
+        data = z.read("src/data.pkl")
+    huge = data.replace(b"K\x10\x85", b"\x8a\x09" + (1 << 64).to_bytes(9, "little") + b"\x85", 1)
+    with pytest.raises(
+        WdiffError, match=r"tensor 'w': shape \[18446744073709551616\] is not a list of sizes"
+    ):
+        read_torch(_rezip(src, tmp_path / "a.pt", replace={"data.pkl": huge}))
+    digits = b"\x8b" + (3000).to_bytes(4, "little") + b"\x01" * 3000  # an int of ~7000 digits
+    with pytest.raises(WdiffError, match=r"tensor 'w': shape \[a int\] is not a list of sizes"):
+        read_torch(
+            _rezip(
+                src, tmp_path / "b.pt", replace={"data.pkl": data.replace(b"K\x10\x85", digits + b"\x85", 1)}
+            )
+        )
+
+
 def test_safety_inside_a_torch_zip(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     src = _save({"w": torch.ones(2)}, tmp_path / "src.pt")
@@ -677,13 +698,19 @@ def _bounded(run: Callable[[], object], size: int) -> None:
     signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         run()
+        TALLY["accepted"] += 1
     except WdiffError as e:
         assert "\n" not in str(e)
+        TALLY["refused"] += 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     peak = tracemalloc.get_traced_memory()[1] - before
+    TALLY["peak"] = max(TALLY["peak"], peak)
     assert peak <= MEMORY_FACTOR * size + MEMORY_SLACK, f"{peak} bytes for {size} input bytes"
+
+
+TALLY: collections.Counter[str] = collections.Counter()  # outcomes of the current fuzz run, printed
 
 
 @pytest.fixture(scope="module")
@@ -849,6 +876,44 @@ def _opcode_stream(draw: st.DrawFn) -> bytes:
     return b"".join(parts)
 
 
+_SCALARS = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20) | st.complex_numbers(allow_nan=False)
+)  # fmt: skip
+_SMALL_INTS = st.integers(-(2**60), 2**60)  # dict keys: ints past 61 bits are refused (hash flooding)
+_KEYS = st.text(max_size=10) | _SMALL_INTS | st.binary(max_size=5)
+_VALUES = st.recursive(
+    _SCALARS | st.frozensets(_KEYS, max_size=4) | st.sets(_KEYS, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(_KEYS, inner, max_size=5)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3).map(collections.OrderedDict)
+        | st.tuples(st.lists(_SMALL_INTS, max_size=3).map(tuple), inner).map(lambda kv: {kv[0]: kv[1]})
+    ),
+    max_leaves=25,
+)
+
+
+def _fuzz_plain_objects(n: int) -> None:
+    """Plain values round-trip exactly through every protocol; a few byte edits only ever give a value
+    or a one-line WdiffError."""
+    allowed = _opcode_allowed()
+
+    @_fuzz_settings(n)
+    @given(_VALUES, st.integers(0, 5), st.data())
+    def case(value: object, protocol: int, drawn: st.DataObject) -> None:
+        data = pickle.dumps(value, protocol=protocol)
+        if drawn.draw(st.booleans()):
+            assert restricted_load(data, "f.pkl", allowed) == value
+            TALLY["round trips"] += 1
+            return
+        data = drawn.draw(_mutated([data]))
+        _bounded(lambda: restricted_load(data, "f.pkl", allowed), len(data))
+
+    case()
+
+
 def _opcode_allowed() -> object:
     return with_placeholders(plain_containers("f.pkl"), ["argparse", "torch"], RUNS_CODE)
 
@@ -944,6 +1009,7 @@ FUZZ = {
     "zip_structure": lambda n, tmp: _fuzz_zip_structure(n, tmp),
     "data_pkl": lambda n, tmp: _fuzz_data_pkl(n, tmp),
     "opcodes": lambda n, tmp: _fuzz_opcodes(n),
+    "plain_objects": lambda n, tmp: _fuzz_plain_objects(n),
 }
 
 
@@ -956,13 +1022,17 @@ def test_seeds_are_valid(tmp_path) -> None:
 
 @pytest.mark.parametrize("target", FUZZ)
 def test_fuzz_quick(target, tmp_path, traced) -> None:
+    TALLY.clear()
     FUZZ[target](QUICK, tmp_path)
+    print(f"{target}: {dict(TALLY)}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", FUZZ)
 def test_fuzz_long(target, tmp_path, traced) -> None:
+    TALLY.clear()
     FUZZ[target](LONG, tmp_path)
+    print(f"{target}: {dict(TALLY)}")
 
 
 def test_bounded_catches_a_hang_and_a_blowup() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from wdiff.errors import WdiffError
 
 MAX_PICKLE_BYTES = 1 << 30  # torch's data.pkl holds no tensor bytes: real ones are kilobytes to megabytes
-MAX_OBJECTS = 20_000_000  # objects built per pickle: ~1 GiB of Python objects at most
+MAX_OBJECTS = 10_000_000  # objects pushed per pickle (a 10k-tensor data.pkl pushes ~200k): ~2 GiB at most
 HIGHEST_PROTOCOL = 5
 
 # Dict keys and set members are hashed. Hashes of str/bytes are salted per process; an int's hash is
@@ -144,8 +144,8 @@ RUNS_CODE = (
     "cProfile", "profile", "ssl", "http", "urllib", "ftplib", "smtplib", "xmlrpc", "sqlite3", "zipimport",
     "pkgutil", "site", "setuptools", "pip", "imp", "gc", "weakref", "_weakref", "ast", "dis", "tempfile",
     "glob", "fcntl", "resource", "mmap", "select", "selectors", "tkinter", "logging", "unittest", "doctest",
-    "torch.load", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch._ops", "torch.utils.cpp_extension",
-    "torch.storage._load_from_bytes", "torch.serialization", "torch._dynamo", "torch.compile",
+    "torch.load", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch._ops", "torch._dynamo",
+    "torch.utils.cpp_extension", "torch.storage._load_from_bytes", "torch.serialization", "torch.compile",
     "numpy.load", "numpy.lib.npyio", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
     "dill", "cloudpickle", "joblib", "yaml", "jinja2", "IPython",
 )  # fmt: skip
@@ -257,9 +257,16 @@ def plain_containers(path: str) -> dict[tuple[str, str], Callable[..., object]]:
         # ``state`` is the value of a builtin base (an int or str subclass); __dict__ follows as BUILD
         return Placeholder(cls.module, cls.name, () if state is None else (state,))
 
+    def empty_bytes(*args: object) -> bytes:
+        # protocols 0-2 write b"" as a call of bytes() with no arguments
+        if args:
+            raise WdiffError(path, "pickle calls bytes() with arguments")  # bytes(n) would allocate n
+        return b""
+
     names = {("builtins", kind): Global("builtins", kind) for kind in _BUILTIN_TYPE_NAMES}
     return {
         **names,
+        ("builtins", "bytes"): empty_bytes,
         ("copyreg", "_reconstructor"): reconstructor,
         ("collections", "OrderedDict"): ordered_dict,
         ("collections", "defaultdict"): default_dict,
@@ -281,8 +288,6 @@ class _Truncated(Exception):
 class _Bad(Exception):
     """A malformed pickle: the message is turned into a WdiffError naming the file and the byte."""
 
-
-_MARK = object()  # never placed on the stack: marks are kept as stack depths (as CPython does)
 
 _CAUGHT = (
     _Bad,

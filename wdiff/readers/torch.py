@@ -108,6 +108,7 @@ IGNORED_KEYS = frozenset(
 )  # fmt: skip
 STEP_KEYS = ("global_step", "global_steps", "step", "iteration")  # global_steps: DeepSpeed
 
+INT64 = 1 << 63  # torch sizes, strides and offsets are int64: bigger ones are damage
 MAX_DIMS = 64
 MAX_DEPTH = 64  # nesting of dicts searched for weights
 MAX_PIECES = 65_536  # a strided view is read as contiguous runs only when they are few and long
@@ -582,14 +583,18 @@ def _refuse_zero3(obj: object, contents: TorchContents, path: str) -> None:
     real shapes in ``param_shapes``; its weights are partitioned over the optimizer-state files."""
     if not isinstance(obj, dict) or "ds_version" not in obj or not contents.tensors:
         return
-    if all(ref.numel == 0 for ref in contents.tensors.values()) and obj.get("param_shapes"):
-        raise WdiffError(path, ZERO3_HINT)
+    shapes = obj.get("param_shapes")
+    for group in shapes if isinstance(shapes, list) else ():
+        for name, shape in group.items() if isinstance(group, dict) else ():
+            ref = contents.tensors.get(name) if isinstance(name, str) else None
+            if ref is not None and ref.numel == 0 and isinstance(shape, tuple) and 0 not in shape:
+                raise WdiffError(path, ZERO3_HINT)
 
 
 def _ints(value: object, what: str, name: str, path: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS:
         raise WdiffError(path, f"tensor {_quote(name)}: {what} is {describe(value)}, not a list of sizes")
-    if not all(type(x) is int and x >= 0 for x in value):
+    if not all(type(x) is int and 0 <= x < INT64 for x in value):
         raise WdiffError(path, f"tensor {_quote(name)}: {what} {_shown_ints(value)} is not a list of sizes")
     return tuple(value)  # type: ignore[arg-type]
 
@@ -619,7 +624,7 @@ def _locate(name: str, t: _Tensor | _Unread, path: str) -> TensorRef | Skipped:
         return Skipped(
             name, "a lazily negated or conjugated view (its stored values are not its values): not read"
         )
-    if type(t.storage_offset) is not int or t.storage_offset < 0:
+    if type(t.storage_offset) is not int or not 0 <= t.storage_offset < INT64:
         raise WdiffError(
             path, f"tensor {_quote(name)}: storage offset {describe(t.storage_offset)} is not a size"
         )
