@@ -336,3 +336,52 @@ def test_cli_legacy_format_exits_2_with_one_line(tmp_path):
     assert "step_" in lines[0] and ".pt" in lines[0]
     assert "legacy" in lines[0].lower() or "1.6" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+class _RunsACommand:
+    """Unpickling this with ``pickle.load`` runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_cli_refuses_a_pickle_that_would_run_a_command_and_never_runs_it(tmp_path):
+    """A checkpoint whose pickle calls ``os.system`` on load: exit 2, one line naming the file and the
+    global, and the command never ran (its canary file does not exist)."""
+    canary = tmp_path / "CANARY"
+    run = tmp_path / "run"
+    run.mkdir()
+    tensors = {"w": torch.ones(3, 4), "b": torch.zeros(4)}
+    torch.save(tensors, run / "step_0.pt")
+    torch.save({**tensors, "hook": _RunsACommand(f"touch {canary}")}, run / "step_100.pt")
+    torch.save(tensors, run / "step_200.pt")
+    p = _cli("run", str(run), "-o", str(tmp_path / "out"), "--no-render")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"wdiff: error: {run / 'step_100.pt'}: ") and "system" in lines[0], lines[0]
+    assert not canary.exists() and not (tmp_path / "out").exists()
+    # the same pickle through pickle.load does run the command: the test's canary works
+    import zipfile
+
+    with zipfile.ZipFile(run / "step_100.pt") as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+    class _Storages(__import__("pickle").Unpickler):
+        def persistent_load(self, pid):
+            return None
+
+        def find_class(self, module, name):
+            if module.startswith("torch"):
+                return lambda *a, **k: None
+            return super().find_class(module, name)
+
+    import io
+
+    _Storages(io.BytesIO(data)).load()
+    assert canary.exists()
