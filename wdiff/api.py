@@ -27,7 +27,7 @@ import numpy as np
 
 from wdiff import __version__, _warm
 from wdiff.errors import WdiffError
-from wdiff.outdir import Staging
+from wdiff.outdir import Staging, check_out
 from wdiff.results import (
     ACCUMULATED,
     FRAMES,
@@ -50,10 +50,8 @@ Progress = Callable[[str, int, int], None]  # (phase, advance, total)
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise WdiffError(out, "output path exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
-        raise WdiffError(out, "output folder is not empty and holds no wdiff results; choose another -o")
+    """Refused before the scan: an OUT results cannot go into (``wdiff.outdir.check_out``)."""
+    check_out(out)
 
 
 def _previous(

@@ -35,6 +35,7 @@ from wdiff import api
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
+from wdiff.outdir import move, sibling
 from wdiff.results import SUMMARY, Results
 from wdiff.scan import expects_state, fingerprint, listing, read_one, trainer_state
 from wdiff.sequence import Checkpoint, Run
@@ -83,8 +84,8 @@ class Watcher:
         self.options = options
         self._pending: dict[Path, _Pending] = {}
         self._expect_state = False
-        self._staged = self.out.parent / f".{self.out.name}.wdiff-watch-next.safetensors"
-        self._first_staged = self.out.parent / f".{self.out.name}.wdiff-watch-first.safetensors"
+        self._staged = sibling(self.out, "watch-next.safetensors")  # <= 255 bytes for any OUT name
+        self._first_staged = sibling(self.out, "watch-first.safetensors")
         if not self.folder.is_dir():
             raise WdiffError(self.folder, "is not a folder: wdiff watch follows a training output folder")
         self._staged.unlink(missing_ok=True)  # what a killed watch left
@@ -204,8 +205,8 @@ class Watcher:
             run = self._assemble(checkpoints)  # type: ignore[arg-type]
 
             def keep(folder: Path) -> None:
-                os.replace(self._first_staged, folder / KEPT_FIRST)
-                os.replace(self._staged, folder / KEPT_LAST)
+                move(self._first_staged, folder / KEPT_FIRST)  # into OUT: a mount point is another fs
+                move(self._staged, folder / KEPT_LAST)
 
             return self._run(run, keep)
         finally:
@@ -233,7 +234,7 @@ class Watcher:
 
         def keep(folder: Path) -> None:
             api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
-            os.replace(self._staged, folder / KEPT_LAST)
+            move(self._staged, folder / KEPT_LAST)
 
         return self._run(run, keep, extend_only=True, incremental=True)
 
