@@ -75,6 +75,7 @@ def test_run_writes_results_and_prints_one_line(tmp_path):
     ref = reference(seq, "layers.0.w")
     np.testing.assert_allclose(summary["tensors"]["layers.0.w"]["net_l2"], ref["net_l2"], rtol=1e-5)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".wdiff-results",  # the marker: what makes OUT results (wdiff.marker)
         "accumulated.safetensors",
         "findings.json",
         "metrics.csv",

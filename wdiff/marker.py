@@ -138,8 +138,10 @@ def _legacy(folder: Path, entries: list[str]) -> bool:
         data = json.loads(read_small(summary, 1 << 30))
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("wdiff_version"), str) and isinstance(
-        data.get("tensors"), dict
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("wdiff_version"), str)
+        and isinstance(data.get("tensors"), dict)
     )
 
 

@@ -64,7 +64,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _NAME_MAX = 255
 _CANNOT_SWAP = (errno.EBUSY, errno.EXDEV)  # a mount point, or a bind mount seen from its parent
-NOT_RESULTS = "holds files wdiff did not write; choose another -o"
+NOT_RESULTS = "holds no wdiff results: it holds files wdiff did not write; choose another -o"
 
 
 def target(out: str | os.PathLike[str]) -> Path:

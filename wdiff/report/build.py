@@ -18,10 +18,12 @@ from typing import Any
 from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
+from wdiff.marker import read_small, regular_file
 from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
-from wdiff.results import SUMMARY, Results, json_text
+from wdiff.results import Results, json_text
+from wdiff.schema import load_results
 
 FINDINGS = "findings.json"
 METRICS = "metrics.csv"
@@ -84,21 +86,27 @@ def short_names(names: Sequence[str]) -> list[str]:
 
 
 def load(out: str | os.PathLike[str]) -> Results:
-    out = Path(out)
-    if not (out / SUMMARY).is_file():
-        raise WdiffError(out, f"no {SUMMARY} here: not a wdiff results folder (run `wdiff run` first)")
-    try:
-        return Results.load(out)
-    except (OSError, ValueError) as e:
-        raise WdiffError(out / SUMMARY, f"unreadable results: {e}") from None
+    """The results in ``out``, checked (``wdiff.schema.load_results``: one-line errors)."""
+    return load_results(out)
+
+
+MAX_PICTURE_BYTES = 256 << 20
 
 
 def renders(out: Path) -> list[tuple[str, bytes, str]]:
-    """The 3D pictures present in ``out``: every ``render*.png``, then ``frames.gif``."""
-    found = [(p.name, p.read_bytes(), "image/png") for p in sorted(out.glob("render*.png"))]
-    gif = out / "frames.gif"
-    if gif.is_file():
-        found.append((gif.name, gif.read_bytes(), "image/gif"))
+    """The 3D pictures present in ``out``: every ``render*.png``, then ``frames.gif``; regular files
+    directly inside ``out`` only (a symlinked picture is never followed, so never embedded)."""
+    names = sorted(p.name for p in out.glob("render*.png")) + ["frames.gif"]
+    found = []
+    for name in names:
+        path = regular_file(out, name)
+        if path is None:
+            continue
+        try:
+            data = read_small(path, MAX_PICTURE_BYTES)
+        except OSError as e:
+            raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+        found.append((name, data, "image/gif" if name.endswith(".gif") else "image/png"))
     return found
 
 

@@ -1,8 +1,11 @@
 """``wdiff view OUT/``: the scene in an Open3D window: orbit (drag), zoom (wheel), and Ctrl+click a
 point to see its tensor, the weights it stands for and its value.
 
-Needs a display. Without one (``DISPLAY``/``WAYLAND_DISPLAY`` unset on Linux) it raises a
-``WdiffError`` that points to ``render.png`` and ``scene.html`` (the CLI: one line, exit code 2).
+Needs a display. Without a usable one it raises a ``WdiffError`` that points to ``render.png`` and
+``scene.html`` (the CLI: one line, exit code 2). Usable is checked, not assumed from the environment:
+``DISPLAY`` naming no running X server made Open3D fall back to headless mode and never return, and
+``WAYLAND_DISPLAY`` alone made it spin; so before Open3D starts, a child process opens the X display
+with Xlib (``XOpenDisplay``: connection and authorisation), under a time limit (``probe_display``).
 The scene is rebuilt from the results with the pooling and colours the run used.
 """
 
@@ -17,15 +20,55 @@ from typing import Any
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, SUMMARY
+from wdiff.results import ACCUMULATED
 from wdiff.scene.layout import Scene
+
+PROBE_SECONDS = 5.0
+# Run in a child so that a display that hangs the handshake cannot hang wdiff (it is killed).
+_X_PROBE = (
+    "import ctypes, ctypes.util, sys\n"
+    "name = ctypes.util.find_library('X11')\n"
+    "if name is None: sys.exit(3)\n"
+    "x = ctypes.CDLL(name)\n"
+    "x.XOpenDisplay.restype = ctypes.c_void_p\n"
+    "d = x.XOpenDisplay(None)\n"
+    "sys.exit(0 if d else 1)\n"
+)
+
+
+def probe_display() -> str | None:
+    """Why no window can open here (None: it can). Open3D's windows (GLFW) need an X server, XWayland
+    on Wayland: ``DISPLAY`` must name one that accepts a connection within ``PROBE_SECONDS``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    display = os.environ.get("DISPLAY")
+    if not display:
+        if os.environ.get("WAYLAND_DISPLAY"):
+            return "no display: DISPLAY is not set (WAYLAND_DISPLAY alone is not enough: it needs XWayland)"
+        return "no display here (DISPLAY is not set)"
+    import subprocess
+
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", _X_PROBE],
+            capture_output=True,
+            timeout=PROBE_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return f"no display: the X server at DISPLAY={display} did not answer within {PROBE_SECONDS:g} s"
+    except OSError as e:
+        return f"cannot check the display: {e.strerror or e}"
+    if p.returncode == 3:
+        return "no display: libX11 is not installed, and the window needs it"
+    if p.returncode != 0:
+        return f"no display: cannot open the X display DISPLAY={display} (no X server there, or not allowed)"
+    return None
 
 
 def has_display() -> bool:
-    """Whether a window can open: on Linux an X11 or Wayland display must be named."""
-    if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    return True
+    """Whether a window can open here (``probe_display``)."""
+    return probe_display() is None
 
 
 def describe(scene: Scene, point: int) -> str:
@@ -62,14 +105,12 @@ def unproject(
 
 def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
     """The scene of a results folder, its colours and a title, as the run drew them."""
-    import json
 
     from wdiff import scene as sc
+    from wdiff.schema import load_results
 
-    folder = Path(out)
-    if not (folder / SUMMARY).is_file() or not (folder / ACCUMULATED).is_file():
-        raise WdiffError(folder, "no wdiff results here (summary.json and accumulated.safetensors)")
-    summary = json.loads((folder / SUMMARY).read_text())
+    results = load_results(out)  # checked: marker, summary's shape, the maps; regular files only
+    folder, summary = results.path, results.summary
     options = summary.get("scene") or {}
     built = sc.build_scene(
         folder / ACCUMULATED,
@@ -83,13 +124,15 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
 
 def view(out: str | os.PathLike[str]) -> None:
     """Open the window (blocks until it is closed)."""
-    if not (Path(out) / SUMMARY).is_file():
-        raise WdiffError(out, "no wdiff results here (no summary.json)")
-    if not has_display():
+    from wdiff.schema import load_results
+
+    load_results(out)  # before the display: a folder that is not results is said first
+    problem = probe_display()
+    if problem is not None:
         raise WdiffError(
             out,
-            "no display here (DISPLAY is not set), so no window: open render.png or scene.html "
-            "in this folder instead (scene.html rotates in any browser)",
+            f"{problem}, so no window: open render.png or scene.html in this folder instead "
+            "(scene.html rotates in any browser)",
         )
     scene, rgb, title = load(out)
     Window(scene, rgb, title).run()

@@ -27,6 +27,19 @@ from wdiff.scene.options import VIEWS
 from wdiff.scene.render import BACKGROUND, FRAME_RGB, short_block_name
 
 
+def script_json(data: object) -> str:
+    """JSON to inline in a ``<script>`` element, whatever strings it holds (tensor names are the
+    checkpoint's): ``<``, ``>`` and ``&`` as ``\\u`` escapes, so no ``</script>``, ``<!--`` or
+    ``<script`` can end the element or switch the HTML parser into its escaped states; U+2028 and
+    U+2029 too (line terminators to older JavaScript parsers). ``JSON.parse`` gives back the same
+    strings."""
+    text = json.dumps(data, separators=(",", ":"))
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(char, escaped)
+    return text
+
+
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
@@ -104,8 +117,7 @@ def write_html(
     assets = resources.files("wdiff.scene").joinpath("assets")
     script = assets.joinpath("viewer.js").read_text(encoding="utf-8")
     template = string.Template(assets.joinpath("viewer.html").read_text(encoding="utf-8"))
-    # JSON inside <script>: "</" would end the element early
-    data = json.dumps(scene_data(shown, cs), separators=(",", ":")).replace("</", "<\\/")
+    data = script_json(scene_data(shown, cs))
     page = template.substitute(
         title=html.escape(title or "wdiff scene"),
         subtitle=html.escape(f"{subtitle}; {cs.legend}"),

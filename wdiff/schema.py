@@ -1,0 +1,235 @@
+"""The shape of ``summary.json``, and reading a results folder back for ``report``, ``compare`` and
+``view``: the one place that says what a summary must hold.
+
+``load_results(OUT)`` accepts a folder only when it is wdiff's results (its marker, or results of a
+wdiff from before the marker: ``wdiff.marker``), reads only regular files directly inside it (a
+symlink is never followed), checks every field the readers use for its type and length, and checks
+``accumulated.safetensors`` and ``rows.safetensors`` hold each tensor with the summary's shape. Every
+problem is one ``WdiffError`` line naming the file and the field. What passes can be analysed,
+reported and drawn without a ``KeyError`` or ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from wdiff.errors import WdiffError
+from wdiff.marker import contents, read_small, regular_file
+from wdiff.results import ACCUMULATED, ROWS, SUMMARY, Results
+
+MAX_SUMMARY_BYTES = 1 << 30
+MAX_INT = 2**63
+POOLS = ("max", "mean")
+COLOR_SCALES = ("log", "linear")
+NORMALIZE = ("global", "tensor")
+
+
+class _Bad(Exception):
+    """A field that does not fit: where it is and what was expected."""
+
+    def __init__(self, where: str, expected: str) -> None:
+        super().__init__(f"{where}: expected {expected}")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int(value: Any, where: str, low: int = -MAX_INT) -> int:
+    if type(value) is not int or not low <= value < MAX_INT:
+        raise _Bad(where, f"an integer >= {low}" if low > -MAX_INT else "an integer")
+    return value
+
+
+def _number(value: Any, where: str, null: bool = True) -> float | None:
+    """A finite number (wdiff writes NaN and Infinity as null)."""
+    if value is None and null:
+        return None
+    if type(value) is int and abs(value) < MAX_INT:
+        return value
+    if type(value) is float and math.isfinite(value):
+        return value
+    raise _Bad(where, "a finite number or null" if null else "a finite number")
+
+
+def _list(value: Any, where: str, length: int | None = None, at_most: int | None = None) -> list:
+    if not isinstance(value, list):
+        raise _Bad(where, "a list")
+    if length is not None and len(value) != length:
+        raise _Bad(where, f"a list of {length} values, got {len(value)}")
+    if at_most is not None and len(value) > at_most:
+        raise _Bad(where, f"a list of at most {at_most} values, got {len(value)}")
+    return value
+
+
+def _object(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(where, "an object")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(where, "a string")
+    return value
+
+
+def _numbers(value: Any, where: str, length: int) -> None:
+    for i, v in enumerate(_list(value, where, length)):
+        _number(v, f"{where}[{i}]")
+
+
+def _tensor(name: str, t: Any, checkpoints: int) -> None:
+    where = f"tensors[{json.dumps(_cut(name))}]"
+    t = _object(t, where)
+    for key in ("shape", "dtype", "numel", "accumulated_l1", "interval_l2", "l2", "rotation", "nonfinite"):
+        if key not in t:
+            raise _Bad(f"{where}.{key}", "a value (it is missing)")
+    shape = _list(t["shape"], f"{where}.shape", at_most=64)
+    for i, size in enumerate(shape):
+        _int(size, f"{where}.shape[{i}]", 0)
+    dtype = t["dtype"]
+    if not (
+        isinstance(dtype, str)
+        or (isinstance(dtype, list) and dtype and all(isinstance(d, str) for d in dtype))
+    ):
+        raise _Bad(f"{where}.dtype", "a dtype name or a list of them")
+    if _int(t["numel"], f"{where}.numel", 0) != math.prod(shape):
+        raise _Bad(f"{where}.numel", f"the product of the shape, {math.prod(shape)}")
+    for key in ("accumulated_l1", "net_l2", "relative_change", "accumulated_max"):
+        _number(t.get(key), f"{where}.{key}")
+    _numbers(t["interval_l2"], f"{where}.interval_l2", checkpoints - 1)
+    if "interval_l1" in t:
+        _numbers(t["interval_l1"], f"{where}.interval_l1", checkpoints - 1)
+    _numbers(t["l2"], f"{where}.l2", checkpoints)
+    for i, v in enumerate(_list(t["rotation"], f"{where}.rotation", at_most=checkpoints)):
+        _number(v, f"{where}.rotation[{i}]")
+    for i, v in enumerate(_list(t["nonfinite"], f"{where}.nonfinite", checkpoints)):
+        _int(v, f"{where}.nonfinite[{i}]", 0)
+    if "aliases" in t and not all(isinstance(a, str) for a in _list(t["aliases"], f"{where}.aliases")):
+        raise _Bad(f"{where}.aliases", "a list of tensor names")
+
+
+def _trainer_state(state: Any) -> None:
+    if state is None:
+        return
+    state = _object(state, "trainer_state")
+    history = state.get("log_history")
+    if history is None:
+        return
+    for i, entry in enumerate(_list(history, "trainer_state.log_history")):
+        entry = _object(entry, f"trainer_state.log_history[{i}]")
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                _number(value, f"trainer_state.log_history[{i}].{_cut(key, 40)}")
+
+
+def _scene(scene: Any) -> None:
+    if scene is None:
+        return
+    scene = _object(scene, "scene")
+    if "max_points" in scene:
+        _int(scene["max_points"], "scene.max_points", 1)
+    for key, allowed in (("pool", POOLS), ("color_scale", COLOR_SCALES), ("normalize", NORMALIZE)):
+        if key in scene and scene[key] not in allowed:
+            raise _Bad(f"scene.{key}", " or ".join(allowed))
+
+
+def check_summary(summary: Any) -> dict[str, Any]:
+    """``summary`` when it has the shape wdiff writes; else ``ValueError("field: expected ...")``."""
+    try:
+        s = _object(summary, "the summary")
+        if "checkpoints" not in s or "tensors" not in s:
+            raise _Bad("the summary", 'an object with "checkpoints" and "tensors"')
+        checkpoints = _list(s["checkpoints"], "checkpoints")
+        if len(checkpoints) < 2:
+            raise _Bad("checkpoints", "at least two checkpoints")
+        for i, c in enumerate(checkpoints):
+            c = _object(c, f"checkpoints[{i}]")
+            if c.get("step") is not None:
+                _int(c["step"], f"checkpoints[{i}].step")
+            if "path" in c:
+                _str(c["path"], f"checkpoints[{i}].path")
+        tensors = _object(s["tensors"], "tensors")
+        if not tensors:
+            raise _Bad("tensors", "at least one tensor")
+        for name, t in tensors.items():
+            _tensor(name, t, len(checkpoints))
+        for key in ("wdiff_version", "source", "created", "update"):
+            if key in s:
+                _str(s[key], key)
+        for key in ("skipped", "left_out", "warnings"):
+            if key in s:
+                _list(s[key], key)
+        timing = _object(s.get("timing") or {}, "timing")
+        for key in ("read_bytes", "compute_seconds", "total_seconds"):
+            _number(timing.get(key), f"timing.{key}")
+        _trainer_state(s.get("trainer_state"))
+        _scene(s.get("scene"))
+    except _Bad as e:
+        raise ValueError(str(e)) from None
+    return s
+
+
+def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
+    """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
+    per-row sums, in ``rows.safetensors`` (F64, one value per row)."""
+    from wdiff.readers.safetensors import read_header
+
+    path = regular_file(folder, ACCUMULATED)
+    if path is None:
+        raise WdiffError(folder / ACCUMULATED, "missing, or not a regular file: these results are incomplete")
+    refs, _ = read_header(path)
+    for name, t in summary["tensors"].items():
+        ref = refs.get(name)
+        if ref is None or ref.dtype != "F32" or list(ref.shape) != t["shape"]:
+            raise WdiffError(
+                path, f"does not hold tensor {_cut(name)!r} as float32 {t['shape']} (summary.json)"
+            )
+    if not os.path.lexists(folder / ROWS):
+        return
+    path = regular_file(folder, ROWS)
+    if path is None:
+        raise WdiffError(folder / ROWS, "not a regular file (a symlink is never followed)")
+    rows, _ = read_header(path)
+    for name, t in summary["tensors"].items():
+        if t["numel"] == 0:
+            continue
+        ref = rows.get(name)
+        expected = [t["shape"][0] if t["shape"] else 1]
+        if ref is None or ref.dtype != "F64" or list(ref.shape) != expected:
+            raise WdiffError(path, f"does not hold the row sums of {_cut(name)!r} (float64 {expected})")
+
+
+def load_results(out: str | os.PathLike[str]) -> Results:
+    """A results folder, checked: its marker, its summary's shape, its maps (one-line errors)."""
+    folder = Path(out)
+    if not folder.is_dir():
+        what = "no such folder" if not os.path.lexists(folder) else "not a folder"
+        raise WdiffError(folder, f"no wdiff results here: {what}")
+    found = contents(folder)
+    if found is None:
+        raise WdiffError(
+            folder, "not wdiff results: holds files wdiff did not write and no .wdiff-results marker"
+        )
+    if found.marker is None and not found.ours:
+        raise WdiffError(folder, "no summary.json here: not a wdiff results folder (run `wdiff run` first)")
+    if found.marker is None and not (folder / SUMMARY).exists():
+        raise WdiffError(folder, "results are being replaced (an interrupted run): run wdiff on it again")
+    path = regular_file(folder, SUMMARY)
+    if path is None:
+        raise WdiffError(folder / SUMMARY, "missing, or not a regular file (a symlink is never followed)")
+    try:
+        summary = check_summary(json.loads(read_small(path, MAX_SUMMARY_BYTES)))
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    except RecursionError:
+        raise WdiffError(path, "not wdiff's summary: nested too deep") from None
+    except ValueError as e:  # not JSON (UnicodeDecodeError and JSONDecodeError included), or not its shape
+        raise WdiffError(path, f"not wdiff's summary: {e}") from None
+    _check_maps(folder, summary)
+    return Results(folder, summary)
