@@ -129,7 +129,7 @@ def read_marker(folder: Path) -> Marker | None:
 
 def _legacy(folder: Path, entries: list[str]) -> bool:
     """Results of a wdiff from before the marker: only names wdiff writes, and its summary."""
-    if not entries or not all(is_wdiff_name(e) for e in entries):
+    if not entries or not all(is_wdiff_name(e) and regular_file(folder, e) for e in entries):
         return False
     summary = regular_file(folder, "summary.json")
     if summary is None or regular_file(folder, "accumulated.safetensors") is None:
@@ -167,15 +167,19 @@ def contents(folder: Path) -> Contents | None:
     visible = [e for e in entries if not internal(e)]
     marker = read_marker(folder)
     if marker is not None:
-        ours = frozenset(marker.files)
+        listed = set(marker.files)
     elif regular_file(folder, JOURNAL) is not None:
-        ours = frozenset(_journal_files(folder))
+        listed = set(_journal_files(folder))
     elif not visible:
-        ours = frozenset()
+        listed = set()
     elif _legacy(folder, visible):
-        ours = frozenset(visible)
+        listed = set(visible)
     else:
         return None
+    # wdiff writes regular files only: a folder or symlink at a listed name was put there by the user;
+    # the atomic-write leftovers of a killed `wdiff report` (``.report.html.PID.XXXX.tmp``) are wdiff's
+    present = {e for e in visible if e in listed or (e.startswith(".") and is_wdiff_name(e))}
+    ours = frozenset(e for e in present if regular_file(folder, e) is not None) | (listed - set(visible))
     return Contents(ours, tuple(e for e in visible if e not in ours), marker)
 
 

@@ -55,6 +55,7 @@ from wdiff.marker import (
     STAMP,
     contents,
     internal,
+    is_wdiff_name,
     marker_text,
     read_small,
     regular_file,
@@ -64,6 +65,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _NAME_MAX = 255
 _CANNOT_SWAP = (errno.EBUSY, errno.EXDEV)  # a mount point, or a bind mount seen from its parent
+CLASH = "is not a file wdiff wrote, and wdiff writes files of that name: move it or choose another -o"
 NOT_RESULTS = "holds no wdiff results: it holds files wdiff did not write; choose another -o"
 
 
@@ -133,8 +135,12 @@ def check_out(out: str | os.PathLike[str]) -> None:
         raise WdiffError(out, problem)
     if out.exists() and not out.is_dir():
         raise WdiffError(out, "output path exists and is not a folder")
-    if out.is_dir() and contents(out) is None:
+    found = contents(out) if out.is_dir() else None
+    if out.is_dir() and found is None:
         raise WdiffError(out, NOT_RESULTS)
+    clash = [name for name in found.foreign if is_wdiff_name(name)] if found else []
+    if clash:  # the new results may hold a file of that name: refused now, not after the compute
+        raise WdiffError(out / clash[0], CLASH)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -172,22 +178,32 @@ def move(source: Path, dest: Path) -> None:
 def _clear(folder: Path, home: Path | None) -> None:
     """Remove a staging folder a killed run left, or the previous results after a swap: wdiff's
     files only. Anything else in it is moved into ``home`` (OUT) when its name is free there; what
-    cannot be moved stays, and so does the folder."""
+    cannot be moved stays, and so does the folder. The stamp or marker that makes the folder
+    wdiff's goes last, so a kill midway leaves a folder the next writer still recognises."""
     if folder.is_symlink() or not folder.is_dir():
         return
     if regular_file(folder, STAMP) is not None:  # made by wdiff and never committed: all wdiff's
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    found = contents(folder)
-    if found is None:  # not wdiff's (no stamp, no marker, not results): leave it alone
-        return
-    for name in os.listdir(folder):
-        path = folder / name
-        if name in found.ours or name in (MARKER, JOURNAL):
-            _remove_file(path)
-        elif home is not None and home.is_dir() and not os.path.lexists(home / name):
-            with contextlib.suppress(OSError):
-                os.replace(path, home / name)
+        for name in os.listdir(folder):
+            if name != STAMP:
+                path = folder / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    _remove_file(path)
+        _remove_file(folder / STAMP)
+    else:
+        found = contents(folder)
+        if found is None:  # not wdiff's (no stamp, no marker, not results): leave it alone
+            return
+        for name in os.listdir(folder):
+            path = folder / name
+            if name in found.ours or name == JOURNAL:
+                _remove_file(path)
+            elif name != MARKER and home is not None and home.is_dir() and not os.path.lexists(home / name):
+                with contextlib.suppress(OSError):
+                    os.replace(path, home / name)
+        if len(os.listdir(folder)) == 1:  # the marker alone
+            _remove_file(folder / MARKER)
     with contextlib.suppress(OSError):
         folder.rmdir()
 
@@ -335,10 +351,7 @@ class Staging:
             raise WdiffError(self.out, NOT_RESULTS)
         clash = [name for name in files if name in found.foreign]
         if clash:
-            raise WdiffError(
-                self.out / clash[0], "is not a file wdiff wrote and the new results hold one of that name; "
-                "move it or choose another -o",
-            )  # fmt: skip
+            raise WdiffError(self.out / clash[0], CLASH)
         if not self.in_place and not found.foreign:
             try:
                 if self._swap_folders():

@@ -167,7 +167,8 @@ def check_summary(summary: Any) -> dict[str, Any]:
                 _list(s[key], key)
         timing = _object(s.get("timing") or {}, "timing")
         for key in ("read_bytes", "compute_seconds", "total_seconds"):
-            _number(timing.get(key), f"timing.{key}")
+            if key in timing:
+                _number(timing[key], f"timing.{key}", null=False)
         _trainer_state(s.get("trainer_state"))
         _scene(s.get("scene"))
     except _Bad as e:
