@@ -666,7 +666,9 @@ def _out_case(rng: random.Random, root: Path) -> None:
         for entry in os.listdir(target_dir):
             if entry in (MARKER, ".wdiff-journal"):
                 continue
-            if (valid and entry not in listed) or (not valid and not is_wdiff_name(entry)):
+            # (a leftover of wdiff's atomic writes, ``.report.html.PID.XXXXXXXX.tmp``, is wdiff's)
+            leftover = entry.startswith(".") and is_wdiff_name(entry) and (target_dir / entry).is_file()
+            if (valid and entry not in listed and not leftover) or (not valid and not is_wdiff_name(entry)):
                 protected[entry] = _snapshot(target_dir / entry)
     beside = {}
     if rng.random() < 0.3:  # leftovers of killed runs, and a user's look-alike without a stamp

@@ -86,7 +86,8 @@ def _numbers(value: Any, where: str, length: int) -> None:
 def _tensor(name: str, t: Any, checkpoints: int) -> None:
     where = f"tensors[{json.dumps(_cut(name))}]"
     t = _object(t, where)
-    for key in ("shape", "dtype", "numel", "accumulated_l1", "interval_l2", "l2", "rotation", "nonfinite"):
+    required = ("shape", "dtype", "numel", "accumulated_l1", "net_l2", "relative_change", "interval_l2", "l2")
+    for key in (*required, "rotation", "nonfinite"):
         if key not in t:
             raise _Bad(f"{where}.{key}", "a value (it is missing)")
     shape = _list(t["shape"], f"{where}.shape", at_most=64)
