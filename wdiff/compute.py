@@ -298,7 +298,9 @@ def _local_get(scheduler: str, workers: int | None) -> Callable:
     else:
         import dask.multiprocessing
 
-        get = dask.multiprocessing.get
+        # without fusing: fused, a one-chunk tensor's chunk task disappears into its combine task,
+        # whose result is all the callbacks see, so its bytes were never counted (read_bytes: 0)
+        get = functools.partial(dask.multiprocessing.get, optimize_graph=False)
     return functools.partial(get, num_workers=workers) if workers else get
 
 
