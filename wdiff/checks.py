@@ -9,6 +9,7 @@ only be reached later; its syntax is checked here.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import re
 
@@ -54,13 +55,11 @@ def number(
         if not low <= n <= high:
             raise OptionError(name, f"must be an integer from {low} to {high}, got {n}")
         return n
-    wanted = f"a number {'above' if above else 'from'} {_g(low)} {'and at most' if above else 'to'} {_g(high)}"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        raise OptionError(name, f"must be {wanted}, got {value!r}") from None
+    span = f"above {_g(low)} and at most {_g(high)}" if above else f"from {_g(low)} to {_g(high)}"
+    wanted = f"a number {span}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # not "10": a str is no number
+        raise OptionError(name, f"must be {wanted}, got {value!r}")
+    n = float(value)
     if not math.isfinite(n) or n > high or n < low or (above and n == low):
         raise OptionError(name, f"must be {wanted}, got {value!r}")
     return n

@@ -358,9 +358,8 @@ def watch_command(**options: object) -> None:
         from wdiff.results import Results
 
         steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]  # type: ignore[arg-type]
-        typer.echo(
-            visible(f"{out}: watch stopped; results cover {len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}")
-        )
+        covered = f"{len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
+        typer.echo(visible(f"{out}: watch stopped; results cover {covered}"))
     else:
         typer.echo(visible(f"{out}: watch stopped before two checkpoints were complete; no results"))
 
@@ -418,12 +417,7 @@ def _exit_now(code: object) -> None:
         sys.stderr.flush()
     except OSError:  # a closed pipe (``wdiff run ... | head -c0``): nothing more can be said
         code = code or 1
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        _say(visible(code))
-        code = 1
-    os._exit(code)
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def _say(line: str) -> None:
@@ -479,12 +473,16 @@ def _ending() -> int:
     except (KeyboardInterrupt, typer.Abort):
         _say("wdiff: interrupted")
         return 130
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (_say(visible(e.code)) or 1)
+    except SystemExit as e:  # sys.exit(...) somewhere below: its code, or its message and 1
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        _say(visible(e.code))
+        return 1
     except Exception as e:
         if os.environ.get("WDIFF_DEBUG"):
             raise
-        _say(f"wdiff: unexpected failure: {type(e).__name__}: {visible(e)} (set WDIFF_DEBUG=1 for a traceback)")
+        why = f"{type(e).__name__}: {visible(e)}"
+        _say(f"wdiff: unexpected failure: {why} (set WDIFF_DEBUG=1 for a traceback)")
         return 1
 
 

@@ -256,7 +256,7 @@ def watch(
     """
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
     checks.number("settle", settle, 1, 1000)
-    numbers = ("max_points", "frame_points", "chunk_elements", "workers")  # checked here, not at the 1st update
+    numbers = ("max_points", "frame_points", "chunk_elements", "workers")  # now, not at the first update
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
     stop = stop or threading.Event()
