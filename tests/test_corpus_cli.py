@@ -36,6 +36,7 @@ import wdiff
 from wdiff import api, checks
 from wdiff.errors import WdiffError
 from wdiff.terminal import visible
+from wdiff.watch import watch  # not wdiff.watch: once the module is imported, that name is the module
 
 ROOT = Path(__file__).resolve().parents[1]  # cwd of every subprocess: this worktree's wdiff is imported
 
@@ -198,13 +199,14 @@ def slow_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("group", [False, True], ids=["to wdiff", "to the process group"])
 def test_ctrl_c_during_a_run_says_interrupted(tmp_path, slow_run, scheduler, group):
     """SIGINT once the scan line is out (compute has started): ``wdiff: interrupted``, exit 130,
-    no traceback, no results and nothing left beside OUT. ``group``: to the whole process group, as
-    a terminal's Ctrl-C sends it (the worker processes get it too)."""
+    no traceback, no results and nothing left beside OUT, no process left over. ``group``: to the
+    whole process group, as a terminal's Ctrl-C sends it (the worker processes get it too)."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "wdiff", "run", str(slow_run), "-o", str(out), "--no-render"]
     args += ["--chunk-mb", "0.002", "--max-points", "4096", "--scheduler", scheduler]
+    # in its own process group: a terminal's group, and where to look for processes it leaves
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=group)  # fmt: skip
+                            start_new_session=True)  # fmt: skip
     scanned = proc.stderr.readline()
     assert scanned.startswith(b"4 checkpoints (steps 1 .. 4)"), scanned + proc.stderr.read()
     time.sleep(0.5)
@@ -220,6 +222,14 @@ def test_ctrl_c_during_a_run_says_interrupted(tmp_path, slow_run, scheduler, gro
     assert stderr == b"wdiff: interrupted\n" and stdout == b"", stderr.decode()
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary folder, no lock file
+    for _ in range(100):  # worker processes and Dask's resource tracker end within a few seconds
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("processes of the interrupted run are still alive")
     print(f"{scheduler}: exited {waited:.2f} s after SIGINT")
 
 
@@ -293,15 +303,15 @@ BAD_OPTIONS = [
     ("--views", "top,sky", "--views must be one of oblique, back, side, top, front; got 'sky'"),
     ("--views", "top,top", "--views names a view twice"),
     ("--pool", "median", "--pool must be one of"),
-    ("--scheduler", "bogus", "--scheduler 'bogus' is not a scheduler: use threads, processes, sync, local:N"),
-    ("--scheduler", "local:0", "--scheduler 'local:0': N in local:N must be an integer from 1 to 1024"),
-    ("--scheduler", "local:x", "N in local:N must be an integer"),
-    ("--scheduler", "local:99999", "N in local:N must be an integer"),
-    ("--scheduler", "tcp://", "is not a scheduler"),
-    ("--scheduler", "tcp://host:99999", "is not a scheduler"),
-    ("--scheduler", "ftp://host:8786", "is not a scheduler"),
-    ("--scheduler", "host name:8786", "is not a scheduler"),
-    ("--scheduler", "", "is not a scheduler"),
+    ("--scheduler", "bogus", "'bogus' is an unknown scheduler: use threads, processes, sync, local:N"),
+    ("--scheduler", "local:0", "'local:0': N in local:N must be a positive integer, at most 1024"),
+    ("--scheduler", "local:x", "N in local:N must be a positive integer"),
+    ("--scheduler", "local:99999", "N in local:N must be a positive integer"),
+    ("--scheduler", "tcp://", "is an unknown scheduler"),
+    ("--scheduler", "tcp://host:99999", "is an unknown scheduler"),
+    ("--scheduler", "ftp://host:8786", "is an unknown scheduler"),
+    ("--scheduler", "host name:8786", "is an unknown scheduler"),
+    ("--scheduler", "", "is an unknown scheduler"),
 ]
 
 
@@ -349,8 +359,8 @@ def test_a_budget_too_small_for_the_tensors_names_the_flag(tmp_path):
         ({"max_points": 0}, "max_points must be an integer from 1"),
         ({"max_points": -3}, "max_points must be an integer from 1"),
         ({"frame_points": 0}, "frame_points must be an integer from 1"),
-        ({"scheduler": "bogus"}, "scheduler 'bogus' is not a scheduler"),
-        ({"scheduler": None}, "scheduler None is not a scheduler"),
+        ({"scheduler": "bogus"}, "scheduler 'bogus' is an unknown scheduler"),
+        ({"scheduler": None}, "scheduler None is an unknown scheduler"),
         ({"scheduler": "local:-2"}, "scheduler 'local:-2': N in local:N"),
     ],
 )
@@ -360,7 +370,7 @@ def test_the_library_names_the_parameter(tmp_path, options, needle):
     assert str(caught.value) == needle or str(caught.value).startswith(needle)
     assert caught.value.parameter == next(iter(options))
     with pytest.raises(checks.OptionError) as caught:
-        wdiff.watch(tmp_path / "missing", tmp_path / "out", **options)
+        watch(tmp_path / "missing", tmp_path / "out", **options)
     assert str(caught.value).startswith(needle)
     assert sorted(tmp_path.iterdir()) == []
 
@@ -368,7 +378,7 @@ def test_the_library_names_the_parameter(tmp_path, options, needle):
 @pytest.mark.parametrize("poll", [-1, 0, math.nan, math.inf, 1e300, "10"])
 def test_the_library_refuses_a_bad_poll(tmp_path, poll):
     with pytest.raises(checks.OptionError, match="^poll must be a number from 0.1 to 86400"):
-        wdiff.watch(tmp_path, tmp_path / "out", poll=poll)
+        watch(tmp_path, tmp_path / "out", poll=poll)
 
 
 @pytest.mark.parametrize(

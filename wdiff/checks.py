@@ -78,7 +78,8 @@ def scheduler(name: str, value: object) -> str:
     if text.startswith("local:"):
         n = text.removeprefix("local:")
         if not (n.isascii() and n.isdigit() and WORKERS[0] <= int(n) <= WORKERS[1]):
-            raise OptionError(name, f"{text!r}: N in local:N must be an integer from 1 to {WORKERS[1]}")
+            most = WORKERS[1]
+            raise OptionError(name, f"{text!r}: N in local:N must be a positive integer, at most {most}")
         return _distributed(name, text)
     match = _ADDRESS.fullmatch(text)
     protocol = match and match["protocol"]
@@ -92,7 +93,7 @@ def scheduler(name: str, value: object) -> str:
     ):
         from wdiff.compute import SCHEDULERS  # 0.3 s of imports (numba): only to say what is wrong
 
-        raise OptionError(name, f"{value!r} is not a scheduler: use {SCHEDULERS}")
+        raise OptionError(name, f"{value!r} is an unknown scheduler: use {SCHEDULERS}")
     return _distributed(name, text)
 
 
