@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wdiff import __version__, _warm
+from wdiff import __version__, _warm, checks
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out
 from wdiff.results import (
@@ -182,6 +182,10 @@ def run(
     from wdiff.results import create_accumulated, layout_accumulated
 
     t_start = time.perf_counter()
+    checks.run_parameters(  # before any work: a bad value is one line naming the parameter
+        max_points=max_points, frame_points=frame_points, chunk_elements=chunk_elements,
+        scheduler_name=scheduler, workers=workers,
+    )  # fmt: skip
     if scene is None:
         from wdiff.scene.options import SceneOptions
 
@@ -336,7 +340,7 @@ def _cell_plan(run: Run, max_points: int) -> dict:
     try:
         return cell_plan([(t.name, t.shape) for t in run.tensors], max_points)
     except ValueError as e:  # the budget cannot give every tensor a point
-        raise WdiffError(None, f"--max-points {max_points}: {e}") from None
+        raise checks.OptionError("max_points", f"{max_points}: {e}") from None
 
 
 def _title(run: Run) -> str:

@@ -1,7 +1,9 @@
 """The ``wdiff`` command: a thin layer over :mod:`wdiff.api`.
 
 Progress goes to stderr (rich), results to files, a one-line summary to stdout. Exit codes: 0 success,
-2 bad input or usage (one line on stderr naming the file and the problem), 1 unexpected failure.
+2 bad input or usage (one line on stderr naming the file and the problem), 1 unexpected failure,
+130 interrupted. Text from outside (file and tensor names, error messages) is printed through
+``terminal.visible`` on a console that reads no markup: literally, one line, no terminal control.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Annotated
 
 import typer
 
+from wdiff import checks
 from wdiff.errors import WdiffError
+from wdiff.terminal import visible
 
 app = typer.Typer(
     name="wdiff",
@@ -64,13 +68,26 @@ class _Silent:
 
 def _console(quiet: bool):
     """stderr for people: lines are not cut where a log file or pipe has no width (rich would wrap
-    at 80 columns), tables get room for full tensor names."""
+    at 80 columns), tables get room for full tensor names. Strings print literally: no markup (a
+    tensor named ``[/red]`` would end rich with MarkupError), no ``:emoji:`` codes, no highlighting;
+    the few styled words are ``rich.text.Text``."""
     if quiet:
         return _Silent()
     from rich.console import Console
 
     tty = sys.stderr.isatty()
-    return Console(stderr=True, soft_wrap=True, width=None if tty else 200)
+    return Console(
+        stderr=True, soft_wrap=True, width=None if tty else 200, markup=False, emoji=False, highlight=False
+    )
+
+
+def _warn(err, line: str) -> None:
+    """``warning: LINE`` on ``err``, the line (names from outside) made visible."""
+    if isinstance(err, _Silent):
+        return
+    from rich.text import Text
+
+    err.print(Text.assemble(("warning:", "yellow"), " ", visible(line)))
 
 
 def _api_options(
@@ -89,11 +106,17 @@ def _api_options(
     frames: bool,
     html_points: int,
 ) -> dict:
-    """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``."""
+    """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``, each checked
+    before any work (an ``OptionError`` names the parameter; ``main`` shows its flag)."""
     from wdiff.scene.options import SceneOptions, parse_size, parse_views
 
-    if chunk_mb <= 0:
-        raise WdiffError(None, f"--chunk-mb must be positive, got {chunk_mb}")
+    checks.number("max_points", max_points, *checks.POINTS)
+    checks.number("html_points", html_points, 0, checks.POINTS[1])
+    checks.number("chunk_mb", chunk_mb, *checks.CHUNK_MB, integer=False, above=True)
+    checks.scheduler("scheduler", scheduler)
+    if workers is not None:
+        checks.number("workers", workers, *checks.WORKERS)
+    checks.size("size", size)
     scene = SceneOptions(
         max_points=max_points,
         pool=pool,  # type: ignore[arg-type]
@@ -198,12 +221,11 @@ def run_command(
 
     def on_scan(scanned: Run) -> None:
         for s in scanned.warnings + scanned.left_out + scanned.skipped:
-            err.print(f"[yellow]warning:[/] {s.name}: {s.reason}", highlight=False, soft_wrap=True)
+            _warn(err, f"{s.name}: {s.reason}")
         steps = scanned.steps
         err.print(
             f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
-            f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read",
-            highlight=False,
+            f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read"
         )
         if scanned.matching is not None:
             m = scanned.matching
@@ -219,19 +241,21 @@ def run_command(
     def on_progress(phase: str, advance: int, total: int) -> None:
         assert progress is not None
         if phase not in tasks:
-            tasks[phase] = progress.add_task(phase, total=total)
+            tasks[phase] = progress.add_task(visible(phase), total=total)
         progress.update(tasks[phase], advance=advance)
 
     with progress or contextlib.nullcontext():
         res = api.run(inputs, out, progress=on_progress if progress else None, on_scan=on_scan, **options)
     if res.summary["update"] != "full":
-        err.print(f"{res.summary['update']} (earlier results in {out} extended)", highlight=False)
+        err.print(visible(f"{res.summary['update']} (earlier results in {out} extended)"))
     timing = res.summary["timing"]
     rate = timing["read_bytes"] / max(timing["compute_seconds"], 1e-9)
     typer.echo(
-        f"{out}: {len(res.summary['tensors'])} tensors over {len(res.summary['checkpoints'])} checkpoints, "
-        f"{_human(timing['read_bytes'])} read at {_human(rate)}/s, "
-        f"{res.summary['scene']['points']} points"
+        visible(
+            f"{out}: {len(res.summary['tensors'])} tensors over {len(res.summary['checkpoints'])} "
+            f"checkpoints, {_human(timing['read_bytes'])} read at {_human(rate)}/s, "
+            f"{res.summary['scene']['points']} points"
+        )
     )
     _print_findings(err, out)
 
@@ -248,7 +272,7 @@ def _progress_bar(err):
     )
 
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -259,19 +283,22 @@ def _progress_bar(err):
 
 
 def _print_findings(err, out: Path) -> None:
-    """The findings of ``out`` as a short table on stderr (none: one line)."""
+    """The findings of ``out`` as a short table on stderr (none: one line); tensor names and the
+    folder made visible (the console reads no markup)."""
     if isinstance(err, _Silent):
         return
+    from dataclasses import replace
+
     from wdiff.report import FINDINGS, REPORT
     from wdiff.report.build import read_findings
     from wdiff.report.table import findings_table
 
-    found = read_findings(out)
+    found = [replace(f, tensor=visible(f.tensor)) for f in read_findings(out)]
     if found:
-        err.print(findings_table(found, str(out / FINDINGS)))
+        err.print(findings_table(found, visible(out / FINDINGS)))
     else:
-        err.print("no findings", highlight=False)
-    err.print(f"report: {out / REPORT}", highlight=False)
+        err.print("no findings")
+    err.print(visible(f"report: {out / REPORT}"))
 
 
 @app.command("report")
@@ -285,7 +312,7 @@ def report_command(
 
     report = write_report(out)
     _print_findings(_console(quiet), out)
-    typer.echo(f"{report.path}: {len(report.findings)} findings")
+    typer.echo(visible(f"{report.path}: {len(report.findings)} findings"))
 
 
 @app.command("compare")
@@ -301,7 +328,7 @@ def compare_command(
     result = compare(run_a, run_b, out, render=not no_render)
     ratios = [b["path_l1_ratio"] for b in result.blocks if b["path_l1_ratio"] is not None]
     span = f"B/A per block {min(ratios):.3g} .. {max(ratios):.3g}" if ratios else "no ratios"
-    typer.echo(f"{result.path}: {len(result.tensors)} tensors compared, {span}")
+    typer.echo(visible(f"{result.path}: {len(result.tensors)} tensors compared, {span}"))
 
 
 def watch_command(**options: object) -> None:
@@ -310,18 +337,19 @@ def watch_command(**options: object) -> None:
     from wdiff.watch import watch
 
     folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
+    checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
     err = _console(bool(options.pop("quiet")))
     api_options = _api_options(**options)  # type: ignore[arg-type]
 
     def on_update(res: object) -> None:
         summary = res.summary  # type: ignore[attr-defined]
         steps = [c["step"] for c in summary["checkpoints"]]
-        err.print(f"step {steps[-1]}: {len(steps)} checkpoints, {summary['update']}", highlight=False)
+        err.print(visible(f"step {steps[-1]}: {len(steps)} checkpoints, {summary['update']}"))
 
     def warn(line: str) -> None:
-        err.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        _warn(err, line)
 
-    err.print(f"watching {folder} every {poll:g} s; Ctrl-C stops", highlight=False)
+    err.print(visible(f"watching {folder} every {poll:g} s; Ctrl-C stops"))
     try:
         watch(folder, out, poll=poll, on_update=on_update, warn=warn, **api_options)  # type: ignore[arg-type]
     except KeyboardInterrupt:
@@ -330,11 +358,10 @@ def watch_command(**options: object) -> None:
         from wdiff.results import Results
 
         steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]  # type: ignore[arg-type]
-        typer.echo(
-            f"{out}: watch stopped; results cover {len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
-        )
+        covered = f"{len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
+        typer.echo(visible(f"{out}: watch stopped; results cover {covered}"))
     else:
-        typer.echo(f"{out}: watch stopped before two checkpoints were complete; no results")
+        typer.echo(visible(f"{out}: watch stopped before two checkpoints were complete; no results"))
 
 
 def _watch_signature() -> inspect.Signature:
@@ -382,47 +409,91 @@ def _exit_now(code: object) -> None:
     """Exit without the interpreter's teardown.
 
     Every result file is closed and renamed into place by now; tearing down numba, LLVM and dask's
-    thread pools still costs about 0.25 s here, a tenth of a whole run on a 6 GB sequence.
+    thread pools still costs about 0.25 s here, a tenth of a whole run on a 6 GB sequence. (An
+    interrupted run's Dask threads may still be reading: they are not waited for either.)
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    os._exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe (``wdiff run ... | head -c0``): nothing more can be said
+        code = code or 1
+    os._exit(code if isinstance(code, int) else 1)
+
+
+def _say(line: str) -> None:
+    """One line on stderr (a closed stderr cannot be told anything)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _flag(parameter: str) -> str:
+    """The flag of the option whose Python name is ``parameter`` (``--max-points`` for
+    ``max_points``), in whichever command has it; the name itself for a library-only parameter."""
+    group = typer.main.get_command(app)
+    for command in (group, *getattr(group, "commands", {}).values()):
+        for param in command.params:
+            if param.name == parameter and param.param_type_name == "option":
+                return max(param.opts, key=len)
+    return parameter
+
+
+# click's UsageError as typer raises it: typer carries its own copy of click (``typer._click``), whose
+# exceptions are not the ``click`` package's; of its usage errors typer exports BadParameter.
+_UsageError = typer.BadParameter.__mro__[1]
+
+
+def _ending() -> int:
+    """Run the command line; say in one line why it ended, unless it succeeded. The exit code."""
+    try:
+        if sys.argv[1:2] in (["run"], ["watch"]) and "--help" not in sys.argv:
+            from wdiff import _warm
+
+            # The kernels load on a side thread (0.7 s, the longest part of a run's start) while typer
+            # parses the options (0.15 s with the pydantic it imports) and the run imports and scans:
+            # started here, before parsing, that thread ends when the main thread is ready for it.
+            _warm.tune_process()
+            _warm.start()
+        if not sys.argv[1:]:  # `wdiff` alone: the help, and the exit code of a usage error
+            app(["--help"], prog_name="wdiff", standalone_mode=False)
+            return 2
+        code = app(prog_name="wdiff", standalone_mode=False)  # --help, --version: Exit, returned as 0
+        if code == 130:  # how typer ends on KeyboardInterrupt in a command: Exit(130), silently
+            raise KeyboardInterrupt
+        return code if isinstance(code, int) else 0
+    except _UsageError as e:  # missing or unknown option, a value of the wrong type, unknown command
+        where = e.ctx.command_path if e.ctx is not None else "wdiff"
+        _say(f"wdiff: error: {visible(' '.join(e.format_message().split()))} (see '{where} --help')")
+        return 2
+    except checks.OptionError as e:  # a parameter out of range: said with its flag
+        _say(f"wdiff: error: {_flag(e.parameter)} {visible(e.detail)}")
+        return 2
+    except WdiffError as e:
+        _say(f"wdiff: error: {visible(e)}")
+        return 2
+    except (KeyboardInterrupt, typer.Abort):
+        _say("wdiff: interrupted")
+        return 130
+    except SystemExit as e:  # sys.exit(...) somewhere below: its code, or its message and 1
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        _say(visible(e.code))
+        return 1
+    except Exception as e:
+        if os.environ.get("WDIFF_DEBUG"):
+            raise
+        why = f"{type(e).__name__}: {visible(e)}"
+        _say(f"wdiff: unexpected failure: {why} (set WDIFF_DEBUG=1 for a traceback)")
+        return 1
 
 
 def main() -> None:
     """Console entry point with the one error boundary.
 
-    Typer (in standalone mode) handles ``--help`` and usage errors itself (exit code 2); wdiff's own
-    errors become one line and exit code 2; anything else is a bug: one line and exit code 1.
+    Typer parses the options in non-standalone mode so that every ending is decided in ``_ending``:
+    usage errors (missing or unknown option, a value of the wrong type, an unknown command) become one
+    line and exit code 2 (typer would draw a four-line box), wdiff's own errors one line and exit
+    code 2, Ctrl-C ``wdiff: interrupted`` and exit code 130 (typer would exit 130 silently), anything
+    else is a bug: one line and exit code 1. ``--help``, ``--version`` and ``wdiff`` alone print what
+    they print.
     """
-    if sys.argv[1:2] in (["run"], ["watch"]) and "--help" not in sys.argv:
-        from wdiff import _warm
-
-        # The kernels load on a side thread (0.7 s, the longest part of a run's start) while typer
-        # parses the options (0.15 s with the pydantic it imports) and the run imports and scans:
-        # started here, before parsing, that thread ends when the main thread is ready for it.
-        _warm.tune_process()
-        _warm.start()
-    try:
-        app()
-    except SystemExit as e:  # how click ends every command, success included
-        _exit_now(e.code)
-    except WdiffError as e:
-        print(f"wdiff: error: {e}", file=sys.stderr)
-        _exit_now(2)
-    except KeyboardInterrupt:
-        print("wdiff: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        if os.environ.get("WDIFF_DEBUG"):
-            raise
-        print(
-            f"wdiff: unexpected failure: {type(e).__name__}: {e} (set WDIFF_DEBUG=1 for a traceback)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    _exit_now(_ending())

@@ -9,11 +9,14 @@ aggregate tasks add the sums up into the metrics of ``summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -269,9 +272,9 @@ def compute(
             progress(result.nbytes)
 
     if scheduler in ("threads", "processes", "sync"):
-        get = _local_get(scheduler, workers)  # imports dask: not part of compute_seconds
-        t0 = time.perf_counter()
-        values = _run_local(dsk, tensor_keys, get, done)
+        with _local_get(scheduler, workers) as get:  # imports dask, starts processes: not compute_seconds
+            t0 = time.perf_counter()
+            values = _run_local(dsk, tensor_keys, get, done)
     else:  # includes starting the cluster or connecting to it
         t0 = time.perf_counter()
         values = _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done)
@@ -283,23 +286,75 @@ def compute(
     return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells, rows, frames)
 
 
-def _local_get(scheduler: str, workers: int | None) -> Callable:
+@contextlib.contextmanager
+def _local_get(scheduler: str, workers: int | None) -> Iterator[Callable]:
     """``get(dsk, keys)`` of one of Dask's local schedulers (only the one asked for is imported)."""
     import functools
 
     import dask
 
     if scheduler == "sync":
-        return dask.get
-    if scheduler == "threads":
+        yield dask.get
+    elif scheduler == "threads":
         import dask.threaded
 
-        get = dask.threaded.get
+        yield functools.partial(dask.threaded.get, num_workers=workers) if workers else dask.threaded.get
     else:
         import dask.multiprocessing
 
-        get = dask.multiprocessing.get
-    return functools.partial(get, num_workers=workers) if workers else get
+        with _process_pool(workers or os.cpu_count() or 1) as pool:
+            # without fusing: fused, a one-chunk tensor's chunk task disappears into its combine task,
+            # whose result is all the callbacks see, so its bytes were never counted (read_bytes: 0)
+            yield functools.partial(dask.multiprocessing.get, pool=pool, optimize_graph=False)
+
+
+@contextlib.contextmanager
+def _process_pool(workers: int) -> Iterator[Any]:
+    """The worker processes of ``--scheduler processes``, owned here rather than by Dask, so that
+    Ctrl-C is the parent's alone and ends the run at once.
+
+    A terminal's Ctrl-C goes to the whole process group: workers still importing printed a
+    KeyboardInterrupt traceback each, and Dask's own pool waited, on interrupt, for every task
+    already submitted (all of them: every chunk is ready at the start). Here the workers are started
+    with SIGINT blocked (the mask is inherited through fork and exec, and Python leaves it), pending
+    tasks are cancelled on any failure (the pool is still shut down, so that its queues' semaphores
+    are released: the CLI ends with ``os._exit``), and a worker whose parent is gone exits by itself.
+    """
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dask.multiprocessing import get_context  # "spawn" unless Dask's config says otherwise
+
+    pool = ProcessPoolExecutor(
+        workers, mp_context=get_context(), initializer=_worker_start, initargs=(os.getpid(),)
+    )
+    blocking = hasattr(signal, "pthread_sigmask")  # POSIX
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
+    try:
+        for _ in range(workers):  # start every worker now, while SIGINT is blocked (one per submit)
+            pool.submit(int)
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C meanwhile is delivered now
+    try:
+        yield pool
+    except BaseException:  # Ctrl-C or a task's error: wait only for the tasks the workers are running
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _worker_start(parent: int) -> None:
+    """In each worker process: end it once its parent is gone (an interrupted run's parent exits
+    without waiting for its workers)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="wdiff-parent-watch", daemon=True).start()
 
 
 def _run_local(dsk, keys, get, done):

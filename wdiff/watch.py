@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from wdiff import api
+from wdiff import api, checks
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
@@ -255,6 +255,11 @@ def watch(
 
     ``on_update(results)`` is called after each update, ``warn(line)`` for checkpoints left out.
     """
+    checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
+    checks.number("settle", settle, 1, 1000)
+    numbers = ("max_points", "frame_points", "chunk_elements", "workers")  # now, not at the first update
+    checks.run_parameters(**{k: options[k] for k in numbers if k in options},
+                          scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
     stop = stop or threading.Event()
     watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
     latest = None
