@@ -108,12 +108,14 @@ def find_weights(folder: Path) -> Path | None:
     """The weights entry point of a checkpoint folder (see the module docstring), the folder itself
     for an accelerate ``save_state`` with several models and a torch.distributed.checkpoint; None when
     the folder holds no checkpoint."""
+    # Fixed names are taken when anything is there: a pipe named model.safetensors is then refused as
+    # "not a regular file" when opened, not passed over.
     for name in (INDEX_NAME, BIN_INDEX):
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     if len(accelerate_models(folder)) > 1:
         return folder
-    if (folder / "model.safetensors").is_file():
+    if (folder / "model.safetensors").exists():
         return folder / "model.safetensors"
     found = (
         _only(

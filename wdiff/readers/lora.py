@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from wdiff.readers.base import Skipped, TensorRef, read_json
+from wdiff.readers.base import CONFIG_LIMIT, Skipped, TensorRef, read_json
 
 if TYPE_CHECKING:
     from wdiff.sequence import AlignedTensor, Checkpoint
@@ -46,13 +46,16 @@ class LoraRef(TensorRef):
     scale: float
     transpose: bool
 
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.a.files(), *self.b.files()]))
+
 
 def read_adapter_config(folder: Path) -> dict | None:
     """The ``adapter_config.json`` of a PEFT checkpoint folder (None when there is none)."""
     config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():  # a pipe or a folder there is refused by read_json, not skipped
         return None
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", CONFIG_LIMIT)
     return config if isinstance(config, dict) else None
 
 
@@ -112,7 +115,7 @@ def _effective(
 
 def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
     """The effective weight change of every module adapted in every checkpoint of a PEFT LoRA run."""
-    from wdiff.sequence import AlignedTensor
+    from wdiff.sequence import AlignedTensor, scanned_files
 
     configs = [c.adapter for c in checkpoints]
     if any(c is None for c in configs):
@@ -152,7 +155,7 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
             skipped.append(Skipped(label, f"effective LoRA change: {why}"))
             continue
         refs = [r if r.name == label else _renamed(r, label) for r in refs]
-        aligned.append(AlignedTensor(label, refs[0].shape, tuple(refs)))
+        aligned.append(AlignedTensor(label, refs[0].shape, tuple(refs), scanned_files(refs, checkpoints)))
     return aligned, skipped
 
 

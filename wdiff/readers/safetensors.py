@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef, open_regular, read_json
+from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -167,7 +167,7 @@ def read_sharded(
     ``pytorch_model.bin.index.json`` of the same shape, with ``read_shard`` reading a PyTorch shard)."""
     index_path = Path(index_path)
     folder = index_path.parent.resolve()
-    index = read_json(index_path, "shard index")
+    index = read_json(index_path, "shard index", INDEX_LIMIT)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WdiffError(index_path, 'shard index has no "weight_map" of tensor name to shard file')
@@ -184,7 +184,7 @@ def read_sharded(
             raise WdiffError(index_path, f"shard {shown(shard)} is a symlink loop") from None
         if not inside:
             raise WdiffError(index_path, f"shard path {shown(shard)} leaves the checkpoint folder")
-        if not candidate.is_file():
+        if not candidate.exists():  # a pipe or folder is refused by its reader: "not a regular file"
             raise WdiffError(index_path, f"shard {shown(shard)} named in weight_map does not exist")
         shards[shard] = read_shard(candidate)
 
