@@ -38,6 +38,31 @@ def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not valid JSON")
 
 
+def _int(token: str) -> int | float:
+    """JSON integers as Python ints, except ``-0``: serde_json (the reference reader) reads it as the
+    float -0.0, which is no size or offset, so the header is refused ("expected usize"). Kept a float
+    here, it fails the same checks; Python's ``int("-0")`` would quietly make it 0."""
+    return -0.0 if token == "-0" else int(token)
+
+
+def _no_lone_surrogates(value: object) -> None:
+    """serde_json refuses a ``\\ud800`` escape without its pair ("lone leading surrogate"); Python's
+    json accepts it and the name then cannot be written or printed as UTF-8. Refused alike."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"lone surrogate {item[e.start]!r} in the string {shown(item)}") from None
+
+
 def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
@@ -98,7 +123,11 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     except UnicodeDecodeError:
         raise WdiffError(path, "safetensors header is not valid UTF-8") from None
     try:
-        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
+        header = json.loads(
+            text, parse_constant=_reject_constant, parse_int=_int, object_pairs_hook=_unique_object
+        )
+        if "\\u" in text:  # only escapes make lone surrogates: UTF-8 cannot hold one
+            _no_lone_surrogates(header)
     except (ValueError, RecursionError) as e:
         raise WdiffError(path, f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
