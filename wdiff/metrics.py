@@ -106,7 +106,7 @@ def log_join(trainer_state: dict | None, spans: Sequence[Interval]) -> list[dict
 def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one key of the training log, for curves (wrong types ignored)."""
     pairs = [(_number(e.get("step")), _number(e.get(key))) for e in _log(trainer_state)]
-    kept = [(s, v) for s, v in pairs if s is not None and v is not None]
+    kept = [(s, v) for s, v in pairs if s is not None and math.isfinite(s) and v is not None]
     return [p[0] for p in kept], [p[1] for p in kept]
 
 

@@ -230,6 +230,8 @@ def read_one(step: int | None, path: Path, expect_state: bool = False, newest: b
     problem = _unfinished(path, expect_state)
     if problem is not None:
         raise WdiffError(path, problem)
+    if expect_state and path.is_dir():
+        identity_of(path / TRAINER_STATE)  # a pipe or folder there: refused, never waited on
     if newest and expect_state and path.is_dir():
         load_trainer_state(path / TRAINER_STATE)  # half-written JSON: still being saved
     with recording() as seen:  # the identity of the very descriptors the headers were read from

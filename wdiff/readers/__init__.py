@@ -136,7 +136,7 @@ def find_weights(folder: Path) -> Path | None:
     if looks_like_dcp(folder):
         return folder
     for name in _TORCH_WEIGHTS:
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     # One other PyTorch file (``model.pt``) is the folder's weights. Files whose names give steps
     # (``epoch=0-step=20.ckpt``, beside Lightning's ``last.ckpt``) make it a folder of checkpoints,
