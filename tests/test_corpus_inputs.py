@@ -90,25 +90,22 @@ def _replace(path: Path, data: bytes) -> None:
 
 def _rewrite_in_place(path: Path, data: bytes) -> None:
     """An older writer truncating and rewriting the same inode, its mtime put back (``cp -p``,
-    ``rsync -t``): device, inode, size and mtime all as scanned; only the header tells."""
+    ``rsync -t``): device, inode, size and mtime all as scanned; only the status-change time (which
+    no one can set back) and the header tell."""
     st = path.stat()
     with open(path, "r+b") as f:
         f.write(data)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert identity_of(path) == scan_identity(st)
-
-
-def scan_identity(st: os.stat_result):
-    from wdiff.readers.base import FileIdentity
-
-    return FileIdentity.of(st)
+    now = identity_of(path)
+    assert (now.device, now.inode, now.size, now.mtime_ns) == (
+        st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "how, needle",
     [
         ("replaced", "changed since it was scanned (replaced by another file)"),
-        ("rewritten in place, mtime put back", "changed since it was scanned (its header describes other"),
+        ("rewritten in place, mtime put back", "changed since it was scanned (modified in place, or its"),
         ("grew", "changed since it was scanned (size"),
         ("deleted", "cannot read: No such file"),
         ("a pipe", "not a regular file"),
@@ -197,6 +194,22 @@ def test_a_file_replaced_while_compute_runs_is_refused_by_the_chunk_task(tmp_pat
     assert tree_hash(out) == before
 
 
+def test_the_header_is_checked_again_where_identities_cannot_tell(tmp_path):
+    """A file system that updates neither mtime nor ctime (some network and FUSE mounts): the identity
+    matches, the safetensors header re-read before compute does not."""
+    from dataclasses import replace
+
+    run = _hf(tmp_path)
+    scanned = scan(run)
+    weights = run / "checkpoint-20" / "model.safetensors"
+    _rewrite_in_place(weights, _other_layout(weights))
+    blind = replace(scanned.checkpoints[1], files={str(weights): identity_of(weights)})
+    scanned = replace(scanned, checkpoints=(scanned.checkpoints[0], blind, scanned.checkpoints[2]))
+    with pytest.raises(WdiffError) as e:
+        recheck(scanned)
+    assert str(e.value) == f"{weights}: changed since it was scanned (its header describes other tensors)"
+
+
 def test_a_file_rewritten_in_place_during_a_read_is_caught_after_it(tmp_path):
     path = save(tmp_path / "a.safetensors", {"w": np.zeros(8, np.float32)})
     with InputFiles({str(path): identity_of(path)}) as files:
@@ -221,7 +234,10 @@ def test_an_unchanged_run_computes_and_fingerprint_is_the_scanned_identity(tmp_p
     assert fingerprint(c) == first  # the identity of what was scanned, which compute checks
     with pytest.raises(WdiffError, match="changed since it was scanned \\(modified in place\\)"):
         recheck(scanned)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back: its ctime still tells
+    with pytest.raises(WdiffError, match="changed since it was scanned \\(modified in place, or its"):
+        recheck(scanned)
+    scanned = scan(tmp_path / "run")
     res = api.run(scanned, tmp_path / "out", render=False, max_points=64)
     ref = reference(seq, "layers.0.w")
     np.testing.assert_allclose(res.accumulated("layers.0.w"), ref["accumulated"], rtol=1e-5, atol=1e-6)

@@ -30,18 +30,23 @@ STATE_LIMIT = 256 * MIB  # trainer_state.json: tens of MB for long runs with eva
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """Which file a path named when a checkpoint was scanned: device, inode, size and modification
-    time. The one place a file's identity is computed (``of``): the scan records it, ``fingerprint``
-    digests it, and compute checks every descriptor it reads from against it."""
+    """Which file a path named when a checkpoint was scanned: device, inode, size, modification time
+    and status-change time. The one place a file's identity is computed (``of``): the scan records
+    it, ``fingerprint`` digests it, and compute checks every descriptor it reads from against it.
+
+    ``ctime_ns`` is set by the kernel on every write, truncate, ``utime``, ``chmod`` or link and
+    cannot be set back, so a rewrite in place that restores size and mtime (``cp -p``,
+    ``rsync -t``) is still seen."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def change(self, now: FileIdentity) -> str:
         """What differs between the scanned file (``self``) and ``now``, in words."""
@@ -49,7 +54,9 @@ class FileIdentity:
             return "replaced by another file"
         if now.size != self.size:
             return f"size {self.size} -> {now.size} bytes"
-        return "modified in place"
+        if now.mtime_ns != self.mtime_ns:
+            return "modified in place"
+        return "modified in place, or its permissions or links changed"
 
 
 # The identities of the files opened while one checkpoint is scanned (``recording``): scoped to the

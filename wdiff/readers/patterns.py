@@ -32,7 +32,7 @@ import sys
 
 from wdiff.errors import WdiffError
 
-PATTERN_SECONDS = 10.0  # all non-literal keys of one adapter config, against all its modules
+PATTERN_SECONDS = 5.0  # all non-literal keys of one adapter config, against all its modules
 _LITERAL = re.compile(r"[\w.]*")
 
 # The child: reads {"keys": [...], "modules": [...]}, prints for each key, in order, the indices of
