@@ -124,5 +124,5 @@ def read_kept(path: Path, original: str, step: int | None, fingerprint: str | No
     return Checkpoint(
         original, step, tensors, known_fingerprint=fingerprint, adapter=facts["adapter"], tied=facts["tied"],
         state_key=facts["state_key"], skipped=tuple(Skipped(n, r) for n, r in facts["skipped"]),
-        files=seen,
+        files=seen.files, headers=seen.headers,
     )  # fmt: skip

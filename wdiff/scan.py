@@ -24,10 +24,17 @@ from pathlib import Path
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
 from wdiff.naming import step_of
-from wdiff.readers import has_weights, is_checkpoint_file, looks_like_safetensors, missing, open_checkpoint
-from wdiff.readers.base import STATE_LIMIT, TensorRef, identity_of, open_input, read_json, recording
+from wdiff.readers import has_weights, is_checkpoint_file, missing, open_checkpoint
+from wdiff.readers.base import (
+    STATE_LIMIT,
+    TensorRef,
+    header_digest,
+    identity_of,
+    open_regular,
+    read_json,
+    recording,
+)  # fmt: skip
 from wdiff.readers.lora import read_adapter_config
-from wdiff.readers.safetensors import read_header
 from wdiff.readers.tied import ties_embeddings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
@@ -58,23 +65,19 @@ def _tensor_files(tensors: dict[str, TensorRef]) -> list[str]:
 
 def recheck(run: Run) -> None:
     """Before compute reads anything: every input file is still the one scanned (device, inode, size,
-    mtime) and every safetensors header still describes the tensors where the scan found them.
-    The chunk tasks check the identity again on each descriptor they read from."""
+    mtime, ctime) and every safetensors header still holds the bytes it held (what placed each tensor
+    at its offset). The chunk tasks check the identity again on each descriptor they read from."""
     for checkpoint in run.checkpoints:
-        by_file: dict[str, set[tuple]] = {}
-        for ref in checkpoint.tensors.values():
-            if ref.source == "bytes":
-                by_file.setdefault(ref.path, set()).add((ref.offset, ref.nbytes, ref.dtype, ref.shape))
         for path, scanned in checkpoint.files.items():
-            with recording():  # the header below is read from the same file
-                fd = open_input(path, scanned)
-                os.close(fd)
-                if path in by_file and looks_like_safetensors(path):
-                    refs, _ = read_header(path)
-                    now = {(r.offset, r.nbytes, r.dtype, r.shape) for r in refs.values()}
-                    if not by_file[path] <= now:
-                        why = "its header describes other tensors"
-                        raise WdiffError(path, f"changed since it was scanned ({why})")
+            with open_regular(path, scanned) as f:
+                digest = checkpoint.headers.get(path)
+                if digest is None:
+                    continue
+                prefix = f.read(8)
+                n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+                if not 0 <= n <= scanned.size - 8 or header_digest(prefix + f.read(n)) != digest:
+                    why = "its header describes other tensors"
+                    raise WdiffError(path, f"changed since it was scanned ({why})")
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -237,13 +240,14 @@ def read_one(step: int | None, path: Path, expect_state: bool = False, newest: b
     with recording() as seen:  # the identity of the very descriptors the headers were read from
         contents = open_checkpoint(path)
         # files no reader opened (ONNX typed initializers decoded into wdiff's cache): as they are now
-        files = {p: seen.get(p) or identity_of(p) for p in _tensor_files(contents.tensors)}
+        files = {p: seen.files.get(p) or identity_of(p) for p in _tensor_files(contents.tensors)}
+    headers = {p: d for p, d in seen.headers.items() if p in files}
     folder = side_folder(path)
     if step is None:
         step = contents.step
     return Checkpoint(
         str(path), step, contents.tensors, adapter=read_adapter_config(folder), tied=ties_embeddings(folder),
-        state_key=contents.state_key, skipped=contents.skipped, files=files,
+        state_key=contents.state_key, skipped=contents.skipped, files=files, headers=headers,
     )  # fmt: skip
 
 

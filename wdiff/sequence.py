@@ -31,6 +31,8 @@ class Checkpoint:
     # The identity of every file its tensors are read from, as scanned (``wdiff.scan.read_one``):
     # compute refuses to read a file that is no longer that one.
     files: dict[str, FileIdentity] = field(default_factory=dict, repr=False)
+    # digest of the header of every safetensors file among them, as scanned (``scan.recheck``)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

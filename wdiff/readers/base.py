@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import math
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
 import ml_dtypes
@@ -59,23 +60,41 @@ class FileIdentity:
         return "modified in place, or its permissions or links changed"
 
 
-# The identities of the files opened while one checkpoint is scanned (``recording``): scoped to the
-# ``with`` block of the caller, so the identity kept is that of the descriptor the header was read from.
-_recorded: contextvars.ContextVar[dict[str, FileIdentity] | None] = contextvars.ContextVar(
-    "wdiff_recorded", default=None
-)
+@dataclass
+class Recorded:
+    """What was read of each input while one checkpoint was scanned (``recording``): the identity of
+    every file opened, and a digest of every safetensors header parsed (``record_header``)."""
+
+    files: dict[str, FileIdentity] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# Scoped to the ``with recording()`` block of the caller, so the identity kept is that of the very
+# descriptor a header was read from; no recording outside such a block.
+_recorded: contextvars.ContextVar[Recorded | None] = contextvars.ContextVar("wdiff_recorded", default=None)
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[dict[str, FileIdentity]]:
+def recording() -> Iterator[Recorded]:
     """Collect the identity of every input opened inside the block, by path. A path opened twice
     with different identities was replaced while it was scanned: a one-line error."""
-    seen: dict[str, FileIdentity] = {}
+    seen = Recorded()
     token = _recorded.set(seen)
     try:
         yield seen
     finally:
         _recorded.reset(token)
+
+
+def header_digest(prefix_and_header: bytes) -> str:
+    """What ``recheck`` compares: a digest of a safetensors file's length prefix and header bytes."""
+    return hashlib.blake2b(prefix_and_header, digest_size=16).hexdigest()
+
+
+def record_header(path: str | os.PathLike[str], prefix_and_header: bytes) -> None:
+    seen = _recorded.get()
+    if seen is not None:
+        seen.headers[os.fspath(path)] = header_digest(prefix_and_header)
 
 
 def changed(path: str | os.PathLike[str], scanned: FileIdentity, now: FileIdentity) -> WdiffError:
@@ -111,7 +130,7 @@ def open_input(
             raise changed(path, expected, now)
         seen = _recorded.get()
         if seen is not None:
-            first = seen.setdefault(os.fspath(path), now)
+            first = seen.files.setdefault(os.fspath(path), now)
             if first != now:
                 raise WdiffError(path, f"changed while wdiff read it ({first.change(now)})")
     except BaseException:

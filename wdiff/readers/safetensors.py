@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json
+from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json, record_header
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -116,6 +116,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
                     f"safetensors header of {n} bytes runs past the end of the {size}-byte file",
                 )
             raw = f.read(n)
+            record_header(path, prefix + raw)  # for the re-check before compute (scan.recheck)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
     try:
@@ -124,8 +125,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
         raise WdiffError(path, "safetensors header is not valid UTF-8") from None
     try:
         header = json.loads(
-            text, parse_constant=_reject_constant, parse_int=_int, object_pairs_hook=_unique_object
-        )
+            text, parse_constant=_reject_constant, object_pairs_hook=_unique_object,
+            parse_int=_int if "-0" in text else None,  # no "-0" anywhere: no -0 to catch, C speed
+        )  # fmt: skip
         if "\\u" in text:  # only escapes make lone surrogates: UTF-8 cannot hold one
             _no_lone_surrogates(header)
     except (ValueError, RecursionError) as e:
