@@ -191,9 +191,11 @@ _WORDS = [
     *(d.encode() for d in WDIFF_DTYPES), b"F33", b"", b"__metadata__", b"dtype", b"shape", b"data_offsets",
     b"../x.safetensors", b"/etc/passwd", b"outside/x.safetensors", b"model-00001-of-00002.safetensors",
     b"\\u0000", b"..", b".", b"\xff", b"weight_map",
+    b"\\ud800", b"x\\udc00", b"\\ud83d\\ude00",  # lone surrogates (refused by the library), a pair
 ]  # fmt: skip
 _NUMBERS = st.one_of(
-    st.integers(-3, 40), st.sampled_from([2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30])
+    st.integers(-3, 40), st.sampled_from([2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30]),
+    st.just("-0"),  # JSON -0: an int for Python, the float -0.0 (no size) for the library
 )
 
 
