@@ -96,7 +96,7 @@ def test_an_oversized_shard_index_is_refused_unread(tmp_path):
     with open(index, "r+b") as f:
         f.truncate((1 << 30) + 1)  # sparse
     peak, _, outcome = _peak(lambda: read_checkpoint(folder))
-    assert "over the 1024 MiB limit" in str(outcome)
+    assert "over the 256 MiB limit" in str(outcome)  # INDEX_LIMIT
     assert peak < 1 << 16
 
 

@@ -39,7 +39,7 @@ from wdiff.results import (
     write_json,
     write_rows,
 )
-from wdiff.scan import fingerprint, scan
+from wdiff.scan import fingerprint, recheck, scan
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -196,6 +196,7 @@ def run(
     frames, frame_points = scene.frames, scene.frame_points
     the_run = inputs if isinstance(inputs, Run) else scan(inputs)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    recheck(the_run)  # every input still the file scanned, before anything is written
     fingerprints = [fingerprint(c) for c in the_run.checkpoints]
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:

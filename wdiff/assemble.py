@@ -22,7 +22,7 @@ from wdiff.naming import network_order
 from wdiff.readers.lora import effective_tensors
 from wdiff.readers.onnx_match import match_sequence
 from wdiff.readers.tied import find_aliases
-from wdiff.sequence import AlignedTensor, Checkpoint, Skipped
+from wdiff.sequence import AlignedTensor, Checkpoint, Skipped, scanned_files
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def align(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[
         if not_float:
             skipped.append(Skipped(name, f"dtype {'/'.join(not_float)} is not a float: not computed"))
             continue
-        aligned.append(AlignedTensor(name, refs[0].shape, tuple(refs)))  # type: ignore[arg-type]
+        files = scanned_files(refs, checkpoints)  # type: ignore[arg-type]
+        aligned.append(AlignedTensor(name, refs[0].shape, tuple(refs), files))  # type: ignore[arg-type]
     return aligned, skipped
 
 

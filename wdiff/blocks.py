@@ -28,7 +28,7 @@ import numpy as np
 from wdiff import kernels
 from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
 from wdiff.errors import WdiffError
-from wdiff.readers.base import Piece, TensorRef
+from wdiff.readers.base import InputFiles, Piece, TensorRef, open_input
 from wdiff.readers.lora import LoraRef
 from wdiff.sequence import AlignedTensor
 
@@ -66,7 +66,11 @@ def _process(
     sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.nonfinite, totals)
     state = np.full(1, -1, np.int64)
     fd = os.open(out_path, os.O_WRONLY)
-    acc_fd = os.open(acc_in[0], os.O_RDONLY) if acc_in else -1
+    try:
+        acc_fd = open_input(acc_in[0]) if acc_in else -1
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         for lo, hi in blocks:
             n = hi - lo
@@ -115,17 +119,14 @@ def pieces_of(ref: TensorRef) -> tuple[Piece, ...]:
 class _Gather:
     """Fills blocks of one checkpoint's tensor from its pieces (the files stay open for the task)."""
 
-    def __init__(self, ref: TensorRef, opened: dict[str, int]) -> None:
+    def __init__(self, ref: TensorRef, files: InputFiles) -> None:
         self.ref = ref
         self.pieces = pieces_of(ref)
         self.starts = [p.start for p in self.pieces]
         self.itemsize = ref.kind.bits // 8
         self.code = kernels.decoder_code(ref.dtype)
         self.lut = kernels.decode_table(ref.dtype)
-        for p in self.pieces:
-            if p.path not in opened:
-                opened[p.path] = os.open(p.path, os.O_RDONLY)
-        self.opened = opened
+        self.opened = {p.path: files.fd(p.path) for p in self.pieces}
 
     def fill(self, lo: int, hi: int, raw: np.ndarray, out: np.ndarray) -> None:
         size = self.itemsize
@@ -157,9 +158,9 @@ def process_pieces(
 ) -> ChunkStats:
     """``stream.process_chunk`` for a tensor stored in pieces in some checkpoint (the others may hold
     it in one range): same arguments, same ChunkStats."""
-    opened: dict[str, int] = {}
+    files = InputFiles(dict(tensor.files))  # each file checked to be the one scanned, on its descriptor
     try:
-        gathers = [_Gather(r, opened) for r in tensor.refs]
+        gathers = [_Gather(r, files) for r in tensor.refs]
         raw = np.empty(BLOCK_ELEMENTS * max(g.itemsize for g in gathers), np.uint8)
 
         def fill(t: int, lo: int, hi: int, out: np.ndarray) -> None:
@@ -167,29 +168,35 @@ def process_pieces(
 
         nbytes = (stop - start) * sum(g.itemsize for g in gathers)
         blocks = _even_blocks(start, stop, BLOCK_ELEMENTS)
-        return _process(
+        stats = _process(
             tensor, start, stop, out_path, out_offset, acc_in, grid, frame_grid, blocks, BLOCK_ELEMENTS,
             fill, nbytes,
         )  # fmt: skip
+        files.verify()  # not rewritten in place while it was read
+        return stats
     except OSError as e:
         raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
     finally:
-        for fd in opened.values():
-            os.close(fd)
+        files.close()
 
 
 # --- LoRA products -------------------------------------------------------------------------------------
 
 
-def _read(ref: TensorRef) -> np.ndarray:
+def _read(ref: TensorRef, files: InputFiles) -> np.ndarray:
     """A whole adapter factor, decoded to float64 in its stored shape."""
     kind = ref.kind
+    raw = np.empty(ref.numel, np.dtype(kind.storage))
+    view, got = memoryview(raw).cast("B"), 0
     try:
-        raw = np.fromfile(ref.path, dtype=np.dtype(kind.storage), count=ref.numel, offset=ref.offset)
+        fd = files.fd(ref.path)
+        while got < raw.nbytes:  # one read returns at most ~2 GiB
+            n = os.preadv(fd, [view[got:]], ref.offset + got)
+            if n == 0:
+                raise WdiffError(ref.path, f"reading tensor {ref.name!r} failed: the file shrank")
+            got += n
     except OSError as e:
         raise WdiffError(ref.path, f"cannot read: {e.strerror or e}") from None
-    if raw.size != ref.numel:
-        raise WdiffError(ref.path, f"reading tensor {ref.name!r} failed: the file shrank")
     assert kind.decoded is not None
     return raw.view(kind.decoded).astype(np.float64).reshape(ref.shape)
 
@@ -197,8 +204,8 @@ def _read(ref: TensorRef) -> np.ndarray:
 class _Factors:
     """One checkpoint's A and B of a module, as the 2-D matrices whose product is the base weight."""
 
-    def __init__(self, ref: LoraRef) -> None:
-        a, b = _read(ref.a), _read(ref.b)
+    def __init__(self, ref: LoraRef, files: InputFiles) -> None:
+        a, b = _read(ref.a, files), _read(ref.b, files)
         self.a = a.reshape(a.shape[0], -1) * ref.scale  # (r, in...), scaled once here
         self.b = b.reshape(b.shape[0], b.shape[1])  # (out, r)
         self.transpose = ref.transpose
@@ -222,7 +229,9 @@ def process_product(
 ) -> ChunkStats:
     """``stream.process_chunk`` for an effective LoRA change: same arguments, same ChunkStats.
     ``acc_in``: continue an incremental run; ``tensor.refs`` are then [W(0), W(K-1), W(K), ...]."""
-    factors = [_Factors(r) for r in tensor.refs]  # type: ignore[arg-type]
+    with InputFiles(dict(tensor.files)) as files:  # each checked to be the file scanned
+        factors = [_Factors(r, files) for r in tensor.refs]  # type: ignore[arg-type]
+        files.verify()
     cols = row_cols(tensor.shape)  # the product's rows are the tensor's rows
     rows_per_block = max(1, BLOCK_ELEMENTS // cols)
 

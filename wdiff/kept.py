@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import Skipped, TensorRef
+from wdiff.readers.base import InputFiles, Skipped, TensorRef, recording
 from wdiff.readers.onnx import OnnxRef, Use
 from wdiff.readers.safetensors import read_header
 from wdiff.sequence import Checkpoint
@@ -81,27 +81,28 @@ def keep(checkpoint: Checkpoint, dest: Path) -> None:
         begin += ref.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(dest, "wb") as out:
+    with open(dest, "wb") as out, InputFiles(checkpoint.files) as files:  # each the file scanned
         out.write(len(raw).to_bytes(8, "little") + raw)
         out.flush()
         for name, ref in stored:
             for path, offset, nbytes in _ranges(ref):
-                _copy(name, path, offset, nbytes, out.fileno())
+                _copy(name, path, files.fd(path), offset, nbytes, out.fileno())
+        files.verify()  # and not rewritten in place while it was copied
 
 
-def _copy(name: str, path: str, offset: int, nbytes: int, out: int) -> None:
-    with open(path, "rb") as src:
-        done = 0
-        while done < nbytes:
-            n = os.copy_file_range(src.fileno(), out, min(_COPY_BLOCK, nbytes - done), offset + done)
-            if n == 0:
-                raise WdiffError(path, f"tensor {name!r}: the file shrank while it was copied")
-            done += n
+def _copy(name: str, path: str, src: int, offset: int, nbytes: int, out: int) -> None:
+    done = 0
+    while done < nbytes:
+        n = os.copy_file_range(src, out, min(_COPY_BLOCK, nbytes - done), offset + done)
+        if n == 0:
+            raise WdiffError(path, f"tensor {name!r}: the file shrank while it was copied")
+        done += n
 
 
 def read_kept(path: Path, original: str, step: int | None, fingerprint: str | None) -> Checkpoint:
     """The checkpoint kept at ``path`` (by :func:`keep`), as the original at ``original`` was read."""
-    tensors, metadata = read_header(path)
+    with recording() as seen:
+        tensors, metadata = read_header(path)
     try:
         facts = json.loads((metadata or {})[METADATA_KEY])
     except (KeyError, ValueError) as e:
@@ -123,4 +124,5 @@ def read_kept(path: Path, original: str, step: int | None, fingerprint: str | No
     return Checkpoint(
         original, step, tensors, known_fingerprint=fingerprint, adapter=facts["adapter"], tied=facts["tied"],
         state_key=facts["state_key"], skipped=tuple(Skipped(n, r) for n, r in facts["skipped"]),
+        files=seen.files, headers=seen.headers,
     )  # fmt: skip

@@ -63,37 +63,51 @@ def intervals(summary: dict[str, Any]) -> list[Interval]:
     return [Interval(i, a, b) for i, (a, b) in enumerate(zip(steps, steps[1:]))]
 
 
+def _number(value: object) -> float | None:
+    """A logged value as a float; None for anything else (strings, bools, ints too big for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _log(trainer_state: dict | None) -> list[dict]:
+    """The entries of ``log_history`` that are objects: anything else in the file is ignored."""
+    history = (trainer_state or {}).get("log_history") if isinstance(trainer_state, dict) else None
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+
+
 def log_join(trainer_state: dict | None, spans: Sequence[Interval]) -> list[dict[str, float | None]]:
     """Loss, learning rate, grad norm and eval loss for each interval: the value logged last at a
     step in ``(step_start, step_end]``, i.e. at or just before the checkpoint that ends it. None when
-    nothing was logged in the interval (or there is no ``trainer_state.json``)."""
-    history = (trainer_state or {}).get("log_history") or []
+    nothing was logged in the interval (or there is no ``trainer_state.json``). Entries or values of
+    the wrong type are ignored."""
+    history = _log(trainer_state)
     joined = []
     for span in spans:
         values: dict[str, float | None] = dict.fromkeys(LOG_KEYS)
         if span.step_end is not None:
             for entry in history:
-                step = entry.get("step")
-                if not isinstance(step, (int, float)) or step > span.step_end:
+                step = _number(entry.get("step"))
+                if step is None or not step <= span.step_end:
                     continue
                 if span.step_start is not None and step <= span.step_start:
                     continue
                 for key in LOG_KEYS:
-                    if isinstance(entry.get(key), (int, float)):
-                        values[key] = float(entry[key])
+                    value = _number(entry.get(key))
+                    if value is not None:
+                        values[key] = value
         joined.append(values)
     return joined
 
 
 def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one key of the training log, for curves."""
-    history = (trainer_state or {}).get("log_history") or []
-    pairs = [
-        (float(e["step"]), float(e[key]))
-        for e in history
-        if isinstance(e.get("step"), (int, float)) and isinstance(e.get(key), (int, float))
-    ]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    """(steps, values) of one key of the training log, for curves (wrong types ignored)."""
+    pairs = [(_number(e.get("step")), _number(e.get(key))) for e in _log(trainer_state)]
+    kept = [(s, v) for s, v in pairs if s is not None and math.isfinite(s) and v is not None]
+    return [p[0] for p in kept], [p[1] for p in kept]
 
 
 def row_change(res: Results, name: str) -> np.ndarray:

@@ -25,40 +25,71 @@ from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
 from wdiff.naming import step_of
 from wdiff.readers import has_weights, is_checkpoint_file, missing, open_checkpoint
-from wdiff.readers.base import read_json
+from wdiff.readers.base import (
+    STATE_LIMIT,
+    TensorRef,
+    header_digest,
+    identity_of,
+    open_regular,
+    read_json,
+    recording,
+)  # fmt: skip
 from wdiff.readers.lora import read_adapter_config
 from wdiff.readers.tied import ties_embeddings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
-__all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped", "fingerprint", "scan", "step_of"]
+__all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped", "fingerprint", "recheck", "scan", "step_of"]
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:
-    """Identity of a checkpoint's weight files (names, sizes, modification times), to notice that an
-    earlier checkpoint was rewritten or replaced since results were computed from it."""
+    """Identity of a checkpoint's weight files (names, sizes, modification times) as they were scanned,
+    to notice that an earlier checkpoint was rewritten or replaced since results were computed from it.
+    Made from ``Checkpoint.files``, the identities compute checks, so the two always agree."""
     import hashlib
 
     if checkpoint.known_fingerprint is not None:
         return checkpoint.known_fingerprint
     digest = hashlib.sha256()
-    files = {r.path for r in checkpoint.tensors.values()}
-    files |= {p.path for r in checkpoint.tensors.values() for p in getattr(r, "pieces", ())}
+    files = checkpoint.files or {p: identity_of(p) for p in _tensor_files(checkpoint.tensors)}
     for path in sorted(files):
-        try:
-            st = os.stat(path)
-        except OSError as e:  # e.g. save_total_limit deleted it since the scan
-            raise WdiffError(path, f"cannot read: {e.strerror} (deleted while wdiff ran?)") from None
-        digest.update(f"{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{os.path.basename(path)}\0{files[path].size}\0{files[path].mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 
+def _tensor_files(tensors: dict[str, TensorRef]) -> list[str]:
+    return list(dict.fromkeys(p for r in tensors.values() for p in r.files()))
+
+
+def recheck(run: Run) -> None:
+    """Before compute reads anything: every input file is still the one scanned (device, inode, size,
+    mtime, ctime) and every safetensors header still holds the bytes it held (what placed each tensor
+    at its offset). The chunk tasks check the identity again on each descriptor they read from."""
+    for checkpoint in run.checkpoints:
+        for path, scanned in checkpoint.files.items():
+            with open_regular(path, scanned) as f:
+                digest = checkpoint.headers.get(path)
+                if digest is None:
+                    continue
+                prefix = f.read(8)
+                n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+                if not 0 <= n <= scanned.size - 8 or header_digest(prefix + f.read(n)) != digest:
+                    why = "its header describes other tensors"
+                    raise WdiffError(path, f"changed since it was scanned ({why})")
+
+
 def load_trainer_state(path: Path) -> dict:
-    state = read_json(path, "trainer state")  # bare NaN/Infinity accepted, as json.dumps writes them
+    """``trainer_state.json`` (bare NaN/Infinity accepted, as json.dumps writes them); ``log_history``
+    entries that are not objects are dropped: the log is a hint, never a reason to fail."""
+    state = read_json(path, "trainer state", STATE_LIMIT)
     if not isinstance(state, dict):
         raise WdiffError(path, "trainer state is not a JSON object")
+    history = state.get("log_history")
+    if history is not None:
+        entries = history if isinstance(history, list) else []
+        state["log_history"] = [e for e in entries if isinstance(e, dict)]
     return state
 
 
@@ -138,7 +169,7 @@ def _explicit_step(path: Path) -> int | None:
     folder = side_folder(path)
     for candidate in [path] if path.is_dir() else [path, folder]:
         state = candidate / TRAINER_STATE
-        if candidate.is_dir() and state.is_file():
+        if candidate.is_dir() and state.exists():  # a pipe there: refused, not skipped
             step = load_trainer_state(state).get("global_step")
             if isinstance(step, int) and not isinstance(step, bool):
                 return step
@@ -188,7 +219,7 @@ def _unfinished(path: Path, expect_state: bool) -> str | None:
     if not (expect_state and path.is_dir()):
         return None
     state = path / TRAINER_STATE
-    if not state.is_file():
+    if not state.exists():
         return f"no {TRAINER_STATE} yet, which the HF Trainer writes last: the checkpoint is incomplete"
     return None
 
@@ -202,21 +233,27 @@ def read_one(step: int | None, path: Path, expect_state: bool = False, newest: b
     problem = _unfinished(path, expect_state)
     if problem is not None:
         raise WdiffError(path, problem)
+    if expect_state and path.is_dir():
+        identity_of(path / TRAINER_STATE)  # a pipe or folder there: refused, never waited on
     if newest and expect_state and path.is_dir():
         load_trainer_state(path / TRAINER_STATE)  # half-written JSON: still being saved
-    contents = open_checkpoint(path)
+    with recording() as seen:  # the identity of the very descriptors the headers were read from
+        contents = open_checkpoint(path)
+        # files no reader opened (ONNX typed initializers decoded into wdiff's cache): as they are now
+        files = {p: seen.files.get(p) or identity_of(p) for p in _tensor_files(contents.tensors)}
+    headers = {p: d for p, d in seen.headers.items() if p in files}
     folder = side_folder(path)
     if step is None:
         step = contents.step
     return Checkpoint(
         str(path), step, contents.tensors, adapter=read_adapter_config(folder), tied=ties_embeddings(folder),
-        state_key=contents.state_key, skipped=contents.skipped,
+        state_key=contents.state_key, skipped=contents.skipped, files=files, headers=headers,
     )  # fmt: skip
 
 
 def expects_state(pairs: Sequence[tuple[int | None, Path]]) -> bool:
     """Whether a live run writes ``trainer_state.json`` into its checkpoint folders."""
-    return any((p / TRAINER_STATE).is_file() for _, p in pairs if p.is_dir())
+    return any((p / TRAINER_STATE).exists() for _, p in pairs if p.is_dir())
 
 
 def _read_checkpoints(
@@ -241,7 +278,7 @@ def _read_checkpoints(
 def trainer_state(checkpoints: Sequence[Checkpoint]) -> dict | None:
     """The newest ``trainer_state.json`` beside the checkpoints (it holds the whole log history)."""
     states = [side_folder(Path(c.path)) / TRAINER_STATE for c in checkpoints]
-    states = [s for s in states if s.is_file()]
+    states = [s for s in states if s.exists()]
     return load_trainer_state(states[-1]) if states else None
 
 

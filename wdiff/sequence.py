@@ -6,9 +6,10 @@ Plain frozen data, no reading: ``wdiff.scan`` finds and reads checkpoints into :
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from wdiff.readers.base import Skipped, TensorRef
+from wdiff.readers.base import FileIdentity, Skipped, TensorRef
 
 __all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped"]
 
@@ -27,6 +28,11 @@ class Checkpoint:
     tied: bool = False  # config.json says tie_word_embeddings
     state_key: str | None = None  # where in a pickled checkpoint the weights were found
     skipped: tuple[Skipped, ...] = field(default=(), repr=False)  # tensors its reader could not read
+    # The identity of every file its tensors are read from, as scanned (``wdiff.scan.read_one``):
+    # compute refuses to read a file that is no longer that one.
+    files: dict[str, FileIdentity] = field(default_factory=dict, repr=False)
+    # digest of the header of every safetensors file among them, as scanned (``scan.recheck``)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class AlignedTensor:
     name: str
     shape: tuple[int, ...]
     refs: tuple[TensorRef, ...] = field(repr=False)
+    # (path, identity as scanned) of every file the refs read from: what the chunk tasks check
+    files: tuple[tuple[str, FileIdentity], ...] = field(default=(), repr=False)
 
     @property
     def numel(self) -> int:
@@ -51,6 +59,17 @@ class AlignedTensor:
         stores it in pieces, else one byte range each."""
         kinds = {r.source for r in self.refs}
         return "product" if "product" in kinds else "pieces" if "pieces" in kinds else "bytes"
+
+
+def scanned_files(refs: Sequence[TensorRef], checkpoints: Sequence[Checkpoint]) -> tuple:
+    """``AlignedTensor.files`` for ``refs[t]`` of ``checkpoints[t]``: each file's scanned identity."""
+    found: dict[str, FileIdentity] = {}
+    for ref, checkpoint in zip(refs, checkpoints):
+        for path in ref.files():
+            identity = checkpoint.files.get(path)
+            if identity is not None:
+                found.setdefault(path, identity)
+    return tuple(found.items())
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 from wdiff import kernels
 from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
 from wdiff.errors import WdiffError
+from wdiff.readers.base import InputFiles
 from wdiff.sequence import AlignedTensor
 
 
@@ -48,27 +49,27 @@ def process_chunk(
     dims, frame_dims, mean = pooling_args(grid, frame_grid)
     diff = np.empty(block if b.frames.size else 1, np.float32)
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
-    opened: dict[str, int] = {}
+    files = InputFiles(dict(tensor.files))  # each file checked to be the one scanned, on its descriptor
     try:
-        for path in [r.path for r in refs] + ([acc_in[0]] if acc_in else []):
-            if path not in opened:
-                opened[path] = os.open(path, os.O_RDONLY)
-        out_fd = os.open(out_path, os.O_WRONLY)
-        opened["\0out"] = out_fd
-        fds = np.array([opened[r.path] for r in refs], np.int32)
-        acc_fd, acc_offset = (opened[acc_in[0]], acc_in[1]) if acc_in else (-1, 0)
-        status = kernels.stream_chunk(
-            fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-            acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
-            b.dist_first, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
-            row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
-            b.frame_lines, b.frame_states, diff,
-        )  # fmt: skip
-    except OSError as e:
-        raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
+        fds = np.array([files.fd(r.path) for r in refs], np.int32)
+        acc_fd, acc_offset = (files.fd(acc_in[0]), acc_in[1]) if acc_in else (-1, 0)
+        try:
+            out_fd = os.open(out_path, os.O_WRONLY)
+        except OSError as e:
+            raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
+        try:
+            status = kernels.stream_chunk(
+                fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
+                acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
+                b.dist_first, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
+                row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
+                b.frame_lines, b.frame_states, diff,
+            )  # fmt: skip
+        finally:
+            os.close(out_fd)
+        files.verify()  # not rewritten in place while it was read
     finally:
-        for fd in opened.values():
-            os.close(fd)
+        files.close()
     if status < 0:
         t = -status - 1
         if t == count:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.naming import step_of
-from wdiff.readers.base import DTYPES, Contents, DType, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, Contents, DType, Skipped, TensorRef, open_regular
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
@@ -108,12 +109,14 @@ def find_weights(folder: Path) -> Path | None:
     """The weights entry point of a checkpoint folder (see the module docstring), the folder itself
     for an accelerate ``save_state`` with several models and a torch.distributed.checkpoint; None when
     the folder holds no checkpoint."""
+    # Fixed names are taken when anything is there: a pipe named model.safetensors is then refused as
+    # "not a regular file" when opened, not passed over.
     for name in (INDEX_NAME, BIN_INDEX):
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     if len(accelerate_models(folder)) > 1:
         return folder
-    if (folder / "model.safetensors").is_file():
+    if (folder / "model.safetensors").exists():
         return folder / "model.safetensors"
     found = (
         _only(
@@ -133,7 +136,7 @@ def find_weights(folder: Path) -> Path | None:
     if looks_like_dcp(folder):
         return folder
     for name in _TORCH_WEIGHTS:
-        if (folder / name).is_file():
+        if (folder / name).exists():
             return folder / name
     # One other PyTorch file (``model.pt``) is the folder's weights. Files whose names give steps
     # (``epoch=0-step=20.ckpt``, beside Lightning's ``last.ckpt``) make it a folder of checkpoints,
@@ -201,9 +204,40 @@ def _read_file(path: Path) -> Contents:
     return Contents(tensors)
 
 
+def _unicode_names(contents: Contents) -> Contents:
+    """Leave out (with the reason) tensors whose names hold a lone UTF-16 surrogate.
+
+    A pickle can hold one (Python's pickle decodes with ``surrogatepass``, so ``torch.load`` accepts
+    it), but no UTF-8 text can: neither the results (a safetensors file, whose reference reader refuses
+    such names) nor ``summary.json`` nor the terminal. safetensors and ONNX inputs are refused earlier,
+    as their reference readers refuse them. The name shown is escaped (``\\ud800``).
+    """
+    try:
+        "".join(contents.tensors).encode("utf-8")
+        "".join(s.name for s in contents.skipped).encode("utf-8")
+        return contents
+    except UnicodeEncodeError:
+        pass
+
+    def ok(name: str) -> bool:
+        return not any("\ud800" <= c <= "\udfff" for c in name)
+
+    def escaped(name: str) -> str:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    reason = "its name holds a lone UTF-16 surrogate, which no UTF-8 file can hold: not computed"
+    bad = [Skipped(escaped(n), reason) for n in contents.tensors if not ok(n)]
+    tensors = {n: r for n, r in contents.tensors.items() if ok(n)}
+    skipped = tuple(s if ok(s.name) else Skipped(escaped(s.name), s.reason) for s in contents.skipped)
+    return replace(contents, tensors=tensors, skipped=skipped + tuple(bad))
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Contents:
     """Everything a reader finds in one checkpoint, a file or a checkpoint folder."""
-    path = Path(path)
+    return _unicode_names(_open_checkpoint(Path(path)))
+
+
+def _open_checkpoint(path: Path) -> Contents:
     if path.is_dir():
         entry = find_weights(path)
         if entry is None:

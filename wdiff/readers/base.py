@@ -6,11 +6,15 @@ read only inside compute, chunk by chunk, by offset.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
 import ml_dtypes
@@ -18,38 +22,195 @@ import numpy as np
 
 from wdiff.errors import WdiffError
 
-MAX_JSON_BYTES = 1 << 30  # index and trainer-state files: real ones are kilobytes to tens of MB
+# Side files are read whole, so each has a cap well above real files (docs/reliability.md, "Limits").
+MIB = 1 << 20
+CONFIG_LIMIT = 16 * MIB  # config.json, adapter_config.json: real ones are a few KB
+INDEX_LIMIT = 256 * MIB  # shard indexes: ~15 MB for 100,000 tensors
+STATE_LIMIT = 256 * MIB  # trainer_state.json: tens of MB for long runs with eval logs
 
 
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a file read-only, refusing anything but a regular file before a byte is read.
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a path named when a checkpoint was scanned: device, inode, size, modification time
+    and status-change time. The one place a file's identity is computed (``of``): the scan records
+    it, ``fingerprint`` digests it, and compute checks every descriptor it reads from against it.
 
-    A named pipe would block ``open`` forever and a device never ends, so the open does not wait
-    (O_NONBLOCK, no effect on regular files) and the kind is checked on the open descriptor.
-    """
+    ``ctime_ns`` is set by the kernel on every write, truncate, ``utime``, ``chmod`` or link and
+    cannot be set back, so a rewrite in place that restores size and mtime (``cp -p``,
+    ``rsync -t``) is still seen."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def change(self, now: FileIdentity) -> str:
+        """What differs between the scanned file (``self``) and ``now``, in words."""
+        if (now.device, now.inode) != (self.device, self.inode):
+            return "replaced by another file"
+        if now.size != self.size:
+            return f"size {self.size} -> {now.size} bytes"
+        if now.mtime_ns != self.mtime_ns:
+            return "modified in place"
+        return "modified in place, or its permissions or links changed"
+
+
+@dataclass
+class Recorded:
+    """What was read of each input while one checkpoint was scanned (``recording``): the identity of
+    every file opened, and a digest of every safetensors header parsed (``record_header``)."""
+
+    files: dict[str, FileIdentity] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# Scoped to the ``with recording()`` block of the caller, so the identity kept is that of the very
+# descriptor a header was read from; no recording outside such a block.
+_recorded: contextvars.ContextVar[Recorded | None] = contextvars.ContextVar("wdiff_recorded", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recorded]:
+    """Collect the identity of every input opened inside the block, by path. A path opened twice
+    with different identities was replaced while it was scanned: a one-line error."""
+    seen = Recorded()
+    token = _recorded.set(seen)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        yield seen
+    finally:
+        _recorded.reset(token)
+
+
+def header_digest(prefix_and_header: bytes) -> str:
+    """What ``recheck`` compares: a digest of a safetensors file's length prefix and header bytes."""
+    return hashlib.blake2b(prefix_and_header, digest_size=16).hexdigest()
+
+
+def record_header(path: str | os.PathLike[str], prefix_and_header: bytes) -> None:
+    seen = _recorded.get()
+    if seen is not None:
+        seen.headers[os.fspath(path)] = header_digest(prefix_and_header)
+
+
+def changed(path: str | os.PathLike[str], scanned: FileIdentity, now: FileIdentity) -> WdiffError:
+    return WdiffError(
+        path,
+        f"changed since it was scanned ({scanned.change(now)}); run wdiff again once it stops changing",
+    )
+
+
+def open_input(
+    path: str | os.PathLike[str], expected: FileIdentity | None = None, *, nofollow: bool = False
+) -> int:
+    """Open an input read-only and return the descriptor, refusing anything but a regular file
+    before a byte is read, and (``expected``) anything but the very file that was scanned.
+
+    Every input wdiff reads is opened here. A named pipe would block ``open`` forever and a device
+    never ends, so the open does not wait (O_NONBLOCK, no effect on regular files) and the kind is
+    checked on the open descriptor, which is the one then read from. ``nofollow``: refuse a symlink
+    as the last part of the path (ONNX external data, as the onnx library does).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    try:
+        fd = os.open(path, flags)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe, socket or device"
+            raise WdiffError(path, f"cannot read: {kind}, not a regular file")
+        now = FileIdentity.of(st)
+        if expected is not None and now != expected:
+            raise changed(path, expected, now)
+        seen = _recorded.get()
+        if seen is not None:
+            first = seen.files.setdefault(os.fspath(path), now)
+            if first != now:
+                raise WdiffError(path, f"changed while wdiff read it ({first.change(now)})")
+    except BaseException:
         os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
-        raise WdiffError(path, f"cannot read: {kind}, not a regular file")
-    return os.fdopen(fd, "rb")
+        raise
+    return fd
 
 
-def read_json(path: str | os.PathLike[str], what: str) -> Any:
-    """Parse a JSON file from a checkpoint folder, or raise a one-line error naming it.
+def still_same(fd: int, path: str, expected: FileIdentity | None) -> None:
+    """After reading: the descriptor's file was not modified in place meanwhile (a rename over it
+    leaves the descriptor on the scanned file; a rewrite in place changes its size or mtime)."""
+    if expected is not None:
+        now = FileIdentity.of(os.fstat(fd))
+        if now != expected:
+            raise changed(path, expected, now)
 
-    Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN included.
-    """
+
+def identity_of(path: str | os.PathLike[str]) -> FileIdentity:
+    """The identity of the regular file at ``path`` now (opened, never blocking, and checked)."""
+    fd = open_input(path)
+    try:
+        return FileIdentity.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+class InputFiles:
+    """The input files one chunk task reads: each opened once by :func:`open_input`, checked to be
+    the scanned file (``expected``: path -> identity) when opened and again by ``verify`` after the
+    reads, closed on exit."""
+
+    def __init__(self, expected: Mapping[str, FileIdentity]) -> None:
+        self.expected = expected
+        self.fds: dict[str, int] = {}
+
+    def __enter__(self) -> InputFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = open_input(path, self.expected.get(path))
+        return fd
+
+    def verify(self) -> None:
+        for path, fd in self.fds.items():
+            still_same(fd, path, self.expected.get(path))
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
+def open_regular(path: str | os.PathLike[str], expected: FileIdentity | None = None) -> BinaryIO:
+    """:func:`open_input` as a binary file object."""
+    return os.fdopen(open_input(path, expected), "rb")
+
+
+def read_json(path: str | os.PathLike[str], what: str, limit: int) -> Any:
+    """Parse a JSON side file of a checkpoint (at most ``limit`` bytes), or raise a one-line error
+    naming it. Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN
+    included."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        if size > MAX_JSON_BYTES:
-            raise WdiffError(path, f"{what} of {size} bytes is over the {MAX_JSON_BYTES >> 20} MiB limit")
+        too_big = f"{what} of {{}} bytes is over the {limit >> 20} MiB limit"
+        if size > limit:
+            raise WdiffError(path, too_big.format(size))
         try:
-            return json.loads(f.read().decode("utf-8"))
+            data = f.read(size + 1)
+            while len(data) > size:  # it grew after fstat: read on, never past the limit
+                if len(data) > limit:
+                    raise WdiffError(path, too_big.format(f"over {limit}"))
+                more = f.read(min(MIB, limit + 1 - len(data)))
+                if not more:
+                    break
+                data += more
+            return json.loads(data.decode("utf-8"))
         except OSError as e:
             raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -130,6 +291,10 @@ class TensorRef:
     def kind(self) -> DType:
         return DTYPES[self.dtype]
 
+    def files(self) -> tuple[str, ...]:
+        """Every file this tensor's bytes are read from."""
+        return (self.path,)
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -151,6 +316,9 @@ class PiecesRef(TensorRef):
     source: ClassVar[str] = "pieces"
 
     pieces: tuple[Piece, ...] = ()
+
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([self.path, *(p.path for p in self.pieces)]))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from wdiff.readers.base import Skipped, TensorRef, read_json
+from wdiff.readers.base import CONFIG_LIMIT, Skipped, TensorRef, read_json
+from wdiff.readers.patterns import pattern_values
 
 if TYPE_CHECKING:
     from wdiff.sequence import AlignedTensor, Checkpoint
@@ -46,29 +47,26 @@ class LoraRef(TensorRef):
     scale: float
     transpose: bool
 
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.a.files(), *self.b.files()]))
+
 
 def read_adapter_config(folder: Path) -> dict | None:
     """The ``adapter_config.json`` of a PEFT checkpoint folder (None when there is none)."""
     config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():  # a pipe or a folder there is refused by read_json, not skipped
         return None
-    config = read_json(config_path, "adapter config")
+    config = read_json(config_path, "adapter config", CONFIG_LIMIT)
     return config if isinstance(config, dict) else None
 
 
-def _pattern_value(patterns: object, module: str, default: object) -> object:
-    r"""peft's ``get_pattern_key``: the first key (in file order) with ``re.match(rf"(.*\.)?({key})$",
-    module)`` gives the value."""
-    if not isinstance(patterns, dict):
-        return default
-    for key, value in patterns.items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error:  # peft would raise; a literal suffix is the closest reading
-            if module == key or module.endswith("." + key):
-                return value
-    return default
+class _Overrides:
+    """One checkpoint's ``rank_pattern`` and ``alpha_pattern`` resolved for its modules (matched as
+    peft matches them, with a time bound: ``readers.patterns``)."""
+
+    def __init__(self, config: dict, modules: list[str], where: str) -> None:
+        self.rank = pattern_values(config.get("rank_pattern"), modules, where, "rank_pattern")
+        self.alpha = pattern_values(config.get("alpha_pattern"), modules, where, "alpha_pattern")
 
 
 def _pairs(tensors: dict[str, TensorRef]) -> dict[tuple[str, str | None, bool], dict[str, TensorRef]]:
@@ -82,7 +80,7 @@ def _pairs(tensors: dict[str, TensorRef]) -> dict[tuple[str, str | None, bool], 
 
 
 def _effective(
-    module: str, embedding: bool, a: TensorRef, b: TensorRef, config: dict
+    module: str, embedding: bool, a: TensorRef, b: TensorRef, config: dict, overrides: _Overrides
 ) -> tuple[LoraRef | None, str]:
     """One checkpoint's LoraRef for a module, or None and why not."""
     if len(a.shape) < 2 or len(b.shape) < 2 or b.shape[1] != a.shape[0]:
@@ -93,8 +91,8 @@ def _effective(
         return None, f"lora_A/lora_B dtype {a.dtype}/{b.dtype} is not a float"
     short = module.removeprefix(_PREFIX)
     rank = a.shape[0]
-    r = _pattern_value(config.get("rank_pattern"), short, config.get("r", rank))
-    alpha = _pattern_value(config.get("alpha_pattern"), short, config.get("lora_alpha", r))
+    r = overrides.rank.get(short, config.get("r", rank))
+    alpha = overrides.alpha.get(short, config.get("lora_alpha", r))
     if r != rank:
         return None, f"adapter_config gives r={r} but lora_A has rank {rank}"
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or rank < 1:
@@ -112,7 +110,7 @@ def _effective(
 
 def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTensor], list[Skipped]]:
     """The effective weight change of every module adapted in every checkpoint of a PEFT LoRA run."""
-    from wdiff.sequence import AlignedTensor
+    from wdiff.sequence import AlignedTensor, scanned_files
 
     configs = [c.adapter for c in checkpoints]
     if any(c is None for c in configs):
@@ -121,6 +119,11 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
     keys = sorted(set().union(*per_checkpoint), key=lambda k: (k[0], k[1] or "", k[2]))
     multi = {m for m, _, _ in keys if sum(1 for k in keys if k[0] == m) > 1}
     stored = set().union(*(c.tensors for c in checkpoints))
+    shorts = sorted({m.removeprefix(_PREFIX) for m, _, _ in keys})
+    overrides = [
+        _Overrides(config, shorts, str(_side_folder(c.path) / ADAPTER_CONFIG))  # type: ignore[arg-type]
+        for c, config in zip(checkpoints, configs)
+    ]
     aligned, skipped = [], []
     for module, adapter, embedding in keys:
         label = f"{module.removeprefix(_PREFIX)}.weight"
@@ -130,7 +133,7 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
             skipped.append(Skipped(label, "effective LoRA change: a stored tensor has the same name"))
             continue
         refs, why = [], ""
-        for checkpoint, pairs, config in zip(checkpoints, per_checkpoint, configs):
+        for checkpoint, pairs, config, override in zip(checkpoints, per_checkpoint, configs, overrides):
             assert config is not None
             peft_type = str(config.get("peft_type", "LORA")).upper()
             pair = pairs.get((module, adapter, embedding), {})
@@ -140,7 +143,7 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
             elif "A" not in pair or "B" not in pair:
                 why = f"lora_A or lora_B missing from {checkpoint.path}"
             else:
-                ref, why = _effective(module, embedding, pair["A"], pair["B"], config)
+                ref, why = _effective(module, embedding, pair["A"], pair["B"], config, override)
                 if ref is not None:
                     refs.append(ref)
                     continue
@@ -152,8 +155,13 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
             skipped.append(Skipped(label, f"effective LoRA change: {why}"))
             continue
         refs = [r if r.name == label else _renamed(r, label) for r in refs]
-        aligned.append(AlignedTensor(label, refs[0].shape, tuple(refs)))
+        aligned.append(AlignedTensor(label, refs[0].shape, tuple(refs), scanned_files(refs, checkpoints)))
     return aligned, skipped
+
+
+def _side_folder(path: str) -> Path:
+    """The folder of a checkpoint's side files (as ``wdiff.scan.side_folder``)."""
+    return Path(path) if Path(path).is_dir() else Path(path).parent
 
 
 def _renamed(ref: LoraRef, name: str) -> LoraRef:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, TensorRef, open_input, open_regular
 
 # onnx TensorProto.DataType -> wdiff dtype code (FORMATS.md). Kinds with no entry (STRING,
 # COMPLEX128, the 4-bit kinds, ...) are not listed as tensors.
@@ -197,16 +197,15 @@ def _external_ref(model_path: Path, tensor, code: str, shape: tuple[int, ...]) -
         current = current / part
         if current.is_symlink():
             raise WdiffError(model_path, f"{where} goes through a symlink ({current})")
-    try:
-        fd = os.open(current, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as e:
-        raise WdiffError(model_path, f"{where}: cannot open: {e.strerror}") from None
+    try:  # never blocks on a pipe; refuses what is not a regular file (wdiff.readers.base)
+        fd = open_input(current, nofollow=True)
+    except WdiffError as e:
+        why = e.problem.removeprefix("cannot read: ")
+        raise WdiffError(model_path, f"{where}: cannot open: {why}") from None
     try:
         st = os.fstat(fd)
     finally:
         os.close(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise WdiffError(model_path, f"{where} is not a regular file")
     if st.st_nlink > 1:
         raise WdiffError(model_path, f"{where} is a hard link ({st.st_nlink} links)")
     try:
@@ -259,9 +258,10 @@ def materialise(data: bytes, origin: str) -> str:
     digest = hashlib.sha256(origin.encode("utf-8", "surrogatepass") + b"\0" + data).hexdigest()
     target = folder / f"onnx-{digest[:40]}.bin"
     try:
-        if target.read_bytes() == data:  # small by construction: checking costs little
-            return str(target)
-    except OSError:
+        with open_regular(target) as f:
+            if f.read(len(data) + 1) == data:  # small by construction: checking costs little
+                return str(target)
+    except (OSError, WdiffError):
         pass
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".onnx-")
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, TensorRef, open_regular, read_json
+from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json, record_header
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,6 +36,31 @@ def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
 
 def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not valid JSON")
+
+
+def _int(token: str) -> int | float:
+    """JSON integers as Python ints, except ``-0``: serde_json (the reference reader) reads it as the
+    float -0.0, which is no size or offset, so the header is refused ("expected usize"). Kept a float
+    here, it fails the same checks; Python's ``int("-0")`` would quietly make it 0."""
+    return -0.0 if token == "-0" else int(token)
+
+
+def _no_lone_surrogates(value: object) -> None:
+    """serde_json refuses a ``\\ud800`` escape without its pair ("lone leading surrogate"); Python's
+    json accepts it and the name then cannot be written or printed as UTF-8. Refused alike."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"lone surrogate {item[e.start]!r} in the string {shown(item)}") from None
 
 
 def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -91,6 +116,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
                     f"safetensors header of {n} bytes runs past the end of the {size}-byte file",
                 )
             raw = f.read(n)
+            record_header(path, prefix + raw)  # for the re-check before compute (scan.recheck)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
     try:
@@ -98,7 +124,12 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     except UnicodeDecodeError:
         raise WdiffError(path, "safetensors header is not valid UTF-8") from None
     try:
-        header = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
+        header = json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_unique_object,
+            parse_int=_int if "-0" in text else None,  # no "-0" anywhere: no -0 to catch, C speed
+        )  # fmt: skip
+        if "\\u" in text:  # only escapes make lone surrogates: UTF-8 cannot hold one
+            _no_lone_surrogates(header)
     except (ValueError, RecursionError) as e:
         raise WdiffError(path, f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -167,7 +198,7 @@ def read_sharded(
     ``pytorch_model.bin.index.json`` of the same shape, with ``read_shard`` reading a PyTorch shard)."""
     index_path = Path(index_path)
     folder = index_path.parent.resolve()
-    index = read_json(index_path, "shard index")
+    index = read_json(index_path, "shard index", INDEX_LIMIT)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WdiffError(index_path, 'shard index has no "weight_map" of tensor name to shard file')
@@ -184,7 +215,7 @@ def read_sharded(
             raise WdiffError(index_path, f"shard {shown(shard)} is a symlink loop") from None
         if not inside:
             raise WdiffError(index_path, f"shard path {shown(shard)} leaves the checkpoint folder")
-        if not candidate.is_file():
+        if not candidate.exists():  # a pipe or folder is refused by its reader: "not a regular file"
             raise WdiffError(index_path, f"shard {shown(shard)} named in weight_map does not exist")
         shards[shard] = read_shard(candidate)
 

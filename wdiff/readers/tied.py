@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import read_json
+from wdiff.readers.base import CONFIG_LIMIT, read_json
 
 if TYPE_CHECKING:
     from wdiff.sequence import AlignedTensor
@@ -31,12 +31,13 @@ _INPUT_EMBEDDING = re.compile(
 
 def ties_embeddings(folder: Path) -> bool:
     """Whether the ``config.json`` in a checkpoint folder says the output embedding is tied to the
-    input one (a missing or unreadable config says nothing)."""
+    input one. A missing or unreadable config says nothing: one that is not a regular file, over
+    ``CONFIG_LIMIT`` or not JSON is not read (it only decides whether ``lm_head.weight`` is named)."""
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         return False
     try:
-        config = read_json(config_path, "model config")
+        config = read_json(config_path, "model config", CONFIG_LIMIT)
     except WdiffError:
         return False
     if not isinstance(config, dict):
