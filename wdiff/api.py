@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import time
@@ -132,8 +133,21 @@ def _trainer_summary(state: dict | None) -> dict | None:
     keep = ("global_step", "max_steps", "epoch", "num_train_epochs", "save_steps", "logging_steps")
     out: dict[str, Any] = {k: state[k] for k in keep if k in state}
     history = state.get("log_history")
-    out["log_history"] = history if isinstance(history, list) else []
+    entries = [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+    out["log_history"] = [{k: _log_value(v) for k, v in e.items()} for e in entries]
     return out
+
+
+def _log_value(value: Any) -> Any:
+    """A training-log value as summary.json keeps it: text and flags as they are, numbers that are
+    not finite or too big for a float as null (the trainer writes bare NaN), anything else as null."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**63 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
 
 
 def run(
