@@ -13,7 +13,6 @@ leaves half-written results where the previous ones were.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import functools
