@@ -244,7 +244,7 @@ def build_graph(
         frame_grid = (frame_grids or {}).get(tensor.name)
         spans = _chunks(tensor, chunk_elements)
         chunks += len(spans)
-        if len(spans) == 1:  # one chunk: into a bundle
+        if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
             args = (tensor, *spans[0], out_path, layout.offsets[tensor.name], acc_in, grid, frame_grid)
