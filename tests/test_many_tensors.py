@@ -22,6 +22,7 @@ import wdiff
 from tests.factories import save
 from tests.kinds import check_against_reference
 from wdiff import compute
+from wdiff.naming import network_order
 from wdiff.results import ACCUMULATED, POOLED, ROWS
 
 
@@ -181,7 +182,10 @@ def test_five_thousand_tensors_against_numpy(tmp_path):
     seq = make_run(tmp_path / "run", 5000)
     res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
     names = [name for name, _ in moe(5000)]
-    assert res.names == names  # network order: layers.10 after layers.9, the head last
+    assert res.names == network_order(names)  # layers.10 after layers.9 (the file has it first)
+    assert res.names.index("model.layers.10.input_layernorm.weight") > res.names.index(
+        "model.layers.9.post_attention_layernorm.weight"
+    )
     sample = names[:: len(names) // 60] + names[-3:]
     maps = res.accumulated_of(sample)
     for name in sample:
