@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
+import gc
 import json
 import math
 import os
@@ -150,6 +152,29 @@ def _log_value(value: Any) -> Any:
     return None
 
 
+def _collector_paused(fn: Callable) -> Callable:
+    """Run ``fn`` with Python's cyclic garbage collector paused (restored after, as it was).
+
+    A run holds a few objects per tensor (its refs, its summary entry, its scene placement); with
+    100,000 tensors that is millions, and every full collection walks all of them: measured, a third of
+    a 100k-tensor run (28 of 93 s) went to the collector and it grew faster than the tensor count.
+    What a run allocates is freed by reference counting; the little cyclic garbage waits for the
+    next collection after the run."""
+
+    @functools.wraps(fn)
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+
+    return paused
+
+
+@_collector_paused
 def run(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run,
     out: str | os.PathLike[str],

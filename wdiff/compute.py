@@ -166,6 +166,39 @@ def _chunks(tensor: AlignedTensor, chunk_elements: int) -> list[tuple[int, int]]
     return [(s, min(s + chunk_elements, n)) for s in range(0, n, chunk_elements)]
 
 
+BUNDLE_TENSORS = 256  # small tensors per bundle task (see build_graph)
+
+
+@dataclass(frozen=True)
+class BundleItem:
+    """One whole small tensor of a bundle task: its chunk task's arguments and its earlier entry.
+    (A dataclass, not a tuple: Dask would run a tuple that starts with a function as a task.)"""
+
+    task: Callable[..., ChunkStats]
+    args: tuple
+    entry: dict | None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What a bundle task returns: the combined results of its tensors, in order."""
+
+    results: tuple[TensorResult, ...]
+    nbytes: int  # checkpoint bytes read, as a chunk task's ChunkStats.nbytes
+
+
+def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
+    """Each tensor's one chunk task then its combine, exactly as their own tasks would run them (the
+    same calls on the same arguments: the same bits), without two Dask tasks per tensor."""
+    results, nbytes = [], 0
+    for item in items:
+        stats = item.task(*item.args)
+        nbytes += stats.nbytes
+        tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
+        results.append(combine(tensor, item.entry, grid, frame_grid, stats))
+    return Bundle(tuple(results), nbytes)
+
+
 def build_graph(
     run: Run,
     out_path: str,
@@ -174,15 +207,33 @@ def build_graph(
     previous: Previous | None = None,
     grids: dict[str, Grid] | None = None,
     frame_grids: dict[str, Grid] | None = None,
-) -> tuple[dict, list, list]:
-    """A plain Dask task graph: chunk tasks feeding one combine task per tensor.
+) -> tuple[dict, list, list, int]:
+    """A plain Dask task graph: chunk tasks feeding one combine task per tensor, and bundle tasks.
 
-    Returns (graph, chunk keys, tensor keys). Tasks carry only paths, offsets and sizes: with a
-    distributed scheduler the workers read the checkpoints and write the results themselves, so every
-    path must be the same on every worker (a shared filesystem).
+    A tensor of one chunk that follows another such tensor shares a bundle task with it (up to
+    BUNDLE_TENSORS tensors and ``chunk_elements`` elements per bundle): a mixture-of-experts model has
+    100,000 tensors of a few hundred elements, and two Dask tasks each cost more than their work.
+
+    Returns (graph, work keys: the chunk and bundle tasks that read, result keys: one combine task
+    per big tensor or one bundle per run of small ones, in tensor order; chunks). Tasks carry only
+    paths, offsets and sizes: with a distributed scheduler the workers read the checkpoints and
+    write the results themselves, so every path must be the same on every worker (a shared filesystem).
     """
     dsk: dict = {}
-    chunk_keys, tensor_keys = [], []
+    work_keys, result_keys = [], []
+    bundle: list[BundleItem] = []
+    bundle_elements = 0
+    chunks = 0
+
+    def close_bundle() -> None:
+        nonlocal bundle, bundle_elements
+        if bundle:
+            key = ("bundle", len(dsk))
+            dsk[key] = (run_bundle, tuple(bundle))
+            work_keys.append(key)
+            result_keys.append(key)
+        bundle, bundle_elements = [], 0
+
     for j, tensor in enumerate(run.tensors):
         task = TASKS[tensor.source]
         entry = None
@@ -191,13 +242,22 @@ def build_graph(
             refs = tensor.refs
             tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
             entry = previous.tensors[tensor.name]
-        keys = []
+            acc_in = (previous.accumulated, previous.offsets[tensor.name])
         grid = (grids or {}).get(tensor.name)
         frame_grid = (frame_grids or {}).get(tensor.name)
-        for start, stop in _chunks(tensor, chunk_elements):
+        spans = _chunks(tensor, chunk_elements)
+        chunks += len(spans)
+        if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
+            if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
+                close_bundle()
+            args = (tensor, *spans[0], out_path, layout.offsets[tensor.name], acc_in, grid, frame_grid)
+            bundle.append(BundleItem(task, args, entry))
+            bundle_elements += tensor.numel
+            continue
+        close_bundle()
+        keys = []
+        for start, stop in spans:
             key = ("chunk", j, start)
-            if previous is not None:
-                acc_in = (previous.accumulated, previous.offsets[tensor.name])
             dsk[key] = (
                 task,
                 tensor,
@@ -211,9 +271,10 @@ def build_graph(
             )
             keys.append(key)
         dsk[("tensor", j)] = (combine, tensor, entry, grid, frame_grid, *keys)
-        chunk_keys += keys
-        tensor_keys.append(("tensor", j))
-    return dsk, chunk_keys, tensor_keys
+        work_keys += keys
+        result_keys.append(("tensor", j))
+    close_bundle()
+    return dsk, work_keys, result_keys, chunks
 
 
 def bytes_to_read(run: Run, previous: Previous | None = None) -> int:
@@ -260,12 +321,12 @@ def compute(
     """
     if chunk_elements < 1:
         raise WdiffError(None, f"chunk size must be at least one element, got {chunk_elements}")
-    dsk, chunk_keys, tensor_keys = build_graph(
+    dsk, work_keys, result_keys, chunks = build_graph(
         run, out_path, layout, chunk_elements, previous, grids, frame_grids
     )
     read_bytes = 0
 
-    def done(result: ChunkStats) -> None:
+    def done(result: ChunkStats | Bundle) -> None:
         nonlocal read_bytes
         read_bytes += result.nbytes
         if progress is not None:
@@ -274,16 +335,17 @@ def compute(
     if scheduler in ("threads", "processes", "sync"):
         with _local_get(scheduler, workers) as get:  # imports dask, starts processes: not compute_seconds
             t0 = time.perf_counter()
-            values = _run_local(dsk, tensor_keys, get, done)
+            parts = _run_local(dsk, result_keys, get, done)
     else:  # includes starting the cluster or connecting to it
         t0 = time.perf_counter()
-        values = _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done)
+        parts = _run_distributed(dsk, work_keys, result_keys, scheduler, done)
     seconds = time.perf_counter() - t0
+    values = [v for part in parts for v in (part.results if isinstance(part, Bundle) else (part,))]
     tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
     cells = {t.name: (v.cells, v.nonfinite) for t, v in zip(run.tensors, values) if v.cells is not None}
     rows = {t.name: v.rows for t, v in zip(run.tensors, values) if v.rows is not None}
     frames = {t.name: v.frames for t, v in zip(run.tensors, values) if v.frames is not None}
-    return ComputeResult(tensors, read_bytes, seconds, len(chunk_keys), cells, rows, frames)
+    return ComputeResult(tensors, read_bytes, seconds, chunks, cells, rows, frames)
 
 
 @contextlib.contextmanager
@@ -361,14 +423,14 @@ def _run_local(dsk, keys, get, done):
     from dask.callbacks import Callback
 
     def posttask(key, result, dsk, state, worker_id):
-        if isinstance(result, ChunkStats):
+        if isinstance(result, (ChunkStats, Bundle)):
             done(result)
 
     with Callback(posttask=posttask):
         return get(dsk, keys)
 
 
-def _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done):
+def _run_distributed(dsk, work_keys, result_keys, scheduler, done):
     from contextlib import ExitStack
 
     try:
@@ -397,10 +459,10 @@ def _run_distributed(dsk, chunk_keys, tensor_keys, scheduler, done):
                 raise WdiffError(None, f"cannot reach the dask scheduler at {scheduler}: {e}") from None
         else:
             raise WdiffError(None, f"unknown scheduler {scheduler!r}: use {SCHEDULERS}")
-        futures = client.get(dsk, chunk_keys + tensor_keys, sync=False)
-        chunk_futures, tensor_futures = futures[: len(chunk_keys)], futures[len(chunk_keys) :]
-        for future in as_completed(chunk_futures):
+        keys = list(dict.fromkeys(work_keys + result_keys))  # a bundle is both
+        futures = dict(zip(keys, client.get(dsk, keys, sync=False)))
+        for future in as_completed([futures[k] for k in work_keys]):
             if future.status == "error":
                 future.result()  # raises the task's own error (a WdiffError names the file)
             done(future.result())
-        return client.gather(tensor_futures)
+        return client.gather([futures[k] for k in result_keys])

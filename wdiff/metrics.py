@@ -120,10 +120,24 @@ def row_change(res: Results, name: str) -> np.ndarray:
         return np.asarray(res.rows(name), dtype=np.float64)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the map
         pass
-    acc = np.asarray(res.accumulated(name), dtype=np.float64)
-    if acc.ndim == 0:
-        return acc.reshape(1)
-    return acc.reshape(acc.shape[0], -1).sum(axis=1)
+    return _sum_rows(res.accumulated(name))
+
+
+def row_changes(res: Results, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``row_change`` of every tensor in ``names``, opening ``rows.safetensors`` (or the map) once."""
+    stored = [n for n in names if math.prod(res.summary["tensors"][n]["shape"])]
+    try:
+        found = res.rows_of(stored)
+    except FileNotFoundError:  # results written before rows.safetensors existed: sum the maps
+        found = {n: _sum_rows(a) for n, a in res.accumulated_of(stored).items()}
+    return {
+        n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names
+    }
+
+
+def _sum_rows(acc: np.ndarray) -> np.ndarray:
+    acc = np.asarray(acc, dtype=np.float64)
+    return acc.reshape(1) if acc.ndim == 0 else acc.reshape(acc.shape[0], -1).sum(axis=1)
 
 
 @dataclass
@@ -186,7 +200,7 @@ def analyse(res: Results) -> RunMetrics:
     steps = [c.get("step") for c in summary["checkpoints"]]
     log = log_join(summary.get("trainer_state"), spans)
     names = res.names
-    rows = {name: row_change(res, name) for name in names}
+    rows = row_changes(res, names)
     tensors, per_interval = [], []
     blocks: list[str] = []
     dw_sq: dict[str, np.ndarray] = {}

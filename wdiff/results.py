@@ -70,7 +70,64 @@ def _finite_or_none(value: Any) -> Any:
 
 def json_text(data: Any) -> str:
     """``data`` as the JSON wdiff writes: NaN and Infinity as null (strict readers need that)."""
-    return json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n"
+    try:
+        return _indented(data, "\n") + "\n"
+    except _Unusual:  # what the fast path does not know: the standard encoder (or its error)
+        return json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n"
+
+
+class _Unusual(Exception):
+    pass
+
+
+_NUMBERS = frozenset((int, float))
+_STR = frozenset((str,))
+
+
+def _indented(value: Any, newline: str) -> str:
+    """``json.dumps(_finite_or_none(value), indent=1)``, the same characters, for str keys and
+    str/int/float/bool/None/list/tuple/dict values (anything else raises _Unusual).
+
+    The standard encoder with ``indent`` is pure Python: a summary of 100,000 tensors (75 MB) took
+    3.5 s to encode and 0.9 s more to replace NaN first. Here a list of numbers is joined in one go."""
+    kind = type(value)
+    if kind is str:
+        return _string(value)
+    if kind is float:
+        return repr(value) if math.isfinite(value) else "null"
+    if kind is int:
+        return repr(value)
+    if kind is dict:
+        if not value:
+            return "{}"
+        if not _STR.issuperset(map(type, value)):
+            raise _Unusual
+        inner = newline + " "
+        items = [_string(k) + ": " + _indented(v, inner) for k, v in value.items()]
+        return "{" + inner + ("," + inner).join(items) + newline + "}"
+    if kind is list or kind is tuple:
+        if not value:
+            return "[]"
+        inner = newline + " "
+        if _NUMBERS.issuperset(map(type, value)):  # no bool, no subclass: repr is what json writes
+            text = ("," + inner).join(map(repr, value))
+            if "n" in text:  # nan or inf: null
+                text = ("," + inner).join([_indented(v, inner) for v in value])
+        else:
+            text = ("," + inner).join([_indented(v, inner) for v in value])
+        return "[" + inner + text + newline + "]"
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, float):  # numpy.float64 is one: json writes float.__repr__
+        return float.__repr__(value) if math.isfinite(value) else "null"
+    raise _Unusual  # int and str subclasses, dict and list subclasses, anything json may refuse
+
+
+_string = json.encoder.encode_basestring_ascii  # what json.dumps uses (ensure_ascii)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -103,6 +160,15 @@ class Results:
         (rows = first dimension: neurons, tokens, filters; a vector's rows are its elements)."""
         return _get(self.path / ROWS, name)
 
+    def rows_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """``rows`` of many tensors, reading ``rows.safetensors``'s header once: a run of 100,000
+        tensors would otherwise parse it 100,000 times (quadratic in the tensor count)."""
+        return _get_many(self.path / ROWS, names)
+
+    def accumulated_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """``accumulated`` of many tensors, one open of the file (see ``rows_of``)."""
+        return _get_many(self.path / ACCUMULATED, names)
+
     def frames(self, name: str) -> np.ndarray:
         """Each interval's change |W(t+1) - W(t)| of one tensor, pooled into the cells of its frame
         grid: float32 (intervals, cell rows, cell cols). Only when the run was made with frames."""
@@ -134,6 +200,16 @@ def _get(path: Path, name: str) -> np.ndarray:
         raise FileNotFoundError(f"{path}: not in these results")
     with safe_open(path, framework="numpy") as f:
         return f.get_tensor(name)
+
+
+def _get_many(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Tensors of one results file by name, one open and one header parse for all of them."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not in these results")
+    with safe_open(path, framework="numpy") as f:
+        return {name: f.get_tensor(name) for name in names}
 
 
 def write_rows(path: str | os.PathLike[str], rows: dict[str, np.ndarray]) -> None:

@@ -67,10 +67,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def csv_text(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    writer = csv.writer(buf, lineterminator="\n")  # what DictWriter writes, without a dict per row
+    writer.writerow(columns)
+    writer.writerows([("" if v is None else v) for v in map(row.get, columns)] for row in rows)
     return buf.getvalue()
 
 

@@ -22,6 +22,7 @@ keeps its true area. ``TensorPlacement.position`` maps any element to its place 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -166,12 +167,14 @@ def _slice_key(name: str) -> tuple[int, str]:
 def slices(names: Sequence[str]) -> list[tuple[int, int, int]]:
     """Runs of consecutive tensors that share a depth slice: [(role, first, end)]."""
     runs: list[tuple[int, int, int]] = []
+    last = None
     for k, name in enumerate(names):
-        key = _slice_key(name)
-        if runs and _slice_key(names[runs[-1][1]]) == key:
+        key = _slice_key(name)  # once per name: it runs regular expressions (100,000 names in a MoE)
+        if runs and last == key:
             runs[-1] = (runs[-1][0], runs[-1][1], k + 1)
         else:
             runs.append((key[0], k, k + 1))
+        last = key
     return runs
 
 
@@ -338,6 +341,7 @@ def _assemble(
         step = max(DEPTH_RATIO * widest_slice, min(SPACING * typical * slots[-1], MAX_DEPTH * widest_slice))
         step /= slots[-1]
 
+    centres = functools.cache(_centres)  # tensors of one shape share their cell centres (read-only)
     n = sum(g.size for g in cell_grids)
     xyz = np.empty((n, 3), dtype=np.float32)
     value = np.empty(n, dtype=np.float32)
@@ -369,13 +373,13 @@ def _assemble(
             grid = (int(cells.shape[0]), int(cells.shape[1])) if count else (0, 0)
             if count:
                 stop = start + count
-                row = _centres(info.rows, block[0])
+                row = centres(info.rows, block[0])
                 panel = np.minimum(row // panel_rows, panels - 1)
-                x = origin[0] + _centres(info.cols, block[1])
-                gx, gy = np.meshgrid(x, origin[1] - (row - panel * panel_rows))
-                xyz[start:stop, 0] = (gx + (panel * pitch)[:, None]).ravel()
-                xyz[start:stop, 1] = gy.ravel()  # row-major cells: y varies slowest
-                xyz[start:stop, 2] = z
+                x = origin[0] + centres(info.cols, block[1])
+                cells_xyz = xyz[start:stop].reshape(grid[0], grid[1], 3)  # row-major: y varies slowest
+                cells_xyz[:, :, 0] = x[None, :] + (panel * pitch)[:, None]
+                cells_xyz[:, :, 1] = (origin[1] - (row - panel * panel_rows))[:, None]
+                cells_xyz[:, :, 2] = z
                 value[start:stop] = cells.ravel()
                 tensor_index[start:stop] = k
             placements.append(
