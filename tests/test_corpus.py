@@ -67,15 +67,6 @@ def tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def earlier_results(tmp_path_factory) -> Path:
-    """Results of an earlier, good run: copied into OUT before every case, checked after it."""
-    root = tmp_path_factory.mktemp("earlier")
-    run = trainer_run(root / "run", random_sequence(SHAPES, 3, seed=9), steps=[1, 2, 3])
-    api.run(run, root / "out", render=False, max_points=64)
-    return root / "out"
-
-
 def _good(tmp: Path, name: str = "good.safetensors", seed: int = 1) -> Path:
     return save(tmp / name, random_sequence(SHAPES, 1, seed=seed)[0])
 

@@ -40,15 +40,6 @@ ROOT = Path(__file__).parent.parent
 PROCESS_SECONDS = 60  # a real process that has not answered by then is hanging
 
 
-@pytest.fixture(scope="module")
-def earlier_results(tmp_path_factory) -> Path:
-    """Results of an earlier, good run: copied into OUT before every case, checked after it."""
-    root = tmp_path_factory.mktemp("earlier")
-    run = trainer_run(root / "run", random_sequence(SHAPES, 3, seed=9), steps=[1, 2, 3])
-    api.run(run, root / "out", render=False, max_points=64)
-    return root / "out"
-
-
 def _hf(tmp: Path, count: int = 3, shards: int = 1, seed: int = 0) -> Path:
     steps = list(range(10, 10 * count + 1, 10))
     return trainer_run(tmp / "run", random_sequence(SHAPES, count, seed=seed), steps=steps, shards=shards)
@@ -225,7 +216,7 @@ def test_an_unchanged_run_computes_and_fingerprint_is_the_scanned_identity(tmp_p
     seq = random_sequence(SHAPES, 3)
     scanned = scan(trainer_run(tmp_path / "run", seq, [1, 2, 3]))
     c = scanned.checkpoints[0]
-    (path, identity), = c.files.items()
+    ((path, identity),) = c.files.items()
     st = os.stat(path)
     assert (identity.device, identity.inode, identity.size, identity.mtime_ns) == (
         st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # fmt: skip
