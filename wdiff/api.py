@@ -26,9 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from wdiff import __version__, _warm, checks
+from wdiff.detail import earlier_frames, finish_frames, frame_budget_for, plan_grids, write_cells
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out
 from wdiff.results import (
@@ -38,7 +37,6 @@ from wdiff.results import (
     ROWS,
     SUMMARY,
     Results,
-    write_frames,
     write_json,
     write_rows,
 )
@@ -102,22 +100,6 @@ def _previous(
         return None, "full"
     previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
-
-
-def _previous_frames(out: Path, known: int, grids: dict[str, Any], pool: str) -> dict[str, np.ndarray] | None:
-    """The frames of earlier results when they cover its ``known - 1`` intervals on these grids,
-    pooled the same way."""
-    try:
-        old = Results(out, {})
-        info = old.frame_info()
-        frames = {name: old.frames(name) for name in grids}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None
-    same = all(
-        f.shape == (known - 1, *grid.shape) and tuple(info["blocks"].get(name, ())) == grid.block
-        for (name, grid), f in zip(grids.items(), frames.values())
-    )
-    return frames if same and info["pool"] == pool else None
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -243,15 +225,15 @@ def run(
             _previous(out, the_run, fingerprints, chunk_elements) if incremental else (None, "full")
         )
         intervals = len(the_run.checkpoints) - 1
-        frame_plan = (
-            _cell_plan(the_run, frame_budget_for(frame_points, intervals, len(the_run.tensors)))
+        shapes = [(t.name, t.shape) for t in the_run.tensors]
+        frame_grids = (  # pooled like the scene (max or mean), for the film
+            _cell_grids(shapes, frame_budget_for(frame_points, intervals, len(shapes)), scene.pool)
             if frames
             else {}
         )
-        frame_grids = _grids(frame_plan, scene.pool)  # pooled like the scene (max or mean), for the film
         old_frames = None
         if frames and previous is not None:
-            old_frames = _previous_frames(out, previous.known, frame_grids, scene.pool)
+            old_frames = earlier_frames(out / FRAMES, previous.known, frame_grids, scene.pool)
             if old_frames is None:  # earlier results without these frames: recompute them all
                 previous, update = None, "full"
         if extend_only and previous is None:
@@ -261,7 +243,7 @@ def run(
         tmp = staging.folder
         layout = layout_accumulated((t.name, t.shape) for t in the_run.tensors)
         acc_path = tmp / ACCUMULATED
-        plan = _cell_plan(the_run, scene.max_points)
+        grids = _cell_grids(shapes, scene.max_points, scene.pool)
         if update == "up to date":  # nothing new to read: keep the results, redo the scene
             _link_or_copy(out / ACCUMULATED, acc_path)
             _link_or_copy(out / ROWS, tmp / ROWS)
@@ -288,24 +270,14 @@ def run(
                 workers=workers,
                 progress=advance,
                 previous=previous,
-                grids=_grids(plan, scene.pool),
+                grids=grids,
                 frame_grids=frame_grids,
             )
-            from wdiff.scene import save_cells
-            from wdiff.scene.pooling import cell_counts
-
             t_write = time.perf_counter()
-            save_cells(tmp / POOLED, plan, result.cells, scene.pool)
+            write_cells(tmp / POOLED, grids, result.cells, scene.pool)
             write_rows(tmp / ROWS, result.rows)
             if frames:
-                done = {}
-                for n, f in result.frames.items():  # "mean" frames hold sums until here
-                    g = frame_grids[n]
-                    done[n] = f / cell_counts(g.rows, g.cols, g.block) if g.mean else f
-                if old_frames is not None:
-                    done = {n: np.concatenate([old_frames[n], f]) for n, f in done.items()}
-                blocks = {n: g.block for n, g in frame_grids.items()}
-                write_frames(tmp / FRAMES, done, blocks, scene.pool)
+                finish_frames(tmp / FRAMES, result.frames, frame_grids, scene.pool, old_frames)
             # compute_seconds: from the first read to the last result written
             written = result.compute_seconds + time.perf_counter() - t_write
             result = dataclasses.replace(result, compute_seconds=written)
@@ -353,32 +325,10 @@ def run(
     return Results.load(out)
 
 
-FRAME_VALUES = 20_000_000  # all frames of a run together: 160 MB of float64 cells while they are combined
-
-
-def frame_budget_for(frame_points: int, intervals: int, tensors: int) -> int:
-    """Points per frame: ``frame_points``, halved as often as needed to keep every frame of the run
-    within FRAME_VALUES (a run of 1,000 checkpoints would otherwise hold 200 million cells). Halving
-    in steps keeps the frames' grid unchanged while a watched run grows, until its length doubles."""
-    budget = frame_points
-    while budget > tensors and budget * max(intervals, 1) > FRAME_VALUES:
-        budget //= 2
-    return max(budget, tensors)
-
-
-def _grids(plan: dict, pool: str) -> dict:
-    """The compute step's Grid for each tensor of a scene's cell plan."""
-    from wdiff.compute import Grid
-
-    return {name: Grid(rows, cols, block, mean=pool == "mean") for name, (rows, cols, block) in plan.items()}
-
-
-def _cell_plan(run: Run, max_points: int) -> dict:
-    """The scene's pooling for this budget, so compute can pool on the way (see ``scene.cell_plan``)."""
-    from wdiff.scene import cell_plan
-
+def _cell_grids(shapes: list, max_points: int, pool: str) -> dict:
+    """``wdiff.detail.plan_grids``, a budget too small for the tensors named as ``max_points``."""
     try:
-        return cell_plan([(t.name, t.shape) for t in run.tensors], max_points)
+        return plan_grids(shapes, max_points, pool)
     except ValueError as e:  # the budget cannot give every tensor a point
         raise checks.OptionError("max_points", f"{max_points}: {e}") from None
 
