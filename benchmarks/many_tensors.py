@@ -40,15 +40,16 @@ PHASES = (
     ("wdiff.api", "fingerprint", "scan"),
     ("wdiff.compute", "compute", "compute"),
     ("wdiff.api", "write_rows", "results write"),
-    ("wdiff.scene", "save_cells", "results write"),
-    ("wdiff.api", "write_frames", "results write"),
+    ("wdiff.api", "write_cells", "results write"),
+    ("wdiff.api", "finish_frames", "results write"),
     ("wdiff.api", "write_json", "summary"),
-    ("wdiff.api", "_scene", "scene"),
+    ("wdiff.api", "draw", "scene"),
     ("wdiff.report.build", "analyse", "metrics"),
     ("wdiff.report.build", "find", "findings"),
     ("wdiff.report", "write_report", "report"),  # minus metrics and findings, below
     ("wdiff._warm", "wait", "kernels"),  # waiting for the kernel thread (Numba) before compute
-    ("wdiff.api", "_cell_plan", "plan"),  # the scene's pooling plan
+    ("wdiff.api", "cell_grids", "plan"),  # the scene's pooling plan (wdiff.detail)
+    ("wdiff.update", "plan_update", "plan"),
     ("wdiff.api", "layout_accumulated", "plan"),
 )
 PHASE_ORDER = ("start", "scan", "plan", "kernels", "compute", "results write", "summary", "scene", "metrics",

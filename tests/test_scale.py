@@ -135,7 +135,7 @@ def test_incremental_run_extends_rows_and_frames_like_a_full_run(tmp_path):
 
 
 def test_frame_budget_bounds_the_frames_of_long_runs():
-    from wdiff.api import FRAME_VALUES, frame_budget_for
+    from wdiff.detail import FRAME_VALUES, frame_budget_for
 
     assert frame_budget_for(200_000, 7, 50) == 200_000  # a usual run keeps the budget asked for
     assert frame_budget_for(200_000, 100, 50) == 200_000  # 20 million cells: still within

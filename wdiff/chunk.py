@@ -1,6 +1,6 @@
 """What one chunk task works with, whatever the source of its tensor's bytes: the buffers it folds its
-results into (``ChunkBuffers``), the partial sums it returns (``ChunkStats``) and the scene's pooling
-grid it folds the accumulated map into on the way (``Grid``).
+results into (``ChunkBuffers``), the partial sums it returns (``ChunkStats``) and the pooling grid
+it folds the accumulated map into on the way (``wdiff.detail.Grid``).
 
 The chunk tasks themselves are one per source kind (``TensorRef.source``): ``wdiff.stream`` for byte
 ranges, ``wdiff.blocks`` for pieces and computed LoRA products; ``wdiff.compute`` picks one per tensor.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wdiff import kernels
+from wdiff.detail import Grid
 from wdiff.sequence import AlignedTensor
 
 FRAME_LINES_BYTES = 64 << 20  # per task, for the line buffers of the frames (one per interval)
@@ -38,38 +39,6 @@ class ChunkStats:
     row0: int = 0
     frames: np.ndarray | None = None  # (intervals, cell rows, cell cols): each interval's |dW| pooled
     frame_row0: int = 0
-
-
-@dataclass(frozen=True)
-class Grid:
-    """How the scene pools one tensor: its grid (rows x cols elements) into cells of ``block``.
-
-    Computed by the caller (``wdiff.api`` asks the scene); compute folds every finished value of the
-    accumulated map into these cells on the way, so the scene need not read the results again.
-    """
-
-    rows: int
-    cols: int
-    block: tuple[int, int]
-    mean: bool = False  # sums (the caller divides) instead of maxima
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (-(-self.rows // self.block[0]), -(-self.cols // self.block[1]))
-
-    def empty(self, *shape: int) -> np.ndarray:
-        """Cells before anything is folded in (the reduction's identity); by default all of them,
-        or ``shape`` = (cell rows,) or (frames, cell rows) of them."""
-        lead = shape[:-1] + (shape[-1], self.shape[1]) if shape else self.shape
-        return np.full(lead, 0.0 if self.mean else -np.inf)
-
-    def cell_rows(self, start: int, stop: int) -> tuple[int, int]:
-        """The cell rows elements [start, stop) of the flattened grid fall in (first, count)."""
-        row0 = start // self.cols // self.block[0]
-        return row0, (stop - 1) // self.cols // self.block[0] - row0 + 1
-
-    def dims(self) -> np.ndarray:
-        return np.array([self.rows, self.cols, *self.block], np.int64)
 
 
 @dataclass

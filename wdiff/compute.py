@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from wdiff import blocks, stream
-from wdiff.chunk import ChunkStats, Grid, row_cols
+from wdiff.chunk import ChunkStats, row_cols
+from wdiff.detail import Grid
 from wdiff.errors import WdiffError
 from wdiff.results import OutputLayout
 from wdiff.sequence import AlignedTensor, Run

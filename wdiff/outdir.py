@@ -164,6 +164,15 @@ def _remove_file(path: Path) -> None:
             path.unlink()
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Carry an unchanged results file into the new folder: a hard link (no copy of a map that can be
+    tens of GB; the old folder is removed afterwards), or a copy where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def move(source: Path, dest: Path) -> None:
     """Rename a file, or copy it where the rename would cross a mount (EXDEV)."""
     try:

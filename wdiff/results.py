@@ -17,7 +17,7 @@ import numpy as np
 ACCUMULATED = "accumulated.safetensors"
 SUMMARY = "summary.json"
 POINTS = "points.ply"
-POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.scene.cell_plan)
+POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.detail)
 RENDER = "render.png"
 ROWS = "rows.safetensors"  # per tensor: the row sums of its accumulated map (float64, shape[0] rows)
 FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
@@ -176,11 +176,9 @@ class Results:
 
     def frame_info(self) -> dict[str, Any]:
         """How the frames were pooled: {"pool": "max" | "mean", "blocks": {name: [rows, cols]}}."""
-        from safetensors import safe_open
+        from wdiff.detail import frame_info
 
-        with safe_open(self.path / FRAMES, framework="numpy") as f:
-            meta = f.metadata() or {}
-        return {"pool": meta.get("pool"), "blocks": json.loads(meta.get("blocks", "{}"))}
+        return frame_info(self.path / FRAMES)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per tensor with the scalar metrics: easy to pass to ``pandas.DataFrame``."""
@@ -216,17 +214,3 @@ def write_rows(path: str | os.PathLike[str], rows: dict[str, np.ndarray]) -> Non
     from safetensors.numpy import save_file
 
     save_file({name: np.ascontiguousarray(r, np.float64) for name, r in rows.items()}, str(path))
-
-
-def write_frames(
-    path: str | os.PathLike[str], frames: dict[str, np.ndarray], blocks: dict[str, tuple[int, int]], pool: str
-) -> None:
-    """Frames (already divided into means for "mean" pooling) with how they were pooled."""
-    from safetensors.numpy import save_file
-
-    meta = {
-        "format": "wdiff-frames",
-        "pool": pool,
-        "blocks": json.dumps({n: list(blocks[n]) for n in frames}),
-    }
-    save_file({n: np.ascontiguousarray(f, np.float32) for n, f in frames.items()}, str(path), metadata=meta)

@@ -1,5 +1,7 @@
-"""The shape of ``summary.json``, and reading a results folder back for ``report``, ``compare`` and
-``view``: the one place that says what a summary must hold.
+"""The shape of ``summary.json``: the one place that builds it (``build_summary``, for ``wdiff.api``),
+says what it must hold (``check_summary``) and reads it back (``read_summary``: the incremental path
+and ``watch``; ``load_results``: ``report``, ``compare`` and ``view``). A summary is versioned by its
+``wdiff_version``: an incremental update extends only results of the same wdiff.
 
 ``load_results(OUT)`` accepts a folder only when it is wdiff's results (its marker, or results of a
 wdiff from before the marker: ``wdiff.marker``), reads only regular files directly inside it (a
@@ -11,15 +13,21 @@ reported and drawn without a ``KeyError`` or ``TypeError``.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from wdiff import __version__
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
 from wdiff.results import ACCUMULATED, ROWS, SUMMARY, Results
+
+if TYPE_CHECKING:
+    from wdiff.compute import ComputeResult
+    from wdiff.sequence import Run
 
 MAX_SUMMARY_BYTES = 1 << 30
 MAX_INT = 2**63
@@ -177,6 +185,86 @@ def check_summary(summary: Any) -> dict[str, Any]:
     return s
 
 
+def build_summary(
+    run: Run,
+    fingerprints: list[str],
+    result: ComputeResult,
+    *,
+    update: str,
+    chunk_elements: int,
+    scheduler: str,
+) -> dict[str, Any]:
+    """``summary.json`` of a run (without its "scene" and ``timing.total_seconds``, which the caller adds
+    once the pictures are drawn): the checkpoints as scanned, the metrics compute aggregated (tied
+    weights reported once, with every name), what was left out and why, the timing, the update kind."""
+    for name, others in run.aliases.items():  # tied weights: reported once, with every name
+        if name in result.tensors:
+            result.tensors[name]["aliases"] = others
+    summary: dict[str, Any] = {
+        "wdiff_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": run.source,
+        "checkpoints": [
+            {"path": c.path, "step": c.step, "tensors": len(c.tensors), "fingerprint": f}
+            | ({"state_key": c.state_key} if c.state_key is not None else {})
+            for c, f in zip(run.checkpoints, fingerprints)
+        ],
+        "tensors": result.tensors,
+        "skipped": [{"name": s.name, "reason": s.reason} for s in run.skipped],
+        "left_out": [{"path": s.name, "reason": s.reason} for s in run.left_out],
+        "warnings": [{"path": s.name, "reason": s.reason} for s in run.warnings],
+        "timing": {
+            "read_bytes": result.read_bytes,
+            "compute_seconds": result.compute_seconds,
+            "chunks": result.chunks,
+            "chunk_elements": chunk_elements,
+            "scheduler": scheduler,
+        },
+        "update": update,
+        "trainer_state": trainer_summary(run.trainer_state),
+    }
+    if run.matching is not None:  # ONNX: which initializers were matched by name, which by position
+        summary["matching"] = run.matching
+    return summary
+
+
+def trainer_summary(state: dict | None) -> dict | None:
+    """What summary.json keeps of ``trainer_state.json``: the run's length and its training log."""
+    if state is None:
+        return None
+    keep = ("global_step", "max_steps", "epoch", "num_train_epochs", "save_steps", "logging_steps")
+    out: dict[str, Any] = {k: state[k] for k in keep if k in state}
+    history = state.get("log_history")
+    entries = [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+    out["log_history"] = [{k: log_value(v) for k, v in e.items()} for e in entries]
+    return out
+
+
+def log_value(value: Any) -> Any:
+    """A training-log value as summary.json keeps it: text and flags as they are, numbers that are
+    not finite or too big for a float as null (the trainer writes bare NaN), anything else as null."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**63 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """``summary.json`` at ``path``, checked (``check_summary``); a ``WdiffError`` line naming the file
+    and the field when it cannot be read or is not what wdiff writes."""
+    try:
+        return check_summary(json.loads(read_small(path, MAX_SUMMARY_BYTES)))
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    except RecursionError:
+        raise WdiffError(path, "not wdiff's summary: nested too deep") from None
+    except ValueError as e:  # not JSON (UnicodeDecodeError and JSONDecodeError included), or not its shape
+        raise WdiffError(path, f"not wdiff's summary: {e}") from None
+
+
 def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
     """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
     per-row sums, in ``rows.safetensors`` (F64, one value per row)."""
@@ -225,13 +313,6 @@ def load_results(out: str | os.PathLike[str]) -> Results:
     path = regular_file(folder, SUMMARY)
     if path is None:
         raise WdiffError(folder / SUMMARY, "missing, or not a regular file (a symlink is never followed)")
-    try:
-        summary = check_summary(json.loads(read_small(path, MAX_SUMMARY_BYTES)))
-    except OSError as e:
-        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
-    except RecursionError:
-        raise WdiffError(path, "not wdiff's summary: nested too deep") from None
-    except ValueError as e:  # not JSON (UnicodeDecodeError and JSONDecodeError included), or not its shape
-        raise WdiffError(path, f"not wdiff's summary: {e}") from None
+    summary = read_summary(path)
     _check_maps(folder, summary)
     return Results(folder, summary)

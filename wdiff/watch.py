@@ -23,7 +23,6 @@ interrupts is dropped and OUT keeps the results of the last finished one.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from wdiff import api, checks
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
-from wdiff.outdir import move, sibling
+from wdiff.outdir import link_or_copy, move, sibling
 from wdiff.results import SUMMARY, Results
 from wdiff.scan import expects_state, fingerprint, listing, read_one, trainer_state
+from wdiff.schema import read_summary
 from wdiff.sequence import Checkpoint, Run
 
 KEPT_FIRST = "watch-first.safetensors"
@@ -97,10 +97,9 @@ class Watcher:
         if not ((self.out / KEPT_FIRST).is_file() and (self.out / KEPT_LAST).is_file()):
             return None
         try:
-            history = json.loads((self.out / SUMMARY).read_text()).get("checkpoints")
-        except (OSError, ValueError):
+            return read_summary(self.out / SUMMARY)["checkpoints"]  # at least two: wdiff.schema checks
+        except WdiffError:  # not results this watch can extend: it starts over
             return None
-        return history if isinstance(history, list) and len(history) >= 2 else None
 
     def last_step(self) -> int | None:
         history = self._history()
@@ -231,7 +230,7 @@ class Watcher:
         run = self._assemble([*known, checkpoint])
 
         def keep(folder: Path) -> None:
-            api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
+            link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
             move(self._staged, folder / KEPT_LAST)
 
         return self._run(run, keep, extend_only=True, incremental=True)

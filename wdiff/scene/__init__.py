@@ -2,8 +2,9 @@
 film of the training, the HTML viewer.
 
 Reads only the results files the compute step wrote (``accumulated.safetensors``, and the cells it
-pooled on the way), never a checkpoint. ``wdiff.scene.outputs.write_outputs`` does what a run needs,
-as ``SceneOptions`` asks; the pieces, for a notebook::
+pooled on the way as ``wdiff.detail`` planned them), never a checkpoint.
+``wdiff.scene.outputs.write_outputs`` does what a run needs, as ``SceneOptions`` asks; the pieces, for a
+notebook::
 
     scene = build_scene(out / "accumulated.safetensors", names)   # the one pass over the file
     colors = colorize_scene(scene, "log", "global")               # rgb + the scale used
@@ -25,12 +26,12 @@ import numpy as np
 
 from wdiff.naming import network_order
 from wdiff.scene import color
-from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile, TensorInfo, write_pooled
+from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile
 from wdiff.scene.color import Colors, ColorScale, Scale, colorize
 from wdiff.scene.layout import Scene, TensorPlacement, layout
 from wdiff.scene.options import VIEWS, SceneOptions
 from wdiff.scene.ply import vertex_records, write_ply
-from wdiff.scene.pooling import Pool, block_shape, cell_counts, pool_factor
+from wdiff.scene.pooling import Pool
 
 __all__ = [
     "POOLED",
@@ -39,8 +40,6 @@ __all__ = [
     "Scene",
     "TensorPlacement",
     "build_scene",
-    "cell_plan",
-    "save_cells",
     "colorize",
     "colorize_scene",
     "SceneOptions",
@@ -69,35 +68,6 @@ def build_scene(
     with AccumulatedFile(accumulated_path, chunk_elements=chunk_elements) as source:
         order = network_order(source.names()) if names is None else list(names)
         return layout(source, order, max_points=max_points, pool=pool)
-
-
-def cell_plan(
-    shapes: Sequence[tuple[str, Sequence[int]]], max_points: int = 1_000_000
-) -> dict[str, tuple[int, int, tuple[int, int]]]:
-    """How ``build_scene`` will pool each tensor for this budget: {name: (rows, cols, block)}.
-
-    Lets the compute step pool the accumulated map on its way to disk (``save_cells``), so the
-    scene does not read the whole results file again. Zero-size tensors are left out.
-    """
-    infos = [TensorInfo(name, tuple(shape)) for name, shape in shapes]
-    factor = pool_factor(((t.rows, t.cols) for t in infos if t.size > 0), max_points)
-    return {t.name: (t.rows, t.cols, block_shape(t.rows, factor)) for t in infos if t.size > 0}
-
-
-def save_cells(
-    path: str | os.PathLike[str],
-    plan: dict[str, tuple[int, int, tuple[int, int]]],
-    cells: dict[str, tuple[np.ndarray, int]],
-    pool: Pool = "max",
-) -> None:
-    """Write cells pooled elsewhere (maxima, or sums for "mean") as ``pooled.safetensors``."""
-    finished = {}
-    for name, (raw, nonfinite) in cells.items():
-        rows, cols, block = plan[name]
-        if pool == "mean":
-            raw = raw / cell_counts(rows, cols, block)
-        finished[name] = (raw, block, nonfinite)
-    write_pooled(path, finished, pool)
 
 
 def colorize_scene(scene: Scene, scale: Scale = "log", normalize: str = "global") -> Colors:

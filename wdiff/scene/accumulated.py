@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from wdiff.detail import Grid, grid_dims, read_pooled, to_means
 from wdiff.errors import WdiffError
 from wdiff.results import POOLED
 
@@ -30,44 +31,6 @@ REMAP_BYTES = 1 << 26
 
 # Float dtypes safe_open returns as numpy arrays; the compute step writes F32 only.
 _FLOAT_DTYPES = {"F16", "F32", "F64"}
-
-
-def write_pooled(
-    path: str | os.PathLike[str],
-    cells: dict[str, tuple[np.ndarray, tuple[int, int], int]],
-    pool: str,
-) -> None:
-    """Write the scene's cells computed during the compute pass: ``{name: (cells, block, nonfinite)}``.
-
-    float32 cells per tensor; the metadata records each tensor's block, the pool kind and the
-    non-finite counts, so a reader uses them only for exactly that pooling.
-    """
-    import json
-
-    from safetensors.numpy import save_file
-
-    meta = {
-        "pool": pool,
-        "blocks": json.dumps({n: list(b) for n, (_, b, _) in cells.items()}),
-        "nonfinite": json.dumps({n: k for n, (_, _, k) in cells.items()}),
-    }
-    save_file({n: np.ascontiguousarray(c, np.float32) for n, (c, _, _) in cells.items()}, str(path), meta)
-
-
-def read_pooled(path: str) -> dict[str, tuple[np.ndarray, tuple[int, int], str, int]]:
-    """Cells from ``write_pooled``: {name: (cells, block, pool, nonfinite)}; {} when absent or unusable."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
-            blocks = json.loads(meta["blocks"])
-            nonfinite = json.loads(meta["nonfinite"])
-            return {n: (f.get_tensor(n), tuple(blocks[n]), meta["pool"], int(nonfinite[n])) for n in f.keys()}
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError):
-        return {}
 
 
 @dataclass(frozen=True)
@@ -83,13 +46,11 @@ class TensorInfo:
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if len(self.shape) >= 2 else 1
+        return grid_dims(self.shape)[0]
 
     @property
     def cols(self) -> int:
-        if len(self.shape) >= 2:
-            return math.prod(self.shape[1:])
-        return self.shape[0] if self.shape else 1
+        return grid_dims(self.shape)[1]
 
     @property
     def size(self) -> int:
@@ -241,10 +202,7 @@ class AccumulatedFile:
             os.close(fd)
         if bad < 0:
             raise WdiffError(self.path, f"reading tensor {name!r} failed: the file shrank")
-        if pool == "mean":
-            from wdiff.scene.pooling import cell_counts
-
-            cells /= cell_counts(rows, cols, block)
+        cells = to_means(Grid(rows, cols, block, mean=pool == "mean"), cells)
         return cells.astype(np.float32), int(bad)
 
     def _precomputed(self, name: str, block: tuple[int, int], pool: str) -> tuple[np.ndarray, int] | None:

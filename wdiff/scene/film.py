@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from wdiff._files import atomic_write
+from wdiff.detail import read_frames
 from wdiff.scene import color
 from wdiff.scene.accumulated import TensorInfo
 from wdiff.scene.layout import Scene, _assemble
@@ -27,20 +28,6 @@ MP4 = "frames.mp4"
 SECONDS_PER_FRAME = 0.8
 #: Values sampled per frame to place the bottom of the log scale (the top is the exact maximum).
 SAMPLE = 20_000
-
-
-def read_frames(path: str | os.PathLike[str], names: Sequence[str]) -> tuple[dict[str, np.ndarray], str, int]:
-    """({name: (intervals, rows, cols)}, pool kind, pooling factor) from ``frames.safetensors``."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        blocks = json.loads(meta.get("blocks", "{}"))
-        arrays = {n: f.get_tensor(n) for n in names if n in f.keys()}
-    factor = max((int(b[1]) for b in blocks.values()), default=1)
-    return arrays, meta.get("pool", "max"), factor
 
 
 def interval_scenes(frames: dict[str, np.ndarray], scene: Scene, pool: str, factor: int) -> list[Scene]:

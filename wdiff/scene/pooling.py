@@ -13,57 +13,24 @@ never averaged away.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
-
 import numpy as np
 
-Pool = Literal["max", "mean"]
-POOLS: tuple[str, ...] = ("max", "mean")
+from wdiff.detail import (  # the level of detail is planned there; re-exported for the scene
+    POOLS,
+    Grid,
+    Pool,
+    block_shape,
+    ceil_div,
+    cell_count,
+    cell_counts,
+    pool_factor,
+    to_means,
+)
 
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def cell_count(rows: int, cols: int, factor: int) -> int:
-    """Cells of a rows x cols grid pooled by ``factor`` (a one-row grid pools 1 x factor)."""
-    if rows == 0 or cols == 0:
-        return 0
-    return ceil_div(rows, factor) * ceil_div(cols, factor)
-
-
-def block_shape(rows: int, factor: int) -> tuple[int, int]:
-    """Elements per pooled cell: s x s, or 1 x s for a one-row grid (1-D tensors, scalars)."""
-    return (1 if rows == 1 else factor, factor)
-
-
-def pool_factor(grids: Iterable[tuple[int, int]], max_points: int, step: int = 1) -> int:
-    """The smallest multiple of ``step`` whose total cell count over all grids fits ``max_points``.
-
-    Raises ValueError when even one cell per non-empty grid does not fit.
-    """
-    nonempty = [(r, c) for r, c in grids if r > 0 and c > 0]
-    if max_points < len(nonempty):
-        raise ValueError(
-            f"max_points={max_points} is smaller than the number of non-empty tensors "
-            f"({len(nonempty)}): every tensor needs at least one point"
-        )
-    if not nonempty:
-        return step
-
-    def total(k: int) -> int:
-        return sum(cell_count(r, c, k * step) for r, c in nonempty)
-
-    # total() never grows with k, and at hi every grid is a single cell (which fits, checked above).
-    lo, hi = 1, ceil_div(max(max(r, c) for r, c in nonempty), step)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if total(mid) <= max_points:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo * step
+__all__ = [
+    "POOLS", "GridPooler", "Pool", "block_shape", "ceil_div", "cell_count", "cell_counts", "coarsen",
+    "pool_factor",
+]  # fmt: skip
 
 
 def _reduce_cells(
@@ -128,18 +95,7 @@ class GridPooler:
         """The pooled cells, float32, shape (ceil(rows / br), ceil(cols / bc))."""
         if self.pool == "max":
             return self._acc.copy()
-        return (self._acc / cell_counts(self.rows, self.cols, self.block)).astype(np.float32)
-
-
-def _cell_sizes(length: int, size: int) -> np.ndarray:
-    """Elements in each cell along one axis (the last cell may be short)."""
-    edges = np.minimum(np.arange(0, length + size, size, dtype=np.int64), length)
-    return np.diff(edges)[: ceil_div(length, size)]
-
-
-def cell_counts(rows: int, cols: int, block: tuple[int, int]) -> np.ndarray:
-    """Elements in each cell of a rows x cols grid pooled by ``block``: what turns sums into means."""
-    return np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1]))
+        return to_means(Grid(self.rows, self.cols, self.block, mean=True), self._acc).astype(np.float32)
 
 
 def coarsen(
@@ -164,7 +120,7 @@ def coarsen(
     cs = np.arange(0, cells.shape[1], kc)
     if pool == "max":
         return np.maximum.reduceat(np.maximum.reduceat(cells, rs, axis=0), cs, axis=1)
-    weight = np.outer(_cell_sizes(rows, block[0]), _cell_sizes(cols, block[1])).astype(np.float64)
+    weight = cell_counts(rows, cols, block).astype(np.float64)
     total = np.add.reduceat(np.add.reduceat(cells * weight, rs, axis=0), cs, axis=1)
     count = np.add.reduceat(np.add.reduceat(weight, rs, axis=0), cs, axis=1)
     return (total / count).astype(np.float32)

@@ -1,0 +1,118 @@
+"""What a run will do to OUT, decided before anything is read: ``plan_update``.
+
+A full computation, an extension of earlier results (the accumulated map is a sum, so K checkpoints'
+results extend to K + n exactly), or nothing new ("up to date": only the pictures are drawn again).
+Earlier results are read through ``wdiff.schema``; anything that does not fit means a full recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wdiff import __version__, checks
+from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
+from wdiff.errors import WdiffError
+from wdiff.results import ACCUMULATED, FRAMES, ROWS, SUMMARY
+from wdiff.schema import read_summary
+from wdiff.sequence import Run
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from wdiff.compute import Previous
+    from wdiff.scene.options import SceneOptions
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One update of OUT: the run, what of it OUT already holds, and the film's grids."""
+
+    run: Run
+    fingerprints: list[str]
+    chunk_elements: int
+    previous: Previous | None  # earlier results this update extends (None: a full computation)
+    update: str  # "full", "incremental from K" or "up to date"
+    frame_grids: dict[str, Grid]  # {} without frames
+    old_frames: dict[str, np.ndarray] | None  # the earlier frames an incremental update extends
+
+
+def plan_update(
+    out: Path,
+    run: Run,
+    fingerprints: list[str],
+    chunk_elements: int,
+    scene: SceneOptions,
+    *,
+    incremental: bool,
+    extend_only: bool,
+) -> Plan:
+    """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``)."""
+    previous, update = (
+        previous_results(out, run, fingerprints, chunk_elements) if incremental else (None, "full")
+    )
+    shapes = [(t.name, t.shape) for t in run.tensors]
+    budget = frame_budget_for(scene.frame_points, len(run.checkpoints) - 1, len(shapes))
+    frame_grids = cell_grids(shapes, budget, scene.pool) if scene.frames else {}  # pooled like the scene
+    old_frames = None
+    if scene.frames and previous is not None:
+        old_frames = earlier_frames(out / FRAMES, previous.known, frame_grids, scene.pool)
+        if old_frames is None:  # earlier results without these frames: recompute them all
+            previous, update = None, "full"
+    if extend_only and previous is None:
+        raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
+    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames)
+
+
+def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool: str) -> dict[str, Grid]:
+    """``wdiff.detail.plan_grids``, a budget too small for the tensors named as the ``max_points``
+    parameter it comes from."""
+    try:
+        return plan_grids(shapes, max_points, pool)
+    except ValueError as e:  # the budget cannot give every tensor a point
+        raise checks.OptionError("max_points", f"{max_points}: {e}") from None
+
+
+def previous_results(
+    out: Path, run: Run, fingerprints: list[str], chunk_elements: int
+) -> tuple[Previous | None, str]:
+    """Earlier results in ``out`` that this run extends, and what kind of update this is.
+
+    Extending is exact (the same bits as a full run) when the earlier run saw the same first K
+    checkpoints, unchanged, computed the same tensors with the same chunking and the same wdiff.
+    Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
+    (``wdiff.schema.read_summary``) included, means a full recompute.
+    """
+    from wdiff.compute import Previous
+    from wdiff.readers.safetensors import read_header
+
+    try:
+        old = read_summary(out / SUMMARY)
+        refs, _ = read_header(out / ACCUMULATED)
+    except (OSError, ValueError, WdiffError):
+        return None, "full"
+    seen = old["checkpoints"]
+    known = len(seen)
+    same_start = known <= len(run.checkpoints) and all(
+        o.get("path") == c.path and o.get("step") == c.step and o.get("fingerprint") == f
+        for o, c, f in zip(seen, run.checkpoints, fingerprints)
+    )
+    tensors: dict[str, Any] = old["tensors"]
+    same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
+        tensors[t.name]["shape"] == list(t.shape)
+        and t.name in refs
+        and refs[t.name].dtype == "F32"
+        and refs[t.name].shape == t.shape
+        for t in run.tensors
+    )
+    same_setup = (
+        old.get("wdiff_version") == __version__
+        and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
+        and (out / ROWS).is_file()
+        and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
+    )
+    if not (same_start and same_tensors and same_setup):
+        return None, "full"
+    previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
+    return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
