@@ -660,7 +660,31 @@ def test_bad_scene_options_exit_2_before_any_work(tmp_path, args, needle):
 
 
 def test_options_validate_in_python_too():
-    with pytest.raises(WdiffError, match="--views names a view twice"):
+    with pytest.raises(WdiffError, match="^views names a view twice"):
         SceneOptions(views=("top", "top"))
-    with pytest.raises(WdiffError, match="--html-points"):
+    with pytest.raises(WdiffError, match="^html_points must be at least 1"):
         SceneOptions(html_points=0)
+
+
+@pytest.mark.parametrize(
+    "options, parameter, args, flag",
+    [
+        ({"pool": "median"}, "pool", ["--pool", "median"], "--pool"),
+        ({"color_scale": "sqrt"}, "color_scale", ["--color-scale", "sqrt"], "--color-scale"),
+        ({"views": ("top", "top")}, "views", ["--views", "top,top"], "--views"),
+        ({"size": (100, 100)}, "size", ["--size", "100x100"], "--size"),
+    ],
+)
+def test_a_scene_option_error_names_the_parameter_the_cli_the_flag(tmp_path, options, parameter, args, flag):
+    """The library speaks a notebook's words (``color_scale``), the CLI its own (``--color-scale``),
+    for the same mistake and the same rest of the line."""
+    from wdiff.checks import OptionError
+
+    with pytest.raises(OptionError) as caught:
+        SceneOptions(**options)
+    assert caught.value.parameter == parameter
+    assert str(caught.value) == f"{parameter} {caught.value.detail}"
+    assert "--" not in str(caught.value)
+    p = _wdiff("run", str(SAMPLES / "digits-gpt2"), "-o", str(tmp_path / "o"), *args)
+    assert p.returncode == 2
+    assert p.stderr == f"wdiff: error: {flag} {caught.value.detail}\n"

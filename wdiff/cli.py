@@ -6,10 +6,9 @@ Progress goes to stderr (rich), results to files, a one-line summary to stdout. 
 ``terminal.visible`` on a console that reads no markup: literally, one line, no terminal control.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: typer reads the annotations at run time anyway, and
+# evaluated ones keep each command's options the very alias objects of ``wdiff.cli_options``.
 import contextlib
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Annotated
 import typer
 
 from wdiff import checks
+from wdiff import cli_options as opt
 from wdiff.errors import WdiffError
 from wdiff.terminal import visible
 
@@ -141,69 +141,23 @@ def _api_options(
 
 @app.command("run")
 def run_command(
-    inputs: Annotated[
-        list[Path],
-        typer.Argument(
-            help="An HF Trainer output dir (checkpoint-N/ folders), a folder of numbered "
-            "checkpoints, or checkpoint files/folders in training order.",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the results.")],
-    max_points: Annotated[
-        int, typer.Option("--max-points", help="Point budget of the whole 3D scene.")
-    ] = 1_000_000,
-    no_render: Annotated[
-        bool,
-        typer.Option(
-            "--no-render",
-            help="No pictures: no render.png, no report charts (`wdiff report OUT` draws them).",
-        ),
-    ] = False,
-    chunk_mb: Annotated[
-        float,
-        typer.Option(
-            "--chunk-mb",
-            help="Work per Dask task, in MB of float32 output (memory per task stays a few hundred KB).",
-        ),
-    ] = 16.0,
-    scheduler: Annotated[
-        str,
-        typer.Option(
-            "--scheduler",
-            help="Dask scheduler: threads, processes, sync, local:N (a LocalCluster of N worker "
-            "processes) or the address of a dask.distributed scheduler (tcp://host:8786).",
-        ),
-    ] = "threads",
-    workers: Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")] = None,
-    full: Annotated[
-        bool,
-        typer.Option("--full", help="Recompute everything, even when OUT holds results to extend."),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings.")] = False,
-    pool: Annotated[str, typer.Option("--pool", help="What a pooled cell shows: max or mean.")] = "max",
-    color_scale: Annotated[str, typer.Option("--color-scale", help="Colours: log or linear.")] = "log",
-    normalize: Annotated[
-        str, typer.Option("--normalize", help="One colour scale (global) or one per tensor (tensor).")
-    ] = "global",
-    size: Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")] = "1280x800",
-    views: Annotated[
-        str,
-        typer.Option(
-            "--views",
-            help="Comma-separated views: oblique, back, side, top, front; the first "
-            "is render.png, the others render-<view>.png.",
-        ),
-    ] = "oblique",
-    mesh: Annotated[
-        bool, typer.Option("--mesh", help="Also write mesh.ply (height-field surfaces).")
-    ] = False,
-    frames: Annotated[
-        bool, typer.Option("--frames", help="Also write frames.gif (+ frames.mp4): one frame per interval.")
-    ] = False,
-    html_points: Annotated[
-        int, typer.Option("--html-points", help="Point budget of scene.html (0: no scene.html).")
-    ] = 200_000,
+    inputs: opt.Inputs,
+    out: opt.Out,
+    max_points: opt.MaxPoints = 1_000_000,
+    no_render: opt.NoRender = False,
+    chunk_mb: opt.ChunkMb = 16.0,
+    scheduler: opt.Scheduler = "threads",
+    workers: opt.Workers = None,
+    full: opt.Full = False,
+    quiet: opt.Quiet = False,
+    pool: opt.Pool = "max",
+    color_scale: opt.ColorScale = "log",
+    normalize: opt.Normalize = "global",
+    size: opt.Size = "1280x800",
+    views: opt.Views = "oblique",
+    mesh: opt.Mesh = False,
+    frames: opt.Frames = False,
+    html_points: opt.HtmlPoints = 200_000,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -303,8 +257,8 @@ def _print_findings(err, out: Path) -> None:
 
 @app.command("report")
 def report_command(
-    out: Annotated[Path, typer.Argument(help="A wdiff results folder (the -o of `wdiff run`).")],
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No findings table.")] = False,
+    out: opt.ResultsFolder,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Rebuild findings.json, metrics.csv, tensors.csv and report.html from results, without recomputing."""
 
@@ -331,70 +285,62 @@ def compare_command(
     typer.echo(visible(f"{result.path}: {len(result.tensors)} tensors compared, {span}"))
 
 
-def watch_command(**options: object) -> None:
+@app.command("watch")
+def watch_command(
+    folder: opt.Folder,
+    out: opt.Out,
+    max_points: opt.MaxPoints = 1_000_000,
+    no_render: opt.NoRender = False,
+    chunk_mb: opt.ChunkMb = 16.0,
+    scheduler: opt.Scheduler = "threads",
+    workers: opt.Workers = None,
+    full: opt.Full = False,
+    quiet: opt.Quiet = False,
+    pool: opt.Pool = "max",
+    color_scale: opt.ColorScale = "log",
+    normalize: opt.Normalize = "global",
+    size: opt.Size = "1280x800",
+    views: opt.Views = "oblique",
+    mesh: opt.Mesh = False,
+    frames: opt.Frames = False,
+    html_points: opt.HtmlPoints = 200_000,
+    poll: opt.Poll = 10.0,
+) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
+    from wdiff.results import Results
     from wdiff.watch import watch
 
-    folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
-    err = _console(bool(options.pop("quiet")))
-    api_options = _api_options(**options)  # type: ignore[arg-type]
+    err = _console(quiet)
+    options = _api_options(
+        max_points, no_render, chunk_mb, scheduler, workers, full,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points,
+    )  # fmt: skip
 
-    def on_update(res: object) -> None:
-        summary = res.summary  # type: ignore[attr-defined]
-        steps = [c["step"] for c in summary["checkpoints"]]
-        err.print(visible(f"step {steps[-1]}: {len(steps)} checkpoints, {summary['update']}"))
+    def on_update(res: Results) -> None:
+        steps = [c["step"] for c in res.summary["checkpoints"]]
+        err.print(visible(f"step {steps[-1]}: {len(steps)} checkpoints, {res.summary['update']}"))
 
     def warn(line: str) -> None:
         _warn(err, line)
 
     err.print(visible(f"watching {folder} every {poll:g} s; Ctrl-C stops"))
     try:
-        watch(folder, out, poll=poll, on_update=on_update, warn=warn, **api_options)  # type: ignore[arg-type]
+        watch(folder, out, poll=poll, on_update=on_update, warn=warn, **options)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
-    if (Path(out) / "summary.json").is_file():  # type: ignore[arg-type]
-        from wdiff.results import Results
-
-        steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]  # type: ignore[arg-type]
+    if (out / "summary.json").is_file():
+        steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]
         covered = f"{len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
         typer.echo(visible(f"{out}: watch stopped; results cover {covered}"))
     else:
         typer.echo(visible(f"{out}: watch stopped before two checkpoints were complete; no results"))
 
 
-def _watch_signature() -> inspect.Signature:
-    """``run``'s options, the same objects (a new ``run`` option is a ``watch`` option too), with the
-    folder to follow instead of the inputs, and the poll interval."""
-    run = inspect.signature(run_command, eval_str=True)
-    folder = inspect.Parameter(
-        "folder",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[
-            Path, typer.Argument(help="The training output folder to follow (checkpoint-N/ folders).")
-        ],
-    )
-    poll = inspect.Parameter(
-        "poll",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=10.0,
-        annotation=Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")],
-    )
-    params = [p for name, p in run.parameters.items() if name != "inputs"]
-    return run.replace(parameters=[folder, *params, poll])
-
-
-watch_command.__signature__ = _watch_signature()  # type: ignore[attr-defined]
-watch_command.__annotations__ = {}
-app.command("watch")(watch_command)
-
-
 @app.command("view")
 def view_command(
-    out: Annotated[
-        Path, typer.Argument(help="A wdiff output folder (from `wdiff run`).", show_default=False)
-    ],
+    out: opt.ResultsFolder,
 ) -> None:
     """Open the 3D scene of OUT in a window (orbit, zoom, Ctrl+click a point for its weights).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from wdiff.errors import WdiffError
+from wdiff.checks import OptionError
 from wdiff.scene.color import SCALES, Scale
 from wdiff.scene.pooling import POOLS, Pool
 
@@ -68,37 +68,35 @@ class SceneOptions:
     frame_points: int = 200_000
 
     def __post_init__(self) -> None:
-        _choice("--pool", self.pool, POOLS)
-        _choice("--color-scale", self.color_scale, SCALES)
-        _choice("--normalize", self.normalize, NORMALIZE)
-        for flag, n in (
-            ("--max-points", self.max_points),
-            ("--html-points", self.html_points),
-            ("--frame-points", self.frame_points),
-        ):
+        # Errors name the parameter (a notebook's words); the CLI shows its flag (``--max-points``).
+        _choice("pool", self.pool, POOLS)
+        _choice("color_scale", self.color_scale, SCALES)
+        _choice("normalize", self.normalize, NORMALIZE)
+        for name in ("max_points", "html_points", "frame_points"):
+            n = getattr(self, name)
             if int(n) < 1:
-                raise WdiffError(None, f"{flag} must be at least 1, got {n}")
+                raise OptionError(name, f"must be at least 1, got {n}")
         width, height = self.size
         if width < 320 or height < 240 or width > 8192 or height > 8192:
-            raise WdiffError(None, f"--size {width}x{height}: width 320..8192 and height 240..8192 pixels")
+            raise OptionError("size", f"{width}x{height}: width 320..8192 and height 240..8192 pixels")
         if not self.views:
-            raise WdiffError(None, "--views needs at least one view")
+            raise OptionError("views", "needs at least one view")
         for view in self.views:
-            _choice("--views", view, tuple(VIEWS))
+            _choice("views", view, tuple(VIEWS))
         if len(set(self.views)) != len(self.views):
-            raise WdiffError(None, f"--views names a view twice: {','.join(self.views)}")
+            raise OptionError("views", f"names a view twice: {','.join(self.views)}")
 
 
-def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(parameter: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise WdiffError(None, f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        raise OptionError(parameter, f"must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``"1280x800"`` -> (1280, 800); a ``WdiffError`` for anything else."""
+    """``"1280x800"`` -> (1280, 800); an ``OptionError`` naming ``size`` for anything else."""
     width, sep, height = text.lower().partition("x")
     if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-        raise WdiffError(None, f"--size must look like 1280x800, got {text!r}")
+        raise OptionError("size", f"must look like 1280x800, got {text!r}")
     return int(width), int(height)
 
 

@@ -1,0 +1,111 @@
+"""The options of the ``wdiff`` commands, each defined once (as the HF ``hf`` CLI does).
+
+A command names its options with these aliases (``max_points: MaxPoints = 1_000_000``): ``wdiff run``
+and ``wdiff watch`` take the same picture and compute options, and ``wdiff report`` shares ``-q`` and
+the results folder with them. A new option of ``run`` is added here and to ``watch``'s signature;
+``tests/test_watch.py`` checks that the two stay alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = [
+    "ChunkMb",
+    "ColorScale",
+    "Folder",
+    "Frames",
+    "Full",
+    "HtmlPoints",
+    "Inputs",
+    "MaxPoints",
+    "Mesh",
+    "NoRender",
+    "Normalize",
+    "Out",
+    "Poll",
+    "Pool",
+    "Quiet",
+    "ResultsFolder",
+    "Scheduler",
+    "Size",
+    "Views",
+    "Workers",
+]
+
+# --- what a command reads and writes ------------------------------------------------------------
+
+Inputs = Annotated[
+    list[Path],
+    typer.Argument(
+        help="An HF Trainer output dir (checkpoint-N/ folders), a folder of numbered "
+        "checkpoints, or checkpoint files/folders in training order.",
+        show_default=False,
+    ),
+]
+Folder = Annotated[Path, typer.Argument(help="The training output folder to follow (checkpoint-N/ folders).")]
+Out = Annotated[Path, typer.Option("-o", "--out", help="Output folder for the results.")]
+ResultsFolder = Annotated[
+    Path, typer.Argument(help="A wdiff results folder (the -o of `wdiff run`).", show_default=False)
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress, warnings or findings table on stderr.")
+]
+
+# --- the pictures (wdiff.scene.SceneOptions) ----------------------------------------------------
+
+MaxPoints = Annotated[int, typer.Option("--max-points", help="Point budget of the whole 3D scene.")]
+NoRender = Annotated[
+    bool,
+    typer.Option(
+        "--no-render",
+        help="No pictures: no render.png, no report charts (`wdiff report OUT` draws them).",
+    ),
+]
+Pool = Annotated[str, typer.Option("--pool", help="What a pooled cell shows: max or mean.")]
+ColorScale = Annotated[str, typer.Option("--color-scale", help="Colours: log or linear.")]
+Normalize = Annotated[
+    str, typer.Option("--normalize", help="One colour scale (global) or one per tensor (tensor).")
+]
+Size = Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")]
+Views = Annotated[
+    str,
+    typer.Option(
+        "--views",
+        help="Comma-separated views: oblique, back, side, top, front; the first "
+        "is render.png, the others render-<view>.png.",
+    ),
+]
+Mesh = Annotated[bool, typer.Option("--mesh", help="Also write mesh.ply (height-field surfaces).")]
+Frames = Annotated[
+    bool, typer.Option("--frames", help="Also write frames.gif (+ frames.mp4): one frame per interval.")
+]
+HtmlPoints = Annotated[
+    int, typer.Option("--html-points", help="Point budget of scene.html (0: no scene.html).")
+]
+
+# --- the compute ---------------------------------------------------------------------------------
+
+ChunkMb = Annotated[
+    float,
+    typer.Option(
+        "--chunk-mb",
+        help="Work per Dask task, in MB of float32 output (memory per task stays a few hundred KB).",
+    ),
+]
+Scheduler = Annotated[
+    str,
+    typer.Option(
+        "--scheduler",
+        help="Dask scheduler: threads, processes, sync, local:N (a LocalCluster of N worker "
+        "processes) or the address of a dask.distributed scheduler (tcp://host:8786).",
+    ),
+]
+Workers = Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")]
+Full = Annotated[
+    bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
+]
+Poll = Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")]
