@@ -1,11 +1,13 @@
-"""Atomic file output: readers never see a half-written PLY or PNG."""
+"""Atomic file output (readers never see a half-written PLY or PNG), and carrying results files over."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 
@@ -31,3 +33,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Carry an unchanged results file into a new folder: a hard link (no copy of a map that can be
+    tens of GB; the old folder is removed afterwards), or a copy where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

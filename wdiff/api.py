@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wdiff import __version__, _warm, checks
+from wdiff.checkpoints import fingerprint, recheck, scan
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out
 from wdiff.results import (
@@ -42,7 +43,6 @@ from wdiff.results import (
     write_json,
     write_rows,
 )
-from wdiff.scan import fingerprint, recheck, scan
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ def run(
 
     ``inputs`` may be a scanned :class:`Run`. ``extend_only=True`` refuses to do anything but extend
     the results in ``out``, and ``keep(folder)`` adds files to the new results folder before it is
-    swapped in: ``wdiff.watch`` uses both (see ``wdiff/watch.py``).
+    swapped in: ``wdiff.watch`` uses both (see ``wdiff/watcher.py``).
 
     ``scene`` (a :class:`wdiff.scene.SceneOptions`) sets every choice about the 3D outputs: point
     budget, pooling, colours, picture size and views, ``mesh.ply``, the film and ``scene.html``; when

@@ -334,7 +334,7 @@ def compare_command(
 def watch_command(**options: object) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
-    from wdiff.watch import watch
+    from wdiff.watcher import watch
 
     folder, out, poll = options.pop("folder"), options.pop("out"), options.pop("poll")
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from wdiff import api, checks
+from wdiff._files import link_or_copy
 from wdiff.assemble import assemble
+from wdiff.checkpoints import expects_state, fingerprint, listing, read_one, trainer_state
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
 from wdiff.outdir import move, sibling
 from wdiff.results import SUMMARY, Results
-from wdiff.scan import expects_state, fingerprint, listing, read_one, trainer_state
 from wdiff.sequence import Checkpoint, Run
 
 KEPT_FIRST = "watch-first.safetensors"
@@ -231,7 +232,7 @@ class Watcher:
         run = self._assemble([*known, checkpoint])
 
         def keep(folder: Path) -> None:
-            api._link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
+            link_or_copy(self.out / KEPT_FIRST, folder / KEPT_FIRST)  # no copy of GBs
             move(self._staged, folder / KEPT_LAST)
 
         return self._run(run, keep, extend_only=True, incremental=True)
