@@ -7,7 +7,8 @@ folder where the paths the docs use stand for real samples (``WORKSPACE``), ever
 it. A block that cannot run says why in the Markdown, right before it: ``<!-- no-test: reason -->``;
 any other block that is neither fails ``test_every_block_runs_or_says_why_not``.
 
-The statements the docs make about the picture of ``digits-gpt2`` are checked against its results.
+What a ``$ wdiff ...`` transcript shows under a command must be printed by it (the read speed aside),
+and the statements the docs make about the picture of ``digits-gpt2`` are checked against its results.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class Block:
             return None
         return [shlex.split(line, comments=True) for line in lines]
 
+    def transcripts(self) -> list[list[str]]:
+        """For a ``$ wdiff ...`` block, the output shown under each command (``...`` lines and
+        ``# comments`` left out); empty lists for a block of bare commands."""
+        shown: list[list[str]] = []
+        for line in self.text.splitlines():
+            if line.startswith("$ "):
+                shown.append([])
+            elif shown and line.strip() and line.strip() != "...":
+                shown[-1].append(line.split("   #")[0].strip())
+        return shown or [[] for _ in self.commands() or []]
+
 
 def blocks(path: Path) -> list[Block]:
     text = path.read_text()
@@ -101,12 +113,29 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def _out_into(argv: list[str], out: Path) -> list[str]:
-    args = list(argv[1:])
+def _out_into(argv: list[str], out: Path) -> tuple[list[str], str | None]:
+    """The command with its ``-o`` pointing at ``out``, and the ``-o`` the docs gave."""
+    args, given = list(argv[1:]), None
     for i, a in enumerate(args):
         if a in ("-o", "--out") and i + 1 < len(args):
-            args[i + 1] = str(out)
-    return [sys.executable, "-m", "wdiff", *args]
+            given, args[i + 1] = args[i + 1], str(out)
+    return [sys.executable, "-m", "wdiff", *args], given
+
+
+SPEED = re.compile(r"read at [0-9.]+ [KMG]?B/s")  # the one number that changes from run to run
+
+
+def _missing(shown: list[str], printed: str) -> list[str]:
+    """The lines of a transcript whose words are not, in that order, on one printed line (a rich
+    table's rules and padding aside)."""
+    lines = [SPEED.sub("read at", re.sub(r"[│┃║|]", " ", line)).split() for line in printed.splitlines()]
+    missing = []
+    for line in shown:
+        words = SPEED.sub("read at", line).split()
+        n = len(words)
+        if not any(words == got[i : i + n] for got in lines for i in range(len(got) - n + 1)):
+            missing.append(line)
+    return missing
 
 
 def test_the_docs_have_blocks_to_run():
@@ -128,25 +157,36 @@ def test_the_parser_reads_commands_output_and_markers(tmp_path):
     )
     a, b, c = blocks(doc)
     assert a.commands() == [["wdiff", "run", "a", "-o", "out/x"]] and a.no_test is None
+    assert a.transcripts() == [["some output"]]
+    printed = "┃ some ┃ output ┃\nx 1.0 MB read at 9 MB/s"
+    assert _missing(["some output", "x 1.0 MB read at 3.0 MB/s"], printed) == []
+    assert _missing(["other output"], "some output") == ["other output"]
     assert b.no_test == "output" and b.commands() is None
     assert c.lang == "python" and c.no_test is None
 
 
 def test_every_wdiff_command_in_the_docs_runs(workspace):
     jobs = [
-        (f"{b.id} #{i}", _out_into(argv, workspace / "results" / f"{b.path.stem}-{b.line}-{i}"))
+        (f"{b.id} #{i}", workspace / "results" / f"{b.path.stem}-{b.line}-{i}", argv, shown)
         for b in SHELL
-        for i, argv in enumerate(b.commands() or [])
+        for i, (argv, shown) in enumerate(zip(b.commands() or [], b.transcripts()))
     ]
+    env = {**_env(), "COLUMNS": "200"}  # a table as wide as the docs show it
 
-    def run(job: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess]:
-        name, cmd = job
-        done = subprocess.run(cmd, cwd=workspace, env=_env(), capture_output=True, text=True, timeout=300)
-        return name, done
+    def run(job: tuple[str, Path, list[str], list[str]]) -> str | None:
+        name, out, argv, shown = job
+        cmd, given = _out_into(argv, out)
+        p = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+        if p.returncode:
+            return f"{name}: exit {p.returncode}: {p.stderr.strip()[-400:]}"
+        printed = p.stderr + p.stdout
+        if given is not None:
+            printed = printed.replace(str(out), given.rstrip("/"))
+        missing = _missing(shown, printed)
+        return f"{name}: not printed: {missing}\n{printed}" if missing else None
 
     with ThreadPoolExecutor(2) as pool:
-        done = list(pool.map(run, jobs))
-    failed = [f"{name}: exit {p.returncode}: {p.stderr.strip()[-400:]}" for name, p in done if p.returncode]
+        failed = [f for f in pool.map(run, jobs) if f]
     assert failed == []
 
 
