@@ -195,7 +195,7 @@ def _one(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) -> 
     return {"w": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
 
 
-# Every way FORMATS.md says a safetensors file is broken, as the bytes of one file.
+# Every way docs/formats.md says a safetensors file is broken, as the bytes of one file.
 MALFORMED = {
     "empty file": b"",
     "too short": b"\x08\0\0",

@@ -8,9 +8,9 @@ from factories import DTYPES, random_sequence, reference, save, trainer_run
 from safetensors.numpy import load_file
 
 from wdiff import kernels
+from wdiff.checkpoints import scan
 from wdiff.compute import compute
 from wdiff.results import create_accumulated, layout_accumulated
-from wdiff.scan import scan
 
 SHAPES = {
     "model.embed.weight": (61, 17),
@@ -131,7 +131,8 @@ def test_kernel_step_against_numpy_one_liner():
     lut = kernels.decode_table("F32")
     acc = np.full_like(a, 0.5)
     assert kernels.start(a, lut) == pytest.approx((np.sum(a.astype(np.float64) ** 2), 0), rel=1e-12)
-    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = kernels.step(f, a, b, lut, acc, False)
+    fold = kernels.fold_interval
+    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = fold(f, a, b, lut, acc, False)
     b64 = b.astype(np.float64)
     np.testing.assert_allclose(acc, 0.5 + np.abs(b - a), rtol=1e-6)
     np.testing.assert_allclose(diff_sum, np.sum(np.abs(b64 - a)), rtol=1e-6)
@@ -141,7 +142,7 @@ def test_kernel_step_against_numpy_one_liner():
     np.testing.assert_allclose(total, np.sum(acc.astype(np.float64)), rtol=1e-6)
     assert nonfinite == 0 and peak == acc.max()
     # fresh: acc is overwritten
-    *_, total, peak = kernels.step(f, a, b, lut, acc, True)
+    *_, total, peak = kernels.fold_interval(f, a, b, lut, acc, True)
     assert np.array_equal(acc, np.abs(b - a)) and peak == acc.max()
 
 
@@ -151,7 +152,8 @@ def test_kernel_step_decodes_bf16_blocks_like_ml_dtypes():
     rng = np.random.default_rng(1)
     f, a, b = (rng.standard_normal(777).astype(ml_dtypes.bfloat16) for _ in range(3))
     acc = np.zeros(777, np.float32)
-    sums = kernels.step(*(x.view(np.int16) for x in (f, a, b)), kernels.decode_table("BF16"), acc, True)
+    bits = (x.view(np.int16) for x in (f, a, b))
+    sums = kernels.fold_interval(*bits, kernels.decode_table("BF16"), acc, True)
     f32, a32, b32 = (x.astype(np.float64) for x in (f, a, b))
     assert np.array_equal(acc, np.abs(b.astype(np.float32) - a.astype(np.float32)))
     np.testing.assert_allclose(sums[3], np.sum((b32 - f32) ** 2), rtol=1e-6)
@@ -164,14 +166,15 @@ def test_kernel_sums_leave_nonfinite_terms_out():
     lut = kernels.decode_table("F32")
     acc = np.zeros_like(a)
     assert kernels.start(a, lut) == (14.0, 1)
-    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = kernels.step(a, a, b, lut, acc, False)
+    fold = kernels.fold_interval
+    diff_sum, diff_sumsq, sumsq, dist, nonfinite, total, peak = fold(a, a, b, lut, acc, False)
     assert diff_sum == 1.0 + 2.0 and diff_sumsq == 1.0 + 4.0  # NaN and -Inf differences left out
     assert sumsq == 4.0 + 25.0 + 1.0 and dist == 1.0 + 4.0 and nonfinite == 1
     assert np.isnan(acc[1]) and np.isinf(acc[3]) and acc[0] == 1.0 and acc[2] == 2.0
     assert np.isnan(total) and np.isnan(peak)  # the map holds a NaN: so do its sum and max
     c = np.array([4.0, 2.0, 5.0, 1.0], np.float32)
     acc = np.zeros(4, np.float32)
-    sums = kernels.step(c, c, np.array([4.0, 2.0, 5.0, np.inf], np.float32), lut, acc, True)
+    sums = kernels.fold_interval(c, c, np.array([4.0, 2.0, 5.0, np.inf], np.float32), lut, acc, True)
     assert np.isinf(sums[5]) and np.isinf(sums[6])  # Inf, not NaN: a real maximum
 
 

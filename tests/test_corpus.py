@@ -445,8 +445,8 @@ def test_filesystems_without_atomic_exchange_swap_in_two_renames(tmp_path, monke
 
 def test_a_checkpoint_deleted_after_the_scan_is_a_clean_error(tmp_path, earlier_results):
     """save_total_limit may delete a checkpoint between the scan and the compute."""
+    from wdiff.checkpoints import scan
     from wdiff.errors import WdiffError
-    from wdiff.scan import scan
 
     run = _hf(tmp_path)
     scanned = scan(run)

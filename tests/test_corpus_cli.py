@@ -36,7 +36,7 @@ import wdiff
 from wdiff import api, checks
 from wdiff.errors import WdiffError
 from wdiff.terminal import visible
-from wdiff.watch import watch  # not wdiff.watch: once the module is imported, that name is the module
+from wdiff.watcher import watch
 
 ROOT = Path(__file__).resolve().parents[1]  # cwd of every subprocess: this worktree's wdiff is imported
 
@@ -412,7 +412,7 @@ def _data_bytes(path: Path) -> int:
 @pytest.mark.parametrize("scheduler", ["threads", "processes", "sync", "local:2"])
 def test_read_bytes_are_the_checkpoints_bytes_on_every_scheduler(tmp_path, scheduler):
     """``--scheduler processes`` said ``read_bytes: 0`` ("0 B read at 0 B/s"): Dask's multiprocessing
-    scheduler fused each one-chunk tensor's task into its combine task, out of the callbacks' sight.
+    scheduler fused each one-chunk tensor's task into its aggregate task, out of the callbacks' sight.
     Tensors of one chunk and of several, a scalar, and an empty one; the progress adds up too."""
     shapes = {"big": (64, 40), "small": (5,), "scalar": (), "empty": (0, 3)}
     seq = random_sequence(shapes, 3, seed=6)

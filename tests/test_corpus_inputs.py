@@ -29,10 +29,10 @@ from kinds import adapter_checkpoint, onnx_model
 from test_corpus import tree_hash, wdiff_run
 
 from wdiff import api
+from wdiff.checkpoints import fingerprint, recheck, scan
 from wdiff.errors import WdiffError
 from wdiff.readers.base import CONFIG_LIMIT, STATE_LIMIT, InputFiles, PiecesRef, identity_of
 from wdiff.results import Results
-from wdiff.scan import fingerprint, recheck, scan
 
 SHAPES = {"layers.0.w": (4, 3), "layers.1.b": (3,)}
 PREFIX = "base_model.model."
@@ -236,8 +236,8 @@ def test_an_unchanged_run_computes_and_fingerprint_is_the_scanned_identity(tmp_p
 
 
 def test_watch_refuses_to_keep_a_checkpoint_replaced_after_it_was_read(tmp_path):
+    from wdiff.checkpoints import read_one
     from wdiff.kept import keep
-    from wdiff.scan import read_one
 
     run = _hf(tmp_path)
     live = read_one(10, run / "checkpoint-10")
@@ -356,7 +356,7 @@ def test_a_checkpoint_swapped_for_a_pipe_after_the_scan_is_refused_by_a_real_pro
         import os, sys
         from wdiff import api
         from wdiff.errors import WdiffError
-        from wdiff.scan import scan
+        from wdiff.checkpoints import scan
 
         scanned = scan({str(run)!r})
         def swap(_run=None):

@@ -125,7 +125,7 @@ def trainer_state_target(folder: Path) -> Target:
     """``trainer_state.json`` with a training log (bare NaN included, as json.dumps writes it), read
     as the scan reads it and joined to intervals as the report does: wrong types never crash."""
     from wdiff import metrics
-    from wdiff.scan import load_trainer_state
+    from wdiff.checkpoints import load_trainer_state
 
     log = [
         {"loss": 2.5, "grad_norm": float("nan"), "learning_rate": 1e-4, "epoch": 0.1, "step": 10},
@@ -153,7 +153,7 @@ def adapter_config_target(folder: Path) -> Target:
     from kinds import adapter_checkpoint
 
     from wdiff.assemble import assemble
-    from wdiff.scan import read_one
+    from wdiff.checkpoints import read_one
 
     rng = np.random.default_rng(0)
     tensors = {}
@@ -356,9 +356,9 @@ def identity_fuzz(examples: int) -> None:
     from factories import trainer_run
     from safetensors.numpy import load_file
 
+    from wdiff.checkpoints import recheck, scan
     from wdiff.compute import compute
     from wdiff.results import create_accumulated, layout_accumulated
-    from wdiff.scan import recheck, scan
 
     shapes = {"layers.0.w": (16, 9), "layers.0.b": (9,), "layers.1.w": (9, 5)}
     outcomes = {"accepted": 0, "refused": 0}

@@ -102,3 +102,79 @@ def test_wdiff_has_no_import_cycle():
 def test_no_two_modules_share_a_name():
     stems = [p.stem for p in ROOT.rglob("*.py") if p.name != "__init__.py"]
     assert sorted({s for s in stems if stems.count(s) > 1}) == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(name: str, package: str, source: str, known: set[str]) -> list[str]:
+    """Private names (``_x``) of other wdiff modules that module ``name`` (in ``package``) uses: imported
+    (``from wdiff.m import _x``) or reached through an imported module (``m._x``).
+
+    Private modules (``wdiff._files``, ``wdiff.scene._kernels``) are the package's own helpers and may be
+    imported inside wdiff; their public names are what they offer.
+    """
+    tree = ast.parse(source)
+    bound: set[str] = set()  # local names that stand for a wdiff module
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base not in known:
+                continue
+            for alias in node.names:
+                if f"{base}.{alias.name}" in known:
+                    bound.add(alias.asname or alias.name)
+                elif _private(alias.name):
+                    found.append(f"{base}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            bound |= {a.asname for a in node.names if a.asname and a.name in known}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id in bound and _private(node.attr):
+                found.append(f"{node.value.id}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_the_private_name_finder_sees_imports_and_attributes():
+    source = "from wdiff.readers import torch as t\nfrom ..metrics import _x, ok\nt._y(); t.z(); self._w\n"
+    found = private_imports("wdiff.readers.probe", "wdiff.readers", source, set(_modules()))
+    assert found == ["t._y", "wdiff.metrics._x"]
+
+
+def test_no_module_imports_a_private_name():
+    known = set(_modules())
+    found = {}
+    for name, path in _modules().items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        if got := private_imports(name, package, path.read_text(), known):
+            found[name] = got
+    assert found == {}
+
+
+def test_no_public_name_of_the_package_is_also_a_submodule():
+    """Importing ``wdiff.x`` binds the module to ``wdiff.x``: a lazy public ``wdiff.x`` of the same name
+    would then be the module (``wdiff.watch(...)``: "module object is not callable")."""
+    submodules = {p.stem if p.suffix == ".py" else p.name for p in ROOT.iterdir()}
+    assert sorted(set(wdiff.__all__) & submodules) == []
+
+
+def test_the_public_api_survives_importing_every_submodule():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, wdiff\n"
+        "for m in pkgutil.walk_packages(wdiff.__path__, 'wdiff.'):\n"
+        "    if m.name != 'wdiff.__main__':\n"
+        "        importlib.import_module(m.name)\n"
+        "import types\n"
+        "bad = [n for n in wdiff.__all__ if isinstance(getattr(wdiff, n), types.ModuleType)]\n"
+        "assert bad == [], bad\n"
+        "assert callable(wdiff.scan) and callable(wdiff.watch) and callable(wdiff.run)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent, timeout=120)

@@ -13,8 +13,8 @@ from kinds import check_against_reference
 from safetensors.numpy import load_file
 
 import wdiff
+from wdiff.checkpoints import scan
 from wdiff.errors import WdiffError
-from wdiff.scan import scan
 
 SAMPLES = Path(__file__).parent.parent / "sample_checkpoints"
 SHAPES = {"model.layers.0.w": (6, 5), "model.layers.1.w": (5,), "model.embed_tokens.weight": (9, 4)}

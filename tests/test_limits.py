@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from factories import safetensors_bytes, save, save_sharded
 
+from wdiff.checkpoints import scan
 from wdiff.errors import WdiffError
 from wdiff.readers import read_checkpoint
-from wdiff.scan import scan
 
 PETABYTE = 1 << 50
 

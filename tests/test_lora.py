@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import wdiff
-from wdiff.scan import scan
+from wdiff.checkpoints import scan
 
 SAMPLE = Path(__file__).parent.parent / "sample_checkpoints" / "digits-gpt2-lora"
 PREFIX = "base_model.model."

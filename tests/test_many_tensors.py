@@ -58,7 +58,7 @@ def make_run(folder: Path, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]
 
 class Counts:
     """What a run does that could be repeated per tensor: results files opened, JSON documents and
-    safetensors headers parsed, Dask tasks, combine calls, and every Python call (``sys.setprofile``)."""
+    safetensors headers parsed, Dask tasks, aggregate calls, and every Python call (``sys.setprofile``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: bool = False):
         import safetensors
@@ -74,7 +74,7 @@ class Counts:
         self.calls = 0
         self._profile = calls
         real_open, real_loads, real_header = safetensors.safe_open, json.loads, st_reader.read_header
-        real_graph, real_combine = compute.build_graph, compute.combine
+        real_graph, real_aggregate = compute.build_graph, compute.aggregate
 
         def safe_open(path, *a, **k):
             self.opens[Path(path).name] += 1
@@ -93,16 +93,16 @@ class Counts:
             self.tasks += len(graph[0])
             return graph
 
-        def combine(*a, **k):
+        def aggregate(*a, **k):
             self.combines += 1
-            return real_combine(*a, **k)
+            return real_aggregate(*a, **k)
 
         monkeypatch.setattr(safetensors, "safe_open", safe_open)
         monkeypatch.setattr(json, "loads", loads)
         monkeypatch.setattr(st_reader, "read_header", read_header)
         monkeypatch.setattr(wdiff.readers, "read_header", read_header)
         monkeypatch.setattr(compute, "build_graph", build_graph)
-        monkeypatch.setattr(compute, "combine", combine)
+        monkeypatch.setattr(compute, "aggregate", aggregate)
 
     def run(self, inputs: Path, out: Path) -> wdiff.Results:
         def count(frame, event, arg):
@@ -140,7 +140,7 @@ def test_results_files_are_opened_once_per_run_whatever_the_tensor_count(tmp_pat
 
 
 def test_small_tensors_share_dask_tasks(tmp_path, monkeypatch):
-    """One chunk task and one combine task per tensor cost more than their work (and Dask's own
+    """One chunk task and one aggregate task per tensor cost more than their work (and Dask's own
     bookkeeping grows faster than the graph): whole small tensors are bundled."""
     counts = counts_for(tmp_path, monkeypatch, 2 * compute.BUNDLE_TENSORS + 10)
     assert counts.tasks <= 3 + 2  # 3 bundles; the embedding and head bundle along, nothing left over

@@ -12,9 +12,9 @@ import pytest
 from kinds import check_against_reference, onnx_model
 
 import wdiff
+from wdiff.checkpoints import scan
 from wdiff.errors import WdiffError
 from wdiff.readers.onnx import _without_raw_data, read_onnx
-from wdiff.scan import scan
 
 SAMPLES = Path(__file__).parent.parent / "sample_checkpoints" / "digits-mlp-onnx"
 NP = {

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from factories import random_sequence, save, trainer_run
 
+from wdiff.checkpoints import scan
 from wdiff.errors import WdiffError
-from wdiff.scan import scan
 
 SHAPES = {"layers.0.w": (3, 2), "layers.1.w": (4,)}
 
@@ -136,7 +136,7 @@ def test_an_explicit_list_out_of_step_order_is_kept_with_a_warning(tmp_path):
 
 
 def test_a_named_step_wins_over_other_numbers():
-    from wdiff.scan import step_of
+    from wdiff.checkpoints import step_of
 
     assert step_of("epoch=2-step=150-v1.ckpt") == 150
     assert step_of("global_step300") == 300

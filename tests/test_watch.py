@@ -17,7 +17,7 @@ from live_writer import SHAPES
 from wdiff import api
 from wdiff.errors import WdiffError
 from wdiff.results import Results
-from wdiff.watch import KEPT_FIRST, KEPT_LAST, Watcher
+from wdiff.watcher import KEPT_FIRST, KEPT_LAST, Watcher
 
 OPTIONS = {"render": False, "max_points": 512, "chunk_elements": 1000}
 

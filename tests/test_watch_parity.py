@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from wdiff import api
+from wdiff.checkpoints import listing
 from wdiff.results import Results
-from wdiff.scan import listing
-from wdiff.watch import Watcher
+from wdiff.watcher import Watcher
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 TORCH_DATA = Path(__file__).resolve().parent / "data" / "torch"

@@ -20,21 +20,21 @@ __all__ = [
 _LAZY = {
     "run": "wdiff.api",
     "Results": "wdiff.results",
-    "Run": "wdiff.scan",
-    "scan": "wdiff.scan",
+    "Run": "wdiff.checkpoints",
+    "scan": "wdiff.checkpoints",
     "WdiffError": "wdiff.errors",
     "write_report": "wdiff.report",
     "compare": "wdiff.report",
-    "watch": "wdiff.watch",
+    "watch": "wdiff.watcher",
 }
 
 if TYPE_CHECKING:
     from wdiff.api import run
+    from wdiff.checkpoints import Run, scan
     from wdiff.errors import WdiffError
     from wdiff.report import compare, write_report
     from wdiff.results import Results
-    from wdiff.scan import Run, scan
-    from wdiff.watch import watch
+    from wdiff.watcher import watch
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Atomic file output: readers never see a half-written PLY or PNG."""
+"""Atomic file output (readers never see a half-written PLY or PNG), and carrying results files over."""
 
 from __future__ import annotations
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wdiff import _warm, checks
+from wdiff.checkpoints import fingerprint, recheck, scan
 from wdiff.detail import finish_frames, write_cells
 from wdiff.outdir import Staging, check_out, link_or_copy
 from wdiff.results import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, Results, write_json, write_rows
-from wdiff.scan import fingerprint, recheck, scan
 from wdiff.schema import build_summary
 from wdiff.sequence import Run
 from wdiff.update import Plan, cell_grids, plan_update

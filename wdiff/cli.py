@@ -309,7 +309,7 @@ def watch_command(
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
     from wdiff.results import Results
-    from wdiff.watch import watch
+    from wdiff.watcher import watch
 
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
     err = _console(quiet)

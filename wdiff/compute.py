@@ -41,7 +41,7 @@ TASKS: dict[str, Callable[..., ChunkStats]] = {
 
 @dataclass(frozen=True)
 class TensorResult:
-    """What one tensor's combine task returns: its summary entry and its pooled cells."""
+    """What one tensor's aggregate task returns: its summary entry and its pooled cells."""
 
     entry: dict
     cells: np.ndarray | None
@@ -71,7 +71,7 @@ def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, ma
     (np.maximum if maximum else np.add)(view, part, out=view)
 
 
-def combine(
+def aggregate(
     tensor: AlignedTensor,
     previous: dict | None,
     grid: Grid | None,
@@ -189,14 +189,14 @@ class Bundle:
 
 
 def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
-    """Each tensor's one chunk task then its combine, exactly as their own tasks would run them (the
+    """Each tensor's one chunk task then its aggregate, exactly as their own tasks would run them (the
     same calls on the same arguments: the same bits), without two Dask tasks per tensor."""
     results, nbytes = [], 0
     for item in items:
         stats = item.task(*item.args)
         nbytes += stats.nbytes
         tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
-        results.append(combine(tensor, item.entry, grid, frame_grid, stats))
+        results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
 
@@ -209,13 +209,13 @@ def build_graph(
     grids: dict[str, Grid] | None = None,
     frame_grids: dict[str, Grid] | None = None,
 ) -> tuple[dict, list, list, int]:
-    """A plain Dask task graph: chunk tasks feeding one combine task per tensor, and bundle tasks.
+    """A plain Dask task graph: chunk tasks feeding one aggregate task per tensor, and bundle tasks.
 
     A tensor of one chunk that follows another such tensor shares a bundle task with it (up to
     BUNDLE_TENSORS tensors and ``chunk_elements`` elements per bundle): a mixture-of-experts model has
     100,000 tensors of a few hundred elements, and two Dask tasks each cost more than their work.
 
-    Returns (graph, work keys: the chunk and bundle tasks that read, result keys: one combine task
+    Returns (graph, work keys: the chunk and bundle tasks that read, result keys: one aggregate task
     per big tensor or one bundle per run of small ones, in tensor order; chunks). Tasks carry only
     paths, offsets and sizes: with a distributed scheduler the workers read the checkpoints and
     write the results themselves, so every path must be the same on every worker (a shared filesystem).
@@ -271,7 +271,7 @@ def build_graph(
                 frame_grid,
             )
             keys.append(key)
-        dsk[("tensor", j)] = (combine, tensor, entry, grid, frame_grid, *keys)
+        dsk[("tensor", j)] = (aggregate, tensor, entry, grid, frame_grid, *keys)
         work_keys += keys
         result_keys.append(("tensor", j))
     close_bundle()
@@ -366,7 +366,7 @@ def _local_get(scheduler: str, workers: int | None) -> Iterator[Callable]:
         import dask.multiprocessing
 
         with _process_pool(workers or os.cpu_count() or 1) as pool:
-            # without fusing: fused, a one-chunk tensor's chunk task disappears into its combine task,
+            # without fusing: fused, a one-chunk tensor's chunk task disappears into its aggregate task,
             # whose result is all the callbacks see, so its bytes were never counted (read_bytes: 0)
             yield functools.partial(dask.multiprocessing.get, pool=pool, optimize_graph=False)
 

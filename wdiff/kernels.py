@@ -8,9 +8,9 @@ float32) keeps the read buffer and the ``first/prev/acc`` slices in the CPU cach
 that leaves the cache runs at a quarter of the speed (measured: about 8 GB/s into 64 KiB, 2 GB/s into
 256 KiB and more).
 
-``start``/``step`` are the per-sub-block building blocks: ``start`` decodes checkpoint 0, ``step`` adds
-one interval. Decoding is fused into the loop: F32/F64 are cast, BF16 is shifted into the top half of a
-float32, F16 and the FP8 kinds are looked up in a table of their float32 values.
+``start``/``fold_interval`` are the per-sub-block building blocks: ``start`` decodes checkpoint 0,
+``fold_interval`` adds one interval. Decoding is fused into the loop: F32/F64 are cast, BF16 is shifted
+into the top half of a float32, F16 and the FP8 kinds are looked up in a table of their float32 values.
 
 All kernels are ``nogil`` (Dask threads run them in parallel) and ``cache=True`` (a second run does not
 compile). ``fastmath`` is limited to reassociation and contraction so sums vectorise, while NaN and Inf
@@ -145,7 +145,7 @@ def _careful_norm(src, lut):
 
 
 @_kernel
-def step(first, old, new, lut, acc, fresh=False):
+def fold_interval(first, old, new, lut, acc, fresh=False):
     """One interval: ``acc += |W(t+1) - W(t)|`` with ``old = W(t)``, ``new = W(t+1)``, ``first = W(0)``.
 
     The three weight blocks are the checkpoints' own bytes (any dtype ``_decode`` knows, all the same
@@ -190,7 +190,7 @@ def step(first, old, new, lut, acc, fresh=False):
         peak = bits if bits > peak else peak
     nonfinite = 0
     if not (_finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dist_first)):
-        diff_sum, diff_sumsq, sumsq, dist_first, nonfinite = _careful_step_sums(first, old, new, lut)
+        diff_sum, diff_sumsq, sumsq, dist_first, nonfinite = _careful_interval_sums(first, old, new, lut)
     return (
         np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dist_first), nonfinite,
         np.float64(total), np.float64(_f32_from_bits(np.uint32(peak))),
@@ -198,7 +198,7 @@ def step(first, old, new, lut, acc, fresh=False):
 
 
 @_exact
-def _careful_step_sums(first, old, new, lut):
+def _careful_interval_sums(first, old, new, lut):
     diff_sum = 0.0
     diff_sumsq = 0.0
     sumsq = 0.0
@@ -223,7 +223,7 @@ def _careful_step_sums(first, old, new, lut):
 @_kernel
 def decode_into(src, lut, out):
     """out = the float32 values of ``src`` (a checkpoint's bytes; used when the dtype changes along a
-    run, so that every block handed to ``step`` has the same type)."""
+    run, so that every block handed to ``fold_interval`` has the same type)."""
     for i in range(out.size):
         out[i] = _decode(src, lut, i)
 
@@ -273,7 +273,7 @@ def _transfer(fd, address, nbytes, offset, write):
 
 
 @_kernel
-def _read_full(fd, raw, nbytes, offset):
+def read_full(fd, raw, nbytes, offset):
     """Read exactly ``nbytes`` at ``offset`` into the array ``raw``."""
     return _transfer(fd, raw.ctypes.data, nbytes, offset, False)
 
@@ -321,7 +321,7 @@ def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, 
         sumsq[t] += x
         nonfinite[t] += y
         return 0.0
-    a, b, c, d, e, total, peak = step(first, old, new, lut, acc, fresh)
+    a, b, c, d, e, total, peak = fold_interval(first, old, new, lut, acc, fresh)
     interval_sum[t - 1] += a
     interval_sumsq[t - 1] += b
     sumsq[t] += c
@@ -387,7 +387,7 @@ def add_row_sums(values, first, cols, rows, row0):
         r = (first + k) // cols
         seg = min(n - k, cols - (first + k - r * cols))  # this row's part of the piece
         piece = values[k : k + seg]  # indices from 0: no negative-index check, so the loop vectorises
-        total = np.float32(0.0)  # float32 partial sums (see ``step``); rows add up in float64
+        total = np.float32(0.0)  # float32 partial sums (see ``fold_interval``); rows add up in float64
         for q in range(piece.size):
             total += piece[q]
         rows[r - row0] += total
@@ -475,7 +475,7 @@ def stream_chunk(
 
     Each sub-block of a checkpoint is read (``pread``, no GIL) straight into one of the three
     ``weights`` buffers (``weight_buffers``: W(0), and two that take turns as W(t-1) and W(t)) and
-    ``step`` decodes them as it goes. When the dtype changes along the run, each block is read into
+    ``fold_interval`` decodes them as it goes. When the dtype changes along the run, each block is read into
     ``raw`` instead and decoded into its buffer as float32. ``acc_buf`` (``block`` float32 or more)
     holds the accumulated slice, written to ``out_fd`` at ``out_offset`` (``pwrite``).
 
@@ -507,17 +507,17 @@ def stream_chunk(
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         acc = acc_buf[:n]
-        if resume and not _read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
+        if resume and not read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
             return -(count + 2)
         clean = False
         for t in range(count):
             nbytes = n * itemsizes[t]
             where = offsets[t] + lo * itemsizes[t]
             if uniform:
-                if not _read_full(fds[t], weights[_slot(t)], nbytes, where):
+                if not read_full(fds[t], weights[_slot(t)], nbytes, where):
                     return -(t + 1)
             else:
-                if not _read_full(fds[t], raw, nbytes, where):
+                if not read_full(fds[t], raw, nbytes, where):
                     return -(t + 1)
                 out = weights[_slot(t), : n * 4].view(np.float32)
                 decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
@@ -660,7 +660,7 @@ def warm_up() -> None:
 
 _NO_LUT = np.empty(0, dtype=np.float32)
 
-# How the raw bytes of each dtype are viewed by ``start``/``step``. The view's numpy type selects the
+# How the raw bytes of each dtype are viewed by ``start``/``fold_interval``. The view's numpy type selects the
 # decoder at compile time: floats are cast, int16 means BF16 (decoded by a shift), uint16/uint8 are
 # looked up in ``decode_table`` (F16 and the FP8 kinds).
 RAW_VIEW = {
@@ -673,7 +673,7 @@ _CODES = {"F32": CODE_F32, "F64": CODE_F64, "BF16": CODE_BF16, "F16": CODE_TABLE
 
 
 def raw_view(code: str) -> np.dtype:
-    """The numpy dtype to view a chunk of ``code`` raw bytes as, for ``start``/``step``."""
+    """The numpy dtype to view a chunk of ``code`` raw bytes as, for ``start``/``fold_interval``."""
     return RAW_VIEW.get(code, np.dtype("u1"))
 
 

@@ -37,7 +37,7 @@ def group_of(name: str) -> str | None:
     return f"{head}.*{name[len(block) :]}" if head else f"*{name[len(block) :]}"
 
 
-def _div(a: float | None, b: float | None) -> float | None:
+def safe_ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or not (math.isfinite(a) and math.isfinite(b)):
         return None
     return a / b
@@ -179,9 +179,9 @@ def _tensor_entry(name: str, t: dict[str, Any], steps: Sequence[int | None], row
         "path_l2": path_l2,
         "net_l2": t["net_l2"],
         "relative_change": t["relative_change"],
-        "relative_path": _div(path_l2, mean_l2),
-        "straightness": _div(t["net_l2"], path_l2),
-        "mean_change": _div(t["accumulated_l1"], t["numel"]),
+        "relative_path": safe_ratio(path_l2, mean_l2),
+        "straightness": safe_ratio(t["net_l2"], path_l2),
+        "mean_change": safe_ratio(t["accumulated_l1"], t["numel"]),
         "rotation": rotation[-1] if rotation else None,
         "l2_start": l2[0] if l2 else None,
         "l2_end": l2[-1] if l2 else None,
@@ -236,9 +236,9 @@ def analyse(res: Results) -> RunMetrics:
                     "step_gap": span.gap,
                     "l1": dl1,
                     "l2": dl2,
-                    "l1_per_step": _div(dl1, span.gap),
-                    "l2_per_step": _div(dl2, span.gap),
-                    "update_ratio": _div(dl2, wl2),
+                    "l1_per_step": safe_ratio(dl1, span.gap),
+                    "l2_per_step": safe_ratio(dl2, span.gap),
+                    "update_ratio": safe_ratio(dl2, wl2),
                     "weight_l2": t["l2"][i + 1],
                     "rotation": rotation,
                     "nonfinite": t["nonfinite"][i + 1],

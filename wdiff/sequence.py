@@ -28,7 +28,7 @@ class Checkpoint:
     tied: bool = False  # config.json says tie_word_embeddings
     state_key: str | None = None  # where in a pickled checkpoint the weights were found
     skipped: tuple[Skipped, ...] = field(default=(), repr=False)  # tensors its reader could not read
-    # The identity of every file its tensors are read from, as scanned (``wdiff.scan.read_one``):
+    # The identity of every file its tensors are read from, as scanned (``wdiff.checkpoints.read_one``):
     # compute refuses to read a file that is no longer that one.
     files: dict[str, FileIdentity] = field(default_factory=dict, repr=False)
     # digest of the header of every safetensors file among them, as scanned (``scan.recheck``)

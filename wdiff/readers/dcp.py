@@ -319,8 +319,8 @@ def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
 
 
 # --- one item: a torch.save zip inside a .distcp file ---------------------------------------------
-# An item is read with readers.torch's own zip, data.pkl and tensor-view code (``_entries``,
-# ``_read_record``, ``_allowed``, ``_locate``), so the rules for a torch.save zip have one owner; only
+# An item is read with readers.torch's own zip, data.pkl and tensor-view code (``zip_entries``,
+# ``read_record``, ``allowed_globals``, ``locate``), so the rules for a torch.save zip have one owner; only
 # the window (an item is a zip inside a bigger file) and the cache of parsed data.pkl bytes are here.
 
 
@@ -403,40 +403,40 @@ def _chunk_ref(
         tail = window.read(_EOCD_SIZE)
         if len(tail) != _EOCD_SIZE or tail[:4] != b"PK\x05\x06" or tail[20:] != b"\0\0":
             raise WdiffError(file, "no end-of-archive record where the item's length ends")
-        folder, entries, archive = torch_file._entries(window, file, info.length)
+        folder, entries, archive = torch_file.zip_entries(window, file, info.length)
         if archive.infolist()[0].header_offset != 0:
             raise WdiffError(file, "the item's zip does not start at the item's offset")
         if "data.pkl" not in entries:
             raise WdiffError(file, f"item has no {folder}/data.pkl: not a torch.save")
         if "byteorder" in entries:
-            order = torch_file._read_record(window, file, archive, folder, entries["byteorder"], 16)
+            order = torch_file.read_record(window, file, archive, folder, entries["byteorder"], 16)
             if order != b"little":
                 raise WdiffError(
                     file, f"item's byteorder is {describe(order)}: wdiff reads little-endian data"
                 )
-        data = torch_file._read_record(window, file, archive, folder, entries["data.pkl"], MAX_DATA_PKL_BYTES)
+        data = torch_file.read_record(window, file, archive, folder, entries["data.pkl"], MAX_DATA_PKL_BYTES)
         if data not in parsed:
             # only what torch.save writes for one tensor; anything else is refused
-            allowed = torch_file._allowed(file)
+            allowed = torch_file.allowed_globals(file)
             parsed[data] = restricted_load(data, file, allowed, persistent_load=_storage_name)
         tensor = parsed[data]
-        if isinstance(tensor, torch_file._Unread):
+        if isinstance(tensor, torch_file.Unread):
             return Skipped(fqn, f"{tensor.reason}: not read")
-        if not isinstance(tensor, torch_file._Tensor) or not isinstance(tensor.storage, _StorageName):
+        if not isinstance(tensor, torch_file.RebuiltTensor) or not isinstance(tensor.storage, _StorageName):
             raise WdiffError(file, f"item holds {describe(tensor)}, not one tensor")
         name = tensor.storage
         entry = entries.get(f"data/{name.key}") if isinstance(name.key, str) else None
-        if not isinstance(name.kind, torch_file._StorageType) or type(name.numel) is not int or entry is None:
+        if not isinstance(name.kind, torch_file.StorageType) or type(name.numel) is not int or entry is None:
             raise WdiffError(
                 file, f"data.pkl names storage {describe(name.key)}, which the item does not hold"
             )
         if not entry.stored or name.numel * torch_file.TORCH_DTYPES[name.kind.dtype][1] != entry.size:
             raise WdiffError(file, f"storage {describe(name.key)} is not {name.numel} stored elements")
         # the entry's offset in the .distcp file, so the located range is one of that file
-        storage = torch_file._Storage(
+        storage = torch_file.Storage(
             name.key, name.kind.dtype, replace(entry, offset=info.offset + entry.offset)
         )
-        return torch_file._locate(fqn, replace(tensor, storage=storage), file)
+        return torch_file.locate(fqn, replace(tensor, storage=storage), file)
     except WdiffError as e:
         raise WdiffError(file, f"{where}: {e.problem}") from None
 

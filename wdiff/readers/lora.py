@@ -160,7 +160,7 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
 
 
 def _side_folder(path: str) -> Path:
-    """The folder of a checkpoint's side files (as ``wdiff.scan.side_folder``)."""
+    """The folder of a checkpoint's side files (as ``wdiff.checkpoints.side_folder``)."""
     return Path(path) if Path(path).is_dir() else Path(path).parent
 
 

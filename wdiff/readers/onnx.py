@@ -35,7 +35,7 @@ from pathlib import Path
 from wdiff.errors import WdiffError
 from wdiff.readers.base import DTYPES, TensorRef, open_input, open_regular
 
-# onnx TensorProto.DataType -> wdiff dtype code (FORMATS.md). Kinds with no entry (STRING,
+# onnx TensorProto.DataType -> wdiff dtype code (docs/formats.md). Kinds with no entry (STRING,
 # COMPLEX128, the 4-bit kinds, ...) are not listed as tensors.
 ONNX_DTYPES = {
     1: "F32", 2: "U8", 3: "I8", 4: "U16", 5: "I16", 6: "I32", 7: "I64", 9: "BOOL", 10: "F16",

@@ -3,7 +3,7 @@
 Exporters keep parameter names where they can (``head.weight``) and make names up where they create
 a tensor: the TorchScript exporter's constant folding replaces a Linear weight by a transposed copy
 named ``onnx::MatMul_<k>``, the dynamo exporter names it ``val_<k>``; ``k`` follows trace order and
-can shift between exports. So (FORMATS.md):
+can shift between exports. So (docs/formats.md):
 
 1. a name that is not made up and appears in every checkpoint is matched exactly;
 2. made-up names are matched by what the tensor is and where it sits: dtype, shape and its consumers

@@ -1,6 +1,6 @@
 """safetensors files and sharded safetensors folders, read from their headers.
 
-wdiff parses the header itself (FORMATS.md: ``safe_open`` cannot decode BF16/FP8 to numpy and copies
+wdiff parses the header itself (docs/formats.md: ``safe_open`` cannot decode BF16/FP8 to numpy and copies
 whole tensors) and enforces every rule the reference reader enforces, so a file wdiff accepts is one
 the safetensors library accepts, and a broken or half-written file is refused with a clear line.
 """

@@ -1,6 +1,6 @@
 """Tied weights: one stored tensor known under several names is computed and reported once.
 
-Two ways a checkpoint says a tensor is shared (FORMATS.md):
+Two ways a checkpoint says a tensor is shared (docs/formats.md):
 
 - several names locate the very same bytes (same file, offset, size, dtype and shape) in every
   checkpoint: ONNX initializers pointing at one external-data range, readers that resolve aliases;

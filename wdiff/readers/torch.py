@@ -180,14 +180,16 @@ def looks_like_legacy_torch(path: str | os.PathLike[str]) -> bool:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class ZipEntry:
+    """One entry of a torch.save zip archive, as ``zip_entries`` located it."""
+
     name: str  # inside the archive folder: "data.pkl", "data/0"
     offset: int  # absolute offset of the entry's first data byte
     size: int  # uncompressed size
     stored: bool  # ZIP_STORED (no compression, no encryption): a byte range of the file
 
 
-def _entries(f: BinaryIO, path: str, file_size: int) -> tuple[str, dict[str, _Entry], zipfile.ZipFile]:
+def zip_entries(f: BinaryIO, path: str, file_size: int) -> tuple[str, dict[str, ZipEntry], zipfile.ZipFile]:
     """The archive folder name and its entries, located from the central directory and each local
     header (torch pads the local header's extra field so that data starts 64-byte aligned)."""
     try:
@@ -204,7 +206,7 @@ def _entries(f: BinaryIO, path: str, file_size: int) -> tuple[str, dict[str, _En
         raise WdiffError(
             path, f"not a torch.save archive: first entry {_quote(infos[0].filename)} is in no folder"
         )
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, ZipEntry] = {}
     for info in infos:
         top, slash, name = info.filename.partition("/")
         if top != folder or not slash:
@@ -232,12 +234,12 @@ def _entries(f: BinaryIO, path: str, file_size: int) -> tuple[str, dict[str, _En
                 f"zip entry {_quote(info.filename)} runs past the end of the file (data at {start}, "
                 f"{info.compress_size} bytes, file {file_size} bytes): truncated?",
             )
-        entries[name] = _Entry(name, start, info.file_size, stored)
+        entries[name] = ZipEntry(name, start, info.file_size, stored)
     return folder, entries, archive
 
 
-def _read_record(
-    f: BinaryIO, path: str, archive: zipfile.ZipFile, folder: str, entry: _Entry, limit: int
+def read_record(
+    f: BinaryIO, path: str, archive: zipfile.ZipFile, folder: str, entry: ZipEntry, limit: int
 ) -> bytes:
     """A small record (data.pkl, byteorder): stored ones read by offset; a compressed one (a re-zipped
     file) is inflated by zipfile up to ``limit`` bytes, checking its CRC."""
@@ -279,21 +281,25 @@ class _DType:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class StorageType:
+    """A storage class a pickle names (``torch.FloatStorage``), standing for its element dtype."""
+
     name: str  # "FloatStorage", "UntypedStorage"
     dtype: str  # torch dtype of its elements ("uint8" for untyped storages, as torch.load uses)
 
 
 @dataclass(frozen=True, eq=False)
-class _Storage:
+class Storage:
+    """A storage the pickle's ``persistent_load`` asked for: its record key, dtype and zip entry."""
+
     key: str
     dtype: str
-    entry: _Entry
+    entry: ZipEntry
 
 
 @dataclass(frozen=True, eq=False)
-class _Tensor:
-    """``_rebuild_tensor*``'s arguments, checked when the tensor's name is known (see ``_locate``)."""
+class RebuiltTensor:
+    """``_rebuild_tensor*``'s arguments, checked when the tensor's name is known (see ``locate``)."""
 
     storage: object
     storage_offset: object
@@ -304,22 +310,22 @@ class _Tensor:
 
 
 @dataclass(frozen=True)
-class _Unread:
+class Unread:
     """A tensor wdiff does not read (sparse, quantized, nested, meta, a subclass), and why."""
 
     reason: str
 
 
 def _tensor(storage, storage_offset, size, stride, requires_grad=None, backward_hooks=None, metadata=None):
-    return _Tensor(storage, storage_offset, size, stride, None, metadata)
+    return RebuiltTensor(storage, storage_offset, size, stride, None, metadata)
 
 
 def _tensor_v1(storage, storage_offset, size, stride):
-    return _Tensor(storage, storage_offset, size, stride, None, None)
+    return RebuiltTensor(storage, storage_offset, size, stride, None, None)
 
 
 def _tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    return _Tensor(storage, storage_offset, size, stride, dtype, metadata)
+    return RebuiltTensor(storage, storage_offset, size, stride, dtype, metadata)
 
 
 def _parameter(data, requires_grad=None, backward_hooks=None, state=None):
@@ -329,27 +335,27 @@ def _parameter(data, requires_grad=None, backward_hooks=None, state=None):
 def _device_copy(data, dtype=None, device=None, requires_grad=None):
     # ``_rebuild_device_tensor_from_cpu_tensor``: a CPU tensor moved to a device at load; a dtype change
     # would alter the values, so only an unchanged dtype is the stored tensor.
-    if isinstance(data, _Tensor) and (dtype is None or dtype == data.dtype or data.dtype is None):
-        return _Tensor(data.storage, data.storage_offset, data.size, data.stride, dtype, data.metadata)
-    return _Unread("a device tensor rebuilt with a dtype conversion")
+    if isinstance(data, RebuiltTensor) and (dtype is None or dtype == data.dtype or data.dtype is None):
+        return RebuiltTensor(data.storage, data.storage_offset, data.size, data.stride, dtype, data.metadata)
+    return Unread("a device tensor rebuilt with a dtype conversion")
 
 
 _REBUILDS = (_tensor, _tensor_v1, _tensor_v3, _parameter, _device_copy)
 
 
-def _unread(reason: str) -> Callable[..., _Unread]:
-    return lambda *args, **kwargs: _Unread(reason)
+def _unread(reason: str) -> Callable[..., Unread]:
+    return lambda *args, **kwargs: Unread(reason)
 
 
 def _from_type(func, new_type, args, state=None):
     """``torch._tensor._rebuild_from_type_v2``: a tensor subclass (or a tensor with Python attributes)
     rebuilt by ``func(*args)``; plain tensors and parameters keep their bytes."""
     if func not in _REBUILDS or not isinstance(args, tuple):
-        return _Unread(f"rebuilt by {describe(func)}")
+        return Unread(f"rebuilt by {describe(func)}")
     made = func(*args)
     if isinstance(new_type, Global) and str(new_type) in ("torch.Tensor", "torch.nn.parameter.Parameter"):
         return made
-    return _Unread(f"a tensor subclass ({describe(new_type)})")
+    return Unread(f"a tensor subclass ({describe(new_type)})")
 
 
 def _size(*args: object) -> tuple[object, ...]:
@@ -359,16 +365,16 @@ def _size(*args: object) -> tuple[object, ...]:
     return tuple(args)
 
 
-def _allowed(path: str) -> dict[tuple[str, str], object]:
+def allowed_globals(path: str) -> dict[tuple[str, str], object]:
     """Every global a torch.save pickle may name, and what it becomes."""
     allowed: dict[tuple[str, str], object] = dict(plain_containers(path))
     for name in TORCH_DTYPES:
         allowed[("torch", name)] = _DType(name)
     for storage, dtype in STORAGE_DTYPES.items():
         for module in ("torch", "torch.cuda"):  # torch.load maps any "*Storage" name by its class name
-            allowed[(module, storage)] = _StorageType(storage, dtype)
+            allowed[(module, storage)] = StorageType(storage, dtype)
     for module in ("torch.storage", "torch"):
-        allowed[(module, "UntypedStorage")] = _StorageType("UntypedStorage", "uint8")
+        allowed[(module, "UntypedStorage")] = StorageType("UntypedStorage", "uint8")
     rebuilds = {
         "_rebuild_tensor": _tensor_v1,
         "_rebuild_tensor_v2": _tensor,
@@ -405,7 +411,7 @@ def read_torch(path: str | os.PathLike[str]) -> TorchContents:
     return _load(data, path, folder, entries)
 
 
-def _open(path: str) -> tuple[str, dict[str, _Entry], bytes]:
+def _open(path: str) -> tuple[str, dict[str, ZipEntry], bytes]:
     """The archive folder, its entries and ``data.pkl``; refuses what is not a readable torch.save zip."""
     try:
         with open_regular(path) as f:
@@ -415,7 +421,7 @@ def _open(path: str) -> tuple[str, dict[str, _Entry], bytes]:
                 raise WdiffError(path, LEGACY_HINT)
             if head[:4] != b"PK\x03\x04":
                 raise WdiffError(path, "not a torch.save file (no zip archive, no legacy torch pickle)")
-            folder, entries, archive = _entries(f, path, size)
+            folder, entries, archive = zip_entries(f, path, size)
             if "constants.pkl" in entries and "code/" in {n[:5] for n in entries}:
                 raise WdiffError(
                     path,
@@ -425,22 +431,22 @@ def _open(path: str) -> tuple[str, dict[str, _Entry], bytes]:
             if "data.pkl" not in entries:
                 raise WdiffError(path, f"not a torch.save archive: no {folder}/data.pkl")
             if "byteorder" in entries:
-                order = _read_record(f, path, archive, folder, entries["byteorder"], 16)
+                order = read_record(f, path, archive, folder, entries["byteorder"], 16)
                 if order == b"big":
                     raise WdiffError(path, BIG_ENDIAN_HINT)
                 if order != b"little":
                     raise WdiffError(path, f"{folder}/byteorder is {describe(order[:16])}, not little or big")
-            data = _read_record(f, path, archive, folder, entries["data.pkl"], MAX_PICKLE_BYTES)
+            data = read_record(f, path, archive, folder, entries["data.pkl"], MAX_PICKLE_BYTES)
     except OSError as e:
         raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
     return folder, entries, data
 
 
-def _load(data: bytes, path: str, folder: str, entries: dict[str, _Entry]) -> TorchContents:
+def _load(data: bytes, path: str, folder: str, entries: dict[str, ZipEntry]) -> TorchContents:
     """Unpickle ``data.pkl`` (storages located in ``entries``) and find the weights in it."""
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, Storage] = {}
 
-    def persistent_load(pid: object) -> _Storage:
+    def persistent_load(pid: object) -> Storage:
         # ("storage", storage_type, key, location, numel); torch.load reuses one storage per key
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
             raise WdiffError(
@@ -449,7 +455,7 @@ def _load(data: bytes, path: str, folder: str, entries: dict[str, _Entry]) -> To
         _, kind, key, _location, numel = pid
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
-        if not isinstance(kind, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+        if not isinstance(kind, StorageType) or not isinstance(key, str) or type(numel) is not int:
             raise WdiffError(path, f"data.pkl names storage {describe(key)} with a malformed persistent id")
         if key in storages:
             return storages[key]
@@ -469,10 +475,10 @@ def _load(data: bytes, path: str, folder: str, entries: dict[str, _Entry]) -> To
                 f"storage {folder}/data/{_short(key)} holds {entry.size} bytes, but data.pkl gives it "
                 f"{describe(numel)} {kind.dtype} elements",
             )
-        storages[key] = _Storage(key, kind.dtype, entry)
+        storages[key] = Storage(key, kind.dtype, entry)
         return storages[key]
 
-    allowed = with_placeholders(_allowed(path), prefixes=[""], refused=RUNS_CODE)
+    allowed = with_placeholders(allowed_globals(path), prefixes=[""], refused=RUNS_CODE)
     obj = restricted_load(data, path, allowed, persistent_load)
     return _contents(obj, path)
 
@@ -482,7 +488,7 @@ def _short(text: str) -> str:
 
 
 def _holds_tensors(obj: object, depth: int = 0, seen: set[int] | None = None) -> bool:
-    if isinstance(obj, (_Tensor, _Unread)):
+    if isinstance(obj, (RebuiltTensor, Unread)):
         return True
     if not isinstance(obj, dict) or depth > MAX_DEPTH:
         return False
@@ -512,7 +518,7 @@ def _find_state(obj: object, path: str) -> tuple[dict[object, object], str | Non
     where: list[str] = []
     current: dict[object, object] = obj
     for _ in range(MAX_DEPTH):
-        if any(isinstance(v, (_Tensor, _Unread)) for v in current.values()):
+        if any(isinstance(v, (RebuiltTensor, Unread)) for v in current.values()):
             break
         inner = next(
             (k for k in STATE_KEYS if isinstance(current.get(k), dict) and _holds_tensors(current[k])), None
@@ -560,13 +566,13 @@ def _contents(obj: object, path: str) -> TorchContents:
             name = f"{prefix}{key}"
             if isinstance(value, dict):
                 walk(value, name + ".", depth + 1)
-            elif isinstance(value, (_Tensor, _Unread)):
+            elif isinstance(value, (RebuiltTensor, Unread)):
                 if name in tensors or any(s.name == name for s in skipped):
                     skipped.append(
                         Skipped(name, "a second tensor with this name (a key with dots and a nested dict)")
                     )
                     continue
-                got = _locate(name, value, path)
+                got = locate(name, value, path)
                 if isinstance(got, Skipped):
                     skipped.append(got)
                 else:
@@ -603,13 +609,13 @@ def _shown_ints(value: tuple[object, ...] | list[object]) -> str:
     return "[" + ", ".join(describe(x) for x in value[:8]) + (", ...]" if len(value) > 8 else "]")
 
 
-def _locate(name: str, t: _Tensor | _Unread, path: str) -> TensorRef | Skipped:
+def locate(name: str, t: RebuiltTensor | Unread, path: str) -> TensorRef | Skipped:
     """Where a tensor's elements are in the file: one byte range if it is C-contiguous, contiguous
     runs (``PiecesRef``) for a strided view made of few long runs; anything else is ``Skipped``."""
-    if isinstance(t, _Unread):
+    if isinstance(t, Unread):
         return Skipped(name, f"{t.reason}: not read")
     storage = t.storage
-    if not isinstance(storage, _Storage):
+    if not isinstance(storage, Storage):
         raise WdiffError(path, f"tensor {_quote(name)} is rebuilt from {describe(storage)}, not a storage")
     if t.dtype is None:
         dtype = storage.dtype

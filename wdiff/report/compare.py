@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.metrics import RunMetrics, _div, analyse, log_series
+from wdiff.metrics import RunMetrics, analyse, log_series, safe_ratio
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
@@ -73,7 +73,7 @@ def tensor_ratios(ma: RunMetrics, mb: RunMetrics) -> list[dict[str, Any]]:
         for key in COMPARED:
             row[f"a_{key}"] = ta[key]
             row[f"b_{key}"] = tb[key]
-            row[f"{key}_ratio"] = _div(tb[key], ta[key])
+            row[f"{key}_ratio"] = safe_ratio(tb[key], ta[key])
         rows.append(row)
     return rows
 
@@ -86,7 +86,7 @@ def block_ratios(ma: RunMetrics, mb: RunMetrics) -> list[dict[str, Any]]:
         sums[ta["block"]][0] += ta["path_l1"]
         sums[ta["block"]][1] += b_by_name[ta["tensor"]]["path_l1"]
     return [
-        {"block": block, "a_path_l1": a, "b_path_l1": b, "path_l1_ratio": _div(b, a)}
+        {"block": block, "a_path_l1": a, "b_path_l1": b, "path_l1_ratio": safe_ratio(b, a)}
         for block, (a, b) in sums.items()
     ]
 

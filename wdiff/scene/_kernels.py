@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from wdiff.kernels import _read_full, pool_flush, pool_fold
+from wdiff.kernels import pool_flush, pool_fold, read_full
 
 PIECE = 1 << 14  # float32 values per read: 64 KiB
 
@@ -30,7 +30,7 @@ def pool_tensor(fd, offset, rows, cols, block_rows, block_cols, mean, cells, buf
     state = np.full(1, -1, np.int64)
     for e0 in range(0, total, PIECE):
         n = min(PIECE, total - e0)
-        if not _read_full(fd, buf, n * 4, offset + e0 * 4):
+        if not read_full(fd, buf, n * 4, offset + e0 * 4):
             return -1
         nonfinite += pool_fold(buf[:n], e0, rows, cols, block_rows, block_cols, mean, cells, 0, line, state)
     pool_flush(cells, line, state, block_cols, mean)

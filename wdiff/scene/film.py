@@ -20,7 +20,7 @@ from wdiff._files import atomic_write
 from wdiff.detail import read_frames
 from wdiff.scene import color
 from wdiff.scene.accumulated import TensorInfo
-from wdiff.scene.layout import Scene, _assemble
+from wdiff.scene.layout import Scene, place_cells
 from wdiff.scene.options import SceneOptions
 
 GIF = "frames.gif"
@@ -41,7 +41,7 @@ def interval_scenes(frames: dict[str, np.ndarray], scene: Scene, pool: str, fact
     for t in range(counts.pop()):
         grids = [frames[i.name][t] if i.size and i.name in frames else empty for i in infos]
         nonfinite = [int(np.count_nonzero(~np.isfinite(g))) for g in grids]
-        out.append(_assemble(infos, factor, pool, grids, nonfinite))  # type: ignore[arg-type]
+        out.append(place_cells(infos, factor, pool, grids, nonfinite))  # type: ignore[arg-type]
     return out
 
 

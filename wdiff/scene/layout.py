@@ -307,7 +307,7 @@ def _label(names: Sequence[str]) -> str:
     return " + ".join(dict.fromkeys(block_of(n) for n in names))
 
 
-def _assemble(
+def place_cells(
     infos: Sequence[TensorInfo],
     factor: int,
     pool: Pool,
@@ -428,7 +428,7 @@ def layout(
         cells, bad = source.pooled(t.name, block_shape(t.rows, factor), pool)
         grids.append(cells)
         nonfinite.append(bad)
-    return _assemble(infos, factor, pool, grids, nonfinite)
+    return place_cells(infos, factor, pool, grids, nonfinite)
 
 
 def coarsen_scene(scene: Scene, max_points: int) -> Scene:
@@ -450,4 +450,4 @@ def coarsen_scene(scene: Scene, max_points: int) -> Scene:
             continue
         new_block = block_shape(t.rows, factor)
         grids.append(coarsen(scene.cells(k), t.rows, t.cols, p.block, new_block, scene.pool))
-    return _assemble(infos, factor, scene.pool, grids, [p.nonfinite for p in scene.placements])
+    return place_cells(infos, factor, scene.pool, grids, [p.nonfinite for p in scene.placements])

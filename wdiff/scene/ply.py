@@ -1,9 +1,9 @@
 """Binary PLY point cloud and triangle mesh, written from numpy structured arrays.
 
-Not Open3D's writer: it keeps only xyz and colours and drops the scalar field (FORMATS.md). Colours
+Not Open3D's writer: it keeps only xyz and colours and drops the scalar field (docs/formats.md). Colours
 are ``uchar`` (float colours read as black in VTK); the value is ``scalar_accumulated`` because
 CloudCompare turns ``scalar_*`` properties into scalar fields by itself; the mesh repeats it as
-``quality``, the one per-vertex value MeshLab keeps (FORMATS.md). The header is fixed text,
+``quality``, the one per-vertex value MeshLab keeps (docs/formats.md). The header is fixed text,
 so the same points always give the same bytes.
 """
 

@@ -32,11 +32,11 @@ from typing import Any
 
 from wdiff import api, checks
 from wdiff.assemble import assemble
+from wdiff.checkpoints import expects_state, fingerprint, listing, read_one, trainer_state
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
 from wdiff.outdir import link_or_copy, move, sibling
 from wdiff.results import SUMMARY, Results
-from wdiff.scan import expects_state, fingerprint, listing, read_one, trainer_state
 from wdiff.schema import read_summary
 from wdiff.sequence import Checkpoint, Run
 
