@@ -182,11 +182,37 @@ def save_dcp_sharded(
         (str(folder), {n: np.array(a) for n, a in tensors.items()}) for folder, tensors in checkpoints.items()
     ]
     extra = [str(folder) for folder in fsdp2]
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        args = (world, store, jobs, dict(shard_dims or {}), key, extra)
+    outputs = [Path(folder) for folder, _ in jobs] + [Path(folder) for folder in extra]
+
+    def once(tmp: str) -> None:
+        args = (world, os.path.join(tmp, "store"), jobs, dict(shard_dims or {}), key, extra)
         mp.spawn(_sharded_worker, args=args, nprocs=world)
-    return [Path(folder) for folder, _ in jobs] + [Path(folder) for folder in extra]
+
+    spawn_writers(once, outputs)
+    return outputs
+
+
+def spawn_writers(once, outputs: list[Path], attempts: int = 3) -> None:
+    """Run ``once(tmp)`` (an ``mp.spawn`` of gloo writers) until it succeeds, at most ``attempts``
+    times, each in a fresh rendezvous folder and with the outputs removed first.
+
+    gloo can abort a process in its teardown on a loaded machine ("terminate called without an active
+    exception", SIGABRT) after both ranks wrote everything and met at a barrier; that is the test
+    harness's process group, not what is tested, so a spawn that dies that way is run again whole."""
+    import shutil
+
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(attempts):
+        for folder in outputs:
+            shutil.rmtree(folder, ignore_errors=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                once(tmp)
+                return
+            except ProcessExitedException:
+                if attempt == attempts - 1:
+                    raise
 
 
 def load_dcp(folder: str | Path) -> dict[str, np.ndarray]:
@@ -435,6 +461,7 @@ def _fsdp2_worker(rank: int, world: int, folder: str, store: str, steps: int, ev
         if step % every == 0:
             msd, osd = get_state_dict(model, opt)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{folder}/step-{step}")
+    dist.barrier()  # both ranks done before teardown (see _sharded_worker)
     dist.destroy_process_group()
 
 
@@ -443,10 +470,14 @@ def make_dcp_fsdp2_run(folder: Path, steps: int = 30, every: int = 10) -> list[P
     checkpoint is ``.metadata`` + ``__0_0.distcp`` + ``__1_0.distcp`` with a tensor's rows split."""
     import torch.multiprocessing as mp
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    outputs = [folder / f"step-{s}" for s in range(every, steps + 1, every)]
+
+    def once(tmp: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         mp.spawn(_fsdp2_worker, args=(2, str(folder), f"{tmp}/store", steps, every), nprocs=2)
-    return [folder / f"step-{s}" for s in range(every, steps + 1, every)]
+
+    spawn_writers(once, outputs)
+    return outputs
 
 
 def make_views_run(folder: Path, count: int = 3) -> tuple[list[Path], list[dict[str, np.ndarray]]]:
