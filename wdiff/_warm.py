@@ -46,8 +46,15 @@ def _load_plotting() -> None:
 
 
 def start(plotting: bool = False) -> None:
-    """Start loading the kernels, and matplotlib when ``plotting`` (each once per process)."""
+    """Start loading the kernels, and matplotlib when ``plotting`` (each once per process).
+
+    numpy is imported first, on the calling thread: the side threads and the main thread all import
+    it, and two threads importing the same packages in different orders can meet in Python's import
+    deadlock avoidance, which hands one of them a half-initialised module (seen once in a full test
+    run under load: ``ImportError: numpy._core.umath failed to import`` in the main thread)."""
     global _kernels, _plotting
+    import numpy  # noqa: F401
+
     with _lock:
         if _kernels is None:
             _kernels = threading.Thread(target=_load_kernels, name="wdiff-warm-kernels", daemon=True)
