@@ -20,7 +20,7 @@ from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.naming import step_of
-from wdiff.readers.base import DTYPES, Contents, DType, Skipped, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, Contents, DType, Skipped, TensorRef, first_bytes
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
@@ -171,14 +171,6 @@ def _contents(found: object) -> Contents:
     )
 
 
-def _head(path: Path) -> bytes:
-    try:
-        with open_regular(path) as f:
-            return f.read(4)
-    except (OSError, WdiffError):
-        return b""
-
-
 def _read_file(path: Path) -> Contents:
     """One checkpoint file, by its first bytes."""
     if looks_like_safetensors(path):
@@ -190,7 +182,7 @@ def _read_file(path: Path) -> Contents:
         return _contents(read_torch(path))
     if looks_like_legacy_torch(path):
         raise WdiffError(path, LEGACY_HINT)
-    head = _head(path)
+    head = first_bytes(path, 4)
     if head.startswith(b"PK\x03\x04"):
         raise WdiffError(
             path,

@@ -192,6 +192,16 @@ def open_regular(path: str | os.PathLike[str], expected: FileIdentity | None = N
     return os.fdopen(open_input(path, expected), "rb")
 
 
+def first_bytes(path: str | os.PathLike[str], n: int) -> bytes:
+    """Up to ``n`` bytes from the start of a regular file, to sniff its format; empty for anything
+    that cannot be read (a folder, a pipe, a missing file): such a path is no format at all."""
+    try:
+        with open_regular(path) as f:
+            return f.read(n)
+    except (OSError, WdiffError):
+        return b""
+
+
 def read_json(path: str | os.PathLike[str], what: str, limit: int) -> Any:
     """Parse a JSON side file of a checkpoint (at most ``limit`` bytes), or raise a one-line error
     naming it. Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN

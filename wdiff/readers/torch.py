@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import Piece, PiecesRef, Skipped, TensorRef, open_regular
+from wdiff.readers.base import Piece, PiecesRef, Skipped, TensorRef, first_bytes, open_regular
 from wdiff.readers.pickle import (
     MAX_PICKLE_BYTES,
     RUNS_CODE,
@@ -150,17 +150,9 @@ class TorchContents:
 # ---- sniffing -------------------------------------------------------------------------------------------
 
 
-def _head(path: str | os.PathLike[str], n: int) -> bytes:
-    try:
-        with open_regular(path) as f:
-            return f.read(n)
-    except (OSError, WdiffError):
-        return b""
-
-
 def looks_like_torch_zip(path: str | os.PathLike[str]) -> bool:
     """A ZIP whose first entry is a torch record (``ARCHIVE/data.pkl``, ``ARCHIVE/data/0``, ...)."""
-    head = _head(path, 30 + 512)
+    head = first_bytes(path, 30 + 512)
     if len(head) < 30 or head[:4] != b"PK\x03\x04":
         return False
     (n,) = struct.unpack("<H", head[26:28])
@@ -172,7 +164,7 @@ def looks_like_torch_zip(path: str | os.PathLike[str]) -> bool:
 def looks_like_legacy_torch(path: str | os.PathLike[str]) -> bool:
     """The pre-1.6 format: a pickle whose first value is torch's magic number (protocol 2: right after
     ``PROTO``; protocol 4 puts a FRAME before it)."""
-    head = _head(path, 32)
+    head = first_bytes(path, 32)
     return head[:1] == b"\x80" and b"\x8a\x0a" + LEGACY_MAGIC in head
 
 
