@@ -61,6 +61,7 @@ class _Pending:
     snapshot: tuple | None
     stable: int = 0  # polls in a row it stayed the same
     problem: str | None = None  # why it does not validate yet
+    checkpoint: Checkpoint | None = None  # as read once it validated: the update copies this one
 
 
 class Watcher:
@@ -118,8 +119,8 @@ class Watcher:
             pending.stable += 1
             if pending.stable < self.settle:
                 continue
-            try:
-                read_one(step, path, self._expect_state, newest=True)  # as scan judges the newest one
+            try:  # as scan judges the newest one
+                pending.checkpoint = read_one(step, path, self._expect_state, newest=True)
             except WdiffError as e:
                 pending.problem = str(e)
                 continue
@@ -160,10 +161,11 @@ class Watcher:
 
     # -- updates -----------------------------------------------------------------------------------
     def _read(self, step: int, path: Path, copy: Path) -> Checkpoint | None:
-        """Validate a new checkpoint and copy its tensors to ``copy`` beside OUT, which the update
-        then reads: the original may be deleted any time now (None: it was already)."""
+        """Copy a complete checkpoint's tensors (as ``_complete`` read them) to ``copy`` beside OUT,
+        which the update then reads: the original may be deleted any time now (None: it was already)."""
+        live = self._pending[path].checkpoint
+        assert live is not None  # only complete checkpoints are read
         try:
-            live = read_one(step, path)
             identity = fingerprint(live)
             keep(live, copy)  # refuses a file that is not the one scanned, or changed while copied
         except (OSError, WdiffError) as e:
