@@ -159,18 +159,6 @@ def has_weights(folder: Path) -> bool:
         return False
 
 
-def _contents(found: object) -> Contents:
-    """A format module's result as ``Contents`` (the PyTorch readers return the same fields)."""
-    if isinstance(found, Contents):
-        return found
-    return Contents(
-        dict(found.tensors),  # type: ignore[attr-defined]
-        tuple(found.skipped),  # type: ignore[attr-defined]
-        found.state_key,  # type: ignore[attr-defined]
-        found.step,  # type: ignore[attr-defined]
-    )
-
-
 def _read_file(path: Path) -> Contents:
     """One checkpoint file, by its first bytes."""
     if looks_like_safetensors(path):
@@ -179,7 +167,7 @@ def _read_file(path: Path) -> Contents:
     if looks_like_onnx(path) or path.suffix == ".onnx":  # the suffix only once the bytes said nothing
         return Contents(dict(read_onnx(path)))
     if looks_like_torch_zip(path):
-        return _contents(read_torch(path))
+        return read_torch(path)
     if looks_like_legacy_torch(path):
         raise WdiffError(path, LEGACY_HINT)
     head = first_bytes(path, 4)
@@ -236,7 +224,7 @@ def _open_checkpoint(path: Path) -> Contents:
             raise WdiffError(path, "no weights in this folder (safetensors, ONNX or PyTorch)")
         if entry == path:
             if looks_like_dcp(path):
-                return _contents(read_dcp(path))
+                return read_dcp(path)
             return Contents(read_accelerate(path))
         path = entry
     if not path.exists():

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import Piece, PiecesRef, Skipped, TensorRef, first_bytes, open_regular
+from wdiff.readers.base import Contents, Piece, PiecesRef, Skipped, TensorRef, first_bytes, open_regular
 from wdiff.readers.pickle import (
     MAX_PICKLE_BYTES,
     RUNS_CODE,
@@ -139,12 +139,11 @@ _TORCH_RECORDS = (
 )
 
 
-@dataclass(frozen=True)
-class TorchContents:
-    tensors: dict[str, TensorRef]  # the model's weights by state-dict name (PiecesRef for strided views)
-    skipped: tuple[Skipped, ...]  # tensors found but not read, with the reason
-    state_key: str | None  # where the weights were found: None = the top object, else e.g. "model.module"
-    step: int | None  # training step stored in the file (global_step/step/iteration/global_steps), if an int
+# What the PyTorch readers return: every reader's ``Contents``. ``tensors``: the model's weights by
+# state-dict name (PiecesRef for strided views); ``skipped``: tensors found but not read, with the
+# reason; ``state_key``: where the weights were found (None: the top object, else e.g. "model.module");
+# ``step``: the training step stored in the file (global_step/step/iteration/global_steps), if an int.
+TorchContents = Contents
 
 
 # ---- sniffing -------------------------------------------------------------------------------------------
