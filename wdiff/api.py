@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 from wdiff import _warm, checks
 from wdiff.checkpoints import fingerprint, recheck, scan
 from wdiff.detail import finish_frames, write_cells
+from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
+from wdiff.readers.remote import is_url
 from wdiff.results import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, Results, write_json, write_rows
 from wdiff.schema import build_summary
-from wdiff.sequence import Run
+from wdiff.sequence import Run, scanned_files
 from wdiff.update import Plan, cell_grids, plan_update
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ def run(
     extend_only: bool = False,
     keep: Callable[[Path], None] | None = None,
     scene: SceneOptions | None = None,
+    revisions: str | None = None,
+    commit_every: int | None = None,
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -97,6 +101,13 @@ def run(
 
     ``scene`` (a :class:`wdiff.scene.SceneOptions`) sets every choice about the 3D outputs; when
     given, it replaces ``max_points``, ``render``, ``frames`` and ``frame_points``.
+
+    Inputs may be URLs of a remote store (``s3://``, ``gs://``, ``https://``, ``hf://``), read by range
+    with no local copy; ``revisions`` names the revisions of one ``hf://ORG/NAME`` repository that make
+    the sequence (``wdiff.suites``). ``commit_every``: commit results every that many new checkpoints,
+    so that an interrupted run goes on from the last commit (``progress("checkpoints", done, total)``
+    after each); by default every ``REMOTE_COMMIT_EVERY`` for remote inputs, once at the end for local
+    ones. Each commit after the first reads the first checkpoint and the last one committed again.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -106,33 +117,110 @@ def run(
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
     _warm.start(plotting=scene.render or scene.frames)  # no matplotlib at all for a run without pictures
+    if is_url(out):
+        raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
-    the_run, fingerprints = read_inputs(inputs, out)
+    the_run, fingerprints = read_inputs(inputs, out, revisions)
+    chunk = _chunk_elements(chunk_elements)
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
-        plan = plan_update(out, the_run, fingerprints, _chunk_elements(chunk_elements), scene,
-                           incremental=incremental, extend_only=extend_only)  # fmt: skip
+        whole = plan_update(out, the_run, fingerprints, chunk, scene, incremental=incremental,
+                            extend_only=extend_only)  # fmt: skip
         if on_scan is not None:
             on_scan(the_run)
-        result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, progress)
-        summary = build_summary(the_run, fingerprints, result, update=plan.update,
-                                chunk_elements=plan.chunk_elements, scheduler=scheduler)  # fmt: skip
-        summary["scene"] = draw(staging.folder, the_run, summary, scene, progress)
-        summary["timing"]["total_seconds"] = time.perf_counter() - t_start
-        write_results(staging.folder, summary, keep, charts=scene.render)
-        staging.commit()
-    finally:
+        ends = commit_points(the_run, whole, commit_every)
+    except BaseException:
         staging.close()
+        raise
+    total = len(the_run.checkpoints)
+    report = _Report(progress, compute_total(the_run, whole, ends))
+    for n, end in enumerate(ends):
+        staging = staging if n == 0 else Staging(out)
+        try:
+            part, plan = the_run, whole
+            if len(ends) > 1:  # each part extends the one committed before it
+                part = first_checkpoints(the_run, end) if end < total else the_run
+                plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
+                                   incremental=incremental or n > 0, intervals=total - 1)  # fmt: skip
+            result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
+            summary = build_summary(part, fingerprints[:end], result, update=plan.update,
+                                    chunk_elements=plan.chunk_elements, scheduler=scheduler)  # fmt: skip
+            summary["scene"] = draw(staging.folder, part, summary, scene, report)
+            summary["timing"]["total_seconds"] = time.perf_counter() - t_start
+            write_results(staging.folder, summary, keep, charts=scene.render)
+            staging.commit()
+        finally:
+            staging.close()
+        report("checkpoints", end, total)
     return Results.load(out)
 
 
+REMOTE_COMMIT_EVERY = 16  # remote inputs: commit after this many new checkpoints (see ``run``)
+
+
+def commit_points(run: Run, plan: Plan, commit_every: int | None) -> list[int]:
+    """After how many checkpoints results are committed: every ``commit_every`` new ones past those
+    ``out`` holds already, and at the end."""
+    total = len(run.checkpoints)
+    if commit_every is None:
+        remote = any(is_url(p) for c in run.checkpoints for p in c.files)
+        commit_every = REMOTE_COMMIT_EVERY if remote else 0
+    if commit_every < 0:
+        raise checks.OptionError("commit_every", f"{commit_every}: must be 0 (only at the end) or more")
+    known = plan.previous.known if plan.previous is not None else 0
+    if commit_every == 0 or total - known <= commit_every:
+        return [total]
+    first = max(known, 1) + commit_every  # a first part of a full run has commit_every intervals
+    return [*range(first, total, commit_every), total]
+
+
+def first_checkpoints(run: Run, n: int) -> Run:
+    """The run of the first ``n`` checkpoints of ``run``."""
+    tensors = tuple(
+        dataclasses.replace(t, refs=t.refs[:n], files=scanned_files(t.refs[:n], run.checkpoints[:n]))
+        for t in run.tensors
+    )
+    return dataclasses.replace(run, checkpoints=run.checkpoints[:n], tensors=tensors)
+
+
+def compute_total(run: Run, plan: Plan, ends: list[int]) -> int:
+    """Checkpoint bytes a run committed at ``ends`` reads: every checkpoint up to the first commit
+    (or W(0) and W(K-1).. after results ``out`` holds for K), then W(0) and W(end-1).. for each next."""
+    per_checkpoint = [sum(t.refs[i].nbytes for t in run.tensors) for i in range(len(run.checkpoints))]
+    known = plan.previous.known if plan.previous is not None else 0
+    total = 0
+    for end in ends:
+        if end <= known:
+            continue
+        total += (
+            sum(per_checkpoint[:end])
+            if known == 0
+            else per_checkpoint[0] + sum(per_checkpoint[known - 1 : end])
+        )
+        known = end
+    return total
+
+
+class _Report:
+    """``progress`` with the ``compute`` phase's total that of the whole run, over every commit."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total = progress, total
+
+    def __call__(self, phase: str, advance: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, advance, self.total if phase == "compute" else total)
+
+
 def read_inputs(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run, out: Path
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run,
+    out: Path,
+    revisions: str | None = None,
 ) -> tuple[Run, list[str]]:
     """The run and its checkpoints' fingerprints, once ``out`` is known to be a place results can go
     (refused before the scan) and every input is still the file scanned (before anything is written)."""
     check_out(out)
-    the_run = inputs if isinstance(inputs, Run) else scan(inputs)
+    the_run = inputs if isinstance(inputs, Run) else scan(inputs, revisions)
     recheck(the_run)
     return the_run, [fingerprint(c) for c in the_run.checkpoints]
 

@@ -35,6 +35,7 @@ from wdiff.readers.base import (
     recording,
 )  # fmt: skip
 from wdiff.readers.lora import read_adapter_config
+from wdiff.readers.remote import RemotePath, is_url, location
 from wdiff.readers.tied import ties_embeddings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
@@ -55,7 +56,9 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     digest = hashlib.sha256()
     files = checkpoint.files or {p: identity_of(p) for p in _tensor_files(checkpoint.tensors)}
     for path in sorted(files):
-        digest.update(f"{os.path.basename(path)}\0{files[path].size}\0{files[path].mtime_ns}\n".encode())
+        f = files[path]
+        tag = f"\0{f.tag}" if f.tag else ""  # a remote object: the store's identity of it
+        digest.update(f"{os.path.basename(path)}\0{f.size}\0{f.mtime_ns}{tag}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -69,6 +72,8 @@ def recheck(run: Run) -> None:
     at its offset). The chunk tasks check the identity again on each descriptor they read from."""
     for checkpoint in run.checkpoints:
         for path, scanned in checkpoint.files.items():
+            if is_url(path):  # just listed; read at a commit, or by ranges that carry its ETag
+                continue
             with open_regular(path, scanned) as f:
                 digest = checkpoint.headers.get(path)
                 if digest is None:
@@ -256,51 +261,103 @@ def expects_state(pairs: Sequence[tuple[int | None, Path]]) -> bool:
     return any((p / TRAINER_STATE).exists() for _, p in pairs if p.is_dir())
 
 
+REMOTE_SCANS = 8  # remote checkpoints scanned at once: each is a few small requests, latency-bound
+
+
 def _read_checkpoints(
-    pairs: Sequence[tuple[int | None, Path]], live: bool
+    pairs: Sequence[tuple[int | None, Path | RemotePath]], live: bool
 ) -> tuple[list[Checkpoint], list[Skipped]]:
-    """Read every checkpoint. In a folder training may still write into, the newest one failing
-    (no trainer_state.json yet, a shard missing or failing validation) is left out with a reason;
-    any older one failing is an error: something broke it after it was complete."""
+    """Read every checkpoint (remote ones several at a time). In a folder training may still write
+    into, the newest one failing (no trainer_state.json yet, a shard missing or failing validation) is
+    left out with a reason; any older one failing is an error: something broke it after it was
+    complete."""
     expect_state = live and expects_state(pairs)
-    checkpoints, left_out = [], []
-    for i, (step, p) in enumerate(pairs):
-        newest = live and i == len(pairs) - 1 and len(pairs) > 2
+    last = len(pairs) - 1
+
+    def read(i: int) -> Checkpoint | Skipped:
+        step, p = pairs[i]
+        newest = live and i == last and len(pairs) > 2
         try:
-            checkpoints.append(read_one(step, p, expect_state, newest))
+            return read_one(step, p, expect_state, newest)
         except WdiffError as e:
             if not newest:
                 raise
-            left_out.append(Skipped(str(p), f"newest checkpoint left out (still being written?): {e}"))
-    return checkpoints, left_out
+            return Skipped(str(p), f"newest checkpoint left out (still being written?): {e}")
+
+    if any(isinstance(p, RemotePath) for _, p in pairs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(REMOTE_SCANS, thread_name_prefix="wdiff-scan") as pool:
+            read_all = list(pool.map(read, range(len(pairs))))  # the first error, in checkpoint order
+    else:
+        read_all = [read(i) for i in range(len(pairs))]
+    checkpoints = [c for c in read_all if isinstance(c, Checkpoint)]
+    return checkpoints, [s for s in read_all if isinstance(s, Skipped)]
 
 
 def trainer_state(checkpoints: Sequence[Checkpoint]) -> dict | None:
     """The newest ``trainer_state.json`` beside the checkpoints (it holds the whole log history)."""
-    states = [side_folder(Path(c.path)) / TRAINER_STATE for c in checkpoints]
+    states = [side_folder(location(c.path)) / TRAINER_STATE for c in checkpoints]
     states = [s for s in states if s.exists()]
     return load_trainer_state(states[-1]) if states else None
 
 
-def scan(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Run:
-    """Scan a checkpoint folder or an ordered list of checkpoints into a :class:`Run`.
+def scan(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], revisions: str | None = None
+) -> Run:
+    """Scan a checkpoint folder or an ordered list of checkpoints into a :class:`Run`. Each may be a
+    URL of a remote store (``s3://``, ``gs://``, ``https://``, ``hf://``: ``wdiff.readers.remote``);
+    ``revisions`` names the revisions of one ``hf://ORG/NAME`` repository that make the sequence
+    (``wdiff.suites``: ``"step0,step1000"``, ``"step{0..143000..1000}"``, ``"step*"``).
 
     Raises :class:`~wdiff.errors.WdiffError` naming the file and the problem for bad input, and when
     fewer than two checkpoints are found.
     """
-    paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
+    paths = [location(inputs)] if isinstance(inputs, (str, os.PathLike)) else [location(p) for p in inputs]
     if not paths:
         raise WdiffError(None, "no checkpoints given")
+    if revisions is not None:
+        return _scan_revisions(paths, revisions)
     try:
         pairs, live = _discover(paths)
-        source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
+    except OSError as e:  # an unreadable folder met while listing or testing it
+        raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
+    source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
+    return _scan_pairs(paths, pairs, live, source)
+
+
+def _scan_revisions(paths: Sequence[Path | RemotePath], revisions: str) -> Run:
+    """The run made of revisions of one Hub repository, each read at the commit it names now."""
+    from dataclasses import replace
+
+    from wdiff.suites import hub_revisions
+
+    if len(paths) != 1 or not str(paths[0]).startswith("hf://"):
+        raise WdiffError(None, "--revisions needs exactly one input, an hf://ORG/NAME repository")
+    found, listed = hub_revisions(str(paths[0]), revisions)
+    pairs = [(r.step, r.location) for r in found]
+    run = _scan_pairs(paths, pairs, False, str(paths[0]), check_order=listed)
+    origins = {r.location.url: {"url": r.url, "revision": r.name, "commit": r.commit} for r in found}
+    checkpoints = tuple(replace(c, origin=origins[c.path]) for c in run.checkpoints)
+    return replace(run, checkpoints=checkpoints)
+
+
+def _scan_pairs(
+    paths: Sequence[Path | RemotePath],
+    pairs: Sequence[tuple[int | None, Path | RemotePath]],
+    live: bool,
+    source: str,
+    check_order: bool = True,
+) -> Run:
+    """Read and line up the checkpoints found (``pairs``, in sequence order)."""
+    try:
         if len(pairs) < 2:
             where = pairs[0][1] if pairs else paths[0]
             raise WdiffError(
                 where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
             )
         checkpoints, left_out = _read_checkpoints(pairs, live)
-        warnings = [] if live else _out_of_order(checkpoints)
+        warnings = _out_of_order(checkpoints) if check_order and not live else []
         assembly = assemble(checkpoints)
         if not assembly.tensors:
             raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")

@@ -158,6 +158,8 @@ def run_command(
     mesh: opt.Mesh = False,
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
+    revisions: opt.Revisions = None,
+    commit_every: opt.CommitEvery = None,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -194,12 +196,22 @@ def run_command(
 
     def on_progress(phase: str, advance: int, total: int) -> None:
         assert progress is not None
+        if phase == "checkpoints":  # a commit: how many checkpoints the results hold now
+            if "compute" in tasks:
+                committed = f"compute ({advance}/{total} checkpoints committed)"
+                progress.update(tasks["compute"], description=committed)
+            return
         if phase not in tasks:
             tasks[phase] = progress.add_task(visible(phase), total=total)
         progress.update(tasks[phase], advance=advance)
 
+    if commit_every is not None:
+        checks.number("commit_every", commit_every, 0, 1 << 30)
     with progress or contextlib.nullcontext():
-        res = api.run(inputs, out, progress=on_progress if progress else None, on_scan=on_scan, **options)
+        res = api.run(
+            inputs, out, progress=on_progress if progress else None, on_scan=on_scan, revisions=revisions,
+            commit_every=commit_every, **options,
+        )  # fmt: skip
     if res.summary["update"] != "full":
         err.print(visible(f"{res.summary['update']} (earlier results in {out} extended)"))
     timing = res.summary["timing"]

@@ -21,6 +21,8 @@ __all__ = [
     "Full",
     "HtmlPoints",
     "Inputs",
+    "Revisions",
+    "CommitEvery",
     "MaxPoints",
     "Mesh",
     "NoRender",
@@ -39,10 +41,29 @@ __all__ = [
 # --- what a command reads and writes ------------------------------------------------------------
 
 Inputs = Annotated[
-    list[Path],
+    list[str],  # not Path: a URL (s3://bucket/run) would lose a slash
     typer.Argument(
         help="An HF Trainer output dir (checkpoint-N/ folders), a folder of numbered "
-        "checkpoints, or checkpoint files/folders in training order.",
+        "checkpoints, or checkpoint files/folders in training order; local paths or URLs "
+        "(s3://, gs://, https://, hf://ORG/NAME).",
+        show_default=False,
+    ),
+]
+Revisions = Annotated[
+    str | None,
+    typer.Option(
+        "--revisions",
+        help="With one hf://ORG/NAME input: the revisions that make the sequence, comma-separated; "
+        "ranges step{0..143000..1000} and patterns step* (matched against the repo's branches).",
+        show_default=False,
+    ),
+]
+CommitEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--commit-every",
+        help="Commit results every N new checkpoints, so a killed run goes on from there "
+        "(default: 16 for remote inputs; 0: only at the end).",
         show_default=False,
     ),
 ]

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 from wdiff import __version__
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
+from wdiff.readers.remote import is_url
 from wdiff.results import ACCUMULATED, ROWS, SUMMARY, Results
 
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
-    from wdiff.sequence import Run
+    from wdiff.sequence import Checkpoint, Run
 
 MAX_SUMMARY_BYTES = 1 << 30
 MAX_INT = 2**63
@@ -207,6 +208,8 @@ def build_summary(
         "checkpoints": [
             {"path": c.path, "step": c.step, "tensors": len(c.tensors), "fingerprint": f}
             | ({"state_key": c.state_key} if c.state_key is not None else {})
+            | (c.origin or {})
+            | remote_objects(c)
             for c, f in zip(run.checkpoints, fingerprints)
         ],
         "tensors": result.tensors,
@@ -226,6 +229,14 @@ def build_summary(
     if run.matching is not None:  # ONNX: which initializers were matched by name, which by position
         summary["matching"] = run.matching
     return summary
+
+
+def remote_objects(checkpoint: Checkpoint) -> dict[str, Any]:
+    """``{"objects": {URL: {"size", "tag"}}}`` for a checkpoint read from a remote store: exactly which
+    objects were read (the tag is the store's identity of each: an ETag, ``sha256:`` of a Hub LFS file
+    or ``blob_id:`` of a small one); nothing for a local checkpoint."""
+    found = {p: {"size": i.size, "tag": i.tag} for p, i in checkpoint.files.items() if is_url(p)}
+    return {"objects": found} if found else {}
 
 
 def trainer_summary(state: dict | None) -> dict | None:

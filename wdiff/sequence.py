@@ -33,6 +33,9 @@ class Checkpoint:
     files: dict[str, FileIdentity] = field(default_factory=dict, repr=False)
     # digest of the header of every safetensors file among them, as scanned (``scan.recheck``)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # A revision of a Hub suite (``wdiff.suites``): {"url": as named, "revision": name, "commit": sha};
+    # ``path`` is then the checkpoint at that commit, which is what is read.
+    origin: dict | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,16 @@ def plan_update(
     *,
     incremental: bool,
     extend_only: bool,
+    intervals: int | None = None,
 ) -> Plan:
-    """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``)."""
+    """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``).
+    ``intervals``: the film's grids are those of a run of that many intervals (a run committed in parts
+    keeps the grids of the whole, so that each part extends the one before)."""
     previous, update = (
         previous_results(out, run, fingerprints, chunk_elements) if incremental else (None, "full")
     )
     shapes = [(t.name, t.shape) for t in run.tensors]
-    budget = frame_budget_for(scene.frame_points, len(run.checkpoints) - 1, len(shapes))
+    budget = frame_budget_for(scene.frame_points, intervals or len(run.checkpoints) - 1, len(shapes))
     frame_grids = cell_grids(shapes, budget, scene.pool) if scene.frames else {}  # pooled like the scene
     old_frames = None
     if scene.frames and previous is not None:

@@ -24,6 +24,7 @@ from wdiff.readers.base import DTYPES, Contents, DType, Skipped, TensorRef, firs
 from wdiff.readers.dcp import looks_like_dcp, read_dcp
 from wdiff.readers.layouts import accelerate_models, read_accelerate
 from wdiff.readers.onnx import looks_like_onnx, read_onnx
+from wdiff.readers.remote import location
 from wdiff.readers.safetensors import INDEX_NAME, looks_like_safetensors, read_header, read_sharded
 from wdiff.readers.torch import looks_like_legacy_torch, looks_like_torch_zip, read_torch
 
@@ -214,7 +215,7 @@ def _unicode_names(contents: Contents) -> Contents:
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Contents:
     """Everything a reader finds in one checkpoint, a file or a checkpoint folder."""
-    return _unicode_names(_open_checkpoint(Path(path)))
+    return _unicode_names(_open_checkpoint(location(path)))
 
 
 def _open_checkpoint(path: Path) -> Contents:

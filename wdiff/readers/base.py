@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from wdiff.errors import WdiffError
+from wdiff.readers import remote
 
 # Side files are read whole, so each has a cap well above real files (docs/reliability.md, "Limits").
 MIB = 1 << 20
@@ -44,13 +45,20 @@ class FileIdentity:
     size: int
     mtime_ns: int
     ctime_ns: int
+    tag: str = ""  # an object in a remote store: its ETag, LFS sha256 or blob id (device, inode, times 0)
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    @classmethod
+    def remote(cls, entry: remote.Entry) -> FileIdentity:
+        return cls(0, 0, entry.size, 0, 0, entry.tag)
+
     def change(self, now: FileIdentity) -> str:
         """What differs between the scanned file (``self``) and ``now``, in words."""
+        if now.tag != self.tag:
+            return f"replaced by another object: {self.tag or 'no tag'} -> {now.tag or 'no tag'}"
         if (now.device, now.inode) != (self.device, self.inode):
             return "replaced by another file"
         if now.size != self.size:
@@ -115,6 +123,8 @@ def open_input(
     checked on the open descriptor, which is the one then read from. ``nofollow``: refuse a symlink
     as the last part of the path (ONNX external data, as the onnx library does).
     """
+    if remote.is_url(path):  # remote bytes reach a descriptor only through InputFiles' fetch
+        raise WdiffError(path, "cannot read a remote object by descriptor")
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     try:
         fd = os.open(path, flags)
@@ -149,7 +159,10 @@ def still_same(fd: int, path: str, expected: FileIdentity | None) -> None:
 
 
 def identity_of(path: str | os.PathLike[str]) -> FileIdentity:
-    """The identity of the regular file at ``path`` now (opened, never blocking, and checked)."""
+    """The identity of the regular file at ``path`` now (opened, never blocking, and checked), or of
+    the remote object at a URL (as listed)."""
+    if remote.is_url(path):
+        return _remote_identity(os.fspath(path))
     fd = open_input(path)
     try:
         return FileIdentity.of(os.fstat(fd))
@@ -157,14 +170,34 @@ def identity_of(path: str | os.PathLike[str]) -> FileIdentity:
         os.close(fd)
 
 
+def _remote_identity(url: str, expected: FileIdentity | None = None) -> FileIdentity:
+    entry = remote.stat(url)
+    if entry is None:
+        raise WdiffError(url, "not found (404)")
+    if entry.is_dir:
+        raise WdiffError(url, "cannot read: a folder, not a file")
+    now = FileIdentity.remote(entry)
+    if expected is not None and now != expected:
+        raise changed(url, expected, now)
+    return now
+
+
 class InputFiles:
     """The input files one chunk task reads: each opened once by :func:`open_input`, checked to be
     the scanned file (``expected``: path -> identity) when opened and again by ``verify`` after the
-    reads, closed on exit."""
+    reads, closed on exit.
 
-    def __init__(self, expected: Mapping[str, FileIdentity]) -> None:
+    A remote object (a URL) is never opened: ``ranges`` (URL -> [(offset, nbytes), ...]) says which of
+    its bytes the task reads, and the first ``fd`` of any URL fetches them all at once into in-memory
+    files (``readers.remote.fetch``) whose descriptors read like the object at the same offsets."""
+
+    def __init__(
+        self, expected: Mapping[str, FileIdentity], ranges: Mapping[str, list[tuple[int, int]]] | None = None
+    ) -> None:
         self.expected = expected
+        self.ranges = ranges or {}
         self.fds: dict[str, int] = {}
+        self.fetched = False
 
     def __enter__(self) -> InputFiles:
         return self
@@ -175,12 +208,33 @@ class InputFiles:
     def fd(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
+            if remote.is_url(path):
+                self._fetch()
+                if path not in self.fds:
+                    raise WdiffError(path, "internal error: a remote object read with no range given")
+                return self.fds[path]
             fd = self.fds[path] = open_input(path, self.expected.get(path))
         return fd
 
+    def _fetch(self) -> None:
+        if self.fetched:
+            return
+        self.fetched = True
+        wants = []
+        for url, spans in self.ranges.items():
+            if remote.is_url(url):
+                known = self.expected.get(url)
+                size, tag = (known.size, known.tag) if known else (0, "")
+                wants += [remote.Want(url, offset, n, size, tag) for offset, n in spans if n > 0]
+        self.fds.update(remote.fetch(wants))
+        for url in self.ranges:  # a URL of empty ranges only: an empty file
+            if remote.is_url(url) and url not in self.fds:
+                self.fds.update(remote.fetch([remote.Want(url, 0, 0)]))
+
     def verify(self) -> None:
         for path, fd in self.fds.items():
-            still_same(fd, path, self.expected.get(path))
+            if not remote.is_url(path):  # remote: its tag was checked on every range read or is a commit's
+                still_same(fd, path, self.expected.get(path))
 
     def close(self) -> None:
         while self.fds:
@@ -188,8 +242,24 @@ class InputFiles:
 
 
 def open_regular(path: str | os.PathLike[str], expected: FileIdentity | None = None) -> BinaryIO:
-    """:func:`open_input` as a binary file object."""
+    """:func:`open_input` as a binary file object; a remote object (a URL) as a seekable file over
+    range reads (``readers.remote.open_file``), recorded and checked like a local one."""
+    if remote.is_url(path):
+        url = os.fspath(path)
+        now = _remote_identity(url, expected)
+        seen = _recorded.get()
+        if seen is not None:
+            seen.files.setdefault(url, now)
+        return remote.open_file(url, now.size, now.tag)  # type: ignore[return-value]
     return os.fdopen(open_input(path, expected), "rb")
+
+
+def size_of(f: BinaryIO) -> int:
+    """The size of a file opened by :func:`open_regular`, local or remote."""
+    raw = getattr(f, "raw", None)
+    if isinstance(raw, remote.RangeFile):
+        return raw.size
+    return os.fstat(f.fileno()).st_size
 
 
 def first_bytes(path: str | os.PathLike[str], n: int) -> bytes:
@@ -207,7 +277,7 @@ def read_json(path: str | os.PathLike[str], what: str, limit: int) -> Any:
     naming it. Python's json module on purpose: HF writes these files with ``json.dumps``, bare NaN
     included."""
     with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
+        size = size_of(f)
         too_big = f"{what} of {{}} bytes is over the {limit >> 20} MiB limit"
         if size > limit:
             raise WdiffError(path, too_big.format(size))

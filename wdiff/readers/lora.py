@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from wdiff.readers.base import CONFIG_LIMIT, Skipped, TensorRef, read_json
 from wdiff.readers.patterns import pattern_values
+from wdiff.readers.remote import location
 
 if TYPE_CHECKING:
     from wdiff.sequence import AlignedTensor, Checkpoint
@@ -161,7 +162,8 @@ def effective_tensors(checkpoints: Sequence[Checkpoint]) -> tuple[list[AlignedTe
 
 def _side_folder(path: str) -> Path:
     """The folder of a checkpoint's side files (as ``wdiff.checkpoints.side_folder``)."""
-    return Path(path) if Path(path).is_dir() else Path(path).parent
+    where = location(path)
+    return where if where.is_dir() else where.parent
 
 
 def _renamed(ref: LoraRef, name: str) -> LoraRef:

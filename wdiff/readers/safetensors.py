@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json, record_header
+from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json, record_header, size_of
+from wdiff.readers.remote import location
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,7 +26,7 @@ def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
     try:
         with open_regular(path) as f:
             head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
+            size = size_of(f)
     except (OSError, WdiffError):
         return False
     if len(head) < 9:
@@ -103,7 +104,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorRef], dic
     path = os.fspath(path)
     try:
         with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
+            size = size_of(f)
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise WdiffError(path, f"not a safetensors file: {size} bytes, too short for a header")
@@ -196,7 +197,7 @@ def read_sharded(
 ) -> dict[str, TensorRef]:
     """Tensors of a sharded checkpoint, through its index (``model.safetensors.index.json``, or HF's
     ``pytorch_model.bin.index.json`` of the same shape, with ``read_shard`` reading a PyTorch shard)."""
-    index_path = Path(index_path)
+    index_path = location(index_path)
     folder = index_path.parent.resolve()
     index = read_json(index_path, "shard index", INDEX_LIMIT)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -22,7 +22,16 @@ from typing import BinaryIO
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import Contents, Piece, PiecesRef, Skipped, TensorRef, first_bytes, open_regular
+from wdiff.readers.base import (
+    Contents,
+    Piece,
+    PiecesRef,
+    Skipped,
+    TensorRef,
+    first_bytes,
+    open_regular,
+    size_of,
+)
 from wdiff.readers.pickle import (
     MAX_PICKLE_BYTES,
     RUNS_CODE,
@@ -406,7 +415,7 @@ def _open(path: str) -> tuple[str, dict[str, ZipEntry], bytes]:
     """The archive folder, its entries and ``data.pkl``; refuses what is not a readable torch.save zip."""
     try:
         with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
+            size = size_of(f)
             head = f.read(32)
             if head[:1] == b"\x80" and b"\x8a\x0a" + LEGACY_MAGIC in head:
                 raise WdiffError(path, LEGACY_HINT)
