@@ -147,10 +147,10 @@ class _Gather:
         kernels.decode_block(raw[: (hi - lo) * size], self.code, self.lut, out)
 
 
-def _piece_ranges(refs: tuple[TensorRef, ...], start: int, stop: int) -> dict[str, list[tuple[int, int]]]:
+def piece_ranges(tensor: AlignedTensor, start: int, stop: int) -> dict[str, list[tuple[int, int]]]:
     """The bytes of elements [start, stop) in every piece stored in a remote store (by URL)."""
     ranges: dict[str, list[tuple[int, int]]] = {}
-    for ref in refs:
+    for ref in tensor.refs:
         size = ref.kind.bits // 8
         for p in pieces_of(ref):
             lo, hi = max(start, p.start), min(stop, p.start + p.count)
@@ -172,7 +172,7 @@ def process_pieces(
     """``stream.process_chunk`` for a tensor stored in pieces in some checkpoint (the others may hold
     it in one range): same arguments, same ChunkStats."""
     # each file checked to be the one scanned, on its descriptor; a remote one's pieces fetched first
-    files = InputFiles(dict(tensor.files), _piece_ranges(tensor.refs, start, stop))
+    files = InputFiles(dict(tensor.files), piece_ranges(tensor, start, stop))
     try:
         gathers = [_Gather(r, files) for r in tensor.refs]
         raw = np.empty(BLOCK_ELEMENTS * max(g.itemsize for g in gathers), np.uint8)
@@ -231,6 +231,16 @@ class _Factors:
         return (self.b[r0:r1] @ self.a).ravel()
 
 
+def factor_ranges(tensor: AlignedTensor, start: int, stop: int) -> dict[str, list[tuple[int, int]]]:
+    """Every LoRA factor stored in a remote store (by URL), whole: each chunk reads them all."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for r in tensor.refs:
+        for factor in (r.a, r.b):  # type: ignore[attr-defined]
+            if is_url(factor.path):
+                ranges.setdefault(factor.path, []).append((factor.offset, factor.nbytes))
+    return ranges
+
+
 def process_product(
     tensor: AlignedTensor,
     start: int,
@@ -243,12 +253,8 @@ def process_product(
 ) -> ChunkStats:
     """``stream.process_chunk`` for an effective LoRA change: same arguments, same ChunkStats.
     ``acc_in``: continue an incremental run; ``tensor.refs`` are then [W(0), W(K-1), W(K), ...]."""
-    wanted: dict[str, list[tuple[int, int]]] = {}  # every factor, whole (a remote one fetched first)
-    for r in tensor.refs:
-        for factor in (r.a, r.b):  # type: ignore[attr-defined]
-            if is_url(factor.path):
-                wanted.setdefault(factor.path, []).append((factor.offset, factor.nbytes))
-    with InputFiles(dict(tensor.files), wanted) as files:  # each checked to be the file scanned
+    # each checked to be the file scanned; a remote one's factors fetched first
+    with InputFiles(dict(tensor.files), factor_ranges(tensor, start, stop)) as files:
         factors = [_Factors(r, files) for r in tensor.refs]  # type: ignore[arg-type]
         files.verify()
     cols = row_cols(tensor.shape)  # the product's rows are the tensor's rows

@@ -24,6 +24,7 @@ from wdiff import blocks, stream
 from wdiff.chunk import ChunkStats, row_cols
 from wdiff.detail import Grid
 from wdiff.errors import WdiffError
+from wdiff.readers.base import prefetched
 from wdiff.results import OutputLayout
 from wdiff.sequence import AlignedTensor, Run
 
@@ -36,6 +37,13 @@ TASKS: dict[str, Callable[..., ChunkStats]] = {
     "bytes": stream.process_chunk,  # one byte range per checkpoint: the Numba streaming driver
     "pieces": blocks.process_pieces,  # several byte ranges (sharded DCP tensors, strided views)
     "product": blocks.process_product,  # computed: the effective change of a LoRA adapter
+}
+# What the chunk task of each source kind reads of objects in a remote store: (tensor, start, stop) ->
+# {URL: [(offset, nbytes), ...]}. A bundle fetches the ranges of all its tensors at once.
+REMOTE_RANGES: dict[str, Callable[..., dict[str, list[tuple[int, int]]]]] = {
+    "bytes": stream.remote_ranges,
+    "pieces": blocks.piece_ranges,
+    "product": blocks.factor_ranges,
 }
 
 
@@ -192,11 +200,17 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
     """Each tensor's one chunk task then its aggregate, exactly as their own tasks would run them (the
     same calls on the same arguments: the same bits), without two Dask tasks per tensor."""
     results, nbytes = [], 0
+    wanted: dict[str, list[tuple[int, int]]] = {}  # a remote store's ranges: one fetch for the bundle
     for item in items:
-        stats = item.task(*item.args)
-        nbytes += stats.nbytes
-        tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
-        results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
+        tensor, start, stop = item.args[:3]
+        for url, spans in REMOTE_RANGES[tensor.source](tensor, start, stop).items():
+            wanted.setdefault(url, []).extend(spans)
+    with prefetched(wanted, {p: i for item in items for p, i in item.args[0].files}):
+        for item in items:
+            stats = item.task(*item.args)
+            nbytes += stats.nbytes
+            tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
+            results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
 

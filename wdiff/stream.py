@@ -12,16 +12,16 @@ import numpy as np
 from wdiff import kernels
 from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
 from wdiff.errors import WdiffError
-from wdiff.readers.base import InputFiles, TensorRef
+from wdiff.readers.base import InputFiles
 from wdiff.readers.remote import is_url
 from wdiff.sequence import AlignedTensor
 
 
-def remote_ranges(refs: tuple[TensorRef, ...], start: int, stop: int) -> dict[str, list[tuple[int, int]]]:
+def remote_ranges(tensor: AlignedTensor, start: int, stop: int) -> dict[str, list[tuple[int, int]]]:
     """The byte range of elements [start, stop) in each checkpoint stored in a remote store (by URL):
     what ``InputFiles`` fetches before the kernels read."""
     ranges: dict[str, list[tuple[int, int]]] = {}
-    for r in refs:
+    for r in tensor.refs:
         if is_url(r.path):
             size = r.kind.bits // 8
             ranges.setdefault(r.path, []).append((r.offset + start * size, (stop - start) * size))
@@ -62,7 +62,7 @@ def process_chunk(
     diff = np.empty(block if b.frames.size else 1, np.float32)
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
     # each file checked to be the one scanned, on its descriptor; a remote one's slices fetched first
-    files = InputFiles(dict(tensor.files), remote_ranges(refs, start, stop))
+    files = InputFiles(dict(tensor.files), remote_ranges(tensor, start, stop))
     try:
         fds = np.array([files.fd(r.path) for r in refs], np.int32)
         acc_fd, acc_offset = (files.fd(acc_in[0]), acc_in[1]) if acc_in else (-1, 0)

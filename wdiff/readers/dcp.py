@@ -38,6 +38,7 @@ from wdiff.naming import last_number
 from wdiff.readers import torch as torch_file
 from wdiff.readers.base import DTYPES, Piece, PiecesRef, Skipped, TensorRef, open_regular
 from wdiff.readers.pickle import Global, Placeholder, describe, plain_containers, restricted_load
+from wdiff.readers.remote import LOCAL_ONLY, is_url
 from wdiff.readers.torch import TORCH_DTYPES, TorchContents
 
 METADATA_NAME = ".metadata"
@@ -604,6 +605,8 @@ def read_dcp(folder: str | os.PathLike[str]) -> TorchContents:
     Optimizer, scheduler, dataloader and train-state entries are left out silently (they are not the
     model); other non-tensor values and tensors wdiff cannot read are listed in ``skipped``. The step
     is the last number of the folder's name (``step-1000``)."""
+    if is_url(folder):
+        raise WdiffError(folder, LOCAL_ONLY.format(kind="torch.distributed.checkpoint folders"))
     folder = Path(folder)
     if folder.name == METADATA_NAME and not folder.is_dir():  # the .metadata file given for its folder
         folder = folder.parent

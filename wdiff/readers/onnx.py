@@ -34,6 +34,7 @@ from pathlib import Path
 
 from wdiff.errors import WdiffError
 from wdiff.readers.base import DTYPES, TensorRef, open_input, open_regular
+from wdiff.readers.remote import LOCAL_ONLY, is_url
 
 # onnx TensorProto.DataType -> wdiff dtype code (docs/formats.md). Kinds with no entry (STRING,
 # COMPLEX128, the 4-bit kinds, ...) are not listed as tensors.
@@ -332,6 +333,8 @@ def read_onnx(path: str | os.PathLike[str]) -> dict[str, OnnxRef]:
 
     Raises WdiffError (one line naming the file) for anything that does not parse or does not check.
     """
+    if is_url(path):
+        raise WdiffError(path, LOCAL_ONLY.format(kind="ONNX models"))
     import onnx
     from google.protobuf.message import DecodeError
 

@@ -47,6 +47,11 @@ _PACKAGES = {
     "hf": "huggingface_hub",
 }  # fmt: skip
 
+# The formats read from local disk only (their readers map or seek through whole files).
+LOCAL_ONLY = (
+    "{kind} are read from local disk only: copy the checkpoints first (safetensors and PyTorch files are "
+    "read remotely)"
+)
 PART_BYTES = 8 << 20  # one range request: big enough for the link, small enough to retry
 IN_FLIGHT = 16  # range requests in flight at once, over every chunk task of this process
 READ_AHEAD = 1 << 16  # what a header or side-file read fetches at once
@@ -173,6 +178,7 @@ def _retrying(url: str, attempt: Any) -> Any:
             if n == RETRIES:
                 why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 raise WdiffError(url, f"cannot read after {RETRIES + 1} attempts: {why}") from None
+            _count(retries=1)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 8.0)
     raise AssertionError("unreachable")
@@ -460,6 +466,61 @@ def location(path: str | os.PathLike[str]) -> Any:
 # ---- reading ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Counts:
+    """What this process asked of remote stores: range requests answered, bytes they brought, retries."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    cached: int = 0  # small reads answered from the cache of recent ones
+
+
+counts = Counts()
+_counts_lock = threading.Lock()
+
+
+def _count(**add: int) -> None:
+    with _counts_lock:
+        for k, v in add.items():
+            setattr(counts, k, getattr(counts, k) + v)
+
+
+class _Recent:
+    """The last small reads of headers and side files (``RangeFile``), by exact range, so that sniffing
+    a file's format and then parsing its header does not read the same bytes twice."""
+
+    LIMIT = 64 << 20  # bytes held at most
+    BIGGEST = 1 << 20  # reads above this are not kept
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.lock = threading.Lock()
+        self.held: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self.size = 0
+
+    def get(self, key: tuple[str, int, int]) -> bytes | None:
+        with self.lock:
+            data = self.held.get(key)
+            if data is not None:
+                self.held.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[str, int, int], data: bytes) -> None:
+        if len(data) > self.BIGGEST:
+            return
+        with self.lock:
+            if key not in self.held:
+                self.held[key] = data
+                self.size += len(data)
+            while self.size > self.LIMIT:
+                self.size -= len(self.held.popitem(last=False)[1])
+
+
+_recent = _Recent()
+
+
 def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
     """Bytes [start, end) of ``url``, retried; a body of another length is refused (a server that
     ignores ``Range`` sends the whole object), never used."""
@@ -470,6 +531,7 @@ def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
 
     def attempt() -> bytes:
         data = fs.cat_file(_fs_path(url), start=start, end=end, **kwargs)
+        _count(requests=1, bytes=len(data))
         if len(data) == end - start:
             return data
         if size and len(data) == size and start != 0:
@@ -510,7 +572,13 @@ class RangeFile(io.RawIOBase):
         end = min(self.size, self.pos + len(view))
         if end <= self.pos:
             return 0
-        data = _read_range(self.url, self.pos, end, self.tag, self.size)
+        key = (self.url, self.pos, end)
+        data = _recent.get(key)
+        if data is None:
+            data = _read_range(self.url, self.pos, end, self.tag, self.size)
+            _recent.put(key, data)
+        else:
+            _count(cached=1)
         view[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -569,7 +637,7 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
     memory; only the ranges asked for are held."""
     parts = [
         (w, at, min(at + PART_BYTES, w.offset + w.nbytes))
-        for w in wants
+        for w in _coalesced(wants)
         for at in range(w.offset, w.offset + w.nbytes, PART_BYTES)
     ]
     fds: dict[str, int] = {}
@@ -593,6 +661,23 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
             os.close(fd)
         raise
     return fds
+
+
+MERGE_GAP = 1 << 18  # two ranges of one object closer than this are read in one request
+
+
+def _coalesced(wants: Sequence[Want]) -> list[Want]:
+    """The ranges of each object sorted, overlapping or nearby ones merged (the small tensors of one
+    safetensors file lie side by side), empty ones dropped."""
+    merged: list[Want] = []
+    for w in sorted((w for w in wants if w.nbytes > 0), key=lambda w: (w.url, w.offset)):
+        last = merged[-1] if merged else None
+        if last is not None and last.url == w.url and w.offset <= last.offset + last.nbytes + MERGE_GAP:
+            end = max(last.offset + last.nbytes, w.offset + w.nbytes)
+            merged[-1] = Want(last.url, last.offset, end - last.offset, last.size, last.tag)
+        else:
+            merged.append(w)
+    return merged
 
 
 def _memory_file(name: str) -> int:
