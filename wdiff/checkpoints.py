@@ -35,7 +35,7 @@ from wdiff.readers.base import (
     recording,
 )  # fmt: skip
 from wdiff.readers.lora import read_adapter_config
-from wdiff.readers.remote import RemotePath, is_url, location
+from wdiff.readers.remote import RemotePath, filesystem, is_url, location
 from wdiff.readers.tied import ties_embeddings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
@@ -284,8 +284,11 @@ def _read_checkpoints(
                 raise
             return Skipped(str(p), f"newest checkpoint left out (still being written?): {e}")
 
-    if any(isinstance(p, RemotePath) for _, p in pairs):
+    remote = [p for _, p in pairs if isinstance(p, RemotePath)]
+    if remote:
         from concurrent.futures import ThreadPoolExecutor
+
+        filesystem(remote[0].url)  # the store's libraries imported here, not by several threads at once
 
         with ThreadPoolExecutor(REMOTE_SCANS, thread_name_prefix="wdiff-scan") as pool:
             read_all = list(pool.map(read, range(len(pairs))))  # the first error, in checkpoint order

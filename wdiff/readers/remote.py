@@ -75,16 +75,15 @@ def protocol_of(url: str) -> str:
     return m.group(1).lower()
 
 
-_filesystems: dict[tuple[str, int], Any] = {}
+_filesystems: dict[str, Any] = {}
 _fs_lock = threading.Lock()
 
 
 def filesystem(url: str) -> Any:
-    """The fsspec filesystem for ``url``'s protocol, one per process and thread for the Hub (its client
-    keeps a session per thread), configured from the environment (``AWS_*``, ``HF_ENDPOINT``,
-    ``HF_TOKEN``, ``GOOGLE_APPLICATION_CREDENTIALS``) as each library reads it."""
-    protocol = protocol_of(url)
-    key = (protocol, threading.get_ident() if protocol == "hf" else 0)
+    """The fsspec filesystem for ``url``'s protocol, one per process, configured from the environment
+    (``AWS_*``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``GOOGLE_APPLICATION_CREDENTIALS``) as each library
+    reads it."""
+    key = protocol = protocol_of(url)
     with _fs_lock:
         fs = _filesystems.get(key)
         if fs is None:
@@ -528,6 +527,8 @@ def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
     kwargs: dict[str, Any] = {}
     if tag and protocol_of(url) in ("http", "https") and not tag.startswith("W/"):
         kwargs["headers"] = {"If-Match": f'"{tag}"'}
+    if protocol_of(url) == "hf":  # the Hub's file object: the bytes asked for, no read-ahead block
+        kwargs["cache_type"] = "none"
 
     def attempt() -> bytes:
         data = fs.cat_file(_fs_path(url), start=start, end=end, **kwargs)
