@@ -489,3 +489,20 @@ def test_hub_ranged_reads_are_retried_by_huggingface_hub(hub_server, revisions):
     cdn = [r for r in base.log() if r["server"] == "cdn"]
     assert [r["fault"] for r in cdn] == ["503", "drop", None]
     assert len({r["range"] for r in cdn}) == 1
+
+
+def test_hub_server_that_ignores_range(hub_server, revisions):
+    from huggingface_hub import HfFileSystem
+
+    base = hub_server({"org/model": {"step1000": revisions["step1000"]}}, ignore_range=True)
+    fs = HfFileSystem(endpoint=base)
+    path = "hf://org/model@step1000/model.safetensors"
+    local = (revisions["step1000"] / "model.safetensors").read_bytes()
+    # client behaviour: huggingface_hub does not check that a ranged GET got a range (206 /
+    # Content-Range): the buffered file takes the whole body as the block asked for, so a read at an
+    # offset silently returns the bytes from the start of the file
+    assert fs.cat_file(path, start=100, end=200) == local[:100] != local[100:200]
+    with fs.open(path, cache_type="none") as f:
+        f.seek(1000)
+        assert f.read(10) == local  # no cache: the whole body comes back from a 10-byte read
+    assert {r["status"] for r in base.log() if r["server"] == "cdn"} == {200}
