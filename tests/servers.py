@@ -444,6 +444,14 @@ def s3_reset(endpoint: str) -> None:
     urllib.request.urlopen(req, timeout=30).close()
 
 
+def _forget_hf_filesystems() -> None:
+    """Drop cached ``HfFileSystem`` instances: a later server may get the same port, and a cached
+    instance for that endpoint would answer from the listings and revisions of the old one."""
+    module = sys.modules.get("huggingface_hub.hf_file_system")
+    if module is not None:
+        module.HfFileSystem.clear_instance_cache()
+
+
 # --------------------------------------------------------------------------------------------------
 # pytest fixtures (registered by tests/conftest.py: pytest_plugins = ["servers"])
 
@@ -512,6 +520,7 @@ if pytest is not None:
         finally:
             for url in started:
                 url.stop()
+            _forget_hf_filesystems()
 
     @pytest.fixture
     def hf_env(monkeypatch, tmp_path) -> Callable[[str], None]:
