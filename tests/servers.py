@@ -10,13 +10,30 @@ teardown or when the test process dies in any way; a child also stops after ``MA
 seconds (1 h, env ``WDIFF_TEST_SERVER_MAX_LIFETIME``) whatever happens. Teardown also terminates,
 then kills, a child that has not gone within seconds.
 
+Fixtures (registered by ``pytest_plugins = ["servers"]`` in tests/conftest.py) and helpers:
+
+* ``s3_server`` (session): the endpoint URL of a moto S3 server; ``s3_env``: the environment in
+  which a plain ``s3fs.S3FileSystem()`` reaches it (yields the endpoint);
+  ``upload_folder(endpoint, local_dir, "s3://bucket/prefix")``, ``s3_storage_options(endpoint)``,
+  ``s3_env_vars(endpoint)``, ``s3_reset(endpoint)``.
+* ``http_server``: factory ``http_server(root_dir, **faults) -> base URL``.
+* ``hub_server``: factory ``hub_server({"org/model": {"step0": dir0, ...}}, lfs_redirect=True,
+  page_size=None, **faults) -> endpoint URL``; ``hf_env``: ``hf_env(endpoint)`` points
+  huggingface_hub at it; ``hub_reload(url, repos=None)``, ``hub_commit_sha(url, repo, revision)``.
+* ``start_s3_server()``, ``start_http_server(...)``, ``start_hub_server(...)``: the same servers
+  outside a test (e.g. in a module-scoped fixture); stop them with ``url.stop()``.
+
+Every URL returned is a ``ServerURL``: a ``str`` with ``.log()``, ``.reset()``, ``.log_path``,
+``.stop()`` (and ``.cdn`` for the Hub); pickled or copied, it is a plain ``str``. The factory
+fixtures stop their servers when the test ends, failed or not.
+
 What each server emulates, and what it does not
 -----------------------------------------------
 
 S3 (``s3_server``, ``start_s3_server``): moto's own server (``moto.server.ThreadedMotoServer``,
-the WSGI app ``python -m moto.server`` runs) in a child process: a full S3 API emulation (buckets,
-ListObjectsV2, HEAD, ranged GET with 206, ETag, multipart uploads). Any credentials are accepted;
-no TLS; virtual-host addressing is not used (path style on 127.0.0.1). Plain
+the WSGI app ``python -m moto.server`` runs) in a child process: moto's S3 emulation (buckets,
+ListObjectsV2, HEAD, ranged GET with 206, ETag, multipart uploads). It keeps no request log. Any
+credentials are accepted; no TLS; virtual-host addressing is not used (path style on 127.0.0.1). Plain
 ``s3fs.S3FileSystem()`` with no arguments reaches it when these are set (``s3_env`` sets them):
 ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``; botocore 1.43 honours both, checked with
 s3fs 2026.9 + aiobotocore 3.10), ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (any value),
@@ -76,7 +93,8 @@ are the Hub's: 404 with ``X-Error-Code: RepoNotFound`` (missing repo, or any dat
 maps to ``RepositoryNotFoundError``, ``RevisionNotFoundError`` and ``EntryNotFoundError``
 (``HfFileSystem`` turns all three into ``FileNotFoundError``). The repo holds exactly the files of
 the folder (the real Hub always adds ``.gitattributes``; put one in the folder to have it). Files
-are hashed when the server starts (or on ``reload``); change them only through ``reload``.
+are hashed when the server starts: after changing them (or to add a branch, as a trainer pushing a
+checkpoint would), call ``hub_reload(url, repos)``.
 
 Not emulated by the Hub server: Xet (no ``xetHash`` in listings, no ``X-Xet-*`` headers, so
 huggingface_hub reads with plain HTTP range requests whether or not hf-xet is installed), auth
@@ -102,8 +120,9 @@ kinds in ``fail_kinds`` taken in turn: ``"503"`` (503 Service Unavailable, no Re
 ``"drop"`` (headers with the full Content-Length, then half the body, then the connection is
 closed; a HEAD or an empty body is closed before the headers instead), ``"close"`` (connection
 closed before any header). At most ``max_failures`` (default 50) failures are injected, so a
-retrying client always gets through. ``ignore_range=True`` answers every GET with 200 and the whole
-body and sends no ``Accept-Ranges``. ``delay`` (seconds) waits before every answer.
+retrying client always gets through. ``ignore_range=True`` answers every GET of a file with 200 and
+the whole body, whatever its Range, and sends no ``Accept-Ranges``. ``delay`` (seconds) waits
+before every answer.
 
 Every request except the admin ones is logged as ``{"n", "server" ("http", "hub" or "cdn"),
 "method", "path" (raw, without the query), "query", "range" (the Range header or None), "status"
@@ -113,6 +132,24 @@ means they overlapped), "t"}``; a record is written before the body is sent, so 
 the client has the bytes. Read it with ``url.log()`` (GET ``/__log__``) or from the JSON-lines file
 ``url.log_path``; ``url.reset()`` (POST ``/__reset__``) empties it and restarts the fault counter.
 Admin requests are never logged nor failed.
+
+What the clients do (found with these servers; pinned in tests/test_servers.py)
+--------------------------------------------------------------------------------
+
+* s3fs 2026.9: ``cat_file(path, version_id=None, start=None, end=None)``: pass start/end by keyword.
+* fsspec's HTTPFileSystem (aiohttp 3.14): no retry of a 503 (``ClientResponseError``) nor of a body
+  cut short (``ClientPayloadError``); aiohttp itself re-sends an idempotent request once when a
+  reused keep-alive connection closes before the response headers. Against a server that ignores
+  Range, ``cat_file(url, start, end)`` returns the whole body unchecked; a file object reads from
+  offset 0 by truncating the whole body and raises ``ValueError`` for any other offset.
+* huggingface_hub 2.4 (HfFileSystem): listings go through ``tree`` (in parallel for recursive
+  ones), ``info`` through the cached parent listing or ``paths-info``; file reads are GETs of
+  ``resolve`` with a ``Range`` header, re-sent to the CDN after the 302 of an LFS file. Ranged reads
+  go through ``http_backoff``: 5xx and broken connections are retried (sleeping 1, 2, 4... s).
+  ``cat_file`` and buffered files read ahead a whole block (5 MiB by default) past the bytes asked
+  for; ``cache_type="none"`` reads exactly; ``read()`` of a whole file streams it with one GET.
+  A ranged answer is not checked: a server that ignores Range makes a read at an offset return the
+  start of the file, silently.
 """
 
 from __future__ import annotations
