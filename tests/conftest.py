@@ -3,6 +3,7 @@ from pathlib import Path
 
 # tests import their helpers (factories.py) as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["servers"]  # real S3/HTTP/Hub servers in child processes (tests/servers.py)
 
 
 import pytest  # noqa: E402
