@@ -35,7 +35,7 @@ from wdiff.readers.base import (
     recording,
 )  # fmt: skip
 from wdiff.readers.lora import read_adapter_config
-from wdiff.readers.remote import RemotePath, filesystem, is_url, location
+from wdiff.readers.remote import RemotePath, filesystem, forget_listings, is_url, location
 from wdiff.readers.tied import ties_embeddings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
@@ -319,6 +319,8 @@ def scan(
     paths = [location(inputs)] if isinstance(inputs, (str, os.PathLike)) else [location(p) for p in inputs]
     if not paths:
         raise WdiffError(None, "no checkpoints given")
+    if any(isinstance(p, RemotePath) for p in paths):
+        forget_listings()  # what the store holds now
     if revisions is not None:
         return _scan_revisions(paths, revisions)
     try:

@@ -75,7 +75,13 @@ def protocol_of(url: str) -> str:
     return m.group(1).lower()
 
 
-_filesystems: dict[str, Any] = {}
+_filesystems: dict[tuple[str, ...], Any] = {}
+# The environment that points a protocol's library at another server: a new value, a new filesystem.
+_ENDPOINTS = {
+    "hf": ("HF_ENDPOINT", "HF_TOKEN"),
+    "s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"),
+    "gs": ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"),
+}
 _fs_lock = threading.Lock()
 
 
@@ -83,7 +89,8 @@ def filesystem(url: str) -> Any:
     """The fsspec filesystem for ``url``'s protocol, one per process, configured from the environment
     (``AWS_*``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``GOOGLE_APPLICATION_CREDENTIALS``) as each library
     reads it."""
-    key = protocol = protocol_of(url)
+    protocol = protocol_of(url)
+    key = (protocol, *(os.environ.get(v, "") for v in _ENDPOINTS.get(protocol, ())))
     with _fs_lock:
         fs = _filesystems.get(key)
         if fs is None:
@@ -209,11 +216,11 @@ def _tag(info: dict) -> str:
 
 
 def _entry(info: dict) -> Entry:
+    """The entry of a listing or an info; a file's size -1 when the store did not say (an HTML listing)."""
     is_dir = info.get("type") == "directory"
     size = info.get("size")
-    return Entry(
-        is_dir, int(size) if isinstance(size, int) and not is_dir else 0, "" if is_dir else _tag(info)
-    )
+    known = int(size) if isinstance(size, int) else -1
+    return Entry(is_dir, 0 if is_dir else known, "" if is_dir else _tag(info))
 
 
 class _Listings:
@@ -223,16 +230,25 @@ class _Listings:
         self.lock = threading.Lock()
         self.folders: dict[str, dict[str, Entry]] = {}
         self.entries: dict[str, Entry | None] = {}
+        self.unlistable: set[str] = set()  # folders the store would not list (a web server without index)
 
 
 _listed = _Listings()
 
 
 def forget_listings() -> None:
-    """Drop what was listed (a new scan of a store sees what is there now)."""
+    """Drop what was listed and read (a new scan of a store sees what is there now), here and in the
+    filesystems' own listing caches."""
     with _listed.lock:
         _listed.folders.clear()
         _listed.entries.clear()
+        _listed.unlistable.clear()
+    with _recent.lock:
+        _recent.held.clear()
+        _recent.size = 0
+    with _fs_lock:
+        for fs in _filesystems.values():
+            fs.invalidate_cache()
 
 
 def _fs_path(url: str) -> str:
@@ -248,7 +264,12 @@ def list_folder(url: str) -> dict[str, Entry]:
         return known
     fs = filesystem(url)
     target = url + "/" if protocol_of(url) in ("http", "https") else url
-    infos = _retrying(url, lambda: fs.ls(_fs_path(target), detail=True))
+    try:
+        infos = _retrying(url, lambda: fs.ls(_fs_path(target), detail=True))
+    except WdiffError:
+        with _listed.lock:
+            _listed.unlistable.add(url)
+        raise
     children: dict[str, Entry] = {}
     for info in infos:
         name = posixpath.basename(str(info.get("name", "")).rstrip("/"))
@@ -266,8 +287,9 @@ def stat(url: str) -> Entry | None:
     else asked of the store (an ``https`` URL is a file unless it ends in ``/``)."""
     url = _normal(url)
     with _listed.lock:
-        if url in _listed.entries:
-            return _listed.entries[url]
+        known = _listed.entries.get(url, ...)
+    if known is not ... and (known is None or known.is_dir or known.size >= 0):
+        return known
     fs = filesystem(url)
 
     def ask() -> Entry | None:
@@ -385,8 +407,11 @@ class RemotePath:
     # -- what is there
     def _entry(self) -> Entry | None:
         parent = self.parent
-        if parent is not self and parent.url != self.url and _is_listed_folder(parent):
-            return list_folder(parent.url).get(self.name)
+        if parent.url != self.url and _is_listed_folder(parent):
+            try:
+                return list_folder(parent.url).get(self.name)
+            except WdiffError:  # the folder cannot be listed (a web server without an index): ask
+                pass
         if self.folder_hint and protocol_of(self.url) in ("http", "https"):
             try:
                 list_folder(self.url)
@@ -435,6 +460,8 @@ def _is_listed_folder(folder: RemotePath) -> bool:
     with _listed.lock:
         if folder.url in _listed.folders:
             return True
+        if folder.url in _listed.unlistable:
+            return False
         known = _listed.entries.get(folder.url, ...)
     if known is ...:
         if folder.folder_hint and protocol_of(folder.url) in ("http", "https"):
@@ -496,17 +523,26 @@ class _Recent:
         from collections import OrderedDict
 
         self.lock = threading.Lock()
-        self.held: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self.held: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
         self.size = 0
 
-    def get(self, key: tuple[str, int, int]) -> bytes | None:
+    def get(self, key: tuple[str, str, int, int]) -> bytes | None:
         with self.lock:
             data = self.held.get(key)
             if data is not None:
                 self.held.move_to_end(key)
             return data
 
-    def put(self, key: tuple[str, int, int], data: bytes) -> None:
+    def prefix(self, url: str, tag: str, start: int, end: int) -> bytes:
+        """The longest start of bytes [start, end) of ``url`` that a held read covers."""
+        best = b""
+        with self.lock:
+            for (u, t, a, b), data in self.held.items():
+                if u == url and t == tag and a <= start < b and b - start > len(best):
+                    best = data[start - a : min(b, end) - a]
+        return best
+
+    def put(self, key: tuple[str, str, int, int], data: bytes) -> None:
         if len(data) > self.BIGGEST:
             return
         with self.lock:
@@ -535,7 +571,7 @@ def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
         _count(requests=1, bytes=len(data))
         if len(data) == end - start:
             return data
-        if size and len(data) == size and start != 0:
+        if size and len(data) == size:  # and not the length asked for
             raise WdiffError(
                 url, "the server ignores HTTP Range requests (it sent the whole object): wdiff reads remote "
                 "checkpoints by range; copy them to local disk and run wdiff there",
@@ -573,11 +609,12 @@ class RangeFile(io.RawIOBase):
         end = min(self.size, self.pos + len(view))
         if end <= self.pos:
             return 0
-        key = (self.url, self.pos, end)
-        data = _recent.get(key)
+        key = (self.url, self.tag, self.pos, end)
+        data = _recent.get(key) if self.tag else None  # without a tag, nothing says it is the same object
         if data is None:
             data = _read_range(self.url, self.pos, end, self.tag, self.size)
-            _recent.put(key, data)
+            if self.tag:
+                _recent.put(key, data)
         else:
             _count(cached=1)
         view[: len(data)] = data
@@ -647,7 +684,7 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
             if w.url not in fds:
                 fds[w.url] = _memory_file(w.url)
         pool = _fetch_pool()
-        futures = [pool.submit(_read_range, w.url, a, b, w.tag, w.size) for w, a, b in parts]
+        futures = [pool.submit(_read_part, w, a, b) for w, a, b in parts]
         try:
             for (w, a, _), future in zip(parts, futures):
                 data = future.result()
@@ -662,6 +699,17 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
             os.close(fd)
         raise
     return fds
+
+
+def _read_part(w: Want, start: int, end: int) -> bytes:
+    """Bytes [start, end) of ``w.url``: what a header read brought already (a small file is read
+    whole with its header), then the rest from the store."""
+    have = _recent.prefix(w.url, w.tag, start, end) if w.tag else b""
+    if have:
+        _count(cached=1)
+    if len(have) == end - start:
+        return have
+    return have + _read_range(w.url, start + len(have), end, w.tag, w.size)
 
 
 MERGE_GAP = 1 << 18  # two ranges of one object closer than this are read in one request
