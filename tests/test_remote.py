@@ -276,8 +276,9 @@ def hub(hub_server, hf_env, local_run, tmp_path):
 
 def test_hub_revisions_equal_local(hub, local_results, tmp_path):
     revisions = ",".join(f"step{s}" for s in STEPS)
+    chunk_mb = str(CHUNK * 4 / (1 << 20))
     p = wdiff_cli("run", "hf://org/suite", "--revisions", revisions, "-o", str(tmp_path / "out"),
-                  "--no-render", "--chunk-mb", str(CHUNK * 4 / (1 << 20)), env={"HF_ENDPOINT": hub})  # fmt: skip
+                  "--no-render", "--chunk-mb", chunk_mb, env={"HF_ENDPOINT": hub})  # fmt: skip
     assert p.returncode == 0, p.stderr
     res = Results.load(tmp_path / "out")
     assert_same(res, local_results)
