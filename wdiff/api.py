@@ -31,7 +31,7 @@ from wdiff.checkpoints import fingerprint, recheck, scan
 from wdiff.detail import finish_frames, write_cells
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
-from wdiff.readers.remote import is_url
+from wdiff.readers.remote import is_folded_url, is_url
 from wdiff.results import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, Results, write_json, write_rows
 from wdiff.schema import build_summary
 from wdiff.sequence import Run, scanned_files
@@ -117,7 +117,7 @@ def run(
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
     _warm.start(plotting=scene.render or scene.frames)  # no matplotlib at all for a run without pictures
-    if is_url(out):
+    if is_url(out) or is_folded_url(out):
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
     the_run, fingerprints = read_inputs(inputs, out, revisions)

@@ -320,10 +320,15 @@ def watch_command(
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
+    from wdiff.readers.remote import is_folded_url
     from wdiff.results import Results
     from wdiff.watcher import watch
 
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
+    if is_folded_url(folder):
+        raise WdiffError(
+            folder, "watch follows a local folder; `wdiff run URL -o OUT` again extends earlier results"
+        )
     err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,

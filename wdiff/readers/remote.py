@@ -69,6 +69,15 @@ def is_url(path: object) -> bool:
     return m is not None and m.group(1).lower() != "file"
 
 
+_FOLDED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # "s3:/bucket": a URL through pathlib.Path
+
+
+def is_folded_url(path: object) -> bool:
+    """Whether ``path`` is a URL that went through ``pathlib.Path``, which folds ``//`` into ``/``
+    (``s3://b`` became ``s3:/b``): a URL given where a local path is needed, or a lost one."""
+    return _FOLDED.match(os.fspath(path)) is not None if isinstance(path, (str, os.PathLike)) else False
+
+
 def protocol_of(url: str) -> str:
     m = _SCHEME.match(url)
     assert m is not None, url
