@@ -260,11 +260,6 @@ def forget_listings() -> None:
             fs.invalidate_cache()
 
 
-def _fs_path(url: str) -> str:
-    """The path fsspec's filesystem takes for ``url`` (the Hub's without ``hf://``, revision quoted)."""
-    return url
-
-
 def list_folder(url: str) -> dict[str, Entry]:
     """The children of a remote folder, by name (one listing, remembered for the process)."""
     with _listed.lock:
@@ -274,7 +269,7 @@ def list_folder(url: str) -> dict[str, Entry]:
     fs = filesystem(url)
     target = url + "/" if protocol_of(url) in ("http", "https") else url
     try:
-        infos = _retrying(url, lambda: fs.ls(_fs_path(target), detail=True))
+        infos = _retrying(url, lambda: fs.ls(target, detail=True))
     except WdiffError:
         with _listed.lock:
             _listed.unlistable.add(url)
@@ -303,7 +298,7 @@ def stat(url: str) -> Entry | None:
 
     def ask() -> Entry | None:
         try:
-            info = fs.info(_fs_path(url))
+            info = fs.info(url)
         except FileNotFoundError:
             return None
         if protocol_of(url) in ("http", "https"):
@@ -576,7 +571,7 @@ def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
         kwargs["cache_type"] = "none"
 
     def attempt() -> bytes:
-        data = fs.cat_file(_fs_path(url), start=start, end=end, **kwargs)
+        data = fs.cat_file(url, start=start, end=end, **kwargs)
         _count(requests=1, bytes=len(data))
         if len(data) == end - start:
             return data
