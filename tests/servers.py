@@ -525,13 +525,12 @@ if pytest is not None:
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
 
-    @pytest.fixture
-    def http_server() -> Iterator[Callable[..., ServerURL]]:
-        """Factory ``http_server(root_dir, **faults) -> base URL``; servers stop after the test."""
+    def _factory(start: Callable[..., ServerURL]) -> Iterator[Callable[..., ServerURL]]:
+        """A fixture's factory: ``start(...)`` servers, each stopped when the test ends."""
         started: list[ServerURL] = []
 
-        def make(root_dir: str | os.PathLike, **faults: Any) -> ServerURL:
-            url = start_http_server(root_dir, **faults)
+        def make(*args: Any, **options: Any) -> ServerURL:
+            url = start(*args, **options)
             started.append(url)
             return url
 
@@ -540,23 +539,19 @@ if pytest is not None:
         finally:
             for url in started:
                 url.stop()
+
+    @pytest.fixture
+    def http_server() -> Iterator[Callable[..., ServerURL]]:
+        """Factory ``http_server(root_dir, **faults) -> base URL``; servers stop after the test."""
+        yield from _factory(start_http_server)
 
     @pytest.fixture
     def hub_server() -> Iterator[Callable[..., ServerURL]]:
         """Factory ``hub_server({"org/model": {"step0": dir0, ...}}, lfs_redirect=True,
         page_size=None, **faults) -> endpoint URL``; servers stop after the test."""
-        started: list[ServerURL] = []
-
-        def make(repos, **options: Any) -> ServerURL:
-            url = start_hub_server(repos, **options)
-            started.append(url)
-            return url
-
         try:
-            yield make
+            yield from _factory(start_hub_server)
         finally:
-            for url in started:
-                url.stop()
             _forget_hf_filesystems()
 
     @pytest.fixture

@@ -23,7 +23,6 @@ each chunk into runs of the tensor's row-major elements (``Piece``). Tensor byte
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -38,7 +37,7 @@ from wdiff.naming import last_number
 from wdiff.readers import torch as torch_file
 from wdiff.readers.base import DTYPES, Piece, PiecesRef, Skipped, TensorRef, open_regular
 from wdiff.readers.pickle import Global, Placeholder, describe, plain_containers, restricted_load
-from wdiff.readers.remote import LOCAL_ONLY, is_url
+from wdiff.readers.remote import LOCAL_ONLY, PositionedFile, is_url
 from wdiff.readers.torch import TORCH_DTYPES, TorchContents
 
 METADATA_NAME = ".metadata"
@@ -325,32 +324,16 @@ def model_prefix(names: Iterable[str]) -> tuple[str, list[str]]:
 # the window (an item is a zip inside a bigger file) and the cache of parsed data.pkl bytes are here.
 
 
-class _Window(io.RawIOBase):
+class _Window(PositionedFile):
     """Bytes ``[base, base + length)`` of an open file, as a file of their own: one item's zip, which
     torch.py's zip reader then reads exactly as it reads a whole torch.save file."""
 
     def __init__(self, f: BinaryIO, base: int, length: int) -> None:
-        super().__init__()
-        self.fd, self.base, self.length, self.pos = f.fileno(), base, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        pos = offset + (0, self.pos, self.length)[whence]
-        if pos < 0:
-            raise OSError("seek before the start of the item")
-        self.pos = pos
-        return pos
+        super().__init__(length)
+        self.fd, self.base = f.fileno(), base
 
     def read(self, n: int | None = -1) -> bytes:
-        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
         data = os.pread(self.fd, end - self.pos, self.base + self.pos)

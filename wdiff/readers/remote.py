@@ -585,12 +585,13 @@ def _read_range(url: str, start: int, end: int, tag: str, size: int) -> bytes:
     return _retrying(url, attempt)
 
 
-class RangeFile(io.RawIOBase):
-    """A remote object as a seekable raw binary file: every read is a range request."""
+class PositionedFile(io.RawIOBase):
+    """A read-only, seekable raw file of ``size`` bytes whose subclass reads at ``pos`` (``readinto``):
+    a remote object here, one item of a DCP file in ``readers.dcp``."""
 
-    def __init__(self, url: str, entry: Entry) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self.url, self.size, self.tag, self.pos = url, entry.size, entry.tag, 0
+        self.size, self.pos = size, 0
 
     def readable(self) -> bool:
         return True
@@ -607,6 +608,14 @@ class RangeFile(io.RawIOBase):
             raise OSError(22, "negative seek position")
         self.pos = base + offset
         return self.pos
+
+
+class RangeFile(PositionedFile):
+    """A remote object as a seekable raw binary file: every read is a range request."""
+
+    def __init__(self, url: str, entry: Entry) -> None:
+        super().__init__(entry.size)
+        self.url, self.tag = url, entry.tag
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
