@@ -39,7 +39,7 @@ COLLAPSE_SHARE = 0.5
 COLLAPSE_MIN = 3
 #: out_of_order_checkpoint: a checkpoint at least this many times closer to the last checkpoint than
 #: both the checkpoint before it and one after it are (model-wide ||W(t) - W(T-1)||).
-ORDER_RATIO = 4.0
+ORDER_RATIO = 2.0
 #: stalled_elements: dtypes whose rounding can swallow small updates.
 LOW_PRECISION = ("BF16", "F16", "F8_E4M3", "F8_E5M2")
 
@@ -259,12 +259,26 @@ def _changes(m: RunMetrics) -> dict[str, list[float | None]]:
     return per
 
 
+def _clean(m: RunMetrics) -> dict[str, list[bool]]:
+    """Per tensor and checkpoint: free of NaN/Inf. Sums leave non-finite terms out, so a change or a
+    distance of 0 says "equal" only between two checkpoints that are both clean."""
+    clean: dict[str, list[bool]] = {t["tensor"]: [t["nonfinite_first"] != 0] for t in m.tensors}
+    for row in m.intervals:
+        clean[row["tensor"]].append(not row["nonfinite"])
+    return clean
+
+
 def suite(m: RunMetrics) -> Suite:
     """The duplicate and out-of-order checkpoints of the run (``docs/metrics.md``, broken suites)."""
     live = [t for t in m.tensors if t["numel"]]
     n = len(m.spans)
     change = _changes(m)
-    zero = [bool(live) and all(change[t["tensor"]][i] == 0 for t in live) for i in range(n)]
+    ok = _clean(m)
+    zero = [
+        bool(live)
+        and all(change[t["tensor"]][i] == 0 and ok[t["tensor"]][i] and ok[t["tensor"]][i + 1] for t in live)
+        for i in range(n)
+    ]
     moved = [any((change[t["tensor"]][i] or 0) > 0 for t in live) for i in range(n)]
     duplicates = [
         i for i in range(n) if zero[i] and ((i > 0 and moved[i - 1]) or (i + 1 < n and moved[i + 1]))
@@ -275,7 +289,11 @@ def suite(m: RunMetrics) -> Suite:
     whole: set[int] = set()
     for c in range(1, n):
         movers = [t for t in live if any((v or 0) > 0 for v in change[t["tensor"]][c:])]
-        same = [t["tensor"] for t in movers if t["distance_last"][c] == 0]
+        same = [
+            t["tensor"]
+            for t in movers
+            if t["distance_last"][c] == 0 and ok[t["tensor"]][c] and ok[t["tensor"]][n]
+        ]
         if same:
             copies[c] = same
             if len(same) == len(movers):
@@ -290,13 +308,16 @@ def _order_ratios(m: RunMetrics, skip: set[int]) -> dict[int, float]:
     the checkpoint before it (the last one in order) and the farthest one after it (before the last),
     model-wide: D(t) = sqrt(sum over tensors ||W(t) - W(T-1)||^2). In training order D only shrinks
     (slowly, with noise); a checkpoint much closer to the end than a later one holds later weights.
-    Checkpoints in ``skip`` (already found) and those over the threshold do not become "the one before"."""
+    Checkpoints in ``skip`` (already found) and those over the threshold do not become "the one before";
+    a checkpoint with NaN/Inf (or a last one with them) has no ratio: its distances leave them out."""
     live = [t for t in m.tensors if t["numel"]]
     n = len(m.spans)
+    clean = _clean(m)
     dist: list[float | None] = []
     for c in range(n + 1):
         values = [t["distance_last"][c] for t in live]
         ok = bool(values) and all(v is not None and math.isfinite(v) for v in values)
+        ok = ok and all(clean[t["tensor"]][c] and clean[t["tensor"]][n] for t in live)
         dist.append(math.sqrt(sum(v * v for v in values)) if ok else None)
     ratios: dict[int, float] = {}
     anchor = dist[0]
