@@ -57,14 +57,14 @@ def _process(
     checkpoint, filled by ``fill``, into the accumulated map, its slice written to ``out_path``."""
     count = len(tensor.refs)
     resume = acc_in is not None
-    weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t) as float32 (see kernels.slot)
+    weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t), W(T-1) as float32 (kernels.slot)
     acc_buf = np.empty(block, np.float32)
     lut = kernels.decode_table("F32")
     b = ChunkBuffers.for_chunk(tensor, start, stop, resume, grid, frame_grid)
     dims, frame_dims, mean = pooling_args(grid, frame_grid)
     diff = np.empty(block if b.frames.size else 1, np.float32)
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
-    sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.nonfinite, totals)
+    sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals)
     state = np.full(1, -1, np.int64)
     fd = os.open(out_path, os.O_WRONLY)
     try:
@@ -82,8 +82,10 @@ def _process(
                     raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
                 acc[:] = np.frombuffer(raw, np.float32)
             clean = False
+            fill(count - 1, lo, hi, weights[kernels.LAST, : n * 4].view(np.float32))  # W(T-1) first
             for t in range(count):
-                fill(t, lo, hi, weights[kernels.slot(t), : n * 4].view(np.float32))
+                if t < count - 1:
+                    fill(t, lo, hi, weights[kernels.slot(t, count), : n * 4].view(np.float32))
                 clean = kernels.fold_checkpoint(
                     kernels.CODE_F32, lut, weights, t, count, resume, lo, n, acc, sums, frame_dims, mean,
                     b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff,

@@ -28,6 +28,7 @@ class ChunkStats:
     interval_sumsq: np.ndarray  # (T-1,) sum of (W(t+1) - W(t))^2
     sumsq: np.ndarray  # (T,) sum of W(t)^2
     dist_first: np.ndarray  # (T,) sum of (W(t) - W(0))^2
+    dist_last: np.ndarray  # (T,) sum of (W(t) - W(T-1))^2, T-1 the last checkpoint of this pass
     nonfinite: np.ndarray  # (T,) count of NaN/Inf values in W(t)
     acc_sum: float  # sum of the accumulated map
     acc_max: float
@@ -50,6 +51,7 @@ class ChunkBuffers:
     interval_sumsq: np.ndarray  # (T-1,)
     sumsq: np.ndarray  # (T,)
     dist_first: np.ndarray  # (T,)
+    dist_last: np.ndarray  # (T,)
     nonfinite: np.ndarray  # (T,) int64
     cell_row0: int  # the scene's cells: first cell row, cells (or empty), the pooling line
     cells: np.ndarray
@@ -89,7 +91,7 @@ class ChunkBuffers:
         cols = row_cols(tensor.shape)
         first_row = start // cols
         return cls(
-            np.zeros(count - 1), np.zeros(count - 1), np.zeros(count), np.zeros(count),
+            np.zeros(count - 1), np.zeros(count - 1), np.zeros(count), np.zeros(count), np.zeros(count),
             np.zeros(count, np.int64), cell_row0, cells, line, frame_row0, frames, frame_lines,
             np.full(frames.shape[0], -1, np.int64), first_row,
             np.zeros((stop - 1) // cols - first_row + 1 if live else 0),
@@ -98,8 +100,8 @@ class ChunkBuffers:
     def stats(self, acc_sum: float, acc_max: float, acc_nonfinite: int, nbytes: int):
         """The chunk's ChunkStats."""
         return ChunkStats(
-            self.interval_sum, self.interval_sumsq, self.sumsq, self.dist_first, self.nonfinite,
-            float(acc_sum), float(acc_max), nbytes,
+            self.interval_sum, self.interval_sumsq, self.sumsq, self.dist_first, self.dist_last,
+            self.nonfinite, float(acc_sum), float(acc_max), nbytes,
             self.cells if self.cells.size else None, self.cell_row0, int(acc_nonfinite),
             self.rows if self.rows.size else None, self.first_row,
             self.frames if self.frames.size else None, self.frame_row0,

@@ -92,12 +92,18 @@ def aggregate(
     ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
     then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it (the frames
     returned are then those of the new intervals only).
+
+    ``distance_last_l2[t]`` = ||W(t) - W(T-1)|| is kept only where this pass read W(t): the last
+    checkpoint changes when a run is extended, so the earlier run's distances are to another one. An
+    incremental run gives it for W(0) and W(K-1) .. W(T-1), None for W(1) .. W(K-2); where it is
+    given, it has the bits of a full run's.
     """
     count = len(tensor.refs)
     interval_sum = np.zeros(count - 1)
     interval = np.zeros(count - 1)
     sumsq = np.zeros(count)
     dist_first = np.zeros(count)
+    dist_last = np.zeros(count)
     nonfinite = np.zeros(count, np.int64)
     acc_sum = 0.0
     acc_max = 0.0
@@ -106,6 +112,7 @@ def aggregate(
         interval += c.interval_sumsq
         sumsq += c.sumsq
         dist_first += c.dist_first
+        dist_last += c.dist_last
         nonfinite += c.nonfinite
         acc_sum += c.acc_sum
         acc_max = max(acc_max, c.acc_max) if not (math.isnan(c.acc_max) or math.isnan(acc_max)) else math.nan
@@ -118,6 +125,7 @@ def aggregate(
     interval_l2 = np.sqrt(interval).tolist()
     l2 = norms.tolist()
     distance_l2 = distance.tolist()
+    distance_last_l2: list[float | None] = np.sqrt(dist_last).tolist()
     counts = nonfinite.tolist()
     if previous is not None:  # new values start at W(K) (index 2) and interval K-1 (index 1)
         interval_l1 = previous["interval_l1"] + interval_l1[1:]
@@ -125,6 +133,8 @@ def aggregate(
         l2 = previous["l2"] + l2[2:]
         rotation = previous["rotation"] + rotation[2:]
         distance_l2 = previous["distance_l2"] + distance_l2[2:]
+        unread: list[float | None] = [None] * (len(previous["l2"]) - 2)  # W(1) .. W(K-2)
+        distance_last_l2 = distance_last_l2[:1] + unread + distance_last_l2[1:]
         counts = previous["nonfinite"] + counts[2:]
     cells = frames = rows = None
     if tensor.numel:
@@ -153,6 +163,7 @@ def aggregate(
         "l2": l2,
         "rotation": rotation,
         "distance_l2": distance_l2,
+        "distance_last_l2": distance_last_l2,
         "nonfinite": counts,
     }
     return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks), rows, frames)

@@ -18,7 +18,10 @@ import numpy as np
 
 from wdiff.metrics import RunMetrics, ranges
 
-KINDS = ("nonfinite", "frozen", "unchanged_rows", "stalled_elements", "outlier_change", "spike")
+KINDS = (
+    "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "frozen", "unchanged_rows",
+    "stalled_elements", "outlier_change", "spike",
+)  # fmt: skip
 
 #: outlier_change: at least this many times more (or less) than the median of its group ...
 OUTLIER_RATIO = 4.0
@@ -34,6 +37,9 @@ SPIKE_NEIGHBOURS = 2
 #: COLLAPSE_MIN of them, is one finding for the whole model (tensor "*") instead of one per tensor.
 COLLAPSE_SHARE = 0.5
 COLLAPSE_MIN = 3
+#: out_of_order_checkpoint: a checkpoint at least this many times closer to the last checkpoint than
+#: both the checkpoint before it and one after it are (model-wide ||W(t) - W(T-1)||).
+ORDER_RATIO = 2.0
 #: stalled_elements: dtypes whose rounding can swallow small updates.
 LOW_PRECISION = ("BF16", "F16", "F8_E4M3", "F8_E5M2")
 
@@ -223,21 +229,233 @@ def _outliers(m: RunMetrics) -> list[Finding]:
     return found
 
 
-def _spikes(m: RunMetrics) -> list[Finding]:
+@dataclass(frozen=True)
+class Suite:
+    """What the checkpoints themselves say about the suite: intervals where nothing changed, and
+    checkpoints out of training order (all of them, or some tensors: a shard)."""
+
+    duplicates: list[int]  # intervals t where every tensor is unchanged and a neighbour moved
+    copies: dict[int, list[str]]  # checkpoint t -> tensors equal to the last checkpoint's (exact)
+    whole: set[int]  # checkpoints t equal to the last one in every tensor that moved after t
+    near: dict[int, float]  # checkpoint t -> ratio: much closer to the last one than its neighbours
+
+    def skipped(self, name: str) -> set[int]:
+        """Intervals of tensor ``name`` that the spike rule leaves out: those into and out of a
+        checkpoint out of order (their change is the jump to another part of training and back)."""
+        out = set()
+        for t in self.whole | set(self.near):
+            out |= {t - 1, t}
+        for t, names in self.copies.items():
+            if name in names:
+                out |= {t - 1, t}
+        return out
+
+
+def _changes(m: RunMetrics) -> dict[str, list[float | None]]:
+    """Per tensor, the change of each interval: sum |dW| (exact zero iff unchanged), else ||dW||."""
+    per: dict[str, list[float | None]] = defaultdict(list)
+    for row in m.intervals:
+        per[row["tensor"]].append(row["l1"] if row["l1"] is not None else row["l2"])
+    return per
+
+
+def _clean(m: RunMetrics) -> dict[str, list[bool]]:
+    """Per tensor and checkpoint: free of NaN/Inf. Sums leave non-finite terms out, so a change or a
+    distance of 0 says "equal" only between two checkpoints that are both clean."""
+    clean: dict[str, list[bool]] = {t["tensor"]: [t["nonfinite_first"] != 0] for t in m.tensors}
+    for row in m.intervals:
+        clean[row["tensor"]].append(not row["nonfinite"])
+    return clean
+
+
+def suite(m: RunMetrics) -> Suite:
+    """The duplicate and out-of-order checkpoints of the run (``docs/metrics.md``, broken suites)."""
+    live = [t for t in m.tensors if t["numel"]]
+    n = len(m.spans)
+    change = _changes(m)
+    ok = _clean(m)
+    zero = [
+        bool(live)
+        and all(change[t["tensor"]][i] == 0 and ok[t["tensor"]][i] and ok[t["tensor"]][i + 1] for t in live)
+        for i in range(n)
+    ]
+    moved = [any((change[t["tensor"]][i] or 0) > 0 for t in live) for i in range(n)]
+    duplicates = [
+        i for i in range(n) if zero[i] and ((i > 0 and moved[i - 1]) or (i + 1 < n and moved[i + 1]))
+    ]
+    # exact: W(t) == W(T-1) for a tensor that changed somewhere between them (it cannot come back to
+    # the same bits by training: checkpoint t holds the last checkpoint's values, or the reverse)
+    copies: dict[int, list[str]] = {}
+    whole: set[int] = set()
+    for c in range(1, n):
+        movers = [t for t in live if any((v or 0) > 0 for v in change[t["tensor"]][c:])]
+        same = [
+            t["tensor"]
+            for t in movers
+            if t["distance_last"][c] == 0 and ok[t["tensor"]][c] and ok[t["tensor"]][n]
+        ]
+        if same:
+            copies[c] = same
+            if len(same) == len(movers):
+                whole.add(c)
+    ratios = _order_ratios(m, set(copies))
+    near = {c: r for c, r in ratios.items() if r >= ORDER_RATIO}
+    return Suite(duplicates, copies, whole, near)
+
+
+def _order_ratios(m: RunMetrics, skip: set[int]) -> dict[int, float]:
+    """Per checkpoint t (1 <= t <= T-3), how many times closer it is to the last checkpoint than both
+    the checkpoint before it (the last one in order) and the farthest one after it (before the last),
+    model-wide: D(t) = sqrt(sum over tensors ||W(t) - W(T-1)||^2). In training order D only shrinks
+    (slowly, with noise); a checkpoint much closer to the end than a later one holds later weights.
+    Checkpoints in ``skip`` (already found) and those over the threshold do not become "the one before";
+    a checkpoint with NaN/Inf (or a last one with them) has no ratio: its distances leave them out."""
+    live = [t for t in m.tensors if t["numel"]]
+    n = len(m.spans)
+    clean = _clean(m)
+    dist: list[float | None] = []
+    for c in range(n + 1):
+        values = [t["distance_last"][c] for t in live]
+        ok = bool(values) and all(v is not None and math.isfinite(v) for v in values)
+        ok = ok and all(clean[t["tensor"]][c] and clean[t["tensor"]][n] for t in live)
+        dist.append(math.sqrt(sum(v * v for v in values)) if ok else None)
+    ratios: dict[int, float] = {}
+    anchor = dist[0]
+    for c in range(1, n - 1):
+        d = dist[c]
+        later = [x for x in dist[c + 1 : n] if x is not None]
+        if d is None or c in skip:
+            continue
+        if anchor is not None and later:
+            ratios[c] = min(anchor, max(later)) / d if d > 0 else math.inf
+            if ratios[c] >= ORDER_RATIO:
+                continue
+        anchor = d
+    return ratios
+
+
+def suite_ratios(m: RunMetrics) -> list[float]:
+    """The ratios ``out_of_order_checkpoint`` thresholds (at ``ORDER_RATIO``), for measuring runs."""
+    return list(_order_ratios(m, set()).values())
+
+
+def _step_of(m: RunMetrics, c: int) -> int | None:
+    """The training step of checkpoint ``c``."""
+    return m.spans[c].step_start if c < len(m.spans) else m.spans[-1].step_end
+
+
+def _where(m: RunMetrics, c: int) -> str:
+    step = _step_of(m, c)
+    return f"step {step}" if step is not None else f"checkpoint {c}"
+
+
+def _duplicates(m: RunMetrics, s: Suite) -> list[Finding]:
+    found = []
+    for i in s.duplicates:
+        if i in s.whole and i + 1 in s.whole:  # two copies of the last checkpoint: said once each below
+            continue
+        span = m.spans[i]
+        steps = [span.step_start, span.step_end] if span.step_start is not None else None
+        a, b = _where(m, i), _where(m, i + 1)
+        found.append(
+            Finding(
+                "duplicate_checkpoint",
+                "*",
+                f"The checkpoints at {a} and {b} hold exactly the same weights (no tensor changed "
+                "between them) while the intervals around them did: the same weights were saved twice "
+                f"(a copied folder, a save that did not flush, or a resume that saved before stepping). "
+                f"The change of the next interval is that of {a} to the one after {b}. Check the file "
+                "times and sizes of these checkpoints, and whether training really ran between them.",
+                steps=steps,
+            )
+        )
+    return found
+
+
+def _names_text(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _out_of_order(m: RunMetrics, s: Suite) -> list[Finding]:
+    found = []
+    last = _where(m, len(m.spans))
+    for c in sorted(set(s.copies) | set(s.near)):
+        step = _step_of(m, c)
+        steps = [step] if step is not None else None
+        here = _where(m, c)
+        if c in s.whole:
+            found.append(
+                Finding(
+                    "out_of_order_checkpoint",
+                    "*",
+                    f"The checkpoint at {here} holds exactly the weights of the last checkpoint ({last}), "
+                    "while the checkpoints in between differ: it is not the state of training at that "
+                    "step (a revision re-uploaded with the final weights, as in EleutherAI/pythia#205, or "
+                    "a folder overwritten). Metrics of the intervals around it describe a jump to the end "
+                    "of training and back. Check the files of this checkpoint (hashes against the last "
+                    "one's) and leave it out or fetch the right one.",
+                    steps=steps,
+                )
+            )
+        elif c in s.copies:
+            names = s.copies[c]
+            found.append(
+                Finding(
+                    "out_of_order_checkpoint",
+                    names[0],
+                    f"In the checkpoint at {here}, {len(names)} tensors hold exactly the values of the "
+                    f"last checkpoint ({last}) while the others do not: {_names_text(names)}. One file "
+                    "of a sharded checkpoint was replaced by the last checkpoint's (as in "
+                    "EleutherAI/pythia#206). Check the shard holding these tensors (hashes against the "
+                    "last checkpoint's) and fetch the right one.",
+                    steps=steps,
+                )
+            )
+        else:
+            found.append(
+                Finding(
+                    "out_of_order_checkpoint",
+                    "*",
+                    f"The checkpoint at {here} is {s.near[c]:.0f}x closer to the last checkpoint ({last}) "
+                    "than the checkpoints around it are: it holds weights from later in training than "
+                    "its step (a mislabelled or re-uploaded revision, as in EleutherAI/pythia#205, or "
+                    "checkpoints sorted in the wrong order). Check which step it was saved at (its "
+                    "trainer_state.json, file times) and fix the order or leave it out.",
+                    steps=steps,
+                )
+            )
+    return found
+
+
+def _spikes(m: RunMetrics, s: Suite | None = None) -> list[Finding]:
     """Per tensor, the change per step of each interval against the median of up to
     ``SPIKE_NEIGHBOURS`` intervals on each side. The first interval is never flagged: early training
-    legitimately moves fastest, and it has no interval before it to compare with."""
+    legitimately moves fastest, and it has no interval before it to compare with.
+
+    A duplicated checkpoint (an interval where nothing changed) is not an interval of training: its
+    steps go to the next interval, whose change is that of both. The intervals into and out of a
+    checkpoint out of order are left out (their change is a jump, already reported)."""
     per_tensor: dict[str, list[dict]] = defaultdict(list)
     for row in m.intervals:
         per_tensor[row["tensor"]].append(row)
+    duplicates = set(s.duplicates) if s is not None else set()
     found = []
     for t in m.tensors:
         if t["nonfinite_first"] is not None or t["path_l1"] == 0:
             continue
-        rows = per_tensor[t["tensor"]]
-        rate = np.array(
-            [(r["l2"] or 0.0) / (r["step_gap"] or 1) if r["l2"] is not None else np.nan for r in rows]
-        )
+        skipped = s.skipped(t["tensor"]) if s is not None else set()
+        rows, values, carried = [], [], 0
+        for i, r in enumerate(per_tensor[t["tensor"]]):
+            if i in duplicates:
+                carried += r["step_gap"] or 1
+                continue
+            gap = (r["step_gap"] or 1) + carried
+            carried = 0
+            if i in skipped:
+                continue
+            rows.append(r)
+            values.append((r["l2"] or 0.0) / gap if r["l2"] is not None else np.nan)
+        rate = np.array(values)
         for i in range(1, len(rate)):
             around = np.concatenate(
                 [rate[max(0, i - SPIKE_NEIGHBOURS) : i], rate[i + 1 : i + 1 + SPIKE_NEIGHBOURS]]
@@ -251,7 +469,7 @@ def _spikes(m: RunMetrics) -> list[Finding]:
                 continue
             r = rows[i]
             steps = [r["step_start"], r["step_end"]] if r["step_start"] is not None else None
-            when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {i}"
+            when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {r['interval']}"
             factor = f"{rate[i] / base:.1f}x"
             found.append(
                 Finding(
@@ -308,11 +526,14 @@ def find(m: RunMetrics) -> list[Finding]:
     """Every finding of the run, most severe kind first; within a kind, earliest step first, then
     network order."""
     total = len(m.tensors)
+    s = suite(m)
     return (
         _collapse(_nonfinite(m), total, _model_nonfinite)
+        + _duplicates(m, s)
+        + _out_of_order(m, s)
         + _frozen(m)
         + _unchanged_rows(m)
         + _stalled(m)
         + _outliers(m)
-        + _collapse(_spikes(m), total, _model_spike)
+        + _collapse(_spikes(m, s), total, _model_spike)
     )

@@ -8,8 +8,9 @@ float32) keeps the read buffer and the ``first/prev/acc`` slices in the CPU cach
 that leaves the cache runs at a quarter of the speed (measured: about 8 GB/s into 64 KiB, 2 GB/s into
 256 KiB and more).
 
-``start``/``fold_interval`` are the per-sub-block building blocks: ``start`` decodes checkpoint 0,
-``fold_interval`` adds one interval. Decoding is fused into the loop: F32/F64 are cast, BF16 is shifted
+``start``/``fold_step`` are the per-sub-block building blocks: ``start`` decodes checkpoint 0,
+``fold_step`` adds one interval (and each checkpoint's distance to the last one, W(T-1), whose block
+is read first into a fourth buffer). Decoding is fused into the loop: F32/F64 are cast, BF16 is shifted
 into the top half of a float32, F16 and the FP8 kinds are looked up in a table of their float32 values.
 
 All kernels are ``nogil`` (Dask threads run them in parallel) and ``cache=True`` (a second run does not
@@ -146,15 +147,24 @@ def _careful_norm(src, lut):
 
 @_kernel
 def fold_interval(first, old, new, lut, acc, fresh=False):
-    """One interval: ``acc += |W(t+1) - W(t)|`` with ``old = W(t)``, ``new = W(t+1)``, ``first = W(0)``.
+    """``fold_step`` without a last checkpoint: its first seven sums (the distance to the last
+    checkpoint is left out)."""
+    a, b, c, d, _, e, total, peak = fold_step(first, old, new, new, lut, acc, fresh)
+    return a, b, c, d, e, total, peak
 
-    The three weight blocks are the checkpoints' own bytes (any dtype ``_decode`` knows, all the same
+
+@_kernel
+def fold_step(first, old, new, last, lut, acc, fresh=False):
+    """One interval: ``acc += |W(t+1) - W(t)|`` with ``old = W(t)``, ``new = W(t+1)``, ``first = W(0)``
+    and ``last = W(T-1)``, the run's last checkpoint.
+
+    The four weight blocks are the checkpoints' own bytes (any dtype ``_decode`` knows, all the same
     one), decoded on the fly: nothing is copied or converted in between, and a float32 checkpoint is
     read straight into the buffer this loop reads. Returns (sum of |dW|, sum of dW^2, sum of
-    W(t+1)^2, sum of (W(t+1) - W(0))^2, non-finite count of W(t+1), sum of ``acc``, max of ``acc``):
-    the last two are what the caller needs after the last interval, and cost nothing measurable here
-    (an ``if last`` would make LLVM compile a second version of the loop, whose sums could round
-    differently: an incremental run must give the same bits as a full one).
+    W(t+1)^2, sum of (W(t+1) - W(0))^2, sum of (W(t+1) - W(T-1))^2, non-finite count of W(t+1), sum
+    of ``acc``, max of ``acc``): the last two are what the caller needs after the last interval, and
+    cost nothing measurable here (an ``if last`` would make LLVM compile a second version of the loop,
+    whose sums could round differently: an incremental run must give the same bits as a full one).
 
     The loop sums unconditionally so it vectorises; only when a sum comes out non-finite (a NaN or
     Inf in the block, rare) it is redone leaving non-finite terms out, so one NaN does not hide the
@@ -168,6 +178,7 @@ def fold_interval(first, old, new, lut, acc, fresh=False):
     diff_sumsq = np.float32(0.0)
     sumsq = np.float32(0.0)
     dist_first = np.float32(0.0)
+    dist_last = np.float32(0.0)
     total = np.float32(0.0)
     # The max as an integer: ``acc`` holds magnitudes (or NaN), and the bits of non-negative floats
     # order like their values, with every NaN above +Inf. A signed int32 max vectorises (6x faster
@@ -178,6 +189,7 @@ def fold_interval(first, old, new, lut, acc, fresh=False):
         w0 = _decode(first, lut, i)
         d = v - _decode(old, lut, i)
         e = v - w0
+        f = v - _decode(last, lut, i)
         a = abs(d)
         s = a if fresh else acc[i] + a
         acc[i] = s
@@ -185,45 +197,88 @@ def fold_interval(first, old, new, lut, acc, fresh=False):
         diff_sumsq += d * d
         sumsq += v * v
         dist_first += e * e
+        dist_last += f * f
         total += s
         bits = np.int32(_bits_of_f32(s) & np.uint32(0x7FFFFFFF))
         peak = bits if bits > peak else peak
     nonfinite = 0
-    if not (_finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dist_first)):
-        diff_sum, diff_sumsq, sumsq, dist_first, nonfinite = _careful_interval_sums(first, old, new, lut)
+    if not (
+        _finite(diff_sum) and _finite(diff_sumsq) and _finite(sumsq) and _finite(dist_first)
+        and _finite(dist_last)
+    ):  # fmt: skip
+        # each sum that came out non-finite is redone; the others keep their bits, so a sum does not
+        # depend on a NaN in a block it does not read (the distance to W(T-1) of a full and an
+        # incremental run, whose W(t) are the same but not their W(t-1))
+        c0, c1, c2, c3, c4, nonfinite = _careful_interval_sums(first, old, new, last, lut)
+        return (
+            _either(diff_sum, c0), _either(diff_sumsq, c1), _either(sumsq, c2), _either(dist_first, c3),
+            _either(dist_last, c4), nonfinite, np.float64(total), np.float64(_f32_from_bits(np.uint32(peak))),
+        )  # fmt: skip
     return (
-        np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dist_first), nonfinite,
-        np.float64(total), np.float64(_f32_from_bits(np.uint32(peak))),
+        np.float64(diff_sum), np.float64(diff_sumsq), np.float64(sumsq), np.float64(dist_first),
+        np.float64(dist_last), nonfinite, np.float64(total), np.float64(_f32_from_bits(np.uint32(peak))),
     )  # fmt: skip
 
 
 @_exact
-def _careful_interval_sums(first, old, new, lut):
+def _either(fast, careful):
+    """The vectorised loop's sum when it is finite, else the careful one (float64)."""
+    return np.float64(fast) if _finite(fast) else careful
+
+
+@_exact
+def _careful_interval_sums(first, old, new, last, lut):
     diff_sum = 0.0
     diff_sumsq = 0.0
     sumsq = 0.0
     dist_first = 0.0
+    dist_last = 0.0
     nonfinite = 0
     for i in range(new.size):
         v = np.float64(_decode(new, lut, i))
         d = v - np.float64(_decode(old, lut, i))
         e = v - np.float64(_decode(first, lut, i))
+        f = v - np.float64(_decode(last, lut, i))
         if _finite(d):
             diff_sum += abs(d)
             diff_sumsq += d * d
         if _finite(e):
             dist_first += e * e
+        if _finite(f):
+            dist_last += f * f
         if _finite(v):
             sumsq += v * v
         else:
             nonfinite += 1
-    return diff_sum, diff_sumsq, sumsq, dist_first, nonfinite
+    return diff_sum, diff_sumsq, sumsq, dist_first, dist_last, nonfinite
+
+
+@_kernel
+def distance_sq(a, b, lut):
+    """Sum of (a - b)^2 (float64) over the terms that are finite, of two blocks decoded like ``start``'s."""
+    total = 0.0
+    for i in range(a.size):
+        d = np.float64(_decode(a, lut, i)) - np.float64(_decode(b, lut, i))
+        total += d * d
+    if _finite(total):
+        return total
+    return _careful_distance_sq(a, b, lut)
+
+
+@_exact
+def _careful_distance_sq(a, b, lut):
+    total = 0.0
+    for i in range(a.size):
+        d = np.float64(_decode(a, lut, i)) - np.float64(_decode(b, lut, i))
+        if _finite(d):
+            total += d * d
+    return total
 
 
 @_kernel
 def decode_into(src, lut, out):
     """out = the float32 values of ``src`` (a checkpoint's bytes; used when the dtype changes along a
-    run, so that every block handed to ``fold_interval`` has the same type)."""
+    run, so that every block handed to ``fold_step`` has the same type)."""
     for i in range(out.size):
         out[i] = _decode(src, lut, i)
 
@@ -299,35 +354,44 @@ def block_elements(itemsizes) -> int:
 
 
 def weight_buffers(block: int, itemsizes) -> np.ndarray:
-    """The three weight buffers ``stream_chunk`` needs for sub-blocks of ``block`` elements: W(0) and
-    two that take turns as W(t) and W(t+1); each holds a block of checkpoint bytes or of float32."""
-    return np.empty((3, block * max(4, int(max(itemsizes))) + SCRATCH_PAD), np.uint8)
+    """The four weight buffers ``stream_chunk`` needs for sub-blocks of ``block`` elements: W(0), two
+    that take turns as W(t) and W(t+1), and W(T-1) (``LAST``, read first: see ``slot``); each holds a
+    block of checkpoint bytes or of float32."""
+    return np.empty((4, block * max(4, int(max(itemsizes))) + SCRATCH_PAD), np.uint8)
 
 
 OK = 0
+LAST = 3  # the weight buffer of the run's last checkpoint W(T-1)
 
 
 @_kernel
-def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, fdiff):
+def _fold_typed(first, old, new, last, lut, t, rebase, fresh, final, acc, sums, frame, fdiff):
     """One checkpoint's block, already in ``new``: its sums, or one interval folded into ``acc``.
 
-    ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals); ``frame``: also
-    write this interval's |dW| into ``fdiff`` (for the frames); ``last``: ``acc`` is final, add its
-    sum and max to ``totals``. Returns the sum of ``acc`` (0 for a checkpoint without an interval).
+    ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals);
+    ``last`` holds the block of the run's last checkpoint W(T-1); ``frame``: also write this
+    interval's |dW| into ``fdiff`` (for the frames); ``final``: ``acc`` is final, add its sum and max
+    to ``totals``. Returns the sum of ``acc`` (0 for a checkpoint without an interval).
     """
-    interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals = sums
-    if t == 0 or rebase:  # checkpoint 0, or the restart point of an incremental run
+    interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals = sums
+    if t == 0:
         x, y = start(new, lut)
         sumsq[t] += x
         nonfinite[t] += y
+        dist_last[t] += distance_sq(new, last, lut)
         return 0.0
-    a, b, c, d, e, total, peak = fold_interval(first, old, new, lut, acc, fresh)
+    if rebase:  # the restart point W(K-1) of an incremental run: only its distance to W(T-1) is new,
+        # summed by the loop that sums it in a full run (the same bits); acc += |W(K-1) - W(K-1)| = 0
+        dist_last[t] += fold_step(first, new, new, last, lut, acc, False)[4]
+        return 0.0
+    a, b, c, d, e, n_bad, total, peak = fold_step(first, old, new, last, lut, acc, fresh)
     interval_sum[t - 1] += a
     interval_sumsq[t - 1] += b
     sumsq[t] += c
     dist_first[t] += d
-    nonfinite[t] += e
-    if last:
+    dist_last[t] += e
+    nonfinite[t] += n_bad
+    if final:
         totals[0] += total
         _merge_peak(totals, peak)
     if frame:
@@ -337,15 +401,20 @@ def _fold_typed(first, old, new, lut, t, rebase, fresh, last, acc, sums, frame, 
 
 @_kernel
 def _views(rows, k0, k1, k2, nbytes, dtype):
-    """The first ``nbytes`` of buffers ``k0``, ``k1``, ``k2`` of ``rows``, as arrays of ``dtype``."""
-    return rows[k0, :nbytes].view(dtype), rows[k1, :nbytes].view(dtype), rows[k2, :nbytes].view(dtype)
+    """The first ``nbytes`` of buffers ``k0``, ``k1``, ``k2`` and ``LAST`` of ``rows``, as arrays of
+    ``dtype``."""
+    return (
+        rows[k0, :nbytes].view(dtype), rows[k1, :nbytes].view(dtype), rows[k2, :nbytes].view(dtype),
+        rows[LAST, :nbytes].view(dtype),
+    )  # fmt: skip
 
 
 @_kernel
-def _fold(code, lut, rows, k0, k1, k2, n, t, rebase, fresh, last, acc, sums, frame, fdiff):
-    """``_fold_typed`` on buffers ``k0`` (W(0)), ``k1`` (W(t-1)) and ``k2`` (W(t)) of ``rows``, viewed
-    as the ``n`` values of their dtype ``code`` (the choice of decoder is made here, once per block)."""
-    args = (lut, t, rebase, fresh, last, acc, sums, frame, fdiff)
+def _fold(code, lut, rows, k0, k1, k2, n, t, rebase, fresh, final, acc, sums, frame, fdiff):
+    """``_fold_typed`` on buffers ``k0`` (W(0)), ``k1`` (W(t-1)), ``k2`` (W(t)) and ``LAST`` (W(T-1))
+    of ``rows``, viewed as the ``n`` values of their dtype ``code`` (the choice of decoder is made
+    here, once per block)."""
+    args = (lut, t, rebase, fresh, final, acc, sums, frame, fdiff)
     if code == CODE_F32:
         return _fold_typed(*_views(rows, k0, k1, k2, n * 4, np.float32), *args)
     elif code == CODE_F64:
@@ -387,7 +456,7 @@ def add_row_sums(values, first, cols, rows, row0):
         r = (first + k) // cols
         seg = min(n - k, cols - (first + k - r * cols))  # this row's part of the piece
         piece = values[k : k + seg]  # indices from 0: no negative-index check, so the loop vectorises
-        total = np.float32(0.0)  # float32 partial sums (see ``fold_interval``); rows add up in float64
+        total = np.float32(0.0)  # float32 partial sums (see ``fold_step``); rows add up in float64
         for q in range(piece.size):
             total += piece[q]
         rows[r - row0] += total
@@ -401,13 +470,24 @@ def abs_diff(new, old, lut, out):
         out[i] = abs(_decode(new, lut, i) - _decode(old, lut, i))
 
 
-def slot(t: int) -> int:
-    """The weight buffer checkpoint t goes into: W(0) in buffer 0, then 1, 2, 1, 2, ... (the previous
-    checkpoint is always in the other one)."""
+def slot(t: int, count: int) -> int:
+    """The weight buffer checkpoint t of ``count`` goes into: W(0) in buffer 0, then 1, 2, 1, 2, ...
+    (the previous checkpoint is always in the other one), and the last, W(T-1), in ``LAST``.
+
+    Every sub-block reads W(T-1) first, into ``LAST``, then W(0), W(1), ...: each checkpoint's
+    distance to the last one is summed in the same pass, and W(T-1) is still read once (its turn
+    comes last, and it is already there)."""
+    if t == count - 1:
+        return LAST
     return 0 if t == 0 else 1 + (t - 1) % 2
 
 
 _slot = njit(cache=True)(slot)
+
+
+def read_order(count: int) -> list[int]:
+    """The order the checkpoints of a sub-block are read in: W(T-1), then W(0) .. W(T-2)."""
+    return [count - 1, *range(count - 1)]
 
 
 @_kernel
@@ -415,25 +495,26 @@ def fold_checkpoint(
     code, lut, weights, t, count, resume, lo, n, acc, sums, fgrid, mean, fcells, fcell_row0, flines,
     fstates, diff,
 ):  # fmt: skip
-    """Fold checkpoint ``t``'s block of ``n`` elements from ``lo``, already in buffer ``slot(t)`` of
-    ``weights`` (as dtype ``code``), into ``sums`` and ``acc``; pool the interval's |dW| into its frame
+    """Fold checkpoint ``t``'s block of ``n`` elements from ``lo``, already in buffer
+    ``slot(t, count)`` of ``weights`` (as dtype ``code``; W(T-1) is in ``LAST`` from the start), into
+    ``sums`` and ``acc``; pool the interval's |dW| into its frame
     (``fcells``, when not empty). Returns True when this was the last checkpoint and ``acc`` is free
     of NaN and Inf (its pooling may skip counting them)."""
     rebase = resume and t == 1  # incremental run: W(K-1), where the new intervals start
     fresh = not resume and t == 1  # the first interval writes acc instead of adding to it
-    last = t == count - 1
+    final = t == count - 1
     f = t - 2 if resume else t - 1  # this interval's frame
     frame = fcells.size > 0 and f >= 0
     fdiff = diff[:n]
-    old = 0 if t <= 1 else _slot(t - 1)
-    args = (n, t, rebase, fresh, last, acc, sums, frame, fdiff)
-    total = _fold(code, lut, weights, 0, old, _slot(t), *args)
+    old = 0 if t <= 1 else _slot(t - 1, count)
+    args = (n, t, rebase, fresh, final, acc, sums, frame, fdiff)
+    total = _fold(code, lut, weights, 0, old, _slot(t, count), *args)
     if frame:
         pool_fold(
             fdiff, lo, fgrid[0], fgrid[1], fgrid[2], fgrid[3], mean, fcells[f], fcell_row0, flines[f],
             fstates[f : f + 1],
         )  # fmt: skip
-    return last and _finite(total)
+    return final and _finite(total)
 
 
 @_kernel
@@ -462,7 +543,7 @@ def finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
 def stream_chunk(
     fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
     acc_in_fd, acc_in_offset, raw, weights, acc_buf, block, interval_sum, interval_sumsq, sumsq,
-    dist_first, nonfinite, totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid,
+    dist_first, dist_last, nonfinite, totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid,
     fcells, fcell_row0, flines, fstates, diff,
 ):  # fmt: skip
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
@@ -470,14 +551,16 @@ def stream_chunk(
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
     are added into ``interval_sum`` and ``interval_sumsq`` (T-1: sum of |dW| and dW^2), ``sumsq``,
-    ``dist_first`` (sum of (W(t) - W(0))^2), ``nonfinite`` (T) and ``totals`` = [sum of acc, max of
+    ``dist_first`` (sum of (W(t) - W(0))^2), ``dist_last`` (sum of (W(t) - W(T-1))^2), ``nonfinite``
+    (T) and ``totals`` = [sum of acc, max of
     acc, non-finite count of acc].
 
-    Each sub-block of a checkpoint is read (``pread``, no GIL) straight into one of the three
-    ``weights`` buffers (``weight_buffers``: W(0), and two that take turns as W(t-1) and W(t)) and
-    ``fold_interval`` decodes them as it goes. When the dtype changes along the run, each block is read into
-    ``raw`` instead and decoded into its buffer as float32. ``acc_buf`` (``block`` float32 or more)
-    holds the accumulated slice, written to ``out_fd`` at ``out_offset`` (``pwrite``).
+    Each sub-block of a checkpoint is read (``pread``, no GIL) straight into one of the four
+    ``weights`` buffers (``weight_buffers``: W(0), two that take turns as W(t-1) and W(t), and W(T-1),
+    read first: ``slot``) and ``fold_step`` decodes them as it goes. When the dtype changes along the
+    run, each block is read into ``raw`` instead and decoded into its buffer as float32. ``acc_buf``
+    (``block`` float32 or more) holds the accumulated slice, written to ``out_fd`` at ``out_offset``
+    (``pwrite``).
 
     When ``cells`` is not empty, the finished accumulated values are also pooled into the scene's
     cells (``pool_fold``; ``grid`` = [rows, cols, block_rows, block_cols], ``mean`` the pool kind),
@@ -503,24 +586,28 @@ def stream_chunk(
     code = codes[0] if uniform else CODE_F32
     lut = luts[lut_index[0]]
     state = np.full(1, -1, np.int64)
-    sums = (interval_sum, interval_sumsq, sumsq, dist_first, nonfinite, totals)
+    sums = (interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals)
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         acc = acc_buf[:n]
         if resume and not read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
             return -(count + 2)
         clean = False
-        for t in range(count):
-            nbytes = n * itemsizes[t]
-            where = offsets[t] + lo * itemsizes[t]
-            if uniform:
-                if not read_full(fds[t], weights[_slot(t)], nbytes, where):
-                    return -(t + 1)
-            else:
-                if not read_full(fds[t], raw, nbytes, where):
-                    return -(t + 1)
-                out = weights[_slot(t), : n * 4].view(np.float32)
-                decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
+        for k in range(count + 1):  # W(T-1) first (into LAST), then W(0) .. W(T-1): see ``slot``
+            t = count - 1 if k == 0 else k - 1
+            if k == 0 or t < count - 1:  # W(T-1) is read once, before the others
+                nbytes = n * itemsizes[t]
+                where = offsets[t] + lo * itemsizes[t]
+                if uniform:
+                    if not read_full(fds[t], weights[_slot(t, count)], nbytes, where):
+                        return -(t + 1)
+                else:
+                    if not read_full(fds[t], raw, nbytes, where):
+                        return -(t + 1)
+                    out = weights[_slot(t, count), : n * 4].view(np.float32)
+                    decode_block(raw[:nbytes], codes[t], luts[lut_index[t]], out)
+            if k == 0:
+                continue
             clean = fold_checkpoint(
                 code, lut, weights, t, count, resume, lo, n, acc, sums, fgrid, mean, fcells, fcell_row0,
                 flines, fstates, diff,
@@ -652,7 +739,7 @@ def warm_up() -> None:
     stream_chunk(
         np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
         np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8), weight_buffers(1, [4]),
-        np.empty(1, np.float32), 1, f64[:0], f64[:0], f64, f64, i64, np.zeros(3),
+        np.empty(1, np.float32), 1, f64[:0], f64[:0], f64, f64, f64, i64, np.zeros(3),
         np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0), 1, np.empty(0), 0,
         np.zeros(4, np.int64), np.empty((0, 0, 0)), 0, np.empty((0, 0)), i64, np.empty(1, np.float32),
     )  # fmt: skip

@@ -130,9 +130,7 @@ def row_changes(res: Results, names: Sequence[str]) -> dict[str, np.ndarray]:
         found = res.rows_of(stored)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the maps
         found = {n: _sum_rows(a) for n, a in res.accumulated_of(stored).items()}
-    return {
-        n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names
-    }
+    return {n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names}
 
 
 def _sum_rows(acc: np.ndarray) -> np.ndarray:
@@ -190,6 +188,8 @@ def _tensor_entry(name: str, t: dict[str, Any], steps: Sequence[int | None], row
         "row_max": float(finite_rows.max()) if finite_rows.size else None,
         "nonfinite_first": first_bad,
         "nonfinite_step": steps[first_bad] if first_bad is not None else None,
+        # ||W(t) - W(T-1)|| per checkpoint; None where not computed (an incremental pass, older results)
+        "distance_last": list(t.get("distance_last_l2") or [None] * len(l2)),
     }
 
 
