@@ -240,3 +240,18 @@ MALFORMED = {
     "metadata not strings": safetensors_bytes({**_GOOD, "__metadata__": {"epoch": 3}}, b"\0" * 8),
     "metadata not an object": safetensors_bytes({**_GOOD, "__metadata__": "pt"}, b"\0" * 8),
 }
+
+
+def assert_same_entries(got: Mapping[str, dict], want: Mapping[str, dict]) -> None:
+    """Summary entries of a run extended from earlier results (``got``) against a full run's: equal,
+    but for ``distance_last_l2``, which an extension knows only for the checkpoints it read (None for
+    the others, see docs/metrics.md); where it is known it is the full run's value, bit for bit."""
+    assert list(got) == list(want)
+    for name, entry in want.items():
+        g, w = dict(got[name]), dict(entry)
+        g_last, w_last = g.pop("distance_last_l2", None), w.pop("distance_last_l2", None)
+        assert g == w, name
+        if w_last is not None:
+            assert g_last is not None and len(g_last) == len(w_last), name
+            assert g_last[0] == w_last[0] and g_last[-1] == w_last[-1], name
+            assert all(a is None or a == b for a, b in zip(g_last, w_last)), name

@@ -115,6 +115,8 @@ def _tensor(name: str, t: Any, checkpoints: int) -> None:
     _numbers(t["interval_l2"], f"{where}.interval_l2", checkpoints - 1)
     if "interval_l1" in t:
         _numbers(t["interval_l1"], f"{where}.interval_l1", checkpoints - 1)
+    if "distance_last_l2" in t:
+        _numbers(t["distance_last_l2"], f"{where}.distance_last_l2", checkpoints)
     _numbers(t["l2"], f"{where}.l2", checkpoints)
     for i, v in enumerate(_list(t["rotation"], f"{where}.rotation", at_most=checkpoints)):
         _number(v, f"{where}.rotation[{i}]")
