@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from wdiff.indicators import KINDS as UPDATE_KINDS
+from wdiff.indicators import findings as update_findings
 from wdiff.metrics import RunMetrics, ranges
 
 KINDS = ("nonfinite", "frozen", "unchanged_rows", "stalled_elements", "outlier_change", "spike")
+KINDS += UPDATE_KINDS  # update size against the learning rate (wdiff.indicators)
 
 #: outlier_change: at least this many times more (or less) than the median of its group ...
 OUTLIER_RATIO = 4.0
@@ -315,4 +318,5 @@ def find(m: RunMetrics) -> list[Finding]:
         + _stalled(m)
         + _outliers(m)
         + _collapse(_spikes(m), total, _model_spike)
+        + [Finding(**f) for f in update_findings(m)]  # update size against the LR: wdiff.indicators
     )
