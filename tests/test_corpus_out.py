@@ -528,7 +528,7 @@ def test_hostile_tensor_names_in_headless_chromium(hostile):
         text = driver.execute_script("return document.body.innerText")
         assert driver.title != "pwned" and all(name.split("\u2028")[0] in text for name in HOSTILE)
         sections = driver.execute_script("return [...document.querySelectorAll('h2')].map(e=>e.textContent)")
-        assert sections[:2] == ["Run", "Findings"] and "3D view" in sections
+        assert sections[:3] == ["What to change", "Run", "Findings"] and "3D view" in sections
     finally:
         driver.quit()
 

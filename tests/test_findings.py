@@ -54,6 +54,7 @@ def test_every_planted_cause_is_found_with_kind_tensor_rows_and_steps(planted):
         ("outlier_change", "layers.4.attn.weight"),
         ("outlier_change", "layers.4.mlp.weight"),
         ("outlier_change", "layers.4.norm.weight"),
+        ("lr_outlier", "layers.4"),  # the same cause as one block (wdiff.indicators)
     }
     assert set(got) == expected  # and nothing else: no false alarm on the untouched tensors
     assert got[("nonfinite", "layers.1.attn.weight")]["steps"] == [60]
@@ -73,8 +74,9 @@ def test_healthy_run_gives_no_finding(healthy):
 def test_low_learning_rate_layer_is_an_outlier_too(tmp_path_factory):
     res = _run(tmp_path_factory, "slow", lr_scale={"layers.3.": 0.05})
     got = {(f["kind"], f["tensor"]) for f in _found(res)}
-    assert got == {("outlier_change", f"layers.3.{k}.weight") for k in ("attn", "mlp", "norm")}
-    assert all("less" in f["message"] for f in _found(res))
+    outliers = {("outlier_change", f"layers.3.{k}.weight") for k in ("attn", "mlp", "norm")}
+    assert got == outliers | {("lr_outlier", "layers.3")}  # the block, by wdiff.indicators
+    assert all("less" in f["message"] or "slower" in f["message"] for f in _found(res))
 
 
 @pytest.mark.parametrize("run", ["digits-gpt2", "digits-bert-bf16-sharded"])

@@ -24,10 +24,12 @@ from wdiff.errors import WdiffError
 PLANTED = {"frozen": ("layers.1.mlp.weight",), "unused_rows": {"embed.weight": [2, 3]}}
 #: The sections of a report with its charts, in order (the 3D view follows when there are renders).
 SECTIONS = [
+    "What to change",
     "Run",
     "Findings",
     "Training curves",
     "Change per block and interval",
+    "Update size against the learning rate",
     "Top movers and frozen parts",
     "Per-row change",
 ]
@@ -61,8 +63,11 @@ def _parse(path) -> _Page:
     page = _Page()
     page.feed(text)
     assert not ({"script", "link", "iframe", "object", "embed"} & page.tags)
-    for name, value in page.attrs:  # every src/href is embedded data
-        if name in ("src", "href"):
+    ids = {value for name, value in page.attrs if name == "id"}
+    for name, value in page.attrs:  # every src/href is embedded data or a link inside the page
+        if name == "href" and value and value.startswith("#"):
+            assert value[1:] in ids, value
+        elif name in ("src", "href"):
             assert value and value.startswith("data:image/"), value[:40]
     return page
 
@@ -83,7 +88,7 @@ def rendered(tmp_path_factory):
 
 def test_report_is_self_contained_and_shows_every_part(rendered):
     page = _parse(rendered.path / "report.html")
-    assert page.headings[:6] == SECTIONS
+    assert page.headings[: len(SECTIONS)] == SECTIONS
     assert page.headings[-1] == "3D view"
     pictures = [_decoded(src) for src in page.images]
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pictures)
@@ -119,7 +124,13 @@ def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path
     page = _parse(res.path / "report.html")
     assert not (res.path / "render.png").exists()
     assert page.images == []  # no charts, no 3D view: --no-render draws no picture of any kind
-    assert page.headings == ["Run", "Findings", "Top movers and frozen parts"]
+    assert page.headings == [
+        "What to change",
+        "Run",
+        "Findings",
+        "Update size against the learning rate",
+        "Top movers and frozen parts",
+    ]
     text = (res.path / "report.html").read_text()
     assert text.count("Charts skipped (--no-render)") == 1 and "`wdiff report`" in text
     assert "layers.1.mlp.weight" in text  # the tables are all there
@@ -134,7 +145,7 @@ def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path
     )
     assert p.returncode == 0, p.stderr
     page = _parse(res.path / "report.html")
-    assert page.headings[:6] == SECTIONS
+    assert page.headings[: len(SECTIONS)] == SECTIONS
     assert len(page.images) >= 3 and all(_decoded(src).startswith(b"\x89PNG") for src in page.images)
     assert "Charts skipped" not in (res.path / "report.html").read_text()
     assert {name: (res.path / name).read_bytes() for name in tables} == tables  # same analysis

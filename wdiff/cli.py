@@ -255,6 +255,7 @@ def _print_findings(err, out: Path) -> None:
         return
     from dataclasses import replace
 
+    from wdiff.advice import what_to_change
     from wdiff.report import FINDINGS, REPORT
     from wdiff.report.build import read_findings
     from wdiff.report.table import findings_table
@@ -264,6 +265,8 @@ def _print_findings(err, out: Path) -> None:
         err.print(findings_table(found, visible(out / FINDINGS)))
     else:
         err.print("no findings")
+    for line in what_to_change(found, REPORT):
+        err.print(visible(line), soft_wrap=True)
     err.print(visible(f"report: {out / REPORT}"))
 
 

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from wdiff.indicators import KINDS as UPDATE_KINDS
+from wdiff.indicators import findings as update_findings
 from wdiff.metrics import RunMetrics, ranges
 
 KINDS = (
     "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "frozen", "unchanged_rows",
     "stalled_elements", "outlier_change", "spike",
 )  # fmt: skip
+KINDS += UPDATE_KINDS  # update size against the learning rate (wdiff.indicators)
 
 #: outlier_change: at least this many times more (or less) than the median of its group ...
 OUTLIER_RATIO = 4.0
@@ -536,4 +539,5 @@ def find(m: RunMetrics) -> list[Finding]:
         + _stalled(m)
         + _outliers(m)
         + _collapse(_spikes(m, s), total, _model_spike)
+        + [Finding(**f) for f in update_findings(m)]  # update size against the LR: wdiff.indicators
     )

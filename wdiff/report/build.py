@@ -10,14 +10,19 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from wdiff import advice
 from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
+from wdiff.indicators import RULE_OF_THUMB, block_indicators
 from wdiff.marker import read_small, regular_file
 from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
@@ -171,22 +176,24 @@ def _findings_section(found: Sequence[Finding]) -> str:
             h.paragraph(
                 "No findings: nothing frozen, no NaN/Inf, no unchanged rows, no outlier or spike.", "ok"
             ),
+            anchor="findings",
         )
     rows = [
         (
-            f'<span class="kind {h.esc(f.kind)}">{h.esc(f.kind)}</span>',
+            f'<span id="finding-{i}" class="kind {h.esc(f.kind)}">{h.esc(f.kind)}</span>',
             f"<code>{h.esc(f.tensor)}</code>",
             h.esc(", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in f.rows or [])),
             h.esc("-".join(str(s) for s in f.steps or [])),
             h.esc(f.message),
         )
-        for f in found
+        for i, f in enumerate(found)
     ]
     counts = ", ".join(f"{k}: {n}" for k, n in _count(found).items())
     return h.section(
         "Findings",
         h.paragraph(f"{len(found)} findings ({counts})."),
         h.table(["kind", "tensor", "rows", "steps", "what it may mean, what to try"], rows, raw=[True] * 5),
+        anchor="findings",
     )
 
 
@@ -234,7 +241,7 @@ def _movers(m: RunMetrics) -> str:
                 [(t["tensor"], t["rows_unchanged"], t["rows"]) for t in partial],
             )
         )
-    return h.section("Top movers and frozen parts", *parts)
+    return h.section("Top movers and frozen parts", *parts, anchor="movers")
 
 
 def _profiles(m: RunMetrics, found: Sequence[Finding]) -> str:
@@ -256,6 +263,7 @@ def _profiles(m: RunMetrics, found: Sequence[Finding]) -> str:
             "Accumulated |ΔW| summed over each row (token, position or output unit); red: never changed."
         ),
         *pictures,
+        anchor="chart-rows",
     )
 
 
@@ -273,9 +281,12 @@ def run_page(
         sections += _charts(m, s, steps)
     else:
         sections.append(h.paragraph(CHARTS_SKIPPED, "sub"))
+    sections.append(_update_size(m, s.get("trainer_state"), found))
     sections.append(_movers(m))
     if charts:
         sections.append(_profiles(m, found))
+    anchors = {a for part in sections for a in _ANCHOR.findall(part)}
+    sections.insert(0, _advice_section(found, anchors))
     if pictures:
         sections.append(h.section("3D view", *(h.image(data, mime, n, n) for n, data, mime in pictures)))
     subtitle = f"wdiff report: {len(steps)} checkpoints, {len(m.tensors)} tensors, {len(found)} findings"
@@ -299,6 +310,7 @@ def _charts(m: RunMetrics, s: dict, steps: Sequence[int | None]) -> list[str]:
                 if s.get("trainer_state")
                 else h.paragraph("No trainer_state.json in this run: no loss curve.")
             ),
+            anchor="chart-curves",
         ),
         h.section(
             "Change per block and interval",
@@ -308,5 +320,95 @@ def _charts(m: RunMetrics, s: dict, steps: Sequence[int | None]) -> list[str]:
                 "block x interval heatmap",
                 "‖ΔW‖/‖W‖ of each block per training step, log colour scale; rows in network order.",
             ),
+            anchor="chart-blocks",
         ),
     ]
+
+
+_ANCHOR = re.compile(r'<section id="([^"]+)"')
+
+
+def _advice_section(found: Sequence[Finding], anchors: set[str]) -> str:
+    """The "what to change" box at the top: ``advice.suggest``, each item linked to its findings
+    and to the section that shows the evidence (the findings table when that section is not drawn)."""
+    suggestions = advice.suggest(found)
+    if not suggestions:
+        return h.section(
+            "What to change",
+            h.paragraph("Nothing: no finding calls for a change.", "ok"),
+            anchor="what-to-change",
+        )
+    items = []
+    for s in suggestions:
+        links = [
+            f'<a href="#finding-{i}">{h.esc(found[i].kind)} <code>{h.esc(found[i].tensor)}</code></a>'
+            for i in s.findings[:4]
+        ]
+        if len(s.findings) > 4:
+            links.append(f"and {len(s.findings) - 4} more")
+        chart = s.chart if s.chart in anchors else "findings"
+        items.append(
+            f'<li data-kind="{h.esc(s.kind)}">{h.esc(s.text)}<br><span class="why">evidence: '
+            + ", ".join(links)
+            + f'; <a href="#{h.esc(chart)}">{h.esc(_SECTION_NAMES.get(chart, chart))}</a></span></li>'
+        )
+    return (
+        '<div class="advice">'
+        + h.section(
+            "What to change",
+            h.paragraph(f"{len(suggestions)} suggestions, most important first, drawn from the findings."),
+            "<ol>" + "".join(items) + "</ol>",
+            anchor="what-to-change",
+        )
+        + "</div>"
+    )
+
+
+_SECTION_NAMES = {
+    "findings": "findings table",
+    "chart-curves": "training curves",
+    "chart-blocks": "block x interval heatmap",
+    "chart-rows": "per-row change",
+    "update-size": "update size per block",
+    "movers": "top movers",
+}
+
+
+def _update_size(m: RunMetrics, trainer_state: dict | None, found: Sequence[Finding]) -> str:
+    """Per block: the update ratio per step, the effective learning rate and the peer factor
+    (``wdiff.indicators``), the blocks named by a finding marked."""
+    if not m.spans:
+        return ""
+    ind = block_indicators(m, trainer_state)
+    flagged = {f.tensor: f.kind for f in found if f.kind in ("lr_outlier", "stopped_moving")}
+    names = short_names(ind.blocks)
+    rows = []
+    for b, block in enumerate(ind.blocks):
+        update = ind.update[b][np.isfinite(ind.update[b])]
+        per_lr = ind.per_lr[b][np.isfinite(ind.per_lr[b])]
+        median = float(np.median(update)) if update.size else None
+        rows.append(
+            (
+                names[b],
+                median,
+                median / RULE_OF_THUMB if median is not None else None,
+                float(np.median(per_lr)) if per_lr.size else None,
+                ind.factor(block) if np.isfinite(ind.factor(block)) else None,
+                flagged.get(block, ""),
+            )
+        )
+    return h.section(
+        "Update size against the learning rate",
+        h.paragraph(
+            "Per block, medians over the intervals: the update ratio ‖ΔW‖/‖W‖ per step (the rule of thumb "
+            "for one step is about 1e-3, Karpathy's CS231n notes; between checkpoints this is a lower "
+            "bound), the same per unit of learning rate (the block's effective learning rate; empty "
+            "without a logged learning rate) and how many times more its tensors moved per step than the "
+            "same tensors in the other blocks (peer factor). Formulas and thresholds: docs/metrics.md."
+        ),
+        h.table(
+            ["block", "update ratio / step", "x 1e-3", "per unit of LR", "peer factor", "finding"],
+            rows,
+        ),
+        anchor="update-size",
+    )

@@ -26,6 +26,9 @@ code { font-size: 12px; } img { max-width: 100%; border: 1px solid #e3e6ec; marg
 .nonfinite, .frozen { color: #b3261e; } .unchanged_rows, .stalled_elements { color: #8a5a00; }
 .outlier_change, .spike { color: #6a3fb0; }
 .ok { color: #22753a; font-weight: 600; }
+.stopped_moving { color: #b3261e; } .lr_outlier { color: #6a3fb0; }
+.advice { background: #fff8e6; border: 1px solid #e8c76a; border-radius: 6px; padding: 2px 16px 10px; }
+.advice h2 { border: 0; } .advice li { margin: 6px 0; } .advice .why { color: #5b6575; font-size: 12px; }
 figure { margin: 10px 0; } figcaption { color: #5b6575; font-size: 12px; }
 """
 
@@ -73,8 +76,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], raw: Sequence[b
     return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
-def section(title: str, *parts: str) -> str:
-    return f"<section><h2>{esc(title)}</h2>{''.join(parts)}</section>"
+def section(title: str, *parts: str, anchor: str = "") -> str:
+    """A titled section; ``anchor`` makes it a link target (``report.html#anchor``)."""
+    ident = f' id="{esc(anchor)}"' if anchor else ""
+    return f"<section{ident}><h2>{esc(title)}</h2>{''.join(parts)}</section>"
 
 
 def paragraph(text: str, cls: str = "") -> str:
