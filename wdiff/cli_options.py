@@ -27,6 +27,7 @@ __all__ = [
     "Mesh",
     "NoRender",
     "Normalize",
+    "NoSpectrum",
     "Out",
     "Poll",
     "Pool",
@@ -126,6 +127,13 @@ Scheduler = Annotated[
     ),
 ]
 Workers = Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")]
+NoSpectrum = Annotated[
+    bool,
+    typer.Option(
+        "--no-spectrum",
+        help="Skip the singular values of each 2-D weight's update W(T) - W(0) (update_spectrum).",
+    ),
+]
 Full = Annotated[
     bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
 ]
