@@ -41,7 +41,7 @@ from wdiff.sequence import AlignedTensor
 __all__ = ["ENERGIES", "K_MAX", "is_matrix", "spectrum_entry", "update_spectra"]
 
 K_MAX = 128  # singular values reported: k = min(K_MAX, m, n)
-OVERSAMPLE = 16  # randomized: l = k + OVERSAMPLE sample columns (Halko et al. section 4.2: 5-10 or more)
+OVERSAMPLE = 64  # randomized: l = k + OVERSAMPLE columns (Halko et al. 4.2; more than their 5-10: see docs)
 POWER_ITERATIONS = 2  # randomized: q (Halko et al. section 4.5), 2 + 2q passes over W(0) and W(T)
 EXACT_SIDE = 512  # min(m, n) up to this: every singular value, exactly
 BLOCK_ELEMENTS = 1 << 20  # elements of D one task holds at a time (4 MiB as float32)
@@ -372,13 +372,14 @@ def update_spectra(
     scheduler: str = "threads",
     workers: int | None = None,
     *,
-    exact_side: int = EXACT_SIDE,
+    exact_side: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict]:
     """``{name: update_spectrum entry}`` of every 2-D (or more) tensor of ``tensors`` (``is_matrix``),
     from ``refs[0]`` and ``refs[-1]``. ``exact_side``: the largest ``min(m, n)`` given every singular
-    value (0: the randomized path for all but LoRA products). ``progress(n)``: n more tensors done."""
-    plan = _plan(tensors, exact_side)
+    value (default ``EXACT_SIDE``; 0: the randomized path for all but LoRA products). ``progress(n)``:
+    n more tensors done."""
+    plan = _plan(tensors, EXACT_SIDE if exact_side is None else exact_side)
     parallel = workers or os.cpu_count() or 1
     found: dict[str, dict] = {}
     with _scheduler(scheduler, workers) as get:
