@@ -199,6 +199,25 @@ def test_an_incremental_extension_recomputes_the_spectrum(tmp_path):
     assert again["tensors"]["w"]["update_spectrum"] == entry  # carried over
 
 
+def test_remote_inputs_read_by_range(http_server, tmp_path, monkeypatch):
+    """Over HTTP (ranges fetched by InputFiles), the same spectra as from local files, on both the
+    exact (TSQR, blocks made small) and the randomized path; off by default for remote inputs."""
+    monkeypatch.setattr(spectrum, "BLOCK_ELEMENTS", 4096)
+    rng = np.random.default_rng(9)
+    first = {"tall": rng.standard_normal((300, 40)), "big": rng.standard_normal((520, 530))}
+    last = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in first.items()}
+    root = _run(tmp_path / "runs" / "run", first, last, "BF16")
+    local = wdiff.run(root, tmp_path / "local", render=False).summary["tensors"]
+    base = http_server(tmp_path / "runs")
+    remote = wdiff.run(f"{base}/run/", tmp_path / "remote", render=False, spectrum=True).summary["tensors"]
+    for name in first:
+        assert remote[name]["update_spectrum"] == local[name]["update_spectrum"]
+    assert local["big"]["update_spectrum"]["method"] == "randomized"
+    _check_exact(local["tall"]["update_spectrum"], _update(first["tall"], last["tall"], "BF16"))
+    default = wdiff.run(f"{base}/run/", tmp_path / "default", render=False).summary
+    assert "update_spectrum" not in default["tensors"]["tall"]
+
+
 def test_no_update_is_said_without_nan(tmp_path):
     """W(0) == W(T) (the run came back to its start): D = 0 has rank 0, no singular value, no NaN."""
     rng = np.random.default_rng(6)

@@ -86,7 +86,7 @@ def run(
     scene: SceneOptions | None = None,
     revisions: str | None = None,
     commit_every: int | None = None,
-    spectrum: bool = True,
+    spectrum: bool | None = None,
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -111,7 +111,9 @@ def run(
     ones. Each commit after the first reads the first checkpoint and the last one committed again.
 
     ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
-    ``update_spectrum`` in each tensor's summary entry); ``False`` leaves them out.
+    ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
+    times for a matrix over 512 x 512); by default (None) for local inputs only, since a remote
+    input's bytes would be downloaded again; ``True``/``False`` always/never.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -137,6 +139,8 @@ def run(
         staging.close()
         raise
     total = len(the_run.checkpoints)
+    if spectrum is None:
+        spectrum = not any(is_url(p) for c in the_run.checkpoints for p in c.files)
     report = _Report(progress, compute_total(the_run, whole, ends))
     for n, end in enumerate(ends):
         staging = staging if n == 0 else Staging(out)

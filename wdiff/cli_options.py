@@ -27,7 +27,7 @@ __all__ = [
     "Mesh",
     "NoRender",
     "Normalize",
-    "NoSpectrum",
+    "Spectrum",
     "Out",
     "Poll",
     "Pool",
@@ -127,11 +127,13 @@ Scheduler = Annotated[
     ),
 ]
 Workers = Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")]
-NoSpectrum = Annotated[
-    bool,
+Spectrum = Annotated[
+    bool | None,
     typer.Option(
-        "--no-spectrum",
-        help="Skip the singular values of each 2-D weight's update W(T) - W(0) (update_spectrum).",
+        "--spectrum/--no-spectrum",
+        help="The singular values of each 2-D weight's update W(T) - W(0) (update_spectrum; reads the "
+        "first and last checkpoint again). Default: for local inputs only.",
+        show_default=False,
     ),
 ]
 Full = Annotated[
