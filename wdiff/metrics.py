@@ -130,7 +130,9 @@ def row_changes(res: Results, names: Sequence[str]) -> dict[str, np.ndarray]:
         found = res.rows_of(stored)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the maps
         found = {n: _sum_rows(a) for n, a in res.accumulated_of(stored).items()}
-    return {n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names}
+    return {
+        n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names
+    }
 
 
 def _sum_rows(acc: np.ndarray) -> np.ndarray:
