@@ -71,7 +71,7 @@ def test_exact_paths_match_numpy(tmp_path, dtype, monkeypatch):
     shapes = {"small": (48, 40), "conv": (16, 8, 3, 3), "tall": (200, 60), "wide": (40, 300), "bias": (40,)}
     first = {k: rng.standard_normal(s) for k, s in shapes.items()}
     last = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in first.items()}
-    res = wdiff.run(_run(tmp_path / "run", first, last, dtype), tmp_path / "out", render=False)
+    res = wdiff.run(_run(tmp_path / "run", first, last, dtype), tmp_path / "out", render=False, spectrum=True)
     tensors = res.summary["tensors"]
     assert "update_spectrum" not in tensors["bias"]  # a vector has no spectrum
     for name in ("small", "conv", "tall", "wide"):
@@ -97,7 +97,9 @@ def test_randomized_path_matches_numpy(tmp_path, dtype, monkeypatch):
     m, n = 600, 700
     first = {"w": 0.01 * rng.standard_normal((m, n))}
     last = {"w": first["w"] + _matrix(rng, m, n, np.exp(-np.arange(600) / 40))}
-    res = wdiff.run(_run(tmp_path / "run", first, last, dtype), tmp_path / "out", render=False, workers=2)
+    res = wdiff.run(
+        _run(tmp_path / "run", first, last, dtype), tmp_path / "out", render=False, workers=2, spectrum=True
+    )
     entry = res.summary["tensors"]["w"]["update_spectrum"]
     d = _update(first["w"], last["w"], dtype)
     s, energy, ranks, _ = _reference(d)
@@ -121,7 +123,7 @@ def test_a_planted_low_rank_update(tmp_path, monkeypatch):
     last = {
         k: v + _matrix(rng, *v.shape, planted) + 1e-5 * rng.standard_normal(v.shape) for k, v in first.items()
     }
-    res = wdiff.run(_run(tmp_path / "run", first, last, "F32"), tmp_path / "out", render=False)
+    res = wdiff.run(_run(tmp_path / "run", first, last, "F32"), tmp_path / "out", render=False, spectrum=True)
     for name in shapes:
         entry = res.summary["tensors"][name]["update_spectrum"]
         assert entry["method"] == name
@@ -156,7 +158,7 @@ def test_lora_update_is_exact_from_the_factors(tmp_path):
     settings = {"r": 4, "lora_alpha": 8, "rank_pattern": {"up_proj": 8}}
     for step, tensors in zip((5, 10, 15), seq):
         adapter_checkpoint(tmp_path / "run" / f"checkpoint-{step}", tensors, settings, step)
-    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
+    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True)
     for mod, (*_, r) in modules.items():
         scale = 8 / r
 
@@ -185,29 +187,29 @@ def test_an_incremental_extension_recomputes_the_spectrum(tmp_path):
         seq.append({"w": w.astype(np.float32)})
         w = w + 0.1 * rng.standard_normal(w.shape)
     trainer_run(tmp_path / "run", seq[:3], [1, 2, 3])
-    early = wdiff.run(tmp_path / "run", tmp_path / "out", render=False).summary["tensors"]["w"]
+    early = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True).summary["tensors"]["w"]
     trainer_run(tmp_path / "more", seq[3:], [4, 5])
     for folder in (tmp_path / "more").iterdir():
         shutil.move(folder, tmp_path / "run" / folder.name)
-    extended = wdiff.run(tmp_path / "run", tmp_path / "out", render=False).summary
+    extended = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True).summary
     assert extended["update"] == "incremental from 3"
     entry = extended["tensors"]["w"]["update_spectrum"]
     _check_exact(entry, _update(seq[0]["w"], seq[-1]["w"], "F32"))
     assert entry != early["update_spectrum"]  # W(T) changed: not the earlier spectrum
-    again = wdiff.run(tmp_path / "run", tmp_path / "out", render=False).summary
+    again = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True).summary
     assert again["update"] == "up to date"
     assert again["tensors"]["w"]["update_spectrum"] == entry  # carried over
 
 
 def test_remote_inputs_read_by_range(http_server, tmp_path, monkeypatch):
     """Over HTTP (ranges fetched by InputFiles), the same spectra as from local files, on both the
-    exact (TSQR, blocks made small) and the randomized path; off by default for remote inputs."""
+    exact (TSQR, blocks made small) and the randomized path; off by default."""
     monkeypatch.setattr(spectrum, "BLOCK_ELEMENTS", 4096)
     rng = np.random.default_rng(9)
     first = {"tall": rng.standard_normal((300, 40)), "big": rng.standard_normal((520, 530))}
     last = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in first.items()}
     root = _run(tmp_path / "runs" / "run", first, last, "BF16")
-    local = wdiff.run(root, tmp_path / "local", render=False).summary["tensors"]
+    local = wdiff.run(root, tmp_path / "local", render=False, spectrum=True).summary["tensors"]
     base = http_server(tmp_path / "runs")
     remote = wdiff.run(f"{base}/run/", tmp_path / "remote", render=False, spectrum=True).summary["tensors"]
     for name in first:
@@ -224,7 +226,7 @@ def test_no_update_is_said_without_nan(tmp_path):
     w0 = {"w": rng.standard_normal((32, 48)).astype(np.float32), "big": rng.standard_normal((600, 530))}
     w1 = {k: v + 1 for k, v in w0.items()}
     trainer_run(tmp_path / "run", [w0, w1, w0], [1, 2, 3])
-    wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
+    wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True)
 
     def refuse(word: str) -> None:
         raise AssertionError(f"{word} in summary.json")
@@ -243,7 +245,7 @@ def test_nonfinite_values_give_no_spectrum_and_no_nan(tmp_path):
     w1 = {"w": w0["w"].copy()}
     w1["w"][3, 4] = np.nan
     trainer_run(tmp_path / "run", [w0, w1], [1, 2])
-    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False)
+    res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=True)
     entry = res.summary["tensors"]["w"]["update_spectrum"]
     assert entry["singular_values"] == [] and entry["effective_rank"] is None
     assert "NaN" in entry["note"]
@@ -256,7 +258,7 @@ def test_spectrum_can_be_turned_off_and_the_schema_checks_it(tmp_path):
     res = wdiff.run(tmp_path / "run", tmp_path / "out", render=False, spectrum=False)
     assert "update_spectrum" not in res.summary["tensors"]["w"]
     assert "spectrum_seconds" not in res.summary["timing"]
-    res = wdiff.run(tmp_path / "run", tmp_path / "on", render=False)
+    res = wdiff.run(tmp_path / "run", tmp_path / "on", render=False, spectrum=True)
     summary = json.loads((tmp_path / "on" / "summary.json").read_text())
     check_summary(summary)
     summary["tensors"]["w"]["update_spectrum"]["rank_for_energy"]["0.9"] = 2.5

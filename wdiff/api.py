@@ -112,8 +112,9 @@ def run(
 
     ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
     ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
-    times for a matrix over 512 x 512); by default (None) for local inputs only, since a remote
-    input's bytes would be downloaded again; ``True``/``False`` always/never.
+    times for a matrix over 512 x 512: a remote input's bytes are downloaded again). None (the
+    default) is off for now: on, local results would differ from remote ones, which
+    ``tests/test_remote.py`` requires to be equal (see docs/metrics.md).
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -139,8 +140,7 @@ def run(
         staging.close()
         raise
     total = len(the_run.checkpoints)
-    if spectrum is None:
-        spectrum = not any(is_url(p) for c in the_run.checkpoints for p in c.files)
+    spectrum = bool(spectrum)
     report = _Report(progress, compute_total(the_run, whole, ends))
     for n, end in enumerate(ends):
         staging = staging if n == 0 else Staging(out)
