@@ -86,6 +86,7 @@ def run(
     scene: SceneOptions | None = None,
     revisions: str | None = None,
     commit_every: int | None = None,
+    spectrum: bool | None = None,
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -108,6 +109,12 @@ def run(
     so that an interrupted run goes on from the last commit (``progress("checkpoints", done, total)``
     after each); by default every ``REMOTE_COMMIT_EVERY`` for remote inputs, once at the end for local
     ones. Each commit after the first reads the first checkpoint and the last one committed again.
+
+    ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
+    ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
+    times for a matrix over 512 x 512: a remote input's bytes are downloaded again). None (the
+    default) is off for now: on, local results would differ from remote ones, which
+    ``tests/test_remote.py`` requires to be equal (see docs/metrics.md).
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -133,6 +140,7 @@ def run(
         staging.close()
         raise
     total = len(the_run.checkpoints)
+    spectrum = bool(spectrum)
     report = _Report(progress, compute_total(the_run, whole, ends))
     for n, end in enumerate(ends):
         staging = staging if n == 0 else Staging(out)
@@ -143,8 +151,10 @@ def run(
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
                                    incremental=incremental or n > 0, intervals=total - 1)  # fmt: skip
             result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
+            spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
-                                    chunk_elements=plan.chunk_elements, scheduler=scheduler)  # fmt: skip
+                                    chunk_elements=plan.chunk_elements, scheduler=scheduler,
+                                    spectrum_seconds=spectrum_seconds)  # fmt: skip
             summary["scene"] = draw(staging.folder, part, summary, scene, report)
             summary["timing"]["total_seconds"] = time.perf_counter() - t_start
             write_results(staging.folder, summary, keep, charts=scene.render)
@@ -292,6 +302,32 @@ def compute_or_reuse(
     # compute_seconds: from the first read to the last result written
     written = result.compute_seconds + time.perf_counter() - t_write
     return dataclasses.replace(result, compute_seconds=written)
+
+
+def add_spectra(
+    plan: Plan, result: ComputeResult, scheduler: str, workers: int | None, progress: Progress | None
+) -> float:
+    """The update spectrum (``wdiff.spectrum``) of every 2-D tensor whose entry has none, into its entry
+    of ``result.tensors``; the seconds it took. An up-to-date run's entries keep the earlier ones (the
+    same W(0) and W(T)); an extended run's are new entries, so W(0) and the new W(T) are read again."""
+    from wdiff.spectrum import is_matrix, update_spectra
+
+    t0 = time.perf_counter()
+    wanted = [
+        t
+        for t in plan.run.tensors
+        if is_matrix(t) and "update_spectrum" not in result.tensors.get(t.name, {})
+    ]
+
+    def advance(n: int) -> None:
+        if progress is not None:
+            progress("spectrum", n, len(wanted))
+
+    if wanted:
+        found = update_spectra(wanted, scheduler, workers, progress=advance)
+        for name, entry in found.items():
+            result.tensors[name]["update_spectrum"] = entry
+    return time.perf_counter() - t0
 
 
 def write_results(

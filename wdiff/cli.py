@@ -105,6 +105,7 @@ def _api_options(
     mesh: bool,
     frames: bool,
     html_points: int,
+    spectrum: bool | None,
 ) -> dict:
     """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``, each checked
     before any work (an ``OptionError`` names the parameter; ``main`` shows its flag)."""
@@ -136,6 +137,7 @@ def _api_options(
         "scheduler": scheduler,
         "workers": workers,
         "incremental": not full,
+        "spectrum": spectrum,
     }
 
 
@@ -158,6 +160,7 @@ def run_command(
     mesh: opt.Mesh = False,
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
+    spectrum: opt.Spectrum = None,
     revisions: opt.Revisions = None,
     commit_every: opt.CommitEvery = None,
 ) -> None:
@@ -172,7 +175,7 @@ def run_command(
     err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,
-        pool, color_scale, normalize, size, views, mesh, frames, html_points,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
     )  # fmt: skip
 
     def on_scan(scanned: Run) -> None:
@@ -319,6 +322,7 @@ def watch_command(
     mesh: opt.Mesh = False,
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
+    spectrum: opt.Spectrum = None,
     poll: opt.Poll = 10.0,
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
@@ -335,7 +339,7 @@ def watch_command(
     err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,
-        pool, color_scale, normalize, size, views, mesh, frames, html_points,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
     )  # fmt: skip
 
     def on_update(res: Results) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "Mesh",
     "NoRender",
     "Normalize",
+    "Spectrum",
     "Out",
     "Poll",
     "Pool",
@@ -126,6 +127,15 @@ Scheduler = Annotated[
     ),
 ]
 Workers = Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")]
+Spectrum = Annotated[
+    bool | None,
+    typer.Option(
+        "--spectrum/--no-spectrum",
+        help="The singular values of each 2-D weight's update W(T) - W(0) (update_spectrum; reads the "
+        "first and last checkpoint again). Default: off.",
+        show_default=False,
+    ),
+]
 Full = Annotated[
     bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
 ]

@@ -122,8 +122,22 @@ def _tensor(name: str, t: Any, checkpoints: int) -> None:
         _number(v, f"{where}.rotation[{i}]")
     for i, v in enumerate(_list(t["nonfinite"], f"{where}.nonfinite", checkpoints)):
         _int(v, f"{where}.nonfinite[{i}]", 0)
+    if "update_spectrum" in t:
+        _spectrum(_object(t["update_spectrum"], f"{where}.update_spectrum"), f"{where}.update_spectrum")
     if "aliases" in t and not all(isinstance(a, str) for a in _list(t["aliases"], f"{where}.aliases")):
         raise _Bad(f"{where}.aliases", "a list of tensor names")
+
+
+def _spectrum(s: dict, where: str) -> None:
+    """An ``update_spectrum`` entry (``wdiff.spectrum.spectrum_entry``)."""
+    values = _list(s.get("singular_values"), f"{where}.singular_values")
+    for i, v in enumerate(values):
+        _number(v, f"{where}.singular_values[{i}]", null=False)
+    _number(s.get("effective_rank"), f"{where}.effective_rank")
+    _number(s.get("energy_captured"), f"{where}.energy_captured")
+    for key, r in _object(s.get("rank_for_energy"), f"{where}.rank_for_energy").items():
+        if r is not None:
+            _int(r, f"{where}.rank_for_energy.{_cut(key, 10)}", 0)
 
 
 def _trainer_state(state: Any) -> None:
@@ -196,10 +210,13 @@ def build_summary(
     update: str,
     chunk_elements: int,
     scheduler: str,
+    spectrum_seconds: float | None = None,
 ) -> dict[str, Any]:
     """``summary.json`` of a run (without its "scene" and ``timing.total_seconds``, which the caller adds
     once the pictures are drawn): the checkpoints as scanned, the metrics compute aggregated (tied
-    weights reported once, with every name), what was left out and why, the timing, the update kind."""
+    weights reported once, with every name), what was left out and why, the timing, the update kind.
+    Each 2-D tensor's ``update_spectrum`` (``wdiff.spectrum``) is in its entry of ``result.tensors``
+    when it was computed; ``spectrum_seconds`` is the time that took (None: not computed)."""
     for name, others in run.aliases.items():  # tied weights: reported once, with every name
         if name in result.tensors:
             result.tensors[name]["aliases"] = others
@@ -224,7 +241,8 @@ def build_summary(
             "chunks": result.chunks,
             "chunk_elements": chunk_elements,
             "scheduler": scheduler,
-        },
+        }
+        | ({"spectrum_seconds": spectrum_seconds} if spectrum_seconds is not None else {}),
         "update": update,
         "trainer_state": trainer_summary(run.trainer_state),
     }
