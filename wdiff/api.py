@@ -112,9 +112,9 @@ def run(
 
     ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
     ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
-    times for a matrix over 512 x 512: a remote input's bytes are downloaded again). None (the
-    default) is off for now: on, local results would differ from remote ones, which
-    ``tests/test_remote.py`` requires to be equal (see docs/metrics.md).
+    times for a matrix over 512 x 512). None (the default): on for local inputs whose matrices hold at
+    most ``SPECTRUM_AUTO_BYTES`` per checkpoint, off for bigger ones and for remote inputs (their bytes
+    would be downloaded again).
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -140,7 +140,7 @@ def run(
         staging.close()
         raise
     total = len(the_run.checkpoints)
-    spectrum = bool(spectrum)
+    spectrum = spectrum_by_default(the_run) if spectrum is None else spectrum
     report = _Report(progress, compute_total(the_run, whole, ends))
     for n, end in enumerate(ends):
         staging = staging if n == 0 else Staging(out)
@@ -163,6 +163,19 @@ def run(
             staging.close()
         report("checkpoints", end, total)
     return Results.load(out)
+
+
+SPECTRUM_AUTO_BYTES = 1 << 30  # the spectrum is on by default up to this many bytes of matrices
+
+
+def spectrum_by_default(run: Run) -> bool:
+    """Whether ``run`` gets update spectra when not asked either way: local inputs whose matrices (read
+    again from W(0) and W(T), up to six times) hold at most ``SPECTRUM_AUTO_BYTES`` per checkpoint."""
+    from wdiff.spectrum import is_matrix
+
+    if any(is_url(p) for c in run.checkpoints for p in c.files):
+        return False
+    return sum(t.refs[-1].nbytes for t in run.tensors if is_matrix(t)) <= SPECTRUM_AUTO_BYTES
 
 
 REMOTE_COMMIT_EVERY = 16  # remote inputs: commit after this many new checkpoints (see ``run``)
