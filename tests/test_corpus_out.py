@@ -820,3 +820,18 @@ def test_fuzz_summary_long(tmp_path, results):
     seed = int(os.environ.get("WDIFF_FUZZ_SEED", random.randrange(2**32)))
     tally = _summary_fuzz(tmp_path, results, LONG, seed, compare_every=10)
     print(f"seed {seed}: {tally}")
+
+
+def test_a_summary_of_a_newer_schema_is_refused_in_one_line(earlier_results, tmp_path):
+    """summary.json says its schema; one written by a newer wdiff is refused, never half read, and one
+    without the key (written before it existed) is of the first schema."""
+    from wdiff.schema import SUMMARY_SCHEMA, check_summary, read_summary
+
+    summary = json.loads((earlier_results / "summary.json").read_text())
+    assert summary["schema"] == SUMMARY_SCHEMA
+    del summary["schema"]
+    assert check_summary(summary) is summary
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary | {"schema": SUMMARY_SCHEMA + 1}))
+    with pytest.raises(WdiffError, match=r"summary.json: not wdiff's summary: schema: expected at most 1 "):
+        read_summary(path)

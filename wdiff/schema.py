@@ -165,10 +165,16 @@ def _scene(scene: Any) -> None:
             raise _Bad(f"scene.{key}", " or ".join(allowed))
 
 
+SUMMARY_SCHEMA = 1  # summary.json's "schema": raised when a key changes meaning or a required one is added
+
+
 def check_summary(summary: Any) -> dict[str, Any]:
-    """``summary`` when it has the shape wdiff writes; else ``ValueError("field: expected ...")``."""
+    """``summary`` when it has the shape wdiff writes; else ``ValueError("field: expected ...")``. A
+    summary of a later schema (a newer wdiff) is refused; one without ``schema`` is of the first."""
     try:
         s = _object(summary, "the summary")
+        if "schema" in s and _int(s["schema"], "schema", 1) > SUMMARY_SCHEMA:
+            raise _Bad("schema", f"at most {SUMMARY_SCHEMA} (it was written by a newer wdiff: update wdiff)")
         if "checkpoints" not in s or "tensors" not in s:
             raise _Bad("the summary", 'an object with "checkpoints" and "tensors"')
         checkpoints = _list(s["checkpoints"], "checkpoints")
@@ -221,6 +227,7 @@ def build_summary(
         if name in result.tensors:
             result.tensors[name]["aliases"] = others
     summary: dict[str, Any] = {
+        "schema": SUMMARY_SCHEMA,
         "wdiff_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": run.source,
