@@ -283,9 +283,9 @@ def run_page(
         sections.append(h.paragraph(CHARTS_SKIPPED, "sub"))
     sections.append(_update_size(m, s.get("trainer_state"), found))
     sections.append(_movers(m))
-    sections.append(_rank_section(s))
     if charts:
         sections.append(_profiles(m, found))
+    sections.append(_rank_section(s))
     anchors = {a for part in sections for a in _ANCHOR.findall(part)}
     sections.insert(0, _advice_section(found, anchors, s))
     if pictures:
