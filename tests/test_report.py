@@ -130,6 +130,7 @@ def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path
         "Findings",
         "Update size against the learning rate",
         "Top movers and frozen parts",
+        "Rank of the update",  # the update spectra, on by default for a local run
     ]
     text = (res.path / "report.html").read_text()
     assert text.count("Charts skipped (--no-render)") == 1 and "`wdiff report`" in text

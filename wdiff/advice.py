@@ -15,9 +15,10 @@ give the same list. Kinds this module does not know (added later) are suggested 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from wdiff import rank_hint
 from wdiff.findings import Finding, is_embedding
 from wdiff.naming import block_of
 
@@ -39,6 +40,9 @@ SEVERITY = {
     "stalled_elements": 20,
 }
 UNKNOWN = 10
+#: The rank hint (``wdiff.rank_hint``) is information, not a problem: below every finding, and only
+#: when fewer than ``limit`` findings' suggestions leave it room.
+INFORMATION = 0
 
 #: The report section that shows each kind's evidence (``report.html#<anchor>``); ``findings`` for
 #: kinds without a chart.
@@ -183,8 +187,9 @@ def _key(f: Finding) -> tuple:
     return (f.kind,)
 
 
-def suggest(found: Sequence[Finding], limit: int = LIMIT) -> list[Suggestion]:
-    """At most ``limit`` suggestions, most important first."""
+def suggest(found: Sequence[Finding], limit: int = LIMIT, summary: Mapping | None = None) -> list[Suggestion]:
+    """At most ``limit`` suggestions, most important first. With the run's ``summary`` (its update
+    spectra), the rank hint of ``wdiff.rank_hint`` comes last when there is room for it."""
     groups: dict[tuple, list[int]] = {}
     for i, f in enumerate(found):
         groups.setdefault(_key(f), []).append(i)
@@ -199,7 +204,7 @@ def suggest(found: Sequence[Finding], limit: int = LIMIT) -> list[Suggestion]:
         severity = SEVERITY.get(kind, UNKNOWN)
         ranked.append((-severity, -len(members), first_step, indices[0], kind, members, indices))
     ranked.sort(key=lambda r: r[:4])
-    return [
+    out = [
         Suggestion(
             rank=n,
             text=_text(kind, members),
@@ -211,16 +216,37 @@ def suggest(found: Sequence[Finding], limit: int = LIMIT) -> list[Suggestion]:
         )
         for n, (*_, kind, members, indices) in enumerate(ranked[:limit], start=1)
     ]
+    hint = rank_hint.hint(summary) if summary is not None and len(out) < limit else None
+    if hint is not None:
+        text, groups = hint
+        out.append(
+            Suggestion(
+                rank=len(out) + 1,
+                text=text,
+                kind="update_rank",
+                tensors=groups,
+                findings=[],
+                chart=rank_hint.ANCHOR,
+                severity=INFORMATION,
+            )
+        )
+    return out
 
 
-def what_to_change(found: Sequence[Finding], report: str = "report.html") -> list[str]:
+def what_to_change(
+    found: Sequence[Finding], report: str = "report.html", summary: Mapping | None = None
+) -> list[str]:
     """The suggestions as the closing lines of the CLI: a heading, then one numbered line each with
-    its evidence (finding numbers in findings.json, counted from 1, and the report's section)."""
-    suggestions = suggest(found)
+    its evidence (finding numbers in findings.json, counted from 1, and the report's section); the
+    rank hint (with ``summary``) links the report's section only."""
+    suggestions = suggest(found, summary=summary)
     if not suggestions:
         return []
     lines = [f"what to change ({report}#what-to-change):"]
     for s in suggestions:
+        if not s.findings:
+            lines.append(f"  {s.rank}. {s.text} [{report}#{s.chart}]")
+            continue
         numbers = ", ".join(f"#{i + 1}" for i in s.findings[:6]) + (" ..." if len(s.findings) > 6 else "")
         lines.append(f"  {s.rank}. {s.text} [findings {numbers}; {report}#{s.chart}]")
     return lines

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wdiff import advice
+from wdiff import advice, rank_hint
 from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
@@ -285,8 +285,9 @@ def run_page(
     sections.append(_movers(m))
     if charts:
         sections.append(_profiles(m, found))
+    sections.append(_rank_section(s))
     anchors = {a for part in sections for a in _ANCHOR.findall(part)}
-    sections.insert(0, _advice_section(found, anchors))
+    sections.insert(0, _advice_section(found, anchors, s))
     if pictures:
         sections.append(h.section("3D view", *(h.image(data, mime, n, n) for n, data, mime in pictures)))
     subtitle = f"wdiff report: {len(steps)} checkpoints, {len(m.tensors)} tensors, {len(found)} findings"
@@ -328,14 +329,21 @@ def _charts(m: RunMetrics, s: dict, steps: Sequence[int | None]) -> list[str]:
 _ANCHOR = re.compile(r'<section id="([^"]+)"')
 
 
-def _advice_section(found: Sequence[Finding], anchors: set[str]) -> str:
+def _advice_section(found: Sequence[Finding], anchors: set[str], summary: dict | None = None) -> str:
     """The "what to change" box at the top: ``advice.suggest``, each item linked to its findings
-    and to the section that shows the evidence (the findings table when that section is not drawn)."""
-    suggestions = advice.suggest(found)
-    if not suggestions:
+    and to the section that shows the evidence (the findings table when that section is not drawn);
+    the rank hint, when it is the only item, under "nothing calls for a change"."""
+    suggestions = advice.suggest(found, summary=summary)
+    if not any(s.findings for s in suggestions):
+        hints = [
+            f'<li data-kind="{h.esc(s.kind)}">{h.esc(s.text)}<br><span class="why">'
+            f'<a href="#{h.esc(s.chart)}">{h.esc(_SECTION_NAMES.get(s.chart, s.chart))}</a></span></li>'
+            for s in suggestions
+        ]
         return h.section(
             "What to change",
             h.paragraph("Nothing: no finding calls for a change.", "ok"),
+            ("<ol>" + "".join(hints) + "</ol>") if hints else "",
             anchor="what-to-change",
         )
     items = []
@@ -346,6 +354,8 @@ def _advice_section(found: Sequence[Finding], anchors: set[str]) -> str:
         ]
         if len(s.findings) > 4:
             links.append(f"and {len(s.findings) - 4} more")
+        if not s.findings:
+            links.append("information, not a finding")
         chart = s.chart if s.chart in anchors else "findings"
         items.append(
             f'<li data-kind="{h.esc(s.kind)}">{h.esc(s.text)}<br><span class="why">evidence: '
@@ -371,7 +381,45 @@ _SECTION_NAMES = {
     "chart-rows": "per-row change",
     "update-size": "update size per block",
     "movers": "top movers",
+    rank_hint.ANCHOR: "rank of the update",
 }
+
+
+def _rank_section(summary: dict) -> str:
+    """Per tensor group: the median ranks that hold 50/90/99% of the update ``W(T) - W(0)``
+    (``wdiff.rank_hint``); for a LoRA run, r configured against the rank the adapters use. Empty when
+    no tensor has an ``update_spectrum``."""
+    rows = rank_hint.groups(summary)
+    if not rows:
+        return ""
+    lora = rank_hint.is_lora(rows)
+
+    def rank(g: rank_hint.GroupRank, f: str) -> Any:
+        value = g.energy[f]
+        return f"> {g.k}" if value == float("inf") else value
+
+    headers = ["group", "tensors", "shape", "rank for 50%", "rank for 90%", "rank for 99%", "effective rank"]
+    table = [
+        (g.label, len(g.tensors), g.shape, *(rank(g, f) for f in rank_hint.ENERGIES), g.effective_rank)
+        + ((g.r, g.rank_used) if lora else ())
+        for g in rows
+    ]
+    return h.section(
+        "Rank of the update",
+        h.paragraph(
+            "Per group of tensors (the same tensor in every block), medians over its tensors: the least "
+            "rank r whose top r singular values hold 50%, 90%, 99% of the squared total update "
+            "W(T) - W(0) (the LoRA rank that would hold that share), and the effective rank."
+            + (
+                " LoRA: r configured against the rank B(T) A(T) uses (the largest in the group)."
+                if lora
+                else ""
+            )
+            + " Information, not a finding. Formulas: docs/metrics.md."
+        ),
+        h.table(headers + (["r", "rank used"] if lora else []), table),
+        anchor=rank_hint.ANCHOR,
+    )
 
 
 def _update_size(m: RunMetrics, trainer_state: dict | None, found: Sequence[Finding]) -> str:

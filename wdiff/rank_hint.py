@@ -1,0 +1,161 @@
+"""The rank of the update per tensor group, and the one hint drawn from it (what LoRA rank would do).
+
+Information, not a problem: never a finding (``findings.json`` stays empty on a healthy run). The
+report's "Rank of the update" table is ``groups(summary)``; the hint ``hint(summary)`` joins the
+suggestions of ``wdiff.advice`` below every finding's.
+
+- full fine-tune: per group (``metrics.group_of``) the median ``rank_for_energy["0.9"]`` over its
+  tensors; the groups whose rank is small (at most ``LORA_MAX`` and a quarter of the matrix's short
+  side) get a LoRA rank, the largest of theirs rounded up to a power of two; the others are named with
+  the rank they need.
+- LoRA run: the groups whose adapters use fewer ranks than their ``r`` (``lora.rank_used < r``).
+
+    from wdiff import rank_hint
+    for g in rank_hint.groups(summary): print(g.label, g.energy["0.9"], g.rank_used, g.r)
+    print(rank_hint.hint(summary))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from wdiff.metrics import group_of
+
+ENERGIES = ("0.5", "0.9", "0.99")
+SHARE = "0.9"  # the share of the update the hint's LoRA rank holds
+LORA_MAX = 64  # a group needing more than this rank is not a LoRA candidate
+SIDE_FRACTION = 0.25  # nor one needing more than this share of its matrix's short side
+ANCHOR = "update-rank"  # report.html#update-rank
+
+
+@dataclass(frozen=True)
+class GroupRank:
+    group: str  # metrics.group_of, or the tensor's name when it is in no numbered block
+    label: str  # short name: q_proj, mlp.up_proj, ...
+    tensors: list[str]
+    shape: str  # "64x96" (the shapes of its tensors, joined when they differ)
+    side: int  # min(m, n) of its matrices (the smallest)
+    k: int  # the most singular values listed for a tensor of the group
+    energy: dict[str, float]  # median rank_for_energy per share; inf: above k for most tensors
+    effective_rank: float | None  # median
+    grouped: bool  # in numbered blocks (group_of is not None)
+    r: int | None = None  # LoRA: configured rank (the largest in the group)
+    rank_used: int | None = None  # LoRA: the largest rank an adapter of the group uses
+
+    def needs(self, share: str = SHARE) -> str:
+        value = self.energy[share]
+        return f"more than {self.k}" if math.isinf(value) else f"{math.ceil(value)}"
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else math.nan
+
+
+def _labels(groups: list[str]) -> dict[str, str]:
+    """The shortest dotted tail (without ``.weight``) that tells the groups apart."""
+    parts = {g: g.removesuffix(".weight").split(".") for g in groups}
+    labels = {}
+    for g, p in parts.items():
+        for n in range(1, len(p) + 1):
+            tail = ".".join(p[-n:])
+            if all(g2 == g or ".".join(q[-n:]) != tail for g2, q in parts.items()):
+                break
+        labels[g] = tail
+    return labels
+
+
+def groups(summary: Mapping) -> list[GroupRank]:
+    """One row per group of tensors with an ``update_spectrum`` (none: empty), in the order of first
+    appearance; tensors whose update is zero or not finite are left out."""
+    members: dict[str, list[tuple[str, dict, dict]]] = {}
+    for name, entry in (summary.get("tensors") or {}).items():
+        spec = entry.get("update_spectrum")
+        if not spec or not spec.get("singular_values") or spec.get("effective_rank") is None:
+            continue
+        members.setdefault(group_of(name) or name, []).append((name, entry, spec))
+    labels = _labels(list(members))
+    rows = []
+    for group, items in members.items():
+        shapes = list(dict.fromkeys("x".join(map(str, e.get("shape") or [])) for _, e, _ in items))
+        sides = [min(int(e["shape"][0]), math.prod(e["shape"][1:])) for _, e, _ in items if e.get("shape")]
+        energy = {
+            f: _median(
+                [
+                    math.inf if s["rank_for_energy"].get(f) is None else s["rank_for_energy"][f]
+                    for *_, s in items
+                ]
+            )
+            for f in ENERGIES
+        }
+        loras = [s["lora"] for *_, s in items if s.get("lora")]
+        rows.append(
+            GroupRank(
+                group=group,
+                label=labels[group],
+                tensors=[n for n, _, _ in items],
+                shape=", ".join(shapes),
+                side=min(sides) if sides else 0,
+                k=max(int(s["k"]) for *_, s in items),
+                energy=energy,
+                effective_rank=_median([s["effective_rank"] for *_, s in items]),
+                grouped=group != items[0][0],
+                r=max(lo["r"] for lo in loras) if loras else None,
+                rank_used=max(lo["rank_used"] for lo in loras) if loras else None,
+            )
+        )
+    return rows
+
+
+def _power_of_two(value: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(value, 1))))
+
+
+def _names(labels: list[str], limit: int = 4) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def is_lora(rows: list[GroupRank]) -> bool:
+    return any(g.r is not None for g in rows)
+
+
+def hint(summary: Mapping) -> tuple[str, list[str]] | None:
+    """The hint's sentence and the groups it names, or None (no spectra, or nothing to say)."""
+    rows = groups(summary)
+    if not rows:
+        return None
+    if is_lora(rows):
+        spare = [g for g in rows if g.r is not None and g.rank_used is not None and g.rank_used < g.r]
+        if not spare:
+            return None
+        used = max(g.rank_used for g in spare)
+        r = max(g.r for g in spare)
+        where = (
+            "" if len(spare) == len([g for g in rows if g.r]) else f" on {_names([g.label for g in spare])}"
+        )
+        return (
+            f"The adapters{where} use rank {used} of r={r}: a smaller r would do.",
+            [g.group for g in spare],
+        )
+    pool = [g for g in rows if g.grouped] or rows
+    low = [g for g in pool if g.energy[SHARE] <= min(LORA_MAX, SIDE_FRACTION * g.side)]
+    high = [g for g in pool if g not in low]
+    share = f"{float(SHARE):.0%}"
+    if not low:
+        least = min(high, key=lambda g: g.energy[SHARE])
+        return (
+            f"No small LoRA rank would capture {share} of this full fine-tune's update: "
+            f"{_names([g.label for g in high])} need rank {least.needs()}+ (a full fine-tune fits this run).",
+            [g.group for g in high],
+        )
+    rank = _power_of_two(max(g.energy[SHARE] for g in low))
+    where = _names([g.label for g in low])
+    text = f"A LoRA of rank {rank} on {where} would capture {share} of this full fine-tune's update"
+    if high:
+        least = min(high, key=lambda g: g.energy[SHARE])
+        text += f"; the {_names([g.label for g in high])} updates need rank {least.needs()}+"
+    return text + ".", [g.group for g in low + high]
