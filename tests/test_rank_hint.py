@@ -44,7 +44,7 @@ def test_a_planted_low_rank_update_gives_the_lora_hint(tmp_path):
     assert q.energy["0.99"] <= 4 and q.energy["0.9"] <= 4  # the planted rank
     assert up.energy["0.9"] > 16  # full-rank noise: a large share of its 64 values
     text, groups = rank_hint.hint(res.summary)
-    assert text.startswith("A LoRA of rank 4 on q_proj would capture 90% of this full fine-tune's update")
+    assert text.startswith("A LoRA of rank 4 on q_proj would capture 90% of this run's full-weight update")
     assert f"the up_proj updates need rank {up.needs()}+" in text
     # information, not a finding: findings.json stays as it was, the hint is the last suggestion
     found = read_findings(tmp_path / "out")

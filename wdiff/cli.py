@@ -260,7 +260,7 @@ def _print_findings(err, out: Path) -> None:
 
     from wdiff.advice import what_to_change
     from wdiff.report import FINDINGS, REPORT
-    from wdiff.report.build import read_findings
+    from wdiff.report.build import load, read_findings
     from wdiff.report.table import findings_table
 
     found = [replace(f, tensor=visible(f.tensor)) for f in read_findings(out)]
@@ -268,7 +268,8 @@ def _print_findings(err, out: Path) -> None:
         err.print(findings_table(found, visible(out / FINDINGS)))
     else:
         err.print("no findings")
-    for line in what_to_change(found, REPORT):
+    summary = load(out).summary  # the update spectra, for the rank hint
+    for line in what_to_change(found, REPORT, summary):
         err.print(visible(line), soft_wrap=True)
     err.print(visible(f"report: {out / REPORT}"))
 

@@ -148,13 +148,13 @@ def hint(summary: Mapping) -> tuple[str, list[str]] | None:
     if not low:
         least = min(high, key=lambda g: g.energy[SHARE])
         return (
-            f"No small LoRA rank would capture {share} of this full fine-tune's update: "
+            f"No small LoRA rank would capture {share} of this run's full-weight update: "
             f"{_names([g.label for g in high])} need rank {least.needs()}+ (a full fine-tune fits this run).",
             [g.group for g in high],
         )
     rank = _power_of_two(max(g.energy[SHARE] for g in low))
     where = _names([g.label for g in low])
-    text = f"A LoRA of rank {rank} on {where} would capture {share} of this full fine-tune's update"
+    text = f"A LoRA of rank {rank} on {where} would capture {share} of this run's full-weight update"
     if high:
         least = min(high, key=lambda g: g.energy[SHARE])
         text += f"; the {_names([g.label for g in high])} updates need rank {least.needs()}+"
