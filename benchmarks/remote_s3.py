@@ -185,9 +185,14 @@ class Moto:
         cmd = [python, "-m", "moto.server", *args] if kind == "stock" else [python, "-c", RANGED_MOTO, *args]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            cwd=work, start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=work,
+            start_new_session=True,
+        )
         self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while True:
@@ -213,7 +218,9 @@ class Moto:
         with open(self.log_path, "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
-        pat = re.compile(rf'"(?:\x1b\[[0-9;]*m)*GET /{BUCKET}/{PREFIX}/[^ ?"]+ HTTP/[0-9.]+(?:\x1b\[0m)?" (\d+)')
+        pat = re.compile(
+            rf'"(?:\x1b\[[0-9;]*m)*GET /{BUCKET}/{PREFIX}/[^ ?"]+ HTTP/[0-9.]+(?:\x1b\[0m)?" (\d+)'
+        )
         by: dict[str, int] = {}
         for m in pat.finditer(text):
             by[m.group(1)] = by.get(m.group(1), 0) + 1
@@ -251,6 +258,14 @@ def s3() -> object:
     import s3fs
 
     return s3fs.S3FileSystem(skip_instance_cache=True)  # default settings, a fresh client
+
+
+def warm_client(fs: object, objects: list[dict], threads: int) -> None:
+    """One HEAD per object from ``threads`` threads, untimed: the client's session and service model
+    (~0.5 s on this machine) and its connections are made before the clock starts, as wdiff's are
+    before its compute phase (its scan lists and reads the headers first)."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda o: fs.info(o["key"]), objects * max(1, threads // max(1, len(objects)))))
 
 
 def upload(files: list[Path]) -> list[dict]:
@@ -393,6 +408,7 @@ class Bench:
         dest = self.work / "get"
         shutil.rmtree(dest, ignore_errors=True)
         fs = s3()
+        warm_client(fs, self.objects, 10)
         offset = self.moto.log_offset()
         peak_moto = [0]
         stop = threading.Event()
@@ -430,6 +446,7 @@ class Bench:
             for o in self.objects
             if a < o["size"]
         ]
+        warm_client(fs, self.objects, self.args.concurrency)
         offset = self.moto.log_offset()
         peak_moto = [0]
         stop = threading.Event()
@@ -449,8 +466,13 @@ class Bench:
         w.join()
         if got != self.object_bytes:
             raise RuntimeError(f"ranges: {got} bytes, not {self.object_bytes}")
-        r = {"seconds": seconds, "bytes": got, "mbps": got / seconds / MB, "requests": len(jobs),
-             "moto_rss_mib": peak_moto[0] / MIB}  # fmt: skip
+        r = {
+            "seconds": seconds,
+            "bytes": got,
+            "mbps": got / seconds / MB,
+            "requests": len(jobs),
+            "moto_rss_mib": peak_moto[0] / MIB,
+        }
         r.update(self._gets(offset))
         return r
 
@@ -480,8 +502,12 @@ class Bench:
         with open(log, "wb") as lf:
             launcher = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(HERE / "measure.py"), result, "--", *cmd],
-                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-            )  # fmt: skip
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+            )
             sampler = Sampler(launcher.pid, [tmp, cwd], out, self.moto)
             sampler.start()
             launcher.wait()
@@ -492,7 +518,9 @@ class Bench:
             m = json.load(f)
         os.unlink(result)
         if m["returncode"] != 0:
-            raise RuntimeError(f"wdiff exited with {m['returncode']}:\n{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"wdiff exited with {m['returncode']}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         timing = json.loads((out / "summary.json").read_text())["timing"]
         out_bytes = du(out)
         out_apparent = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -532,7 +560,9 @@ def case_list(args: argparse.Namespace) -> list[dict]:
         cases.append({"name": f"wdiff c{c:g}", "kind": "wdiff", "chunk_mb": c})
     for chunk, part, flight in args.tune:
         name = f"wdiff c{chunk:g} p{part:g}" + (f" f{flight}" if flight else "")
-        cases.append({"name": name, "kind": "wdiff", "chunk_mb": chunk, "part_mib": part, "in_flight": flight})
+        cases.append(
+            {"name": name, "kind": "wdiff", "chunk_mb": chunk, "part_mib": part, "in_flight": flight}
+        )
     for r in args.ranges_mib:
         cases.append({"name": f"ranges {r} MiB", "kind": "ranges", "range_mib": r})
     return cases
@@ -572,8 +602,15 @@ def summarize(cases: list[dict], runs: dict[str, list[dict]]) -> dict:
         e["moto_rss_mib"] = max(r["moto_rss_mib"] for r in rs)
         e["seconds"] = med([r["wall"] if c["kind"] == "wdiff" else r["seconds"] for r in rs])
         if c["kind"] == "wdiff":
-            for k in ("rss_mib", "memfd_peak_mib", "disk_besides_out_mib", "fs_besides_out_mib", "out_mib",
-                      "deleted_open_peak_mib", "left_in_tmp_mib"):  # fmt: skip
+            for k in (
+                "rss_mib",
+                "memfd_peak_mib",
+                "disk_besides_out_mib",
+                "fs_besides_out_mib",
+                "out_mib",
+                "deleted_open_peak_mib",
+                "left_in_tmp_mib",
+            ):
                 e[k] = max(r[k] for r in rs)
             e["compute_seconds"] = med([r["compute_seconds"] for r in rs])
             e["read_bytes"] = rs[0]["read_bytes"]
@@ -581,29 +618,53 @@ def summarize(cases: list[dict], runs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def verdict(s: dict, default: str, small: str | None, big: str | None) -> str:
-    """Which of the server and wdiff limits wdiff, from the medians."""
-    w, g = s[default]["mbps"], s["get"]["mbps"]
+def verdict(s: dict, default: str, small: str | None, big: str | None, concurrency: int) -> str:
+    """Which of the server and wdiff limits wdiff, from the medians: the server's cost of wdiff's GETs
+    and bytes, from the ceiling cases (per GET and per byte), against wdiff's compute seconds."""
+    e, g = s[default], s["get"]["mbps"]
+    w = e["mbps"]
     parts = [
-        f"wdiff ({default}) reads at {w:.0f} MB/s, {w / g:.0%} of s3fs get ({g:.0f} MB/s), in "
-        f"{s[default]['mb_per_get']:.1f} MB per GET (s3fs get: {s['get']['mb_per_get']:.1f})"
+        f"wdiff ({default}) reads at {w:.0f} MB/s against {g:.0f} MB/s for s3fs get ({e['ratio']:.2f} x get, "
+        f"median of the rounds' ratios), in {e['gets']:.0f} GETs of {e['mb_per_get']:.1f} MB on average "
+        f"(s3fs get: {s['get']['gets']:.0f} of {s['get']['mb_per_get']:.1f} MB)"
     ]
-    if small:
-        c = s[small]["mbps"]
-        parts.append(
-            f"the server gives {c:.0f} MB/s to {small} requests at the same concurrency, so wdiff is at "
-            f"{w / c:.0%} of what the server allows for its request size"
+    if not small:
+        return "; ".join(parts) + "."
+    c = s[small]
+    nbytes = e["read_bytes"]
+    if big and big != small:
+        # the server's time t = a x GETs + b x bytes, through the two ceilings (a, b >= 0)
+        d = s[big]
+        a = (
+            max(0.0, (c["seconds"] - d["seconds"]) / (c["gets"] - d["gets"]))
+            if c["gets"] != d["gets"]
+            else 0.0
         )
+        b = max(0.0, min(c["seconds"] - a * c["gets"], d["seconds"] - a * d["gets"]) / nbytes)
+        model = f"t = {a * 1000:.0f} ms x GETs + {b * 1e9:.2f} s x GB, through the two ceilings"
+    else:
+        a, b = c["seconds"] / c["gets"], 0.0
+        model = f"{a * 1000:.0f} ms per GET"
+    server_s = a * e["gets"] + b * nbytes
+    share = server_s / e["compute_seconds"]
+    parts.append(
+        f"the server answers {small} requests at {c['mbps']:.0f} MB/s ({concurrency} in flight); its cost "
+        f"({model}) for wdiff's {e['gets']:.0f} GETs and {nbytes / 1e9:.2f} GB is {server_s:.1f} s, "
+        f"{share:.0%} of wdiff's {e['compute_seconds']:.1f} s of compute"
+    )
     if big:
         parts.append(f"with {big} requests the server gives {s[big]['mbps']:.0f} MB/s")
-    if small:
-        c = s[small]["mbps"]
-        if w >= 0.8 * c and c < 0.8 * g:
-            parts.append("bottleneck: the SERVER's cost per request (wdiff asks for small ranges, s3fs get for 50 MiB)")
-        elif w < 0.8 * c:
-            parts.append("bottleneck: WDIFF (it reaches less than 80% of the server's ceiling for its requests)")
-        else:
-            parts.append("neither: the server serves small ranges about as fast as big ones")
+    if share >= 0.8:
+        parts.append(
+            "bottleneck: the SERVER's cost per request (wdiff gets what the server gives to that many "
+            "requests"
+            + ("; s3fs get makes fewer, bigger ones)" if s["get"]["gets"] < 0.8 * e["gets"] else ")")
+        )
+    else:
+        parts.append(
+            "bottleneck: wdiff's side (its requests, the copies into in-memory files, the compute and the "
+            "results write; here on the same 2 cores as the server), not the server"
+        )
     return "; ".join(parts) + "."
 
 
@@ -626,29 +687,37 @@ def markdown(results: dict) -> str:
         "",
         f"{cfg['count']} checkpoints x {size_label(cfg['size'])} {cfg['dtype']} "
         f"({cfg['object_bytes'] / 1e9:.3f} GB of objects, {cfg['tensors']} tensors each) as "
-        f"`s3://{BUCKET}/{PREFIX}/checkpoint-N/model.safetensors` on a local moto {results['versions']['moto']} "
+        f"`s3://{BUCKET}/{PREFIX}/checkpoint-N/model.safetensors` on a local moto "
+        f"{results['versions']['moto']} "
         f"server (s3fs {results['versions']['s3fs']}); {cfg['rounds']} round(s), case order rotating; "
-        "MB = 10^6 bytes. Speeds are medians (range over rounds); \"x get\" is the median of the per-round "
-        "ratios to the s3fs get of the same round. wdiff: `read_bytes / compute_seconds` (\"compute\") and "
-        "object bytes / wall time of the whole command (\"wall\").",
+        'MB = 10^6 bytes. Speeds are medians (range over rounds); "x get" is the median of the per-round '
+        'ratios to the s3fs get of the same round. wdiff: `read_bytes / compute_seconds` ("compute") and '
+        'object bytes / wall time of the whole command ("wall").',
         "",
     ]
     for server, sres in results["servers"].items():
         s = sres["summary"]
         lines += [
             f"### Server: {server}"
-            + (" (moto as installed: a ranged GET reads the whole object)" if server == "stock"
-               else " (moto patched in its process: a ranged GET reads only its range)"),
+            + (
+                " (moto as installed: a ranged GET reads the whole object)"
+                if server == "stock"
+                else " (moto patched in its process: a ranged GET reads only its range)"
+            ),
             "",
             f"Upload {sres['upload_seconds']:.0f} s.",
             "",
-            "| case | MB/s | x get | wall MB/s | wall x get | GETs | GETs/GB | MB/GET | peak disk besides OUT MiB "
-            "(attributed / whole fs) | OUT MiB | peak RSS MiB | peak memfd MiB | moto peak RSS MiB |",
+            "| case | MB/s | x get | wall MB/s | wall x get | GETs | GETs/GB | MB/GET "
+            "| peak disk besides OUT MiB (attributed / whole fs) | OUT MiB | peak RSS MiB | peak memfd MiB "
+            "| moto peak RSS MiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, e in s.items():
-            cells = [name, f"{e['mbps']:.0f} ({_r(e['mbps_range'])})",
-                     f"{e['ratio']:.2f} ({_r(e['ratio_range'], '{:.2f}')})"]  # fmt: skip
+            cells = [
+                name,
+                f"{e['mbps']:.0f} ({_r(e['mbps_range'])})",
+                f"{e['ratio']:.2f} ({_r(e['ratio_range'], '{:.2f}')})",
+            ]
             if e["kind"] == "wdiff":
                 cells += [
                     f"{e['wall_mbps']:.0f} ({_r(e['wall_mbps_range'])})",
@@ -660,8 +729,10 @@ def markdown(results: dict) -> str:
             if e["kind"] == "wdiff":
                 cells += [
                     f"{e['disk_besides_out_mib']:.0f} / {e['fs_besides_out_mib']:.0f}",
-                    f"{e['out_mib']:.0f}", f"{e['rss_mib']:.0f}", f"{e['memfd_peak_mib']:.0f}",
-                ]  # fmt: skip
+                    f"{e['out_mib']:.0f}",
+                    f"{e['rss_mib']:.0f}",
+                    f"{e['memfd_peak_mib']:.0f}",
+                ]
             else:
                 cells += ["", "", "", ""]
             cells.append(f"{e['moto_rss_mib']:.0f}")
@@ -677,6 +748,9 @@ def markdown(results: dict) -> str:
 def targets(s: dict, default: str, cfg: dict) -> list[dict]:
     e = s[default]
     full = cfg["count"] >= 6 and cfg["size"] >= 10**9
+    wd = [x for x in s.values() if x["kind"] == "wdiff"]
+    disk = max(x["disk_besides_out_mib"] for x in wd)
+    fs_disk = max(x["fs_besides_out_mib"] for x in wd)
     return [
         {
             "target": f"wdiff ({default}) throughput >= {TARGET_RATIO:.0%} of s3fs get (compute)",
@@ -691,12 +765,25 @@ def targets(s: dict, default: str, cfg: dict) -> list[dict]:
         {
             "target": f"local disk besides OUT < {TARGET_DISK_MIB} MiB"
             + ("" if full else f" (checked at 6 x 1 GB; this is {cfg['count']} x {size_label(cfg['size'])})"),
-            "measured": f"{max(x['disk_besides_out_mib'] for x in s.values() if x['kind'] == 'wdiff'):.0f} MiB "
-            f"attributed, {max(x['fs_besides_out_mib'] for x in s.values() if x['kind'] == 'wdiff'):.0f} MiB "
-            "whole filesystem (worst case over all wdiff runs)",
-            "pass": max(x["disk_besides_out_mib"] for x in s.values() if x["kind"] == "wdiff") < TARGET_DISK_MIB,
+            "measured": f"{disk:.0f} MiB attributed, {fs_disk:.0f} MiB whole filesystem (worst case over all "
+            "wdiff runs)",
+            "pass": disk < TARGET_DISK_MIB,
         },
     ]
+
+
+def render(results: dict) -> str:
+    """The verdict and targets of every server (from the medians), then the markdown."""
+    cfg = results["config"]
+    default = f"wdiff c{cfg['chunk_mb'][0]:g}"
+    rs = cfg["ranges_mib"]
+    small_r = f"ranges {min(rs)} MiB" if rs else None
+    big_r = f"ranges {max(rs)} MiB" if len(rs) > 1 else None
+    for sres in results["servers"].values():
+        s = sres["summary"]
+        sres["verdict"] = verdict(s, default, small_r, big_r, cfg["concurrency"])
+        sres["targets"] = targets(s, default, cfg)
+    return markdown(results)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -722,19 +809,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--server", choices=("stock", "ranged", "both"), default="stock")
     ap.add_argument("--chunk-mb", default="16,64,256", help="wdiff --chunk-mb values (default %(default)s)")
-    ap.add_argument("--tune", type=_tune, default=[], help="CHUNK_MB:PART_MIB[:IN_FLIGHT],...: wdiff with "
-                    "readers.remote.PART_BYTES (and IN_FLIGHT) overridden")  # fmt: skip
+    ap.add_argument(
+        "--tune",
+        type=_tune,
+        default=[],
+        help="CHUNK_MB:PART_MIB[:IN_FLIGHT],...: wdiff with "
+        "readers.remote.PART_BYTES (and IN_FLIGHT) overridden",
+    )
     ap.add_argument("--ranges-mib", default="8,64", help="range sizes of the ceiling (default %(default)s)")
     ap.add_argument("--concurrency", type=int, default=16, help="threads of the ceiling (wdiff's IN_FLIGHT)")
-    ap.add_argument("--data", type=Path, help="make (or reuse) the local copy here and keep it (default: a "
-                    "temp folder, deleted after the upload)")  # fmt: skip
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="parent of the work folder")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help="make (or reuse) the local copy here and keep it (default: a "
+        "temp folder, deleted after the upload)",
+    )
+    ap.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()), help="parent of the work folder"
+    )
     ap.add_argument("--ref", help="benchmark wdiff/ as of this git commit")
     ap.add_argument("--src", type=Path, help="a folder holding the wdiff/ package to benchmark")
     ap.add_argument("--wdiff-args", default="", help="extra options for every wdiff run")
     ap.add_argument("--out", type=Path, help="markdown (default benchmarks/remote_s3[-quick].md)")
     ap.add_argument("--json", type=Path, help="default: --out with .json")
+    ap.add_argument(
+        "--from-json", type=Path, help="measure nothing: re-render the markdown from a results JSON"
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        text = render(results)
+        (args.out or args.from_json.with_suffix(".md")).write_text(text)
+        print(text)
+        return 0
     if args.quick:
         args.size = "64MB"
     size = int(args.size_mb * MB) if args.size_mb else parse_size(args.size)
@@ -757,11 +864,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     src, snapshot = REPO, None
-    python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+    python = (
+        str(REPO / ".venv" / "bin" / "python")
+        if (REPO / ".venv" / "bin" / "python").exists()
+        else sys.executable
+    )
     if args.ref:
         snapshot = work / "src"
         snapshot.mkdir()
-        archive = subprocess.run(["git", "archive", args.ref, "wdiff"], cwd=REPO, capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "archive", args.ref, "wdiff"], cwd=REPO, capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive.stdout, check=True)
         src = snapshot
     elif args.src:
@@ -775,18 +888,32 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "config": {
             "command": "python benchmarks/remote_s3.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "size": size, "count": args.count, "dtype": args.dtype, "rounds": args.rounds, "code": code,
-            "chunk_mb": args.chunk_mb, "tune": args.tune, "ranges_mib": args.ranges_mib,
-            "concurrency": args.concurrency, "python": python, "wdiff_args": args.wdiff_args,
-        },  # fmt: skip
+            "size": size,
+            "count": args.count,
+            "dtype": args.dtype,
+            "rounds": args.rounds,
+            "code": code,
+            "chunk_mb": args.chunk_mb,
+            "tune": args.tune,
+            "ranges_mib": args.ranges_mib,
+            "concurrency": args.concurrency,
+            "python": python,
+            "wdiff_args": args.wdiff_args,
+        },
         "machine": machine(args.ref),
-        "free": " ".join(subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.split("\n")[1].split()),
-        "versions": {p: version(p) for p in ("moto", "s3fs", "fsspec", "aiobotocore", "botocore", "werkzeug")},
+        "free": " ".join(
+            subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.split("\n")[1].split()
+        ),
+        "versions": {
+            p: version(p) for p in ("moto", "s3fs", "fsspec", "aiobotocore", "botocore", "werkzeug")
+        },
         "code_hash_start": code_hash(src),
         "servers": {},
     }
-    saved_env = {k: os.environ.get(k) for k in
-                 ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}  # fmt: skip
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     moto: Moto | None = None
 
     def on_term(signum: int, frame: object) -> None:
@@ -803,24 +930,42 @@ def main(argv: list[str] | None = None) -> int:
             results["config"]["tensors"] = len([k for k in json.loads(f.read(n)) if k != "__metadata__"])
         small = make_sequence(work / "warm", 2, parse_size("16MB"), args.dtype, verbose=False)
         env = dict(os.environ, NUMBA_CACHE_DIR=str(DEFAULT_DIR / "numba-cache"), **args.wdiff_env)
-        subprocess.run([python, "-m", "wdiff", "run", *map(str, small), "-o", str(work / "warm-out"),
-                        "--no-render", "--quiet"], env=env, cwd=work, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "wdiff",
+                "run",
+                *map(str, small),
+                "-o",
+                str(work / "warm-out"),
+                "--no-render",
+                "--quiet",
+            ],
+            env=env,
+            cwd=work,
+            check=True,
+        )
         shutil.rmtree(work / "warm", ignore_errors=True)
         shutil.rmtree(work / "warm-out", ignore_errors=True)
 
         cases = case_list(args)
-        default = f"wdiff c{args.chunk_mb[0]:g}"
-        small_r = f"ranges {min(args.ranges_mib)} MiB" if args.ranges_mib else None
-        big_r = f"ranges {max(args.ranges_mib)} MiB" if len(args.ranges_mib) > 1 else None
         for si, server in enumerate(servers):
             moto = Moto(server, work, python)
-            os.environ.update(AWS_ENDPOINT_URL=moto.endpoint, AWS_ACCESS_KEY_ID="testing",
-                              AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+            os.environ.update(
+                AWS_ENDPOINT_URL=moto.endpoint,
+                AWS_ACCESS_KEY_ID="testing",
+                AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1",
+            )
             t0 = time.perf_counter()
             objects = upload(files)
             upload_s = time.perf_counter() - t0
-            print(f"remote_s3: {server} moto on :{moto.port}, uploaded {len(objects)} objects "
-                  f"({sum(o['size'] for o in objects) / 1e9:.2f} GB) in {upload_s:.0f} s", file=sys.stderr)  # fmt: skip
+            print(
+                f"remote_s3: {server} moto on :{moto.port}, uploaded {len(objects)} objects "
+                f"({sum(o['size'] for o in objects) / 1e9:.2f} GB) in {upload_s:.0f} s",
+                file=sys.stderr,
+            )
             if si == len(servers) - 1 and args.data is None:
                 shutil.rmtree(data_root, ignore_errors=True)  # the local copy: gone before any disk baseline
             subprocess.run(["sync"], check=False)
@@ -835,22 +980,23 @@ def main(argv: list[str] | None = None) -> int:
                     runs[c["name"]].append(r)
                     sp = speed(c["kind"], r)
                     extra = (
-                        f" wall {r['wall']:6.1f} s ({r['wall_mbps']:5.0f} MB/s) rss {r['rss_mib']:.0f} MiB memfd "
-                        f"{r['memfd_peak_mib']:.0f} MiB disk+ {r['disk_besides_out_mib']:.0f} MiB "
+                        f" wall {r['wall']:6.1f} s ({r['wall_mbps']:5.0f} MB/s) rss {r['rss_mib']:.0f} MiB "
+                        f"memfd {r['memfd_peak_mib']:.0f} MiB disk+ {r['disk_besides_out_mib']:.0f} MiB "
                         f"(fs {r['fs_besides_out_mib']:.0f}) out {r['out_mib']:.0f} MiB"
-                        if c["kind"] == "wdiff" else f" {r['seconds']:6.1f} s"
-                    )  # fmt: skip
-                    print(f"  {server} round {i + 1}/{args.rounds} {c['name']:16s} {sp:6.0f} MB/s "
-                          f"GETs {r['gets']:5d} moto {r['moto_rss_mib']:5.0f} MiB{extra}", file=sys.stderr)  # fmt: skip
+                        if c["kind"] == "wdiff"
+                        else f" {r['seconds']:6.1f} s"
+                    )
+                    print(
+                        f"  {server} round {i + 1}/{args.rounds} {c['name']:16s} {sp:6.0f} MB/s "
+                        f"GETs {r['gets']:5d} moto {r['moto_rss_mib']:5.0f} MiB{extra}",
+                        file=sys.stderr,
+                    )
             moto.stop()
             moto = None
-            s = summarize(cases, runs)
             results["servers"][server] = {
                 "upload_seconds": upload_s,
                 "runs": runs,
-                "summary": s,
-                "verdict": verdict(s, default, small_r, big_r),
-                "targets": targets(s, default, results["config"]),
+                "summary": summarize(cases, runs),
             }
     finally:
         if moto is not None:
@@ -863,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         results["code_hash_end"] = code_hash(src)
         shutil.rmtree(work, ignore_errors=True)
     results["loadavg_end"] = _read("/proc/loadavg").split()[:3]
-    text = markdown(results)
+    text = render(results)
     out_md.write_text(text)
     out_json.write_text(json.dumps(results, indent=1))
     print(text)

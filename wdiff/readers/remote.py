@@ -697,12 +697,11 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
             if w.url not in fds:
                 fds[w.url] = _memory_file(w.url)
         pool = _fetch_pool()
-        futures = [pool.submit(_read_part, w, a, b) for w, a, b in parts]
+        # each part is written by the thread that read it, as it arrives: no part's bytes outlive it
+        futures = [pool.submit(_fetch_part, fds[w.url], w, a, b) for w, a, b in parts]
         try:
-            for (w, a, _), future in zip(parts, futures):
-                data = future.result()
-                if os.pwrite(fds[w.url], data, a) != len(data):
-                    raise WdiffError(w.url, "could not hold the bytes read in memory")
+            for future in futures:
+                future.result()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -712,6 +711,13 @@ def fetch(wants: Sequence[Want]) -> dict[str, int]:
             os.close(fd)
         raise
     return fds
+
+
+def _fetch_part(fd: int, w: Want, start: int, end: int) -> None:
+    """Bytes [start, end) of ``w.url`` read and written at ``start`` of the in-memory file ``fd``."""
+    data = _read_part(w, start, end)
+    if os.pwrite(fd, data, start) != len(data):
+        raise WdiffError(w.url, "could not hold the bytes read in memory")
 
 
 def _read_part(w: Want, start: int, end: int) -> bytes:
