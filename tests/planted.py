@@ -75,9 +75,9 @@ def _model(torch, layers: int):
     return Decoder()
 
 
-def _batch(torch, gen):
+def _batch(torch, gen, strides: tuple[int, int] = (1, 4)):
     start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
-    stride = torch.randint(1, 4, (BATCH, 1), generator=gen)
+    stride = torch.randint(*strides, (BATCH, 1), generator=gen)
     seq = (start + stride * torch.arange(SEQ + 1)) % VOCAB
     return seq[:, :-1], seq[:, 1:]
 
@@ -184,6 +184,132 @@ def _train(torch, save_file, root, steps, save_every, log_every, warmup, lr, lr_
     return root
 
 
+# --- fine-tuning a trained run: the full weights or a LoRA of the same model ---------------------------
+
+LORA_TARGETS = ("q_proj", "v_proj")  # PEFT's default target modules for a Llama
+PEFT_PREFIX = "base_model.model."
+FINE_TUNE_STRIDES = (1, 7)  # the new task: strides 1-6 where the base model saw 1-3
+
+
+def fine_tune(
+    base: str | Path,
+    root: str | Path,
+    *,
+    lora_r: int | None = None,
+    lora_alpha: int = 16,
+    steps: int = 200,
+    save_every: int = 50,
+    lr: float | None = None,
+    seed: int = 7,
+) -> Path:
+    """Fine-tune the last checkpoint of the run at ``base`` on a new task and write ``root``.
+
+    ``lora_r=None``: a full fine-tune, written as HF Trainer checkpoints (every weight trains).
+    ``lora_r=r``: PEFT's LoRA on ``q_proj`` and ``v_proj`` of every layer (A Kaiming-uniform, B zeros,
+    scale ``lora_alpha / r``; the base frozen), written as PEFT adapter checkpoints
+    (``adapter_model.safetensors`` + ``adapter_config.json`` in each ``checkpoint-N``).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        last = max(Path(base).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = load_file(str(last / "model.safetensors"))
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+        return _fine_tune(
+            torch, save_file, state, layers, Path(root), lora_r, lora_alpha, steps, save_every, lr, seed
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lora(torch, linear, r: int, alpha: int):
+    """``linear`` wrapped as PEFT's LoRA layer: ``W x + (alpha / r) B A x``."""
+    nn = torch.nn
+
+    class LoraLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer = linear
+            self.lora_A = nn.Linear(linear.in_features, r, bias=False)
+            self.lora_B = nn.Linear(r, linear.out_features, bias=False)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init
+            nn.init.zeros_(self.lora_B.weight)
+            self.scale = alpha / r
+
+        def forward(self, x):
+            return self.base_layer(x) + self.scale * self.lora_B(self.lora_A(x))
+
+    return LoraLinear()
+
+
+def _fine_tune(torch, save_file, state, layers, root, lora_r, lora_alpha, steps, save_every, lr, seed):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = _model(torch, layers)
+    model.load_state_dict(state)
+    if lora_r is None:
+        params = list(model.parameters())
+        lr = lr or LR / 3
+    else:
+        model.requires_grad_(False)
+        for block in model.model.layers:
+            for name in LORA_TARGETS:
+                setattr(
+                    block.self_attn, name, _lora(torch, getattr(block.self_attn, name), lora_r, lora_alpha)
+                )
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = lr or LR
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01 if lora_r is None else 0.0)
+    warmup = max(1, steps // 10)
+    history: list[dict] = []
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        factor = step / warmup if step <= warmup else (steps - step) / (steps - warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        tokens, targets = _batch(torch, gen, FINE_TUNE_STRIDES)
+        loss = torch.nn.functional.cross_entropy(model(tokens).reshape(-1, VOCAB), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            history.append(
+                {"learning_rate": lr * factor, "loss": round(sum(losses) / len(losses), 4), "step": step}
+            )
+            losses = []
+        if step % save_every == 0:
+            folder = root / f"checkpoint-{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if lora_r is None:
+                weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weights = {
+                    f"{PEFT_PREFIX}{k}": v.detach().clone().contiguous()
+                    for k, v in model.state_dict().items()
+                    if ".lora_" in k
+                }
+                save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+                config = {
+                    "peft_type": "LORA",
+                    "r": lora_r,
+                    "lora_alpha": lora_alpha,
+                    "target_modules": list(LORA_TARGETS),
+                    "base_model_name_or_path": str(root),
+                }
+                (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            trainer_state = {"global_step": step, "max_steps": steps, "log_history": list(history)}
+            (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    if not math.isfinite(history[-1]["loss"]):
+        raise RuntimeError(f"fine-tune {root} diverged")
+    return root
+
+
 if __name__ == "__main__":  # python tests/planted.py DIR: the runs the tests use, to look at
     import sys
 
@@ -191,3 +317,5 @@ if __name__ == "__main__":  # python tests/planted.py DIR: the runs the tests us
     train(out / "healthy")
     train(out / "fast-block", lr_scale={"model.layers.2": 10.0})
     train(out / "stopped-embeddings", stop_at={"model.embed_tokens": 200})
+    fine_tune(out / "healthy", out / "full-fine-tune")
+    fine_tune(out / "healthy", out / "lora-fine-tune", lora_r=8)

@@ -96,11 +96,27 @@ def test_a_lora_run_says_when_the_adapters_use_less_than_r(tmp_path):
     rows = {g.label: g for g in rank_hint.groups(res.summary)}
     assert (rows["q_proj"].r, rows["q_proj"].rank_used) == (8, 3)
     assert (rows["up_proj"].r, rows["up_proj"].rank_used) == (8, 8)
+    assert rows["q_proj"].rank_held <= 3 and rows["up_proj"].rank_held == 8  # 99% of B(T) A(T)
     text, groups = rank_hint.hint(res.summary)
-    assert text == "The adapters on q_proj use rank 3 of r=8: a smaller r would do."
+    held = rows["q_proj"].rank_held
+    assert text == (
+        "The adapters on up_proj need all r=8 ranks for 99% of their weight: a larger r (16) may fit this "
+        f"run better; the adapters on q_proj hold 99% of their weight in rank {held} of r=8: r=4 would do."
+    )
     assert all(f.kind != "update_rank" for f in read_findings(tmp_path / "out"))
     page = (tmp_path / "out" / "report.html").read_text()
-    assert "<th>rank used</th>" in page and "use rank 3 of r=8" in page
+    assert "<th>rank holding 99%</th>" in page and f"hold 99% of their weight in rank {held} of r=8" in page
+
+
+def test_older_results_without_the_held_rank_use_the_numerical_rank():
+    lora = {"r": 8, "rank_used": 3}
+    spec = {"singular_values": [1.0, 0.5, 0.1], "effective_rank": 2.5, "k": 3, "lora": lora}
+    spec["rank_for_energy"] = {"0.5": 1, "0.9": 2, "0.99": 3}
+    summary = {"tensors": {"model.layers.0.q_proj.weight": {"shape": [16, 24], "update_spectrum": spec}}}
+    (row,) = rank_hint.groups(summary)
+    assert row.rank_held == 3
+    text = rank_hint.hint(summary)[0]
+    assert text == "The adapters hold 99% of their weight in rank 3 of r=8: r=4 would do."
 
 
 def test_no_spectra_no_hint_no_section(tmp_path):

@@ -175,7 +175,9 @@ def test_lora_update_is_exact_from_the_factors(tmp_path):
         assert len(got) == 2 * r and np.all(s[2 * r :] < 1e-12 * s[0])
         np.testing.assert_allclose(got, s[: 2 * r], rtol=1e-6, atol=1e-9 * s[0])
         assert entry["rank_for_energy"] == ranks
-        assert entry["lora"] == {"r": r, "rank_used": 2 if mod == "q_proj" else r}
+        used = {k: entry["lora"][k] for k in ("r", "rank_used")}
+        assert used == {"r": r, "rank_used": 2 if mod == "q_proj" else r}
+        assert entry["lora"]["rank_for_energy"] == _reference(effective(seq[-1]))[2]  # of B(T) A(T) alone
         np.testing.assert_allclose(entry["effective_rank"], erank, rtol=1e-5)
 
 

@@ -8,7 +8,11 @@ suggestions of ``wdiff.advice`` below every finding's.
   tensors; the groups whose rank is small (at most ``LORA_MAX`` and a quarter of the matrix's short
   side) get a LoRA rank, the largest of theirs rounded up to a power of two; the others are named with
   the rank they need.
-- LoRA run: the groups whose adapters use fewer ranks than their ``r`` (``lora.rank_used < r``).
+- LoRA run: per group the largest rank that holds 99% of an adapter's own weight ``B(T) A(T)``
+  (``lora.rank_for_energy["0.99"]``; ``lora.rank_used``, the numerical rank, for results written before
+  it existed). Every rank needed (``>= r``): the adapters are saturated, a larger ``r`` may fit better;
+  at most ``r / 2``: a smaller ``r`` (that rank rounded up to a power of two) would do. Validated on
+  real LoRA runs of one model at r = 4, 8 and 32 against a full fine-tune (tests/test_fine_tune.py).
 
     from wdiff import rank_hint
     for g in rank_hint.groups(summary): print(g.label, g.energy["0.9"], g.rank_used, g.r)
@@ -29,6 +33,7 @@ ENERGIES = ("0.5", "0.9", "0.99")
 SHARE = "0.9"  # the share of the update the hint's LoRA rank holds
 LORA_MAX = 64  # a group needing more than this rank is not a LoRA candidate
 SIDE_FRACTION = 0.25  # nor one needing more than this share of its matrix's short side
+LORA_HELD = "0.99"  # the share of an adapter's weight B(T) A(T) that its "rank held" holds
 ANCHOR = "update-rank"  # report.html#update-rank
 
 
@@ -44,7 +49,8 @@ class GroupRank:
     effective_rank: float | None  # median
     grouped: bool  # in numbered blocks (group_of is not None)
     r: int | None = None  # LoRA: configured rank (the largest in the group)
-    rank_used: int | None = None  # LoRA: the largest rank an adapter of the group uses
+    rank_used: int | None = None  # LoRA: the largest numerical rank of an adapter's B(T) A(T)
+    rank_held: int | None = None  # LoRA: the largest rank holding LORA_HELD of an adapter's B(T) A(T)
 
     def needs(self, share: str = SHARE) -> str:
         value = self.energy[share]
@@ -70,11 +76,16 @@ def _labels(groups: list[str]) -> dict[str, str]:
 
 def groups(summary: Mapping) -> list[GroupRank]:
     """One row per group of tensors with an ``update_spectrum`` (none: empty), in the order of first
-    appearance; tensors whose update is zero or not finite are left out."""
+    appearance; tensors whose update is zero or not finite are left out, and so are a LoRA run's
+    factors (``lora_A``, ``lora_B``: their product is the update)."""
     members: dict[str, list[tuple[str, dict, dict]]] = {}
-    for name, entry in (summary.get("tensors") or {}).items():
+    tensors = summary.get("tensors") or {}
+    products = any((e.get("update_spectrum") or {}).get("lora") for e in tensors.values())
+    for name, entry in tensors.items():
         spec = entry.get("update_spectrum")
         if not spec or not spec.get("singular_values") or spec.get("effective_rank") is None:
+            continue
+        if products and ".lora_" in name:  # a factor of an adapter whose product has a row of its own
             continue
         members.setdefault(group_of(name) or name, []).append((name, entry, spec))
     labels = _labels(list(members))
@@ -105,9 +116,43 @@ def groups(summary: Mapping) -> list[GroupRank]:
                 grouped=group != items[0][0],
                 r=max(lo["r"] for lo in loras) if loras else None,
                 rank_used=max(lo["rank_used"] for lo in loras) if loras else None,
+                rank_held=max(_held(lo) for lo in loras) if loras else None,
             )
         )
     return rows
+
+
+def _held(lora: Mapping) -> int:
+    """The rank holding ``LORA_HELD`` of one adapter's weight (its numerical rank for older results)."""
+    held = (lora.get("rank_for_energy") or {}).get(LORA_HELD)
+    return int(lora["rank_used"] if held is None else held)
+
+
+def _lora_hint(rows: list[GroupRank]) -> tuple[str, list[str]] | None:
+    """Saturated adapters (every rank needed) and spare ones (half of ``r`` or less holds the weight)."""
+    adapters = [g for g in rows if g.r is not None and g.rank_held is not None]
+    full = [g for g in adapters if g.rank_held >= g.r]
+    spare = [g for g in adapters if 0 < g.rank_held <= g.r / 2]
+    share = f"{float(LORA_HELD):.0%}"
+
+    def where(named: list[GroupRank]) -> str:
+        return "" if len(named) == len(adapters) else f" on {_names([g.label for g in named])}"
+
+    parts = []
+    if full:
+        r = max(g.r for g in full)
+        parts.append(
+            f"The adapters{where(full)} need all r={r} ranks for {share} of their weight: "
+            f"a larger r ({2 * r}) may fit this run better"
+        )
+    if spare:
+        held, r = max(g.rank_held for g in spare), max(g.r for g in spare)
+        smaller = _power_of_two(held)
+        parts.append(
+            f"{'the' if parts else 'The'} adapters{where(spare)} hold {share} of their weight in rank "
+            f"{held} of r={r}: r={smaller} would do"
+        )
+    return ("; ".join(parts) + ".", [g.group for g in full + spare]) if parts else None
 
 
 def _power_of_two(value: float) -> int:
@@ -129,18 +174,7 @@ def hint(summary: Mapping) -> tuple[str, list[str]] | None:
     if not rows:
         return None
     if is_lora(rows):
-        spare = [g for g in rows if g.r is not None and g.rank_used is not None and g.rank_used < g.r]
-        if not spare:
-            return None
-        used = max(g.rank_used for g in spare)
-        r = max(g.r for g in spare)
-        where = (
-            "" if len(spare) == len([g for g in rows if g.r]) else f" on {_names([g.label for g in spare])}"
-        )
-        return (
-            f"The adapters{where} use rank {used} of r={r}: a smaller r would do.",
-            [g.group for g in spare],
-        )
+        return _lora_hint(rows)
     pool = [g for g in rows if g.grouped] or rows
     low = [g for g in pool if g.energy[SHARE] <= min(LORA_MAX, SIDE_FRACTION * g.side)]
     high = [g for g in pool if g not in low]

@@ -338,7 +338,12 @@ def _lora(tensor: AlignedTensor) -> dict[str, object]:
     entry = spectrum_entry(values, energy, k, complete=True, method="lora")
     last = _product_values(bt, at)  # W(T) = scale B(T) A(T): the rank the adapter uses
     tol = (last.max() if last.size else 0.0) * max(m, n) * np.finfo(np.float32).eps
-    entry["lora"] = {"r": int(at.shape[0]), "rank_used": int((last > tol).sum()) if tol > 0 else 0}
+    held = spectrum_entry(last, float((last**2).sum()), len(last), complete=True, method="lora")
+    entry["lora"] = {
+        "r": int(at.shape[0]),
+        "rank_used": int((last > tol).sum()) if tol > 0 else 0,
+        "rank_for_energy": held["rank_for_energy"],  # of B(T) A(T): what the adapter's weight holds
+    }
     return entry
 
 

@@ -401,7 +401,7 @@ def _rank_section(summary: dict) -> str:
     headers = ["group", "tensors", "shape", "rank for 50%", "rank for 90%", "rank for 99%", "effective rank"]
     table = [
         (g.label, len(g.tensors), g.shape, *(rank(g, f) for f in rank_hint.ENERGIES), g.effective_rank)
-        + ((g.r, g.rank_used) if lora else ())
+        + ((g.r, g.rank_held) if lora else ())
         for g in rows
     ]
     return h.section(
@@ -411,13 +411,14 @@ def _rank_section(summary: dict) -> str:
             "rank r whose top r singular values hold 50%, 90%, 99% of the squared total update "
             "W(T) - W(0) (the LoRA rank that would hold that share), and the effective rank."
             + (
-                " LoRA: r configured against the rank B(T) A(T) uses (the largest in the group)."
+                " LoRA: r configured against the rank that holds 99% of an adapter's own weight"
+                " B(T) A(T) (the largest in the group)."
                 if lora
                 else ""
             )
             + " Information, not a finding. Formulas: docs/metrics.md."
         ),
-        h.table(headers + (["r", "rank used"] if lora else []), table),
+        h.table(headers + (["r", "rank holding 99%"] if lora else []), table),
         anchor=rank_hint.ANCHOR,
     )
 
