@@ -10,7 +10,18 @@ DEB_PKGS := libusb-1.0-0 libvulkan1 mesa-vulkan-drivers libegl1 libgl1 libgomp1 
 
 .PHONY: setup demo test test-all lint samples bench clean
 
-setup: $(STAMP)
+# Blender (bpy) and MeshLab (pymeshlab) open the PLY files in the tests, each in its own process, from
+# a venv of their own: bpy 5.0 pins numpy 1.26, which wdiff's venv does not use.
+VENV3D  := .venv-3d
+STAMP3D := $(VENV3D)/.installed
+TOOLS3D := "bpy>=5.0,<5.1" "pymeshlab>=2025.7"
+
+setup: $(STAMP) $(STAMP3D)
+
+$(STAMP3D):
+	$(PYTHON) -m venv $(VENV3D)
+	$(VENV3D)/bin/python -m pip install -q $(TOOLS3D)
+	@touch $(STAMP3D)
 
 $(STAMP): pyproject.toml
 	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
