@@ -151,3 +151,62 @@ def test_a_divergence_of_the_whole_model_is_one_finding(tmp_path):
         ("nonfinite", "layers.2.weight", [200], [[0, 5]]),
         ("nonfinite", "*", [300], None),
     ]
+
+
+def _bf16_run(root, frozen_weight_lr: float = 0.0):
+    """Pure-BF16 training: W(t+1) = bf16(W(t) + update). Layer norms (values near 1, spacing 2^-7)
+    get updates of 0.01 except 5 elements each (1e-4: rounded away, stalled); the final norm gets 1e-4
+    everywhere (every update rounded away: frozen by rounding); ``layers.*.mlp.weight`` moves 0.01 on
+    values near 0.02, except layer 3's whose learning rate is ``frozen_weight_lr``."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(5)
+    w = {f"model.layers.{b}.input_layernorm.weight": np.ones(64) for b in range(4)}
+    w |= {f"model.layers.{b}.mlp.weight": 0.02 * rng.standard_normal((16, 64)) for b in range(4)}
+    w["model.norm.weight"] = np.ones(64)
+    w = {k: v.astype(bf16) for k, v in w.items()}
+    seq = [w]
+    for _ in range(4):
+        nxt = {}
+        for k, v in w.items():
+            size = 1e-4 if k == "model.norm.weight" else 0.01
+            if k == "model.layers.3.mlp.weight":
+                size = frozen_weight_lr
+            step = size * rng.choice([-1.0, 1.0], v.shape)
+            if k.endswith("input_layernorm.weight"):
+                step[:5] = 1e-4
+            nxt[k] = (v.astype(np.float32) + step).astype(bf16)
+        seq.append(nxt)
+        w = nxt
+    return trainer_run(root, seq, [10, 20, 30, 40, 50])
+
+
+def test_a_bf16_tensor_frozen_by_rounding_says_so(tmp_path):
+    res = wdiff.run(_bf16_run(tmp_path / "run"), tmp_path / "out", render=False)
+    got = {(f["kind"], f["tensor"]): f["message"] for f in _found(res)}
+    norm = got[("frozen", "model.norm.weight")]
+    assert "Likely cause: BF16 rounding, not a frozen parameter" in norm
+    assert "are 0.0078 apart in BF16" in norm
+    assert "4 of its 4 siblings of the same kind have elements that never moved" in norm
+    assert "requires_grad=False, missing from" not in norm
+    # a 2-D BF16 weight whose learning rate was 0: its siblings moved far more than its spacing
+    mlp = got[("frozen", "model.layers.3.mlp.weight")]
+    assert "Likely cause" not in mlp and "missing from the optimizer's param_groups" in mlp
+    stalled = [t for k, t in got if k == "stalled_elements"]
+    assert sorted(stalled) == [f"model.layers.{b}.input_layernorm.weight" for b in range(4)]
+
+
+def test_an_f32_frozen_tensor_keeps_the_optimizer_hint(tmp_path):
+    rng = np.random.default_rng(6)
+    seq = []
+    w = {
+        "a.norm.weight": np.ones(8, np.float32),
+        "layers.0.w": rng.standard_normal((4, 4)).astype(np.float32),
+    }
+    for _ in range(3):
+        seq.append(dict(w))
+        w = {"a.norm.weight": w["a.norm.weight"], "layers.0.w": w["layers.0.w"] + 0.01}
+    res = wdiff.run(trainer_run(tmp_path / "run", seq, [1, 2, 3]), tmp_path / "out", render=False)
+    (frozen,) = [f for f in _found(res) if f["kind"] == "frozen"]
+    assert frozen["tensor"] == "a.norm.weight" and "Likely cause" not in frozen["message"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from wdiff.indicators import KINDS as UPDATE_KINDS
 from wdiff.indicators import findings as update_findings
-from wdiff.metrics import RunMetrics, ranges
+from wdiff.metrics import RunMetrics, group_of, ranges
 
 KINDS = (
     "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "frozen", "unchanged_rows",
@@ -114,17 +114,81 @@ def _frozen(m: RunMetrics) -> list[Finding]:
                 "0, every parameter frozen, gradient accumulation that never completes)?",
             )
         ]
-    return [
-        Finding(
-            "frozen",
-            t["tensor"],
-            f"{t['tensor']} did not change at all over {_span(m)} (every weight identical at every "
-            "checkpoint). It was not trained: requires_grad=False, missing from the optimizer's "
-            "param_groups, or a learning rate of 0 for its group. If it should learn, check "
-            "model.named_parameters() and optimizer.param_groups; if freezing it was meant, all is well.",
+    found = []
+    for t in frozen:
+        rounding = _rounding_cause(m, t)
+        head = f"{t['tensor']} did not change at all over {_span(m)} (every weight identical at every "
+        head += "checkpoint)."
+        if rounding:
+            found.append(Finding("frozen", t["tensor"], f"{head} {rounding}"))
+            continue
+        found.append(
+            Finding(
+                "frozen",
+                t["tensor"],
+                f"{head} It was not trained: requires_grad=False, missing from the optimizer's "
+                "param_groups, or a learning rate of 0 for its group. If it should learn, check "
+                "model.named_parameters() and optimizer.param_groups; if freezing it was meant, all is well.",
+            )
         )
-        for t in frozen
+    return found
+
+
+#: relative spacing of representable values (2^-mantissa bits) of the low-precision dtypes
+_SPACING = {"BF16": 2.0**-7, "F16": 2.0**-10, "F8_E4M3": 2.0**-3, "F8_E5M2": 2.0**-2}
+
+
+def _kind_of(name: str) -> str:
+    """What a tensor is, across blocks and outside them: every norm scale is one kind
+    (``model.norm.weight`` and ``model.layers.3.input_layernorm.weight``); otherwise its group."""
+    low = name.lower()
+    parts = low.split(".")
+    if "norm" in low or any(p.startswith("ln") for p in parts[:-1]):
+        return "norm." + parts[-1]
+    return group_of(name) or name
+
+
+def _rounding_cause(m: RunMetrics, t: dict) -> str | None:
+    """For a frozen low-precision tensor: the sentence that names rounding as the likely cause, when
+    its siblings (same kind, dtype and shape) moved and either some of them have stalled elements or
+    their typical update is below half the spacing of this tensor's values (it would be rounded
+    away). None otherwise."""
+    dtype = t["dtype"]
+    if dtype not in _SPACING:
+        return None
+    kind = _kind_of(t["tensor"])
+    moved = [
+        s
+        for s in m.tensors
+        if s is not t and s["dtype"] == dtype and s["shape"] == t["shape"] and _kind_of(s["tensor"]) == kind
+        and s["path_l1"] and s["numel"] and s["nonfinite_first"] is None
+    ]  # fmt: skip
+    if not moved:
+        return None
+    stalled = [s for s in moved if len(s["shape"]) == 1 and 0 < (s.get("rows_unchanged") or 0) < s["rows"]]
+    spans = max(len(m.spans), 1)
+    update = float(np.median([s["path_l1"] / (s["numel"] * spans) for s in moved]))
+    end = t.get("l2_end")
+    rms = end / math.sqrt(t["numel"]) if end is not None else 0.0
+    spacing = 2.0 ** math.floor(math.log2(rms)) * _SPACING[dtype] if rms > 0 and math.isfinite(rms) else 0.0
+    if not stalled and not update < spacing / 2:
+        return None
+    siblings = f"{len(moved)} sibling{'s' if len(moved) > 1 else ''} of the same kind"
+    why = [
+        f"its values (RMS {rms:.3g}) are {spacing:.2g} apart in {dtype}, so an update below half that "
+        "is rounded away"
     ]
+    if update < spacing / 2:
+        why.append(f"its {siblings} moved only {update:.2g} per element per interval")
+    if stalled:
+        why.append(f"{len(stalled)} of its {siblings} have elements that never moved (stalled_elements)")
+    if not spacing:
+        why = why[1:]
+    return (
+        f"Likely cause: {dtype} rounding, not a frozen parameter: {'; '.join(why)}. Try: fp32 master "
+        "weights (mixed precision instead of pure low precision), or stochastic rounding / Kahan "
+        "summation in the optimizer. If it was meant to be frozen (requires_grad=False), all is well."
+    )
 
 
 def _unchanged_rows(m: RunMetrics) -> list[Finding]:
