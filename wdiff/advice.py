@@ -23,6 +23,8 @@ from wdiff.findings import Finding, is_embedding
 from wdiff.naming import block_of
 
 LIMIT = 5
+#: how a ``frozen`` finding names low-precision rounding as its likely cause (wdiff.findings)
+ROUNDING = "Likely cause: "
 
 #: Higher first. Broken inputs and a diverged run make every other number doubtful; a part of the
 #: model that stopped or never trained wastes the run; a learning rate off for one block is next;
@@ -32,6 +34,7 @@ SEVERITY = {
     "duplicate_checkpoint": 90,
     "out_of_order_checkpoint": 90,
     "stopped_moving": 80,
+    "expert_starved": 75,
     "frozen": 70,
     "lr_outlier": 60,
     "outlier_change": 50,
@@ -55,6 +58,7 @@ CHART = {
     "lr_outlier": "update-size",
     "outlier_change": "update-size",
     "frozen": "chart-blocks",
+    "expert_starved": "experts",
     "unchanged_rows": "chart-rows",
     "stalled_elements": "movers",
 }
@@ -97,6 +101,10 @@ def _factor(message: str) -> str:
     return hit.group(1) if hit else ""
 
 
+def _rows(f: Finding) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in f.rows or [])
+
+
 def _text(kind: str, found: Sequence[Finding]) -> str:
     tensors = [f.tensor for f in found]
     first = found[0]
@@ -120,6 +128,23 @@ def _text(kind: str, found: Sequence[Finding]) -> str:
         return (
             f"Check {where} of {first.tensor}: it stopped moving after {_steps(found)} while the rest "
             "kept training (a learning rate of 0 for its group, or no more gradient reaching it)."
+        )
+    if kind == "expert_starved":
+        where = _names(
+            [
+                f"expert{'s' if ',' in _rows(f) or '-' in _rows(f) else ''} {_rows(f)} of {f.tensor}"
+                for f in found
+            ],
+            2,
+        )
+        return (
+            "Add a load-balancing loss (HF: output_router_logits=True, router_aux_loss_coef about 0.01) or "
+            f"router noise: {where} got (almost) no tokens and barely trained (router collapse)."
+        )
+    if kind == "frozen" and ROUNDING in first.message:
+        return (
+            f"Keep fp32 master weights (mixed precision, not pure low precision): {_names(tensors)} never "
+            "changed, every update rounded away."
         )
     if kind == "frozen":
         if first.tensor == "*":
@@ -184,6 +209,8 @@ def _key(f: Finding) -> tuple:
         return (f.kind, tuple(f.steps or ()))
     if f.kind == "unchanged_rows":
         return (f.kind, is_embedding(f.tensor))
+    if f.kind == "frozen":
+        return (f.kind, ROUNDING in f.message)
     return (f.kind,)
 
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from wdiff import experts
 from wdiff.indicators import KINDS as UPDATE_KINDS
 from wdiff.indicators import findings as update_findings
 from wdiff.metrics import RunMetrics, group_of, ranges
 
 KINDS = (
-    "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "frozen", "unchanged_rows",
-    "stalled_elements", "outlier_change", "spike",
+    "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "expert_starved", "frozen",
+    "unchanged_rows", "stalled_elements", "outlier_change", "spike",
 )  # fmt: skip
 KINDS += UPDATE_KINDS  # update size against the learning rate (wdiff.indicators)
 
@@ -589,19 +590,71 @@ def _model_nonfinite(group: list[Finding], steps: list[int]) -> str:
     )
 
 
+def _starved_experts(m: RunMetrics) -> tuple[list[Finding], Callable[[Finding], bool]]:
+    """One ``expert_starved`` finding per MoE layer with starved experts (``wdiff.experts``), and a
+    test for the findings it explains: its experts' tensors ``frozen`` or ``outlier_change``, and
+    ``unchanged_rows`` of fused expert tensors or of the router on those experts' rows only."""
+    found: list[Finding] = []
+    tensors: set[str] = set()
+    rows_of: dict[str, set[int]] = {}
+    for layer in experts.layers(m):
+        starved = layer.starved
+        if not starved:
+            continue
+        names = sorted({n for e in starved for n in layer.tensors[e]})
+        if layer.fused:
+            rows_of.update({n: set(starved) for n in names})
+        else:
+            tensors.update(names)
+        which = ", ".join(map(str, starved))
+        plural = len(starved) > 1
+        message = (
+            f"Expert{'s' if plural else ''} {which} of {layer.prefix} barely trained: "
+            f"{'they' if plural else 'it'} moved "
+            + ", ".join(f"{layer.change[e]:.2g}" for e in starved)
+            + f" per element (accumulated |dW|) against a median of {layer.median:.2g} for the layer's "
+            f"{len(layer.change)} experts"
+        )
+        if layer.router is not None:
+            rows_of.setdefault(layer.router, set()).update(starved)
+            message += (
+                f", and {'their rows' if plural else 'its row'} of the router {layer.router} moved "
+                + ", ".join(f"{layer.router_change[e]:.2g}" for e in starved)
+                + f" against a median of {layer.router_median:.2g}"
+            )
+        message += (
+            ". The router sends it (almost) no tokens: router collapse, a load-balancing failure. Try: a "
+            "load-balancing loss (HF: output_router_logits=True, router_aux_loss_coef 0.001-0.02), router "
+            "jitter noise or a z-loss, a higher capacity factor; and look at how often the router picks "
+            "each expert."
+        )
+        found.append(Finding("expert_starved", layer.prefix, message, rows=ranges(np.array(starved))))
+
+    def explained(f: Finding) -> bool:
+        if f.kind in ("frozen", "outlier_change") and f.tensor in tensors:
+            return True
+        if f.kind == "unchanged_rows" and f.tensor in rows_of and f.rows:
+            return all(r in rows_of[f.tensor] for a, b in f.rows for r in range(a, b + 1))
+        return False
+
+    return found, explained
+
+
 def find(m: RunMetrics) -> list[Finding]:
     """Every finding of the run, most severe kind first; within a kind, earliest step first, then
-    network order."""
+    network order. Findings a starved expert explains are folded into its ``expert_starved``."""
     total = len(m.tensors)
     s = suite(m)
+    starved, explained = _starved_experts(m)
+    facts = [f for f in _frozen(m) + _unchanged_rows(m) if not explained(f)]
     return (
         _collapse(_nonfinite(m), total, _model_nonfinite)
         + _duplicates(m, s)
         + _out_of_order(m, s)
-        + _frozen(m)
-        + _unchanged_rows(m)
+        + starved
+        + facts
         + _stalled(m)
-        + _outliers(m)
+        + [f for f in _outliers(m) if not explained(f)]
         + _collapse(_spikes(m, s), total, _model_spike)
         + [Finding(**f) for f in update_findings(m)]  # update size against the LR: wdiff.indicators
     )

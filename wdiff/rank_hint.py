@@ -4,10 +4,10 @@ Information, not a problem: never a finding (``findings.json`` stays empty on a 
 report's "Rank of the update" table is ``groups(summary)``; the hint ``hint(summary)`` joins the
 suggestions of ``wdiff.advice`` below every finding's.
 
-- full fine-tune: per group (``metrics.group_of``) the median ``rank_for_energy["0.9"]`` over its
-  tensors; the groups whose rank is small (at most ``LORA_MAX`` and a quarter of the matrix's short
-  side) get a LoRA rank, the largest of theirs rounded up to a power of two; the others are named with
-  the rank they need.
+- full fine-tune: per group (``metrics.group_of``; every expert of a MoE layer in one group too) the
+  median ``rank_for_energy["0.9"]`` over its tensors; the groups whose rank is small (at most
+  ``LORA_MAX`` and a quarter of the matrix's short side) get a LoRA rank, the largest of theirs rounded
+  up to a power of two; the others are named with the rank they need.
 - LoRA run: per group the largest rank that holds 99% of an adapter's own weight ``B(T) A(T)``
   (``lora.rank_for_energy["0.99"]``; ``lora.rank_used``, the numerical rank, for results written before
   it existed). Every rank needed (``>= r``): the adapters are saturated, a larger ``r`` may fit better;
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wdiff.metrics import group_of
+from wdiff.experts import group_key
 
 ENERGIES = ("0.5", "0.9", "0.99")
 SHARE = "0.9"  # the share of the update the hint's LoRA rank holds
@@ -87,7 +87,7 @@ def groups(summary: Mapping) -> list[GroupRank]:
             continue
         if products and ".lora_" in name:  # a factor of an adapter whose product has a row of its own
             continue
-        members.setdefault(group_of(name) or name, []).append((name, entry, spec))
+        members.setdefault(group_key(name), []).append((name, entry, spec))
     labels = _labels(list(members))
     rows = []
     for group, items in members.items():

@@ -35,6 +35,7 @@ import numpy as np
 from wdiff.blocks import factor_ranges, piece_ranges, pieces_of
 from wdiff.chunk import row_cols
 from wdiff.errors import WdiffError
+from wdiff.experts import fused_experts
 from wdiff.readers.base import InputFiles, TensorRef
 from wdiff.sequence import AlignedTensor
 
@@ -53,7 +54,10 @@ _RTOL = 1e-12  # an energy share reached up to rounding counts as reached
 
 def is_matrix(tensor: AlignedTensor) -> bool:
     """Whether a tensor gets an update spectrum: 2 or more dimensions (a conv weight is its filters by
-    the rest) and at least one element."""
+    the rest) and at least one element; not fused MoE experts (``experts.gate_up_proj`` (E, 2I, H)):
+    their rows are experts, and one matrix of all of them is no update anyone would factor."""
+    if len(tensor.shape) == 3 and fused_experts(tensor.name):
+        return False
     return len(tensor.shape) >= 2 and tensor.numel > 0
 
 

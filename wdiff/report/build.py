@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wdiff import advice, rank_hint
+from wdiff import advice, experts, rank_hint
 from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
@@ -286,6 +286,7 @@ def run_page(
     if charts:
         sections.append(_profiles(m, found))
     sections.append(_rank_section(s))
+    sections.append(_experts_section(m))
     anchors = {a for part in sections for a in _ANCHOR.findall(part)}
     sections.insert(0, _advice_section(found, anchors, s))
     if pictures:
@@ -383,6 +384,44 @@ _SECTION_NAMES = {
     "movers": "top movers",
     rank_hint.ANCHOR: "rank of the update",
 }
+
+
+def _experts_section(m: RunMetrics) -> str:
+    """Per MoE layer (``wdiff.experts``): how much its experts moved (per element, accumulated), the
+    spread between them, its router's change and the starved experts. Empty for a dense model."""
+    moe = experts.layers(m)
+    if not moe:
+        return ""
+
+    def g(value: float | None) -> str:
+        return "" if value is None else f"{value:.3g}"
+
+    rows = []
+    for layer in moe:
+        values = list(layer.change.values())
+        rows.append(
+            (
+                layer.prefix,
+                len(values),
+                g(min(values)),
+                g(layer.median),
+                g(max(values)),
+                g(layer.spread) if layer.spread is not None else "inf",
+                g(layer.router_median) if layer.router else "",
+                ", ".join(map(str, layer.starved)),
+            )
+        )
+    return h.section(
+        "Experts",
+        h.paragraph(
+            "Per mixture-of-experts layer: each expert's accumulated change per element (smallest, "
+            f"median, largest), the largest over the smallest, the median change of a router row, and the "
+            f"experts that moved at most {experts.STARVED:g}x the median (starved: the router sends them "
+            "almost no tokens). Formulas: docs/metrics.md."
+        ),
+        h.table(["layer", "experts", "least", "median", "most", "spread", "router row", "starved"], rows),
+        anchor="experts",
+    )
 
 
 def _rank_section(summary: dict) -> str:
