@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wdiff import advice, experts, rank_hint
+from wdiff import advice, experts, finding_groups, rank_hint
 from wdiff._files import atomic_write
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
@@ -178,20 +178,41 @@ def _findings_section(found: Sequence[Finding]) -> str:
             ),
             anchor="findings",
         )
-    rows = [
-        (
+    groups = finding_groups.group(found)
+
+    def member_row(i: int) -> tuple:
+        f = found[i]
+        return (
             f'<span id="finding-{i}" class="kind {h.esc(f.kind)}">{h.esc(f.kind)}</span>',
             f"<code>{h.esc(f.tensor)}</code>",
             h.esc(", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in f.rows or [])),
             h.esc("-".join(str(s) for s in f.steps or [])),
             h.esc(f.message),
         )
-        for i, f in enumerate(found)
-    ]
+
+    rows = []
+    for g in groups:
+        if len(g.members) == 1:
+            rows.append(member_row(g.members[0]))
+            continue
+        members = h.table(
+            ["kind", "tensor", "rows", "steps", "message"], [member_row(i) for i in g.members], raw=[True] * 5
+        )
+        rows.append(
+            (
+                f'<span class="kind {h.esc(g.kind)}">{h.esc(g.kind)}</span>',
+                f"<b>{h.esc(g.headline)}</b>",
+                "",
+                "",
+                h.esc(g.hint)
+                + f"<details><summary>the {len(g.members)} findings</summary>{members}</details>",
+            )
+        )
     counts = ", ".join(f"{k}: {n}" for k, n in _count(found).items())
+    grouped = f", in {len(groups)} groups" if len(groups) < len(found) else ""
     return h.section(
         "Findings",
-        h.paragraph(f"{len(found)} findings ({counts})."),
+        h.paragraph(f"{len(found)} findings ({counts}){grouped}; most severe first."),
         h.table(["kind", "tensor", "rows", "steps", "what it may mean, what to try"], rows, raw=[True] * 5),
         anchor="findings",
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from wdiff.finding_groups import group
 from wdiff.findings import Finding
 
-SHOWN = 20  # rows; the rest are counted below the table
+SHOWN = 12  # groups; the rest are counted below the table
 
 
 def _ranges(rows: list[list[int]] | None) -> str:
@@ -17,17 +18,28 @@ def _ranges(rows: list[list[int]] | None) -> str:
 
 
 def findings_table(found: Sequence[Finding], where: str):
-    """A rich Table: kind, tensor, rows, steps. What each may mean and what to try is in the messages
-    of findings.json and report.html, too long for a terminal table."""
+    """A rich Table of the findings grouped (``wdiff.finding_groups``), most severe first: kind, what
+    (the tensor, rows and steps of a finding alone; the pattern of a group), how many findings. What
+    each may mean and what to try is in findings.json and report.html, too long for a terminal."""
     from rich.table import Table
 
-    table = Table(title=f"{len(found)} findings (details: {where})", title_justify="left")
+    groups = group(found)
+    title = f"{len(found)} findings" + (f" in {len(groups)} groups" if len(groups) < len(found) else "")
+    table = Table(title=f"{title} (details: {where})", title_justify="left")
     table.add_column("kind", no_wrap=True)
-    table.add_column("tensor", overflow="fold")
+    table.add_column("what", overflow="fold")
     table.add_column("rows")
     table.add_column("steps", no_wrap=True)
-    for f in found[:SHOWN]:
-        table.add_row(f.kind, f.tensor, _ranges(f.rows), "-".join(map(str, f.steps or [])))
-    if len(found) > SHOWN:
-        table.caption = f"... and {len(found) - SHOWN} more"
+    table.add_column("n", justify="right")
+    for g in groups[:SHOWN]:
+        first = found[g.members[0]]
+        if len(g.members) == 1:
+            table.add_row(
+                g.kind, first.tensor, _ranges(first.rows), "-".join(map(str, first.steps or [])), "1"
+            )
+        else:
+            table.add_row(g.kind, g.headline.removeprefix(f"{g.kind} in "), "", "", str(len(g.members)))
+    if len(groups) > SHOWN:
+        rest = groups[SHOWN:]
+        table.caption = f"... and {len(rest)} more groups ({sum(len(g.members) for g in rest)} findings)"
     return table
