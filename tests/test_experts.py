@@ -157,3 +157,42 @@ def test_names_that_are_not_experts():
         experts.group_key("model.layers.3.mlp.experts.7.w1.weight")
         == "model.layers.*.mlp.experts.*.w1.weight"
     )
+
+
+def test_the_picture_lays_each_layers_experts_out_as_a_grid(runs):
+    from wdiff.scene import build_scene
+
+    res = runs["starved"]
+    scene = build_scene(res.path / "accumulated.safetensors", res.names)
+    index = {p.name: p for p in scene.placements}
+    for layer in (0, 1):
+        boxes = {}
+        for e in range(planted_moe.EXPERTS):
+            parts = [
+                index[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"]
+                for w in ("w1", "w2", "w3")
+            ]
+            left, right = min(p.bounds[0] for p in parts), max(p.bounds[1] for p in parts)
+            top, bottom = max(p.bounds[2] for p in parts), min(p.bounds[3] for p in parts)
+            boxes[e] = (left, right, top, bottom)
+            assert len({p.slice for p in parts}) == 1  # one depth slice: the layer's block
+            # an expert's modules side by side in data-flow order: w1 (gate), w3 (up), w2 (down)
+            w1, w2, w3 = parts
+            assert w1.bounds[1] < w3.bounds[0] and w3.bounds[1] < w2.bounds[0]
+        lefts = sorted({round(b[0], 3) for b in boxes.values()})
+        tops = sorted({round(b[2], 3) for b in boxes.values()})
+        assert len(lefts) >= 2 and len(tops) >= 2 and len(lefts) * len(tops) >= planted_moe.EXPERTS  # a grid
+        for a in range(planted_moe.EXPERTS):  # tiles do not overlap
+            for b in range(a):
+                (l1, r1, t1, b1), (l2, r2, t2, b2) = boxes[a], boxes[b]
+                assert r1 <= l2 or r2 <= l1 or b1 >= t2 or b2 >= t1
+        # the grid sits inside the layer's frame, right of the attention
+        frame = scene.blocks[index[f"model.layers.{layer}.self_attn.q_proj.weight"].slice].frame
+        assert all(
+            frame[0] <= b[0] and b[1] <= frame[1] and b[2] <= frame[2] and b[3] >= frame[3]
+            for b in boxes.values()
+        )
+        assert (
+            min(b[0] for b in boxes.values())
+            > index[f"model.layers.{layer}.self_attn.o_proj.weight"].bounds[1]
+        )

@@ -11,6 +11,11 @@ top-aligned at y = 0. The first slice sits at z = 0, the next ones further away 
 camera on the +z side sees the input end in front. Slices are spaced so the stack is about as deep as
 the widest slice: a box, not a needle or a pancake; ``Scene.blocks`` holds each slice's frame.
 
+A mixture-of-experts layer (``wdiff.experts``: ``<moe>.experts.<E>.*``) keeps its experts together:
+each expert is a tile of its modules side by side (w1, w3, w2 in data-flow order), and the tiles form a
+grid about ``EXPERT_ASPECT`` times wider than tall after the layer's other columns, so 8 or 64 experts
+read as one block and an expert that never moved stands out as one dark tile.
+
 A one-row tensor (bias, norm) pools 1 x s, so it is given one cell (s elements) of height: the
 renderer draws every cell as an s x s square. Zero-size tensors keep their place but have no points.
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wdiff.experts import expert_of
 from wdiff.naming import BODY, block_of, role_of
 from wdiff.scene.accumulated import AccumulatedFile, TensorInfo
 from wdiff.scene.pooling import Pool, block_shape, ceil_div, coarsen, pool_factor
@@ -53,6 +59,10 @@ SHELF_ASPECT = 3.0
 COLUMN_GAP = 0.08
 #: Margin of a block's frame around its tensors, as a fraction of the block's larger side.
 FRAME_MARGIN = 0.03
+#: A MoE layer's experts form a grid about this many times wider than tall ...
+EXPERT_ASPECT = 1.5
+#: ... with this gap between experts, as a fraction of an expert's larger side.
+EXPERT_GAP = 0.08
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,7 @@ def module_rank(module: str) -> int:
     return len(_MODULE_RANKS)
 
 
-def _columns(names: Sequence[str], members: range, infos: Sequence[TensorInfo]) -> list[list[int]]:
+def _columns(names: Sequence[str], members: Sequence[int], infos: Sequence[TensorInfo]) -> list[list[int]]:
     """The modules of a slice in data-flow order (norm, q, k, v, attention output, norm, MLP; unknown
     modules after them in order of appearance), each its tensors: matrices first, then one-row
     tensors, a ``weight`` before its ``bias``."""
@@ -220,6 +230,42 @@ def _columns(names: Sequence[str], members: range, infos: Sequence[TensorInfo]) 
     return [
         sorted(modules[m], key=lambda k: (infos[k].rows == 1, names[k].endswith("bias"), k)) for m in order
     ]
+
+
+def _experts(names: Sequence[str], members: range) -> tuple[list[int], list[list[int]]]:
+    """A slice's tensors split into the rest and one list per routed expert (``<moe>.experts.<E>.*``,
+    ``wdiff.experts``), experts in number order; no experts: ``(members, [])``."""
+    rest: list[int] = []
+    by_expert: dict[tuple[str, int], list[int]] = {}
+    for k in members:
+        one = expert_of(names[k])
+        if one is None:
+            rest.append(k)
+        else:
+            by_expert.setdefault(one[:2], []).append(k)
+    if len(by_expert) < 2:
+        return list(members), []
+    return rest, [by_expert[key] for key in sorted(by_expert)]
+
+
+def _expert_grid(
+    tiles: list[list[list[int]]], extents: Sequence[tuple[float, float]], factor: int
+) -> tuple[dict[int, tuple[float, float]], float, float]:
+    """The experts of a block as a grid of tiles (each an expert's modules side by side), about
+    ``EXPERT_ASPECT`` times wider than tall: corners relative to the grid's top-left, its size."""
+    placed = [_place_slice(columns, extents, factor) for columns in tiles]
+    tile_w = max(w for _, w, _ in placed)
+    tile_h = max(h for _, _, h in placed)
+    gap = max(2.0 * factor, EXPERT_GAP * max(tile_w, tile_h))
+    n = len(placed)
+    across = max(1, min(n, round(math.sqrt(n * EXPERT_ASPECT * (tile_h + gap) / (tile_w + gap)))))
+    corners: dict[int, tuple[float, float]] = {}
+    for e, (inner, _, _) in enumerate(placed):
+        row, col = divmod(e, across)
+        x0, y0 = col * (tile_w + gap), -row * (tile_h + gap)
+        corners.update({k: (x0 + x, y0 + y) for k, (x, y) in inner.items()})
+    down = math.ceil(n / across)
+    return corners, across * tile_w + (across - 1) * gap, down * tile_h + (down - 1) * gap
 
 
 def _shelves(sizes: Sequence[tuple[float, float]], gap: float) -> list[list[int]]:
@@ -270,15 +316,23 @@ def _extent(info: TensorInfo, fold: tuple[int, int, float], factor: int) -> tupl
 
 
 def _place_slice(
-    columns: list[list[int]], extents: Sequence[tuple[float, float]], factor: int
+    columns: list[list[int]],
+    extents: Sequence[tuple[float, float]],
+    factor: int,
+    tiles: list[list[list[int]]] | None = None,
 ) -> tuple[dict[int, tuple[float, float]], float, float]:
     """Top-left corner (x, y) of every tensor of a slice, relative to the slice's top-left corner,
-    and the slice's (width, height)."""
+    and the slice's (width, height). ``tiles``: a MoE layer's experts, each its columns, placed as one
+    grid (``_expert_grid``) after the other columns."""
     size = []
     for col in columns:
         shown = [extents[k] for k in col if extents[k][0] > 0]
         stack = sum(h for _, h in shown) + factor * max(len(shown) - 1, 0)
         size.append((max((w for w, _ in shown), default=0.0), stack))
+    grid: dict[int, tuple[float, float]] = {}
+    if tiles:
+        grid, grid_w, grid_h = _expert_grid(tiles, extents, factor)
+        size.append((grid_w, grid_h))  # the grid is one more column, the last
     tall = max((h for _, h in size), default=1.0)
     gap = max(2.0 * factor, COLUMN_GAP * tall)
     corners: dict[int, tuple[float, float]] = {}
@@ -286,6 +340,11 @@ def _place_slice(
     for shelf in _shelves(size, gap):
         x, shelf_height = 0.0, 0.0
         for c in shelf:
+            if tiles and c == len(columns):
+                corners.update({k: (x + gx, y + gy) for k, (gx, gy) in grid.items()})
+                shelf_height = max(shelf_height, size[c][1])
+                x += size[c][0] + gap
+                continue
             if size[c][0] == 0:
                 for k in columns[c]:
                     corners[k] = (x, y)
@@ -324,7 +383,9 @@ def place_cells(
     corners: dict[int, tuple[float, float]] = {}
     sizes = []
     for _, first, end in runs:
-        placed, w, h = _place_slice(_columns(names, range(first, end), infos), extents, factor)
+        rest, by_expert = _experts(names, range(first, end))
+        tiles = [_columns(names, members, infos) for members in by_expert]
+        placed, w, h = _place_slice(_columns(names, rest, infos), extents, factor, tiles)
         corners.update(placed)
         sizes.append((w, h))
     # depth: one slot per slice, plus ROLE_GAP where embeddings end and heads begin
