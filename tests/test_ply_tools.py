@@ -21,6 +21,7 @@ import pytest
 
 import wdiff
 from wdiff.scene import SceneOptions
+from wdiff.scene.ply import meshlab_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "tools3d"
@@ -53,36 +54,50 @@ PYTHON, MISSING = tools_python()
 needs_tools = pytest.mark.skipif(PYTHON is None, reason=MISSING)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """``points.ply`` and ``mesh.ply`` of the sample run, and both read back with plyfile."""
+def read_ply(path: Path) -> dict:
     import plyfile
 
-    out = tmp_path_factory.mktemp("plytools") / "out"
+    data = plyfile.PlyData.read(str(path))
+    v = data["vertex"]
+    faces = np.stack(data["face"]["vertex_indices"]) if "face" in data else np.zeros((0, 3), np.int64)
+    return {
+        "path": str(path),
+        "ply": data,
+        "xyz": np.c_[v["x"], v["y"], v["z"]],
+        "rgb": np.c_[v["red"], v["green"], v["blue"]],
+        "quality": np.asarray(v["quality"]),
+        "scalar_accumulated": np.asarray(v["scalar_accumulated"]),
+        "faces": faces,
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``points.ply`` and ``mesh.ply`` of the sample run, and of a run whose last checkpoint has a NaN
+    in one tensor and an Inf in another (``bad_points``, ``bad_mesh``), read back with plyfile."""
+    from factories import random_sequence, trainer_run
+
+    root = tmp_path_factory.mktemp("plytools")
     options = SceneOptions(mesh=True, render=False, html=False, max_points=20_000)
-    res = wdiff.run(SAMPLE, out, scene=options)
+    res = wdiff.run(SAMPLE, root / "out", scene=options)
     assert res.summary["scene"]["files"] == ["points.ply", "mesh.ply"]
-    files = {}
-    for name in ("points", "mesh"):
-        path = out / f"{name}.ply"
-        data = plyfile.PlyData.read(str(path))
-        v = data["vertex"]
-        files[name] = {
-            "path": str(path),
-            "ply": data,
-            "xyz": np.c_[v["x"], v["y"], v["z"]],
-            "rgb": np.c_[v["red"], v["green"], v["blue"]],
-            "quality": np.asarray(v["quality"]),
-            "scalar_accumulated": np.asarray(v["scalar_accumulated"]),
-            "faces": np.stack(data["face"]["vertex_indices"]) if name == "mesh" else np.zeros((0, 3), int),
-        }
-    return files
+    seq = random_sequence({"model.layers.0.w": (12, 16), "model.layers.1.w": (16, 8)}, 3, seed=2)
+    seq[2]["model.layers.0.w"][3, 4] = np.nan
+    seq[2]["model.layers.1.w"][5, 6] = np.inf
+    wdiff.run(trainer_run(root / "bad", seq, [1, 2, 3]), root / "bad-out", scene=options)
+    return {
+        "points": read_ply(root / "out" / "points.ply"),
+        "mesh": read_ply(root / "out" / "mesh.ply"),
+        "bad_points": read_ply(root / "bad-out" / "points.ply"),
+        "bad_mesh": read_ply(root / "bad-out" / "mesh.ply"),
+    }
 
 
 def read_with(script: str, run: dict, tmp_path_factory) -> dict:
-    """Run ``tests/tools3d/<script>`` on both files; what the tool read, per file name."""
+    """Run ``tests/tools3d/<script>`` on every file of ``run`` in one process; what the tool read, per
+    file, and the tool's version under ``"_"``."""
     target = tmp_path_factory.mktemp(script.removesuffix(".py")) / "read.json"
-    paths = [run[name]["path"] for name in ("points", "mesh")]
+    paths = [f["path"] for f in run.values()]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     done = subprocess.run(
         [str(PYTHON), str(SCRIPTS / script), str(target), *paths],
@@ -92,8 +107,8 @@ def read_with(script: str, run: dict, tmp_path_factory) -> dict:
         env=env,
     )
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    result = json.loads(target.read_text())
-    return {name: result["files"][run[name]["path"]] for name in ("points", "mesh")} | {"_": result}
+    result = json.loads(target.read_text())  # NaN and Infinity included
+    return {name: result["files"][f["path"]] for name, f in run.items()} | {"_": result}
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +125,35 @@ def blender(run, tmp_path_factory):
 
 
 def test_points_and_mesh_list_the_same_vertex_properties(run):
-    for name in ("points", "mesh"):
+    for name in ("points", "mesh", "bad_points", "bad_mesh"):
         data = run[name]["ply"]
         assert data.text is False and data.byte_order == "<"  # binary little-endian
         vertex = data["vertex"]
         assert [(p.name, p.val_dtype) for p in vertex.properties] == [
             (n, {"float": "f4", "uchar": "u1"}[t]) for n, t in PROPERTIES
         ]
-        np.testing.assert_array_equal(run[name]["quality"], run[name]["scalar_accumulated"])
-        assert np.isfinite(run[name]["quality"]).all() and run[name]["quality"].min() > 0
+        assert np.isfinite(run[name]["quality"]).all()
+        if not name.startswith("bad"):
+            np.testing.assert_array_equal(run[name]["quality"], run[name]["scalar_accumulated"])
+            assert run[name]["quality"].min() > 0
     assert [e.name for e in run["points"]["ply"].elements] == ["vertex"]
     assert [e.name for e in run["mesh"]["ply"].elements] == ["vertex", "face"]
     # the same value: the mesh (not pooled further at this budget) carries the points' cells
     assert len(run["mesh"]["quality"]) <= 20_000
     np.testing.assert_array_equal(np.unique(run["mesh"]["quality"]), np.unique(run["points"]["quality"]))
+
+
+def test_nan_and_inf_stay_in_scalar_accumulated_and_quality_pins_them_to_the_top(run):
+    from wdiff.scene.color import FLAG_RGB
+
+    for name in ("bad_points", "bad_mesh"):
+        value, quality, rgb = run[name]["scalar_accumulated"], run[name]["quality"], run[name]["rgb"]
+        assert np.isnan(value).sum() == 1 and np.isposinf(value).sum() == 1
+        bad = ~np.isfinite(value)
+        np.testing.assert_array_equal(rgb[bad], [FLAG_RGB, FLAG_RGB])
+        np.testing.assert_array_equal(quality[~bad], value[~bad])
+        np.testing.assert_array_equal(quality[bad], value[~bad].max())
+    assert meshlab_quality(np.array([np.nan, np.inf, -np.inf], np.float32)).tolist() == [0, 0, 0]
 
 
 def cloudcompare_guess(names: list[str]) -> dict:
@@ -164,7 +194,7 @@ def cloudcompare_guess(names: list[str]) -> dict:
 
 
 def test_cloudcompare_finds_coordinates_colours_and_the_scalar_field(run):
-    for name in ("points", "mesh"):
+    for name in ("points", "mesh", "bad_points"):
         names = [p.name for p in run[name]["ply"]["vertex"].properties]
         guess = cloudcompare_guess(names)
         assert guess == {
@@ -184,7 +214,7 @@ def test_cloudcompare_finds_coordinates_colours_and_the_scalar_field(run):
 
 
 @needs_tools
-@pytest.mark.parametrize("name", ["points", "mesh"])
+@pytest.mark.parametrize("name", ["points", "mesh", "bad_points", "bad_mesh"])
 def test_meshlab_reads_positions_colours_quality_and_faces(meshlab, run, name):
     got, want = meshlab[name], run[name]
     n = len(want["quality"])
@@ -205,7 +235,7 @@ def test_meshlab_reads_positions_colours_quality_and_faces(meshlab, run, name):
 
 
 @needs_tools
-@pytest.mark.parametrize("name", ["points", "mesh"])
+@pytest.mark.parametrize("name", ["points", "mesh", "bad_points", "bad_mesh"])
 def test_meshlab_filters_work_on_the_quality(meshlab, run, name):
     got, q = meshlab[name], run[name]["quality"].astype(np.float64)
     # Filters > Selection > Select by Vertex Quality: the weights that moved most
@@ -220,6 +250,7 @@ def test_meshlab_filters_work_on_the_quality(meshlab, run, name):
     np.testing.assert_array_equal(rgba[np.argmax(q)], [0, 0, 1, 1])
     _, first, inverse = np.unique(q, return_index=True, return_inverse=True)
     np.testing.assert_array_equal(rgba, rgba[first][inverse])  # the colour is a function of the value
+    # spread over the ramp: an Inf quality would leave every other vertex red, a NaN one crashes MeshLab
     assert len(np.unique(rgba, axis=0)) > 50
 
 
@@ -227,11 +258,11 @@ def test_meshlab_filters_work_on_the_quality(meshlab, run, name):
 
 
 @needs_tools
-@pytest.mark.parametrize("name", ["points", "mesh"])
+@pytest.mark.parametrize("name", ["points", "mesh", "bad_points", "bad_mesh"])
 def test_blender_imports_colours_and_both_values_as_attributes(blender, run, name):
     got, want = blender[name], run[name]
     n = len(want["quality"])
-    assert got["status"] == ["FINISHED"] and got["objects"] == [name] and got["type"] == "MESH"
+    assert got["status"] == ["FINISHED"] and got["objects"] == [name.split("_")[-1]] and got["type"] == "MESH"
     assert got["vertices"] == n and got["faces"] == len(want["faces"])
     attributes = got["attributes"]
     per_vertex = {a: (i["data_type"], i["length"]) for a, i in attributes.items() if i["domain"] == "POINT"}
@@ -243,8 +274,13 @@ def test_blender_imports_colours_and_both_values_as_attributes(blender, run, nam
     }
     assert got["color_attributes"] == ["Col"]
     np.testing.assert_array_equal(np.asarray(attributes["position"]["values"], np.float32), want["xyz"])
-    for value in ("quality", "scalar_accumulated"):
-        np.testing.assert_array_equal(np.asarray(attributes[value]["values"], np.float32), want[value])
+    np.testing.assert_array_equal(np.asarray(attributes["quality"]["values"], np.float32), want["quality"])
+    value = np.asarray(attributes["scalar_accumulated"]["values"], np.float32)
+    finite = np.isfinite(want["scalar_accumulated"])
+    np.testing.assert_array_equal(value[finite], want["scalar_accumulated"][finite])
+    # Blender 5.0's importer turns NaN and Inf into 0 (seen): the guide points Blender users to quality
+    np.testing.assert_array_equal(value[~finite], 0.0)
+    assert finite.all() != name.startswith("bad")
     srgb = np.asarray(attributes["Col"]["values"])  # stored linear; sRGB back is the byte within 0.03
     np.testing.assert_array_equal(srgb[:, 3], 1.0)
     assert np.abs(srgb[:, :3] * 255 - want["rgb"]).max() < 0.05
@@ -258,3 +294,41 @@ def test_blender_keeps_the_mesh_triangles_in_file_order(blender, run):
     np.testing.assert_array_equal(np.asarray(got["face_indices"]), want["faces"])
     assert blender["points"]["faces"] == 0 and blender["points"]["face_indices"] == []
     assert blender["_"]["blender"].startswith("5.")
+
+
+@needs_tools
+def test_blender_renders_the_points_in_their_own_colours(tmp_path):
+    """The recipe of docs/user-guide.md (Mesh to Points, an Attribute node reading ``Col`` into an
+    Emission shader, view transform Standard) renders every point in the file's colour: on a run of one
+    6 x 8 tensor each point is a disc of many pixels, and nearly every pixel of one shows a file colour
+    exactly (AgX, Blender's default view transform, leaves 5% of them so)."""
+    import plyfile
+    from factories import random_sequence, trainer_run
+    from PIL import Image
+
+    from wdiff.scene.render import BACKGROUND
+
+    run = trainer_run(tmp_path / "run", random_sequence({"model.layers.0.w": (6, 8)}, 3, seed=1), [1, 2, 3])
+    wdiff.run(run, tmp_path / "out", scene=SceneOptions(render=False, html=False))
+    points = tmp_path / "out" / "points.ply"
+    picture = tmp_path / "blender.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    command = [str(PYTHON), str(SCRIPTS / "blender_render.py"), str(points), str(picture)]
+    done = subprocess.run(
+        [*command, "--size", "320x240", "--samples", "16"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, f"blender_render.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    image = np.asarray(Image.open(picture).convert("RGB")).reshape(-1, 3).astype(np.float64)
+    background = np.rint(np.array(BACKGROUND) * 255)
+    np.testing.assert_array_equal(image[0], background)  # a corner: the world colour, as wdiff draws it
+    v = plyfile.PlyData.read(str(points))["vertex"]
+    colours = np.unique(np.c_[v["red"], v["green"], v["blue"]], axis=0).astype(np.float64)
+    drawn = image[np.linalg.norm(image - background, axis=1) > 40]
+    assert len(drawn) > 0.3 * len(image)
+    distance = np.linalg.norm(drawn[:, None, :] - colours[None], axis=2)
+    assert (distance.min(axis=1) <= 3).mean() > 0.8  # the rest: discs' anti-aliased edges
+    assert (distance.min(axis=0) <= 2).all()  # every colour of the file is on the picture

@@ -4,7 +4,8 @@ with the Python of ``.venv-3d``, one process per tool (bpy and pymeshlab bundle 
 ``meshlab_read.py OUT.json PLY [PLY ...]``. Per file: counts, positions, colours, the vertex quality
 (pymeshlab 2025 calls it the vertex *scalar*: ``vertex_scalar_array``), faces, MeshLab's own statistics
 of the quality, and two filters run on it: "Select by Vertex Quality" above a threshold (the midpoint
-between two values of the file, so ``>`` and ``>=`` agree) and "Colorize by vertex Quality".
+between two values of the file, so ``>`` and ``>=`` agree) and "Colorize by vertex Quality" with its
+default parameters.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def read(path: str) -> dict:
     out["threshold"] = threshold
     out["selected"] = m.selected_vertex_number()
     out["selection"] = np.flatnonzero(m.vertex_selection_array()).tolist()
-    ms.compute_color_from_scalar_per_vertex(minval=float(values[0]), maxval=float(values[-1]), colormap="RGB")
+    ms.compute_color_from_scalar_per_vertex()  # as the menu offers it: the range is the quality's min..max
     out["quality_rgba"] = m.vertex_color_matrix().tolist()
     return out
 

@@ -1,13 +1,13 @@
 """Binary PLY point cloud and triangle mesh, written from numpy structured arrays.
 
-Not Open3D's writer: it keeps only xyz and colours and drops the scalar field (docs/formats.md). Colours
-are ``uchar`` (float colours read as black in VTK). Both files carry the value twice, as the tools that
-read PLY each keep a different property: ``quality`` is the one per-vertex value MeshLab keeps (its
-"vertex quality", ``vertex_scalar_array()`` in pymeshlab), ``scalar_accumulated`` is what CloudCompare
-turns into a scalar field by itself (any vertex property whose name contains ``scal``); Blender 4.1+
-imports both as float attributes. ``quality`` follows ``x y z``: CloudCompare guesses the y coordinate
-as the first property whose name ends in ``y`` (docs/user-guide.md). The header is fixed text, so the
-same points always give the same bytes.
+Not Open3D's writer: it keeps only xyz and colours and drops the scalar field. Colours are ``uchar``
+(float colours read as black in VTK). Both files carry the value twice, as the tools that read PLY
+each keep a different property (docs/user-guide.md, section 5): ``quality`` is the one per-vertex value
+MeshLab keeps (its "vertex quality", ``vertex_scalar_array()`` in pymeshlab), ``scalar_accumulated`` is
+what CloudCompare turns into a scalar field by itself (any vertex property whose name contains
+``scal``); Blender 4.1+ imports both as float attributes. ``quality`` follows ``x y z``: CloudCompare
+takes the first property whose name ends in ``y`` for the y coordinate. The header is fixed text, so
+the same points always give the same bytes.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def ply_header(
 
 def vertex_records(xyz: np.ndarray, rgb: np.ndarray, value: np.ndarray) -> np.ndarray:
     """Pack positions (N, 3), uint8 colours (N, 3) and values (N,) into ``VERTEX_DTYPE`` records (the
-    value goes to both ``quality`` and ``scalar_accumulated``)."""
+    value goes to ``scalar_accumulated`` and, made MeshLab-safe, to ``quality``)."""
     n = len(value)
     if xyz.shape != (n, 3) or rgb.shape != (n, 3):
         raise ValueError(f"xyz {xyz.shape} and rgb {rgb.shape} must both be ({n}, 3)")
@@ -80,8 +80,24 @@ def vertex_records(xyz: np.ndarray, rgb: np.ndarray, value: np.ndarray) -> np.nd
         records[axis] = xyz[:, k]
     for k, channel in enumerate(("red", "green", "blue")):
         records[channel] = rgb[:, k]
-    records["quality"] = records["scalar_accumulated"] = value
+    records["scalar_accumulated"] = value
+    records["quality"] = meshlab_quality(value)
     return records
+
+
+def meshlab_quality(value: np.ndarray) -> np.ndarray:
+    """``value`` as MeshLab's vertex quality: NaN and Inf pinned to the largest finite value (0 when
+    there is none), where the flag colour already marks them. MeshLab has no missing value: a NaN
+    quality crashes Filters > Colorize by vertex Quality (pymeshlab 2025.7 aborts with "double free
+    or corruption"), an Inf stretches its default range so every other vertex takes the bottom colour
+    (tests/test_ply_tools.py). ``scalar_accumulated`` keeps the NaN/Inf: CloudCompare reads NaN as
+    an invalid value."""
+    value = np.asarray(value, dtype=np.float32)
+    finite = np.isfinite(value)
+    if finite.all():
+        return value
+    top = value[finite].max() if finite.any() else np.float32(0)
+    return np.where(finite, value, top)
 
 
 def write_ply(path: str | os.PathLike[str], records: np.ndarray) -> None:
