@@ -4,9 +4,9 @@
 Each tool runs in its own process (tests/tools3d/*.py) with the Python of the ``.venv-3d`` that
 ``make setup`` creates in the repository root (bpy pins numpy 1.26; bpy and pymeshlab bundle libraries
 that clash in one process); ``WDIFF_TOOLS3D_PYTHON`` names another one. The scripts write what the tool
-read as JSON. The files come from a real run on the shipped GPT-2 sample. CloudCompare is not installed
-here: its convention (``scalar_*`` properties become scalar fields) is checked on the header with the
-guess its PLY filter makes.
+read as JSON. The files come from a real run on the shipped GPT-2 sample, and from a small run with a
+NaN and an Inf cell. CloudCompare is not installed here: its convention (``scalar_*`` properties become
+scalar fields) is checked on the header with the guess its PLY filter makes.
 """
 
 from __future__ import annotations
@@ -161,12 +161,12 @@ def cloudcompare_guess(names: list[str]) -> dict:
     opens (transcribed from CloudCompare libs/qCC_io/src/PlyFilter.cpp, ``loadFile``: first match
     wins, in property order). Scalar fields are named without the ``scalar_`` prefix."""
     found: dict = {"scalar_fields": []}
+
+    def free(key: str) -> bool:
+        return key not in found
+
     for name in names:
         p = name.upper()
-
-        def free(key: str) -> bool:
-            return key not in found
-
         if free("nx") and "NX" in p or free("nx") and "NORM" in p and p.endswith("X"):
             found["nx"] = name
         elif free("ny") and "NY" in p or free("ny") and "NORM" in p and p.endswith("Y"):
