@@ -415,6 +415,7 @@ GOLDEN_HEADER = (
     b"property uchar red\n"
     b"property uchar green\n"
     b"property uchar blue\n"
+    b"property float quality\n"
     b"property float scalar_accumulated\n"
     b"end_header\n"
 )
@@ -422,16 +423,16 @@ GOLDEN_HEADER = (
 
 def test_ply_header_is_golden_and_records_are_packed(tmp_path, accumulated):
     assert ply_header(3) == GOLDEN_HEADER
-    assert VERTEX_DTYPE.itemsize == 19
+    assert VERTEX_DTYPE.itemsize == 23
     scene = build_scene(accumulated, NAMES, max_points=3 * N_NONEMPTY)
     colors = colorize(scene.value)
     path = tmp_path / "points.ply"
     write_points_ply(scene, colors, path)
     data = path.read_bytes()
     header = ply_header(len(scene))
-    assert data.startswith(header) and len(data) == len(header) + 19 * len(scene)
+    assert data.startswith(header) and len(data) == len(header) + 23 * len(scene)
     first = np.frombuffer(data, dtype=VERTEX_DTYPE, count=1, offset=len(header))[0]
-    assert tuple(first)[:3] == tuple(scene.xyz[0]) and first[6] == scene.value[0]
+    assert tuple(first)[:3] == tuple(scene.xyz[0]) and first[6] == first[7] == scene.value[0]
 
 
 def test_ply_reads_back_with_plyfile_and_open3d(tmp_path, accumulated):
@@ -450,6 +451,7 @@ def test_ply_reads_back_with_plyfile_and_open3d(tmp_path, accumulated):
     np.testing.assert_array_equal(np.c_[vertex["x"], vertex["y"], vertex["z"]], scene.xyz)
     np.testing.assert_array_equal(np.c_[vertex["red"], vertex["green"], vertex["blue"]], rgb)
     np.testing.assert_array_equal(vertex["scalar_accumulated"], scene.value)
+    np.testing.assert_array_equal(vertex["quality"], scene.value)
 
     cloud = o3d.io.read_point_cloud(str(path))
     np.testing.assert_allclose(np.asarray(cloud.points), scene.xyz, rtol=0, atol=0)

@@ -77,8 +77,9 @@ def colorize_scene(scene: Scene, scale: Scale = "log", normalize: str = "global"
 
 
 def write_points_ply(scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write the scene as a binary PLY: xyz, uchar RGB and ``scalar_accumulated`` (CloudCompare,
-    Blender and Open3D read it; see docs/formats.md). ``colors``: from ``colorize``, or uint8 (N, 3)."""
+    """Write the scene as a binary PLY: xyz, uchar RGB and the value as ``quality`` (MeshLab) and
+    ``scalar_accumulated`` (CloudCompare); Blender reads all (docs/user-guide.md). ``colors``: from
+    ``colorize``, or uint8 (N, 3)."""
     rgb = colors.rgb if isinstance(colors, Colors) else colors
     write_ply(path, vertex_records(scene.xyz, rgb, scene.value))
 

@@ -7,7 +7,8 @@ bias) or wide gets a second row (column) of vertices at the cell's far edge, so 
 area, not a line. The cells of a folded tensor are joined within a panel only.
 
 The vertex carries its colour (uchar), and its value twice: ``quality`` (MeshLab) and
-``scalar_accumulated`` (CloudCompare). NaN/Inf cells stay at height 0 in the flag colour.
+``scalar_accumulated`` (CloudCompare), as a point of ``points.ply`` does. NaN/Inf cells stay at height
+0 in the flag colour (``quality`` pins them to the largest finite value: ``ply.meshlab_quality``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from wdiff.scene.color import ColorScale, normalize, point_colors
 from wdiff.scene.layout import Scene, TensorPlacement, coarsen_scene
-from wdiff.scene.ply import MESH_VERTEX_DTYPE
+from wdiff.scene.ply import MESH_VERTEX_DTYPE, meshlab_quality
 
 #: Height of the top of the colour scale, as a fraction of the distance between two slices.
 RELIEF = 0.35
@@ -101,8 +102,9 @@ def height_field(scene: Scene, cs: ColorScale) -> tuple[np.ndarray, np.ndarray]:
         out["x"], out["y"] = x.ravel(), y.ravel()
         out["z"] = p.origin[2] + lift[flat]
         out["red"], out["green"], out["blue"] = rgb[flat, 0], rgb[flat, 1], rgb[flat, 2]
-        out["quality"] = out["scalar_accumulated"] = scene.value[flat]
+        out["scalar_accumulated"] = scene.value[flat]
         triangles.append(_quads(p, *x.shape) + base)
         base += n
+    vertices["quality"] = meshlab_quality(vertices["scalar_accumulated"])
     faces = np.concatenate(triangles).astype(np.int32) if triangles else np.zeros((0, 3), np.int32)
     return vertices, faces

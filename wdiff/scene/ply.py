@@ -1,10 +1,13 @@
 """Binary PLY point cloud and triangle mesh, written from numpy structured arrays.
 
-Not Open3D's writer: it keeps only xyz and colours and drops the scalar field (docs/formats.md). Colours
-are ``uchar`` (float colours read as black in VTK); the value is ``scalar_accumulated`` because
-CloudCompare turns ``scalar_*`` properties into scalar fields by itself; the mesh repeats it as
-``quality``, the one per-vertex value MeshLab keeps (docs/formats.md). The header is fixed text,
-so the same points always give the same bytes.
+Not Open3D's writer: it keeps only xyz and colours and drops the scalar field. Colours are ``uchar``
+(float colours read as black in VTK). Both files carry the value twice, as the tools that read PLY
+each keep a different property (docs/user-guide.md, section 5): ``quality`` is the one per-vertex value
+MeshLab keeps (its "vertex quality", ``vertex_scalar_array()`` in pymeshlab), ``scalar_accumulated`` is
+what CloudCompare turns into a scalar field by itself (any vertex property whose name contains
+``scal``); Blender 4.1+ imports both as float attributes. ``quality`` follows ``x y z``: CloudCompare
+takes the first property whose name ends in ``y`` for the y coordinate. The header is fixed text, so
+the same points always give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from wdiff._files import atomic_write
 
-#: One vertex record, packed (19 bytes), little-endian, in header order.
+#: One vertex record, packed (23 bytes), little-endian, in header order.
 VERTEX_DTYPE = np.dtype(
     [
         ("x", "<f4"),
@@ -24,6 +27,7 @@ VERTEX_DTYPE = np.dtype(
         ("red", "u1"),
         ("green", "u1"),
         ("blue", "u1"),
+        ("quality", "<f4"),
         ("scalar_accumulated", "<f4"),
     ]
 )
@@ -33,8 +37,8 @@ COMMENT = "wdiff accumulated weight change sum_t |W(t+1)-W(t)|, one point per po
 _PLY_TYPES = {"<f4": "float", "u1": "uchar"}
 
 
-#: One mesh vertex: the point-cloud fields plus ``quality`` (the value again), which MeshLab keeps.
-MESH_VERTEX_DTYPE = np.dtype(VERTEX_DTYPE.descr[:6] + [("quality", "<f4"), ("scalar_accumulated", "<f4")])
+#: One mesh vertex: the same record as a point, so both files list the same properties.
+MESH_VERTEX_DTYPE = VERTEX_DTYPE
 #: One triangle: ``property list uchar int vertex_indices`` with its count byte (always 3), packed.
 FACE_DTYPE = np.dtype([("count", "u1"), ("v0", "<i4"), ("v1", "<i4"), ("v2", "<i4")])
 
@@ -64,7 +68,8 @@ def ply_header(
 
 
 def vertex_records(xyz: np.ndarray, rgb: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Pack positions (N, 3), uint8 colours (N, 3) and values (N,) into ``VERTEX_DTYPE`` records."""
+    """Pack positions (N, 3), uint8 colours (N, 3) and values (N,) into ``VERTEX_DTYPE`` records (the
+    value goes to ``scalar_accumulated`` and, made MeshLab-safe, to ``quality``)."""
     n = len(value)
     if xyz.shape != (n, 3) or rgb.shape != (n, 3):
         raise ValueError(f"xyz {xyz.shape} and rgb {rgb.shape} must both be ({n}, 3)")
@@ -76,7 +81,23 @@ def vertex_records(xyz: np.ndarray, rgb: np.ndarray, value: np.ndarray) -> np.nd
     for k, channel in enumerate(("red", "green", "blue")):
         records[channel] = rgb[:, k]
     records["scalar_accumulated"] = value
+    records["quality"] = meshlab_quality(value)
     return records
+
+
+def meshlab_quality(value: np.ndarray) -> np.ndarray:
+    """``value`` as MeshLab's vertex quality: NaN and Inf pinned to the largest finite value (0 when
+    there is none), where the flag colour already marks them. MeshLab has no missing value: a NaN
+    quality crashes Filters > Colorize by vertex Quality (pymeshlab 2025.7 aborts with "double free
+    or corruption"), an Inf stretches its default range so every other vertex takes the bottom colour
+    (tests/test_ply_tools.py). ``scalar_accumulated`` keeps the NaN/Inf: CloudCompare reads NaN as
+    an invalid value."""
+    value = np.asarray(value, dtype=np.float32)
+    finite = np.isfinite(value)
+    if finite.all():
+        return value
+    top = value[finite].max() if finite.any() else np.float32(0)
+    return np.where(finite, value, top)
 
 
 def write_ply(path: str | os.PathLike[str], records: np.ndarray) -> None:
