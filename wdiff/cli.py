@@ -28,7 +28,7 @@ app = typer.Typer(
     "checkpoint sequence, rendered in 3D.",
     no_args_is_help=True,
     # --install-completion / --show-completion: typer imports its completion code anyway, so they cost
-    # `wdiff --help` nothing measurable (0.101 s before, 0.095 s after, the fastest of 25)
+    # `wdiff --help` nothing measurable (fastest of 30 interleaved runs: 0.099 s without, 0.098 s with)
     add_completion=True,
     pretty_exceptions_enable=False,
 )

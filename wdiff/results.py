@@ -228,7 +228,7 @@ class Results:
         coords = {
             "tensor": tensors,
             "interval": columns["interval"][: shape[1]],
-            "block": ("tensor", columns["block"][:: shape[1]]),
+            "block": ("tensor", columns["block"][:: shape[1]].astype(str)),
             **{k: ("interval", columns[k][: shape[1]]) for k in ("step_start", "step_end", "step_gap")},
         }
         return xarray.Dataset({**per_tensor, **per_interval}, coords=coords)
