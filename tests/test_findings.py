@@ -41,7 +41,9 @@ def healthy(tmp_path_factory):
 
 
 def _found(res: Results) -> list[dict]:
-    return json.loads((res.path / "findings.json").read_text())
+    doc = json.loads((res.path / "findings.json").read_text())
+    assert doc["schema"] == 2  # {"schema", "findings"}; wdiff before the schema wrote the bare list
+    return doc["findings"]
 
 
 def test_every_planted_cause_is_found_with_kind_tensor_rows_and_steps(planted):

@@ -45,7 +45,7 @@ def runs(tmp_path_factory) -> dict[str, Results]:
 
 
 def _found(res: Results) -> list[dict]:
-    return json.loads((res.path / "findings.json").read_text())
+    return json.loads((res.path / "findings.json").read_text())["findings"]
 
 
 def _ours(res: Results) -> list[tuple[str, str]]:

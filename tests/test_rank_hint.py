@@ -126,4 +126,6 @@ def test_no_spectra_no_hint_no_section(tmp_path):
     assert all(s.kind != "update_rank" for s in advice.suggest(found, summary=res.summary))
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'id="update-rank"' not in page and "Rank of the update" not in page
-    assert json.loads((tmp_path / "out" / "findings.json").read_text()) == [f.to_json() for f in found]
+    assert json.loads((tmp_path / "out" / "findings.json").read_text())["findings"] == [
+        f.to_json() for f in found
+    ]

@@ -95,7 +95,7 @@ def test_report_is_self_contained_and_shows_every_part(rendered):
     assert (rendered.path / "render.png").read_bytes() in pictures  # the render, byte for byte
     text = (rendered.path / "report.html").read_text()
     assert "layers.1.mlp.weight" in text and "frozen" in text and "unchanged_rows" in text
-    found = json.loads((rendered.path / "findings.json").read_text())
+    found = json.loads((rendered.path / "findings.json").read_text())["findings"]
     assert {(f["kind"], f["tensor"]) for f in found} == {
         ("frozen", "layers.1.mlp.weight"),
         ("unchanged_rows", "embed.weight"),
@@ -135,7 +135,7 @@ def test_no_render_report_has_no_pictures_until_wdiff_report_draws_them(tmp_path
     text = (res.path / "report.html").read_text()
     assert text.count("Charts skipped (--no-render)") == 1 and "`wdiff report`" in text
     assert "layers.1.mlp.weight" in text  # the tables are all there
-    found = json.loads((res.path / "findings.json").read_text())
+    found = json.loads((res.path / "findings.json").read_text())["findings"]
     assert {(f["kind"], f["tensor"]) for f in found} == {
         ("frozen", "layers.1.mlp.weight"),
         ("unchanged_rows", "embed.weight"),
@@ -207,6 +207,7 @@ def test_compare_ratios_match_numpy_and_render_side_by_side(two_runs):
     with open(base / "cmp" / "compare.csv", newline="") as f:
         assert [r["tensor"] for r in csv.DictReader(f)] == a.names
     doc = json.loads((base / "cmp" / "compare.json").read_text())
+    assert doc["schema"] == 1
     assert {x["block"] for x in doc["blocks"]} == {"embed", "layers.0", "layers.1", "layers.2", "head"}
     page = _parse(base / "cmp" / "report.html")
     picture = (base / "cmp" / "side_by_side.png").read_bytes()

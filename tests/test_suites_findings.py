@@ -39,7 +39,7 @@ def _check(got, weights) -> None:
 
 
 def _found(res) -> list[dict]:
-    return json.loads((res.path / "findings.json").read_text())
+    return json.loads((res.path / "findings.json").read_text())["findings"]
 
 
 # --- the metric, on every compute path -----------------------------------------------------------

@@ -170,8 +170,9 @@ def test_watch_has_every_run_option():
 
     run = inspect.signature(cli.run_command, eval_str=True).parameters
     watch = inspect.signature(cli.watch_command).parameters
-    # inputs, and what only a sequence in a remote store needs (watch follows a local folder)
-    own = ("inputs", "revisions", "commit_every")
+    # inputs, and what only a sequence in a remote store needs (watch follows a local folder); --json and
+    # --fail-on sum up and gate one finished run (a watch prints a line per update and ends on Ctrl-C)
+    own = ("inputs", "revisions", "commit_every", "json_output", "fail_on")
     assert [n for n in watch if n not in ("folder", "poll")] == [n for n in run if n not in own]
     for name in (n for n in run if n not in own):
         (kind, option), (same_kind, same_option) = (get_args(x[name].annotation) for x in (watch, run))

@@ -20,7 +20,9 @@ __all__ = [
     "Frames",
     "Full",
     "HtmlPoints",
+    "FailOn",
     "Inputs",
+    "Json",
     "Revisions",
     "CommitEvery",
     "MaxPoints",
@@ -75,6 +77,26 @@ ResultsFolder = Annotated[
 ]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress, warnings or findings table on stderr.")
+]
+
+# --- for scripts and CI --------------------------------------------------------------------------
+
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print a JSON summary on stdout instead of the lines for people (keys: docs/cli.md); "
+        "stderr keeps progress and warnings.",
+    ),
+]
+FailOn = Annotated[
+    str | None,
+    typer.Option(
+        "--fail-on",
+        help="Exit with code 3 when the results hold findings of these kinds (comma-separated, as in "
+        "findings.json, or any); the results are written in full first.",
+        show_default=False,
+    ),
 ]
 
 # --- the pictures (wdiff.scene.SceneOptions) ----------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from wdiff import experts
+from wdiff.checks import OptionError
 from wdiff.indicators import KINDS as UPDATE_KINDS
 from wdiff.indicators import findings as update_findings
 from wdiff.metrics import RunMetrics, group_of, ranges
@@ -658,3 +659,24 @@ def find(m: RunMetrics) -> list[Finding]:
         + _collapse(_spikes(m, s), total, _model_spike)
         + [Finding(**f) for f in update_findings(m)]  # update size against the LR: wdiff.indicators
     )
+
+
+#: ``--fail-on any``: every kind.
+ANY = "any"
+
+
+def fail_kinds(parameter: str, text: str) -> tuple[str, ...]:
+    """The kinds of a ``--fail-on`` value: comma-separated kinds of ``KINDS`` (spaces around them
+    allowed) or ``any``; anything else an ``OptionError`` naming ``parameter`` and the known kinds."""
+    kinds = tuple(k.strip() for k in text.split(","))
+    known = (ANY, *KINDS)
+    unknown = [k for k in kinds if k not in known]
+    if unknown or not text.strip():
+        what = f"has an unknown kind {unknown[0]!r}" if unknown and unknown[0] else "needs a kind"
+        raise OptionError(parameter, f"{what}: use {', '.join(known)}")
+    return tuple(dict.fromkeys(kinds))
+
+
+def of_kinds(found: list[Finding], kinds: tuple[str, ...]) -> list[Finding]:
+    """The findings of ``found`` whose kind is one of ``kinds`` (``fail_kinds``; ``any``: all of them)."""
+    return [f for f in found if ANY in kinds or f.kind in kinds]

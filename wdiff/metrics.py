@@ -2,7 +2,8 @@
 
 Everything here reads the results folder (``summary.json``, ``rows.safetensors`` or, for folders
 written before it existed, ``accumulated.safetensors``), never a checkpoint, so ``wdiff report OUT``
-rebuilds it in seconds. Formulas are in ``docs/metrics.md``; the names below follow it.
+rebuilds it in seconds. Formulas are in ``docs/metrics.md``; the names below follow it. The intervals,
+the training log joined to them and the per-interval rows are ``wdiff.timeline``'s (re-exported here).
 
     from wdiff.results import Results
     from wdiff import metrics
@@ -21,9 +22,11 @@ import numpy as np
 
 from wdiff.naming import block_of
 from wdiff.results import Results
-
-#: trainer_state.json log keys joined to each interval (the value logged last inside the interval).
-LOG_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
+from wdiff.timeline import LOG_KEYS as LOG_KEYS  # re-exported: the names metrics always offered
+from wdiff.timeline import Interval as Interval
+from wdiff.timeline import interval_rows, intervals, log_join
+from wdiff.timeline import log_series as log_series
+from wdiff.timeline import safe_ratio as safe_ratio
 
 
 def group_of(name: str) -> str | None:
@@ -35,79 +38,6 @@ def group_of(name: str) -> str | None:
     if not number.isdigit() or not name.startswith(block + "."):
         return None
     return f"{head}.*{name[len(block) :]}" if head else f"*{name[len(block) :]}"
-
-
-def safe_ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or not (math.isfinite(a) and math.isfinite(b)):
-        return None
-    return a / b
-
-
-@dataclass(frozen=True)
-class Interval:
-    """The pair of checkpoints (t, t+1) and its training steps; ``gap`` is None when steps are unknown."""
-
-    index: int
-    step_start: int | None
-    step_end: int | None
-
-    @property
-    def gap(self) -> int | None:
-        if self.step_start is None or self.step_end is None or self.step_end <= self.step_start:
-            return None
-        return self.step_end - self.step_start
-
-
-def intervals(summary: dict[str, Any]) -> list[Interval]:
-    steps = [c.get("step") for c in summary["checkpoints"]]
-    return [Interval(i, a, b) for i, (a, b) in enumerate(zip(steps, steps[1:]))]
-
-
-def _number(value: object) -> float | None:
-    """A logged value as a float; None for anything else (strings, bools, ints too big for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return None
-
-
-def _log(trainer_state: dict | None) -> list[dict]:
-    """The entries of ``log_history`` that are objects: anything else in the file is ignored."""
-    history = (trainer_state or {}).get("log_history") if isinstance(trainer_state, dict) else None
-    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
-
-
-def log_join(trainer_state: dict | None, spans: Sequence[Interval]) -> list[dict[str, float | None]]:
-    """Loss, learning rate, grad norm and eval loss for each interval: the value logged last at a
-    step in ``(step_start, step_end]``, i.e. at or just before the checkpoint that ends it. None when
-    nothing was logged in the interval (or there is no ``trainer_state.json``). Entries or values of
-    the wrong type are ignored."""
-    history = _log(trainer_state)
-    joined = []
-    for span in spans:
-        values: dict[str, float | None] = dict.fromkeys(LOG_KEYS)
-        if span.step_end is not None:
-            for entry in history:
-                step = _number(entry.get("step"))
-                if step is None or not step <= span.step_end:
-                    continue
-                if span.step_start is not None and step <= span.step_start:
-                    continue
-                for key in LOG_KEYS:
-                    value = _number(entry.get(key))
-                    if value is not None:
-                        values[key] = value
-        joined.append(values)
-    return joined
-
-
-def log_series(trainer_state: dict | None, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one key of the training log, for curves (wrong types ignored)."""
-    pairs = [(_number(e.get("step")), _number(e.get(key))) for e in _log(trainer_state)]
-    kept = [(s, v) for s, v in pairs if s is not None and math.isfinite(s) and v is not None]
-    return [p[0] for p in kept], [p[1] for p in kept]
 
 
 def row_change(res: Results, name: str) -> np.ndarray:
@@ -201,7 +131,8 @@ def analyse(res: Results) -> RunMetrics:
     log = log_join(summary.get("trainer_state"), spans)
     names = res.names
     rows = row_changes(res, names)
-    tensors, per_interval = [], []
+    tensors = []
+    per_interval = interval_rows(summary)  # the rows of metrics.csv (wdiff.timeline)
     blocks: list[str] = []
     dw_sq: dict[str, np.ndarray] = {}
     w_sq: dict[str, np.ndarray] = {}
@@ -217,34 +148,13 @@ def analyse(res: Results) -> RunMetrics:
             w_sq[block] = np.zeros(len(spans))
             l1[block] = np.zeros(len(spans))
         interval_l1 = t.get("interval_l1")
-        for span, values in zip(spans, log):
-            i = span.index
+        for i in range(len(spans)):
             dl2 = t["interval_l2"][i]
             wl2 = t["l2"][i]
             dl1 = interval_l1[i] if interval_l1 is not None else None
             dw_sq[block][i] += (dl2 or 0.0) ** 2
             w_sq[block][i] += (wl2 or 0.0) ** 2
             l1[block][i] += dl1 if dl1 is not None else math.nan
-            rotation = t["rotation"][i + 1] if len(t["rotation"]) > i + 1 else None
-            per_interval.append(
-                {
-                    "tensor": name,
-                    "block": block,
-                    "interval": i,
-                    "step_start": span.step_start,
-                    "step_end": span.step_end,
-                    "step_gap": span.gap,
-                    "l1": dl1,
-                    "l2": dl2,
-                    "l1_per_step": safe_ratio(dl1, span.gap),
-                    "l2_per_step": safe_ratio(dl2, span.gap),
-                    "update_ratio": safe_ratio(dl2, wl2),
-                    "weight_l2": t["l2"][i + 1],
-                    "rotation": rotation,
-                    "nonfinite": t["nonfinite"][i + 1],
-                    **values,
-                }
-            )
     gaps = np.array([s.gap or 1 for s in spans], dtype=np.float64)  # steps unknown: per interval
     with np.errstate(invalid="ignore", divide="ignore"):
         update = np.array([np.sqrt(dw_sq[b]) / np.sqrt(w_sq[b]) for b in blocks]).reshape(len(blocks), -1)

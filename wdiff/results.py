@@ -10,9 +10,17 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from wdiff import timeline
+from wdiff.errors import WdiffError
+from wdiff.timeline import INTERVAL_COLUMNS, LOG_KEYS
+
+if TYPE_CHECKING:
+    import pandas
+    import xarray
 
 ACCUMULATED = "accumulated.safetensors"
 SUMMARY = "summary.json"
@@ -188,6 +196,69 @@ class Results:
             row.update({k: v for k, v in t.items() if not isinstance(v, (list, dict))})
             rows.append(row)
         return rows
+
+    def metrics_frame(self) -> pandas.DataFrame:
+        """One row per tensor per interval, as ``metrics.csv``: ``tensor``, ``block``, ``interval``,
+        ``step_start``, ``step_end``, ``step_gap``, the interval's change ``l1`` = sum |ΔW| and
+        ``l2`` = ‖ΔW‖, both per training step, ``update_ratio`` = ‖ΔW‖/‖W(t)‖, ``weight_l2`` and
+        ``rotation`` (against W(0)) at the interval's end, ``nonfinite`` there, and the training log
+        joined to the interval (``loss``, ``learning_rate``, ``grad_norm``, ``eval_loss``). Unknown
+        values are NaN; steps are integers (floats with NaN when some checkpoint has no step).
+        Needs pandas (``pip install 'wdiff[notebook]'``)."""
+        pandas = _optional("pandas", "metrics_frame")
+        columns = _interval_columns(self.summary)
+        return pandas.DataFrame({name: columns[name] for name in INTERVAL_COLUMNS})
+
+    def metrics_dataset(self) -> xarray.Dataset:
+        """The values of ``metrics_frame`` as an xarray Dataset with dims ``(tensor, interval)``: each
+        per-tensor metric a variable over both, the training log (``loss`` ...) over ``interval``;
+        coordinates ``tensor``, ``interval``, ``block`` (per tensor), ``step_start``, ``step_end``,
+        ``step_gap`` (per interval). Needs xarray (``pip install 'wdiff[notebook]'``)."""
+        xarray = _optional("xarray", "metrics_dataset")
+        columns = _interval_columns(self.summary)
+        tensors = self.names
+        shape = (len(tensors), len(columns["interval"]) // max(len(tensors), 1))
+        per_tensor = {
+            name: (("tensor", "interval"), columns[name].reshape(shape))
+            for name in INTERVAL_COLUMNS[
+                INTERVAL_COLUMNS.index("l1") : INTERVAL_COLUMNS.index("nonfinite") + 1
+            ]
+        }
+        per_interval = {name: ("interval", columns[name][: shape[1]]) for name in LOG_KEYS}
+        coords = {
+            "tensor": tensors,
+            "interval": columns["interval"][: shape[1]],
+            "block": ("tensor", columns["block"][:: shape[1]].astype(str)),
+            **{k: ("interval", columns[k][: shape[1]]) for k in ("step_start", "step_end", "step_gap")},
+        }
+        return xarray.Dataset({**per_tensor, **per_interval}, coords=coords)
+
+
+def _optional(package: str, method: str) -> Any:
+    """``package`` imported, or one ``WdiffError`` line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise WdiffError(None, f"Results.{method} needs {package}: pip install 'wdiff[notebook]'") from None
+
+
+def _interval_columns(summary: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``timeline.interval_rows`` as one numpy array per column: names and blocks as objects,
+    ``interval`` and ``nonfinite`` int64, steps int64 (float64 with NaN when one is unknown), every
+    other column float64 with NaN for None."""
+    rows = timeline.interval_rows(summary)
+    columns: dict[str, np.ndarray] = {}
+    for name in INTERVAL_COLUMNS:
+        values = [r[name] for r in rows]
+        if name in ("tensor", "block"):
+            columns[name] = np.array(values, dtype=object)
+        elif name in ("interval", "nonfinite", "step_start", "step_end", "step_gap") and None not in values:
+            columns[name] = np.array(values, dtype=np.int64)
+        else:
+            columns[name] = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    return columns
 
 
 def _get(path: Path, name: str) -> np.ndarray:

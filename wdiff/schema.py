@@ -166,6 +166,39 @@ def _scene(scene: Any) -> None:
 
 
 SUMMARY_SCHEMA = 1  # summary.json's "schema": raised when a key changes meaning or a required one is added
+#: findings.json: 1 was a bare JSON list of findings (no key to say so); 2 is ``{"schema": 2,
+#: "findings": [...]}``. Readers take both (``findings_entries``).
+FINDINGS_SCHEMA = 2
+COMPARE_SCHEMA = 1  # compare.json's "schema"
+JSON_SCHEMA = 1  # the "schema" of what ``wdiff run/report/compare --json`` print on stdout
+
+
+def findings_entries(data: Any, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The findings of a parsed ``findings.json`` (``path``, for the message): a list (schema 1) or
+    ``{"schema": N, "findings": [...]}`` with N at most ``FINDINGS_SCHEMA``; each finding an object with
+    a string ``kind``, ``tensor`` and ``message``. Else one ``WdiffError`` line naming the file."""
+    try:
+        if isinstance(data, dict):
+            if "schema" not in data or "findings" not in data:
+                raise _Bad("findings.json", 'a list of findings or an object with "schema" and "findings"')
+            if _int(data["schema"], "schema", 1) > FINDINGS_SCHEMA:
+                raise _Bad(
+                    "schema", f"at most {FINDINGS_SCHEMA} (it was written by a newer wdiff: update wdiff)"
+                )
+            data = data["findings"]
+        entries = _list(data, "findings")
+        for i, entry in enumerate(entries):
+            entry = _object(entry, f"findings[{i}]")
+            for key in ("kind", "tensor", "message"):
+                _str(entry.get(key), f"findings[{i}].{key}")
+            for j, pair in enumerate(_list(entry.get("rows") or [], f"findings[{i}].rows")):
+                for k, row in enumerate(_list(pair, f"findings[{i}].rows[{j}]", 2)):
+                    _int(row, f"findings[{i}].rows[{j}][{k}]", 0)
+            for j, step in enumerate(_list(entry.get("steps") or [], f"findings[{i}].steps")):
+                _int(step, f"findings[{i}].steps[{j}]")
+    except _Bad as e:
+        raise WdiffError(path, f"not wdiff's findings: {e}") from None
+    return entries
 
 
 def check_summary(summary: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,15 @@ from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.results import Results, json_text
-from wdiff.schema import load_results
+from wdiff.schema import FINDINGS_SCHEMA, findings_entries, load_results
+from wdiff.timeline import INTERVAL_COLUMNS
 
 FINDINGS = "findings.json"
 METRICS = "metrics.csv"
 TENSORS = "tensors.csv"
 REPORT = "report.html"
 
-METRIC_COLUMNS = (
-    "tensor", "block", "interval", "step_start", "step_end", "step_gap", "l1", "l2", "l1_per_step",
-    "l2_per_step", "update_ratio", "weight_l2", "rotation", "nonfinite", "loss", "learning_rate",
-    "grad_norm", "eval_loss",
-)  # fmt: skip
+METRIC_COLUMNS = INTERVAL_COLUMNS  # one row per tensor per interval (wdiff.timeline)
 TENSOR_COLUMNS = (
     "tensor", "block", "group", "shape", "dtype", "numel", "path_l1", "path_l2", "net_l2",
     "relative_change", "relative_path", "straightness", "mean_change", "rotation", "l2_start", "l2_end",
@@ -47,6 +44,7 @@ TENSOR_COLUMNS = (
 )  # fmt: skip
 TOP = 10  # tensors in the top-movers and least-moved tables
 PROFILES = 4  # per-row charts at most
+MAX_FINDINGS_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def write_report(out: str | os.PathLike[str], *, charts: bool = True) -> Report:
     res = load(out)
     m = analyse(res)
     found = find(m)
-    write_json_atomic(out / FINDINGS, [f.to_json() for f in found])
+    write_json_atomic(out / FINDINGS, findings_document(found))
     write_atomic(out / METRICS, csv_text(METRIC_COLUMNS, m.intervals))
     tensor_rows = [{**t, "shape": "x".join(map(str, t["shape"])) or "scalar"} for t in m.tensors]
     write_atomic(out / TENSORS, csv_text(TENSOR_COLUMNS, tensor_rows))
@@ -133,12 +131,31 @@ def write_report(out: str | os.PathLike[str], *, charts: bool = True) -> Report:
     return Report(out / REPORT, found, m)
 
 
+def findings_document(found: Sequence[Finding]) -> dict[str, Any]:
+    """What ``findings.json`` holds: ``{"schema": FINDINGS_SCHEMA, "findings": [...]}`` (wdiff before
+    the schema wrote the bare list; ``read_findings`` takes both)."""
+    return {"schema": FINDINGS_SCHEMA, "findings": [f.to_json() for f in found]}
+
+
+_FINDING_KEYS = tuple(f.name for f in fields(Finding))
+
+
 def read_findings(out: str | os.PathLike[str]) -> list[Finding]:
-    """The findings a run wrote (``findings.json``), or an empty list when there is none."""
+    """The findings a run wrote (``findings.json``, a list of schema 1 or the object of schema 2), or
+    an empty list when there is none; a file of a newer schema or another shape is one ``WdiffError``
+    line. Keys this wdiff does not know are left out."""
     path = Path(out) / FINDINGS
     if not path.is_file():
         return []
-    return [Finding(**entry) for entry in json.loads(path.read_text())]
+    try:
+        data = json.loads(read_small(path, MAX_FINDINGS_BYTES))
+    except OSError as e:
+        raise WdiffError(path, f"cannot read: {e.strerror or e}") from None
+    except RecursionError:
+        raise WdiffError(path, "not wdiff's findings: nested too deep") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise WdiffError(path, f"not wdiff's findings: {e}") from None
+    return [Finding(**{k: e[k] for k in _FINDING_KEYS if k in e}) for e in findings_entries(data, path)]
 
 
 def _summary_section(res: Results, m: RunMetrics) -> str:

@@ -1,8 +1,8 @@
 """Compare two runs of the same architecture (different learning rates, seeds, data): per-tensor and
 per-block ratios B / A, a side-by-side 3D render on one shared colour scale, and a report.
 
-Writes into ``CMP/``: ``compare.csv`` (one row per tensor), ``compare.json`` (runs, tensors, blocks),
-``side_by_side.png`` (unless ``render=False``) and ``report.html``.
+Writes into ``CMP/``: ``compare.csv`` (one row per tensor), ``compare.json`` (its ``schema``, runs,
+tensors, blocks), ``side_by_side.png`` (unless ``render=False``) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
 from wdiff.results import ACCUMULATED, Results
+from wdiff.schema import COMPARE_SCHEMA
 
 COMPARE_CSV = "compare.csv"
 COMPARE_JSON = "compare.json"
@@ -165,7 +166,13 @@ def compare(
         + [f"{k}_ratio" for k in COMPARED]
     )
     write_atomic(out / COMPARE_CSV, csv_text(columns, tensors))
-    document = {"a": str(a.path), "b": str(b.path), "tensors": tensors, "blocks": blocks}
+    document = {
+        "schema": COMPARE_SCHEMA,
+        "a": str(a.path),
+        "b": str(b.path),
+        "tensors": tensors,
+        "blocks": blocks,
+    }
     write_json_atomic(out / COMPARE_JSON, document)
     write_atomic(out / REPORT, _page(a, b, labels, tensors, blocks, picture))
     return Comparison(out / REPORT, tensors, blocks)
