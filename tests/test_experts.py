@@ -57,7 +57,7 @@ def _as_qwen(run, root):
 
 
 def _found(res: Results) -> list[dict]:
-    return json.loads((res.path / "findings.json").read_text())
+    return json.loads((res.path / "findings.json").read_text())["findings"]
 
 
 def _reference(run_root, moe: str) -> dict[int, float]:
