@@ -254,10 +254,12 @@ def too_few(selection: Selection, steps: Sequence[int | None], kept: Sequence[in
         return OptionError(
             "steps", f"{span} keeps {len(in_range)} of {len(steps)} checkpoints ({chosen}); {need}"
         )
-    where = f"the {len(in_range)} in steps {_span(selection.steps)}" if selection.steps else f"{len(steps)}"
-    return OptionError(
-        "every", f"{selection.every} keeps {len(kept)} of {where} checkpoints ({chosen}); {need}"
+    where = (
+        f"the {len(in_range)} checkpoints in steps {_span(selection.steps)}"
+        if selection.steps
+        else f"{len(steps)} checkpoints"
     )
+    return OptionError("every", f"{selection.every} keeps {len(kept)} of {where} ({chosen}); {need}")
 
 
 def choose_tensors(
