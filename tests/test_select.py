@@ -397,3 +397,37 @@ def test_https_selection_fetches_only_what_it_selects(http_server, tmp_path, seq
     assert res.summary["timing"]["read_bytes"] == want * len(kept)
     over = api.run([local / f"checkpoint-{s}" for s in kept], tmp_path / "over", **OPTIONS)
     _assert_same_tensors(res, over, names)
+
+
+def test_hub_revisions_fetch_only_the_selected_revisions(hub_server, hf_env, tmp_path, seq):
+    pytest.importorskip("huggingface_hub")
+    from servers import hub_commit_sha
+
+    local = _run_dir(tmp_path / "local", seq, STEPS)
+    folders = {}
+    for step in STEPS:
+        folder = tmp_path / "revisions" / f"step{step}"
+        folder.mkdir(parents=True)
+        shutil.copy(local / f"checkpoint-{step}" / "model.safetensors", folder / "model.safetensors")
+        folders[f"step{step}"] = folder
+    hub = hub_server({"org/suite": folders})
+    hf_env(hub)
+    selection = Selection(include=ATTENTION, steps=":60", every=2)
+    hub.reset()
+    res = api.run("hf://org/suite", tmp_path / "out", revisions="step*", select=selection, **OPTIONS)
+    kept = [10, 30, 50]
+    assert [c["revision"] for c in res.summary["checkpoints"]] == [f"step{s}" for s in kept]
+    names = [n for n in SHAPES if ".self_attn." in n]
+    assert res.summary["timing"]["read_bytes"] == _stored_bytes(local / "checkpoint-10", names) * len(kept)
+    over = api.run([local / f"checkpoint-{s}" for s in kept], tmp_path / "over", **OPTIONS)
+    _assert_same_tensors(res, over, names)
+    # no file of a revision left out is asked for (listing the branches names them all)
+    import hashlib
+
+    fetched = [r["path"] for r in hub.log() if r["method"] == "GET" and "model.safetensors" in r["path"]]
+    assert fetched
+    for step in STEPS:  # the Hub resolves at the commit, the CDN serves by the file's sha256
+        commit = hub_commit_sha(hub, "org/suite", f"step{step}")
+        digest = hashlib.sha256((folders[f"step{step}"] / "model.safetensors").read_bytes()).hexdigest()
+        asked = [p for p in fetched if commit in p or digest in p]
+        assert bool(asked) == (step in kept), (step, asked)
