@@ -4,8 +4,8 @@ Point it at a sequence of checkpoints; it computes the accumulated weight change
 ``sum_t |W(t+1) - W(t)|``, out-of-core, and renders it in 3D.
 
 The public API (``wdiff.run``, ``wdiff.scan``, ``wdiff.watch``, ``wdiff.Results``, ``wdiff.WdiffError``,
-``wdiff.write_report``, ``wdiff.compare``) is imported on first use, so ``wdiff --help`` does not pay
-for numpy.
+``wdiff.write_report``, ``wdiff.compare``, ``wdiff.Selection``) is imported on first use, so
+``wdiff --help`` does not pay for numpy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = [
-    "Results", "Run", "WdiffError", "__version__", "compare", "run", "scan", "watch", "write_report"
+    "Results", "Run", "WdiffError", "__version__", "compare", "run", "scan", "watch", "write_report",
+    "Selection",
 ]  # fmt: skip
 
 _LAZY = {
@@ -26,6 +27,7 @@ _LAZY = {
     "write_report": "wdiff.report",
     "compare": "wdiff.report",
     "watch": "wdiff.watcher",
+    "Selection": "wdiff.select",
 }
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from wdiff.errors import WdiffError
     from wdiff.report import compare, write_report
     from wdiff.results import Results
+    from wdiff.select import Selection
     from wdiff.watcher import watch
 
 

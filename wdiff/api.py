@@ -40,6 +40,7 @@ from wdiff.update import Plan, cell_grids, plan_update
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
     from wdiff.scene.options import SceneOptions
+    from wdiff.select import Selection
 
 Progress = Callable[[str, int, int], None]  # (phase, advance, total)
 
@@ -87,6 +88,7 @@ def run(
     revisions: str | None = None,
     commit_every: int | None = None,
     spectrum: bool | None = None,
+    select: Selection | None = None,
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -115,6 +117,11 @@ def run(
     times for a matrix over 512 x 512). None (the default): on for local inputs whose matrices hold at
     most ``SPECTRUM_AUTO_BYTES`` per checkpoint, off for bigger ones and for remote inputs (their bytes
     would be downloaded again).
+
+    ``select`` (a :class:`wdiff.select.Selection`: ``include``/``exclude`` globs on tensor names,
+    a ``steps`` range, ``every`` Nth checkpoint) chooses what is read when ``inputs`` are scanned;
+    nothing else is read, and ``summary["selection"]`` records it. Earlier results of another
+    selection are recomputed in full.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -127,7 +134,7 @@ def run(
     if is_url(out) or is_folded_url(out):
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
-    the_run, fingerprints = read_inputs(inputs, out, revisions)
+    the_run, fingerprints = read_inputs(inputs, out, revisions, select)
     chunk = _chunk_elements(chunk_elements)
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
@@ -239,11 +246,14 @@ def read_inputs(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Run,
     out: Path,
     revisions: str | None = None,
+    select: Selection | None = None,
 ) -> tuple[Run, list[str]]:
     """The run and its checkpoints' fingerprints, once ``out`` is known to be a place results can go
     (refused before the scan) and every input is still the file scanned (before anything is written)."""
+    if isinstance(inputs, Run) and select is not None:
+        raise checks.OptionError("select", "applies to inputs being scanned: pass it to wdiff.scan for a Run")
     check_out(out)
-    the_run = inputs if isinstance(inputs, Run) else scan(inputs, revisions)
+    the_run = inputs if isinstance(inputs, Run) else scan(inputs, revisions, select)
     recheck(the_run)
     return the_run, [fingerprint(c) for c in the_run.checkpoints]
 

@@ -37,6 +37,7 @@ from wdiff.readers.base import (
 from wdiff.readers.lora import read_adapter_config
 from wdiff.readers.remote import RemotePath, filesystem, forget_listings, is_url, location
 from wdiff.readers.tied import ties_embeddings
+from wdiff.select import Selection, choose_tensors, too_few, unmatched_warnings
 from wdiff.sequence import AlignedTensor, Checkpoint, Run, Skipped
 
 __all__ = ["AlignedTensor", "Checkpoint", "Run", "Skipped", "fingerprint", "recheck", "scan", "step_of"]
@@ -265,18 +266,19 @@ REMOTE_SCANS = 8  # remote checkpoints scanned at once: each is a few small requ
 
 
 def _read_checkpoints(
-    pairs: Sequence[tuple[int | None, Path | RemotePath]], live: bool
+    pairs: Sequence[tuple[int | None, Path | RemotePath]], live: bool, newest_listed: bool = True
 ) -> tuple[list[Checkpoint], list[Skipped]]:
     """Read every checkpoint (remote ones several at a time). In a folder training may still write
     into, the newest one failing (no trainer_state.json yet, a shard missing or failing validation) is
     left out with a reason; any older one failing is an error: something broke it after it was
-    complete."""
+    complete. ``newest_listed``: the last of ``pairs`` is the newest in the folder (not so when a
+    selection left the newest out)."""
     expect_state = live and expects_state(pairs)
     last = len(pairs) - 1
 
     def read(i: int) -> Checkpoint | Skipped:
         step, p = pairs[i]
-        newest = live and i == last and len(pairs) > 2
+        newest = live and newest_listed and i == last and len(pairs) > 2
         try:
             return read_one(step, p, expect_state, newest)
         except WdiffError as e:
@@ -306,12 +308,16 @@ def trainer_state(checkpoints: Sequence[Checkpoint]) -> dict | None:
 
 
 def scan(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], revisions: str | None = None
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    revisions: str | None = None,
+    select: Selection | None = None,
 ) -> Run:
     """Scan a checkpoint folder or an ordered list of checkpoints into a :class:`Run`. Each may be a
     URL of a remote store (``s3://``, ``gs://``, ``https://``, ``hf://``: ``wdiff.readers.remote``);
     ``revisions`` names the revisions of one ``hf://ORG/NAME`` repository that make the sequence
     (``wdiff.suites``: ``"step0,step1000"``, ``"step{0..143000..1000}"``, ``"step*"``).
+    ``select`` (a :class:`wdiff.select.Selection`) chooses the checkpoints, before any is opened,
+    and the tensors: the Run holds only those, so nothing else is ever read.
 
     Raises :class:`~wdiff.errors.WdiffError` naming the file and the problem for bad input, and when
     fewer than two checkpoints are found.
@@ -321,17 +327,21 @@ def scan(
         raise WdiffError(None, "no checkpoints given")
     if any(isinstance(p, RemotePath) for p in paths):
         forget_listings()  # what the store holds now
+    if select is not None and not isinstance(select, Selection):
+        raise WdiffError(None, f"select must be a wdiff.select.Selection, got {type(select).__name__}")
     if revisions is not None:
-        return _scan_revisions(paths, revisions)
+        return _scan_revisions(paths, revisions, select)
     try:
         pairs, live = _discover(paths)
     except OSError as e:  # an unreadable folder met while listing or testing it
         raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
     source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} checkpoints"
-    return _scan_pairs(paths, pairs, live, source)
+    return _scan_pairs(paths, pairs, live, source, select=select)
 
 
-def _scan_revisions(paths: Sequence[Path | RemotePath], revisions: str) -> Run:
+def _scan_revisions(
+    paths: Sequence[Path | RemotePath], revisions: str, select: Selection | None = None
+) -> Run:
     """The run made of revisions of one Hub repository, each read at the commit it names now."""
     from dataclasses import replace
 
@@ -341,7 +351,7 @@ def _scan_revisions(paths: Sequence[Path | RemotePath], revisions: str) -> Run:
         raise WdiffError(None, "--revisions needs exactly one input, an hf://ORG/NAME repository")
     found, listed = hub_revisions(str(paths[0]), revisions)
     pairs = [(r.step, r.location) for r in found]
-    run = _scan_pairs(paths, pairs, False, str(paths[0]), check_order=listed)
+    run = _scan_pairs(paths, pairs, False, str(paths[0]), check_order=listed, select=select)
     origins = {r.location.url: {"url": r.url, "revision": r.name, "commit": r.commit} for r in found}
     checkpoints = tuple(replace(c, origin=origins[c.path]) for c in run.checkpoints)
     return replace(run, checkpoints=checkpoints)
@@ -353,23 +363,51 @@ def _scan_pairs(
     live: bool,
     source: str,
     check_order: bool = True,
+    select: Selection | None = None,
 ) -> Run:
-    """Read and line up the checkpoints found (``pairs``, in sequence order)."""
+    """Read and line up the checkpoints found (``pairs``, in sequence order), those ``select``
+    chooses (none of the others is opened), and keep the tensors it chooses."""
     try:
         if len(pairs) < 2:
             where = pairs[0][1] if pairs else paths[0]
             raise WdiffError(
                 where, f"found {len(pairs)} checkpoint(s); at least two are needed to see change"
             )
-        checkpoints, left_out = _read_checkpoints(pairs, live)
+        found = len(pairs)
+        newest_listed = True
+        if select is not None:
+            pairs, newest_listed = _selected(pairs, select)
+        checkpoints, left_out = _read_checkpoints(pairs, live, newest_listed)
         warnings = _out_of_order(checkpoints) if check_order and not live else []
         assembly = assemble(checkpoints)
         if not assembly.tensors:
             raise WdiffError(paths[0], "no floating-point tensor is present in every checkpoint")
+        assembled = len(assembly.tensors)
+        assembly, unmatched = choose_tensors(assembly, select, source)
+        warnings += unmatched_warnings(unmatched)
         state = trainer_state(checkpoints)
     except OSError as e:  # an unreadable folder met while listing or testing it
         raise WdiffError(e.filename, f"cannot read: {e.strerror or e}") from None
     return Run(
         source, assembly.checkpoints, assembly.tensors, assembly.skipped, state, tuple(left_out),
         assembly.matching, assembly.aliases, tuple(warnings),
+        select, {"checkpoints": found, "tensors": assembled},
     )  # fmt: skip
+
+
+def _selected(
+    pairs: Sequence[tuple[int | None, Path | RemotePath]], select: Selection
+) -> tuple[list[tuple[int | None, Path | RemotePath]], bool]:
+    """The pairs ``select`` picks (at least two), and whether the last of them is the newest found.
+    A step range needs every step: a checkpoint named without one is opened to read the step it
+    records (a PyTorch file's ``global_step``)."""
+    steps = [s for s, _ in pairs]
+    if select.steps is not None and None in steps:
+        steps = [read_one(None, p).step if s is None else s for s, p in pairs]
+        for s, (_, p) in zip(steps, pairs):
+            if s is None:
+                raise WdiffError(p, "has no step number in its name or inside, so --steps cannot place it")
+    kept = select.pick(steps)
+    if len(kept) < 2:
+        raise too_few(select, steps, kept)
+    return [(steps[i], pairs[i][1]) for i in kept], kept[-1] == len(pairs) - 1

@@ -168,6 +168,10 @@ def run_command(
     commit_every: opt.CommitEvery = None,
     json_output: opt.Json = False,
     fail_on: opt.FailOn = None,
+    include: opt.Include = None,
+    exclude: opt.Exclude = None,
+    steps: opt.Steps = None,
+    every: opt.Every = 1,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -184,10 +188,13 @@ def run_command(
         max_points, no_render, chunk_mb, scheduler, workers, full,
         pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
     )  # fmt: skip
+    select = _selection(include, exclude, steps, every)
 
     def on_scan(scanned: Run) -> None:
         for s in scanned.warnings + scanned.left_out + scanned.skipped:
             _warn(err, f"{s.name}: {s.reason}")
+        if scanned.selection is not None:
+            err.print(visible(_selected_line(scanned)))
         steps = scanned.steps
         err.print(
             f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
@@ -220,7 +227,7 @@ def run_command(
     with progress or contextlib.nullcontext():
         res = api.run(
             inputs, out, progress=on_progress if progress else None, on_scan=on_scan, revisions=revisions,
-            commit_every=commit_every, **options,
+            commit_every=commit_every, select=select, **options,
         )  # fmt: skip
     if res.summary["update"] != "full":
         err.print(visible(f"{res.summary['update']} (earlier results in {out} extended)"))
@@ -385,6 +392,10 @@ def watch_command(
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
     poll: opt.Poll = 10.0,
+    include: opt.Include = None,
+    exclude: opt.Exclude = None,
+    steps: opt.Steps = None,
+    every: opt.Every = 1,
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
@@ -410,9 +421,10 @@ def watch_command(
     def warn(line: str) -> None:
         _warn(err, line)
 
+    select = _selection(include, exclude, steps, every)
     err.print(visible(f"watching {folder} every {poll:g} s; Ctrl-C stops"))
     try:
-        watch(folder, out, poll=poll, on_update=on_update, warn=warn, **options)
+        watch(folder, out, poll=poll, on_update=on_update, warn=warn, select=select, **options)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
     if (out / "summary.json").is_file():
@@ -421,6 +433,96 @@ def watch_command(
         typer.echo(visible(f"{out}: watch stopped; results cover {covered}"))
     else:
         typer.echo(visible(f"{out}: watch stopped before two checkpoints were complete; no results"))
+
+
+def _selection(include: list[str] | None, exclude: list[str] | None, steps: str | None, every: int):
+    """The ``wdiff.select.Selection`` of the selection options; None when they select everything."""
+    from wdiff.select import Selection
+
+    chosen = Selection(tuple(include or ()), tuple(exclude or ()), steps, every)
+    return None if chosen.everything else chosen
+
+
+def _selected_line(run) -> str:
+    """``selected N of M checkpoints, K of L tensors (include ..., every 2)``."""
+    found = run.selected_from
+    checkpoints = f"{len(run.checkpoints)} of {found.get('checkpoints', len(run.checkpoints))} checkpoints"
+    tensors = f"{len(run.tensors)} of {found.get('tensors', len(run.tensors))} tensors"
+    return f"selected {checkpoints}, {tensors} ({run.selection.describe()})"
+
+
+@app.command("scan")
+def scan_command(
+    inputs: opt.Inputs,
+    revisions: opt.Revisions = None,
+    include: opt.Include = None,
+    exclude: opt.Exclude = None,
+    steps: opt.Steps = None,
+    every: opt.Every = 1,
+    tensors: Annotated[
+        bool, typer.Option("--tensors", help="List every tensor (default: grouped by name, layers as *).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON document (keys in docs/cli.md) instead.")
+    ] = False,
+) -> None:
+    """List what `wdiff run` would read, without computing: checkpoints, tensors, bytes, selection."""
+    from wdiff.checkpoints import scan
+    from wdiff.select import scan_document
+
+    run = scan(inputs, revisions, _selection(include, exclude, steps, every))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(scan_document(run), indent=1))
+        return
+    for line in _scan_lines(run, scan_document(run), tensors):
+        typer.echo(visible(line))
+
+
+def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
+    """``wdiff scan``'s listing: what is read, then what is not and why."""
+    from wdiff.select import groups
+
+    found = doc["selection"].get("of", {})
+    head = f"{doc['source']}: {len(doc['checkpoints'])} checkpoints, {len(doc['tensors'])} tensors"
+    lines = [f"{head}, {_human(doc['bytes_per_pass'])} per pass"]
+    lines.append(f"selection: {run.selection.describe() if run.selection else 'everything'}")
+    if run.selection is not None and found:
+        lines[-1] += (
+            f" (kept {len(doc['checkpoints'])} of {found['checkpoints']} checkpoints, "
+            f"{len(doc['tensors'])} of {found['tensors']} tensors)"
+        )
+    lines.append("checkpoints (step, bytes, path):")
+    width = max(len(str(c["step"])) for c in doc["checkpoints"])
+    for c in doc["checkpoints"]:
+        lines.append(f"  {c['step']!s:>{width}}  {_human(c['bytes']):>9}  {c['path']}")
+    if every_tensor:
+        lines.append("tensors (name, shape, dtype, bytes per pass):")
+        rows = [(t["name"], str(t["shape"]), "/".join(t["dtype"]), t["bytes"]) for t in doc["tensors"]]
+    else:
+        lines.append("tensors, grouped (pattern, count, shape, dtype, bytes per pass; --tensors lists each):")
+        rows = [
+            (g["pattern"], f"x{g['count']}  " + " ".join(str(s) for s in g["shapes"][:3])
+             + (" ..." if len(g["shapes"]) > 3 else ""), "/".join(g["dtypes"]), g["bytes"])
+            for g in groups(run)
+        ]  # fmt: skip
+    name_width = min(max(len(r[0]) for r in rows), 80)
+    shape_width = min(max(len(r[1]) for r in rows), 40)
+    for name, shape, dtype, nbytes in rows:
+        lines.append(f"  {name:<{name_width}}  {shape:<{shape_width}}  {dtype:<5}  {_human(nbytes):>9}")
+    for t in doc["tensors"]:
+        if "aliases" in t:
+            lines.append(f"  {t['name']} is also named {', '.join(t['aliases'])} (tied)")
+    for title, key, entries in (
+        ("skipped tensors", "name", doc["skipped"]),
+        ("left out", "path", doc["left_out"]),
+        ("warnings", "path", doc["warnings"]),
+    ):
+        if entries:
+            lines.append(f"{title} ({len(entries)}):")
+            lines += [f"  {e[key]}: {e['reason']}" for e in entries]
+    return lines
 
 
 @app.command("view")

@@ -39,6 +39,10 @@ __all__ = [
     "Size",
     "Views",
     "Workers",
+    "Include",
+    "Exclude",
+    "Steps",
+    "Every",
 ]
 
 # --- what a command reads and writes ------------------------------------------------------------
@@ -162,3 +166,39 @@ Full = Annotated[
     bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
 ]
 Poll = Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")]
+
+# --- what is read (wdiff.select.Selection) -------------------------------------------------------
+
+Include = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        help="Read only tensors whose name (as in summary.json) matches this glob, e.g. "
+        "'model.layers.*.self_attn.*'; repeatable (any may match).",
+        show_default=False,
+    ),
+]
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out tensors whose name matches this glob; repeatable.",
+        show_default=False,
+    ),
+]
+Steps = Annotated[
+    str | None,
+    typer.Option(
+        "--steps",
+        help="Only checkpoints of training steps A to B, inclusive: A:B, A: or :B.",
+        show_default=False,
+    ),
+]
+Every = Annotated[
+    int,
+    typer.Option(
+        "--every",
+        help="Every Nth of the selected checkpoints, starting from the first (the last is kept "
+        "only when it falls on the stride).",
+    ),
+]

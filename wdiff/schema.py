@@ -236,6 +236,10 @@ def check_summary(summary: Any) -> dict[str, Any]:
                 _number(timing[key], f"timing.{key}", null=False)
         _trainer_state(s.get("trainer_state"))
         _scene(s.get("scene"))
+        if s.get("selection") is not None:  # older results have none: they were over everything
+            from wdiff.select import check_record
+
+            check_record(s["selection"])
     except _Bad as e:
         raise ValueError(str(e)) from None
     return s
@@ -288,7 +292,17 @@ def build_summary(
     }
     if run.matching is not None:  # ONNX: which initializers were matched by name, which by position
         summary["matching"] = run.matching
+    summary["selection"] = selection_record(run)
     return summary
+
+
+def selection_record(run: Run) -> dict[str, Any]:
+    """``summary["selection"]``: what the run was chosen to read (``wdiff.select``) and, under
+    ``"of"``, how many checkpoints were found and tensors assembled before that choice."""
+    from wdiff.select import Selection
+
+    record = (run.selection or Selection()).record()
+    return record | ({"of": dict(run.selected_from)} if run.selected_from else {})
 
 
 def remote_objects(checkpoint: Checkpoint) -> dict[str, Any]:

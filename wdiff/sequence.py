@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from wdiff.readers.base import FileIdentity, Skipped, TensorRef
 
@@ -88,6 +89,11 @@ class Run:
     matching: dict | None = field(default=None, repr=False)  # how ONNX names were matched (onnx_match)
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights: name -> other names
     warnings: tuple[Skipped, ...] = ()  # about the input as given (by path): an explicit list out of order
+    # what was chosen to be read, a wdiff.select.Selection (not imported: wdiff.select reads these
+    # records, so naming it here would be an import cycle); None: everything
+    selection: Any = None
+    # how many checkpoints were found and tensors assembled before the selection: {"checkpoints": n, ...}
+    selected_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def steps(self) -> list[int | None]:

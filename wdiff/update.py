@@ -83,7 +83,8 @@ def previous_results(
     """Earlier results in ``out`` that this run extends, and what kind of update this is.
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
-    checkpoints, unchanged, computed the same tensors with the same chunking and the same wdiff.
+    checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
+    (``same_selection``) and the same wdiff.
     Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
     (``wdiff.schema.read_summary``) included, means a full recompute.
     """
@@ -110,7 +111,8 @@ def previous_results(
         for t in run.tensors
     )
     same_setup = (
-        old.get("wdiff_version") == __version__
+        same_selection(old, run)
+        and old.get("wdiff_version") == __version__
         and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
         and (out / ROWS).is_file()
         and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
@@ -119,3 +121,12 @@ def previous_results(
         return None, "full"
     previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
+
+
+def same_selection(old: dict[str, Any], run: Run) -> bool:
+    """Whether earlier results were computed with the selection of ``run`` (``wdiff.select``; results
+    without a record were computed over everything). Results of another selection are recomputed in
+    full, never mixed, even where the checkpoints and tensors would happen to line up."""
+    from wdiff.select import Selection
+
+    return Selection.from_record(old.get("selection")) == (run.selection or Selection())

@@ -38,6 +38,7 @@ from wdiff.kept import keep, read_kept
 from wdiff.outdir import link_or_copy, move, sibling
 from wdiff.results import SUMMARY, Results
 from wdiff.schema import read_summary
+from wdiff.select import Selection, choose_tensors, trimmed
 from wdiff.sequence import Checkpoint, Run
 
 KEPT_FIRST = "watch-first.safetensors"
@@ -82,6 +83,10 @@ class Watcher:
         self.settle = max(1, settle)
         self.on_update = on_update
         self.warn = warn or (lambda message: None)
+        self.selection: Selection | None = options.pop("select", None)  # applied here, as scan does
+        if self.selection is not None and not isinstance(self.selection, Selection):
+            kind = type(self.selection).__name__
+            raise WdiffError(None, f"select must be a wdiff.select.Selection, got {kind}")
         self.options = options
         self._pending: dict[Path, _Pending] = {}
         self._expect_state = False
@@ -98,9 +103,12 @@ class Watcher:
         if not ((self.out / KEPT_FIRST).is_file() and (self.out / KEPT_LAST).is_file()):
             return None
         try:
-            return read_summary(self.out / SUMMARY)["checkpoints"]  # at least two: wdiff.schema checks
+            summary = read_summary(self.out / SUMMARY)
         except WdiffError:  # not results this watch can extend: it starts over
             return None
+        if Selection.from_record(summary.get("selection")) != (self.selection or Selection()):
+            return None  # chosen otherwise: this watch starts over (wdiff.update recomputes in full)
+        return summary["checkpoints"]  # at least two: wdiff.schema checks
 
     def last_step(self) -> int | None:
         history = self._history()
@@ -134,6 +142,9 @@ class Watcher:
         # Once the run is seen writing trainer_state.json, a checkpoint without one is incomplete.
         self._expect_state = self._expect_state or expects_state(found)
         candidates = [(s, p) for s, p in found if last is None or s > last]
+        if self.selection is not None:  # those a batch run over the folder would pick (wdiff.select)
+            picked = self.selection.following([s for s, _ in candidates], started=last is not None)
+            candidates = [candidates[i] for i in picked]
         self._pending = {p: v for p, v in self._pending.items() if any(p == c for _, c in candidates)}
         ready = self._complete(candidates)
         updates = []
@@ -166,8 +177,10 @@ class Watcher:
         live = self._pending[path].checkpoint
         assert live is not None  # only complete checkpoints are read
         try:
-            identity = fingerprint(live)
-            keep(live, copy)  # refuses a file that is not the one scanned, or changed while copied
+            identity = fingerprint(live)  # of every file, as a batch run fingerprints it
+            # only what the selected tensors read; refuses a file that is not the one scanned, or
+            # changed while copied
+            keep(trimmed(live, self.selection), copy)
         except (OSError, WdiffError) as e:
             if path.exists():
                 raise
@@ -189,9 +202,11 @@ class Watcher:
         assembly = assemble(checkpoints)
         if not assembly.tensors:
             raise WdiffError(self.folder, "no floating-point tensor is present in every checkpoint")
+        assembly, _ = choose_tensors(assembly, self.selection, self.folder)
         return Run(
             str(self.folder), assembly.checkpoints, assembly.tensors, assembly.skipped,
             trainer_state(checkpoints[-1:]), matching=assembly.matching, aliases=assembly.aliases,
+            selection=self.selection,
         )  # fmt: skip
 
     def _start(self, first: tuple[int, Path], second: tuple[int, Path]) -> Results | None:
