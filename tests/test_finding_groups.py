@@ -74,7 +74,7 @@ def test_frozen_across_blocks_is_one_group_but_not_across_causes():
 def test_a_real_bf16_run_in_the_terminal_and_the_report(tmp_path):
     res = wdiff.run(_bf16_run(tmp_path / "run"), tmp_path / "out", render=False)
     found = read_findings(res.path)
-    assert len(json.loads((res.path / "findings.json").read_text())["findings"]) == len(found) == 6  # every member
+    assert len(json.loads((res.path / "findings.json").read_text())["findings"]) == len(found) == 6
     groups = finding_groups.group(found)
     assert [(g.kind, len(g.members)) for g in groups] == [
         ("frozen", 1),
