@@ -44,12 +44,15 @@ def test_a_llama_like_list_is_a_few_groups():
     found.append(Finding("lr_outlier", "model.layers.9", "model.layers.9 moves 10x faster. Lower its LR."))
     groups = finding_groups.group(found)
     assert [(g.kind, len(g.members)) for g in groups] == [
-        ("frozen", 1),
-        ("frozen", 1),
+        ("frozen", 2),
         ("lr_outlier", 1),
         ("unchanged_rows", 1),
         ("stalled_elements", 31),
     ]
+    assert groups[0].headline == (
+        "frozen in model.layers.3.mlp: 2 tensors (down_proj, up_proj), "
+        "every weight identical at every checkpoint"
+    )
     stalled = groups[-1]
     assert stalled.headline == "stalled_elements in 31 norm scales, layers 0-15: 1-10 elements each"
     assert stalled.hint == HINT  # once, without any one tensor's name

@@ -384,4 +384,15 @@ def draw(
             progress(what, 0, 1)
 
     names = list(summary["tensors"])
-    return write_outputs(folder, names, _title(run), options, Path(run.source).name, list(run.steps), step)
+    from wdiff.scene import tensor_sizes
+
+    return write_outputs(
+        folder,
+        names,
+        _title(run),
+        options,
+        Path(run.source).name,
+        list(run.steps),
+        step,
+        tensor_sizes(summary),
+    )

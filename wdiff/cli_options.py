@@ -116,7 +116,12 @@ NoRender = Annotated[
 Pool = Annotated[str, typer.Option("--pool", help="What a pooled cell shows: max or mean.")]
 ColorScale = Annotated[str, typer.Option("--color-scale", help="Colours: log or linear.")]
 Normalize = Annotated[
-    str, typer.Option("--normalize", help="One colour scale (global) or one per tensor (tensor).")
+    str,
+    typer.Option(
+        "--normalize",
+        help="One colour scale (global), one per tensor (tensor), or each change over its tensor's "
+        "RMS weight at the first checkpoint (relative).",
+    ),
 ]
 Size = Annotated[str, typer.Option("--size", help="Picture size WxH in pixels.")]
 Views = Annotated[

@@ -5,6 +5,7 @@ deterministic, so a tool reading the list gets the same groups.
 
 What is one pattern (``_key``):
 
+- ``frozen`` tensors of one part of a block (``model.layers.5.mlp``: a whole MLP frozen);
 - ``frozen``, ``unchanged_rows``, ``stalled_elements``, ``outlier_change``, ``nonfinite``: the same
   kind of tensor in different blocks (``metrics.group_of``, expert numbers too; every norm scale is one
   kind), and for ``frozen`` the same cause (rounding or not);
@@ -23,6 +24,7 @@ findings a group holds, then by the first finding's place in ``findings.json``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +58,17 @@ def _family(name: str) -> str:
     return group_key(name)
 
 
-def _key(f: Finding) -> tuple:
+def _part(name: str) -> str:
+    """The part of its block a tensor is in (``model.layers.5.mlp.up_proj.weight`` ->
+    ``model.layers.5.mlp``)."""
+    block = block_of(name)
+    rest = name[len(block) + 1 :].split(".") if name.startswith(block + ".") else []
+    return f"{block}.{rest[0]}" if len(rest) > 1 else block
+
+
+def _key(f: Finding, parts: Counter) -> tuple:
+    if f.kind == "frozen" and f.tensor != "*" and parts[_part(f.tensor)] > 1:
+        return (f.kind, "part", _part(f.tensor), ROUNDING in f.message)  # a whole MLP frozen: one entry
     if f.kind in ACROSS_BLOCKS and f.tensor != "*":
         return (f.kind, _family(f.tensor), f.kind == "frozen" and ROUNDING in f.message)
     if f.kind == "spike":
@@ -145,6 +157,12 @@ def _headline(kind: str, members: Sequence[Finding]) -> str:
     if kind == "spike":
         steps = "-".join(map(str, members[0].steps or []))
         return f"spike in {len(members)} tensors ({_where([f.tensor for f in members])}) at steps {steps}"
+    if kind == "frozen" and len({_part(f.tensor) for f in members}) == 1:
+        tails = ", ".join(sorted(f.tensor.removesuffix(".weight").rsplit(".", 1)[-1] for f in members))
+        part = _part(members[0].tensor)
+        return (
+            f"frozen in {part}: {len(members)} tensors ({tails}), every weight identical at every checkpoint"
+        )
     family = _family(members[0].tensor)
     detail = _detail(kind, members)
     where = _where([f.tensor for f in members])
@@ -164,9 +182,10 @@ def _hint(members: Sequence[Finding]) -> str:
 
 def group(found: Sequence[Finding]) -> list[FindingGroup]:
     """The findings as groups, most severe first (module docstring)."""
+    parts = Counter(_part(f.tensor) for f in found if f.kind == "frozen" and f.tensor != "*")
     keys: dict[tuple, list[int]] = {}
     for i, f in enumerate(found):
-        keys.setdefault(_key(f), []).append(i)
+        keys.setdefault(_key(f, parts), []).append(i)
     groups = []
     for indices in keys.values():
         members = [found[i] for i in indices]

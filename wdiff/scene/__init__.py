@@ -19,8 +19,9 @@ legend), ``film``, ``html``, ``viewer`` (``wdiff view``), ``options``, ``outputs
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -70,10 +71,25 @@ def build_scene(
         return layout(source, order, max_points=max_points, pool=pool)
 
 
-def colorize_scene(scene: Scene, scale: Scale = "log", normalize: str = "global") -> Colors:
-    """Point colours of a scene on one global scale, or with each tensor against its own max."""
-    cs = color.scene_scale(scene.value, scene.tensor_index, len(scene.names), scale, normalize)
+def colorize_scene(
+    scene: Scene, scale: Scale = "log", normalize: str = "global", sizes: Mapping[str, float] | None = None
+) -> Colors:
+    """Point colours of a scene on one global scale, with each tensor against its own max, or relative
+    to each tensor's size (``sizes``: tensor name -> RMS of its W(0), ``tensor_sizes(summary)``)."""
+    ordered = [sizes.get(n, 0.0) for n in scene.names] if sizes is not None else None
+    cs = color.scene_scale(scene.value, scene.tensor_index, len(scene.names), scale, normalize, sizes=ordered)
     return Colors(color.point_colors(scene.value, scene.tensor_index, cs), cs)
+
+
+def tensor_sizes(summary: Mapping) -> dict[str, float]:
+    """Each tensor's size as ``normalize="relative"`` divides by it: the RMS of its weights at the first
+    checkpoint, ``l2[0] / sqrt(numel)`` from ``summary.json`` (0 when unknown or zero)."""
+    out = {}
+    for name, t in (summary.get("tensors") or {}).items():
+        l2 = (t.get("l2") or [None])[0]
+        numel = t.get("numel") or 0
+        out[name] = float(l2) / math.sqrt(numel) if l2 is not None and numel and math.isfinite(l2) else 0.0
+    return out
 
 
 def write_points_ply(scene: Scene, colors: Colors | np.ndarray, path: str | os.PathLike[str]) -> None:

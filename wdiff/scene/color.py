@@ -15,6 +15,8 @@ it stays ordered for colour-blind readers and in greyscale.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -22,6 +24,7 @@ import numpy as np
 
 Scale = Literal["log", "linear"]
 SCALES: tuple[str, ...] = ("log", "linear")
+NORMALIZE: tuple[str, ...] = ("global", "tensor", "relative")
 CMAP = "viridis"
 #: NaN/Inf points: magenta, which viridis never produces.
 FLAG_RGB = (255, 0, 255)
@@ -39,9 +42,10 @@ class ColorScale:
     scale: Scale
     cmap: str = CMAP
     flag_rgb: tuple[int, int, int] = FLAG_RGB
-    #: "global": colours show the value itself; "tensor": the value over its tensor's maximum.
+    #: "global": colours show the value itself; "tensor": the value over its tensor's maximum;
+    #: "relative": the value over its tensor's size, the RMS of its weights at the first checkpoint.
     normalize: str = "global"
-    #: Per-tensor maxima (index = tensor index) the values were divided by, when normalize="tensor".
+    #: Per-tensor divisors (index = tensor index): maxima ("tensor") or RMS of W(0) ("relative").
     peaks: tuple[float, ...] = ()
     #: What the values are (the colour bar says it).
     quantity: str = "accumulated |ΔW|"
@@ -51,17 +55,22 @@ class ColorScale:
         """The colour bar's label: the quantity, the scale and global or per tensor."""
         if self.normalize == "tensor":
             return f"{self.quantity} / its tensor's max ({self.scale}, per tensor)"
+        if self.normalize == "relative":
+            return f"{self.quantity} / RMS of its tensor's W(0) ({self.scale})"
         return f"{self.quantity} ({self.scale}, global)"
 
     @property
     def legend(self) -> str:
         """How colours were chosen, in words."""
-        which = "per tensor (each against its own max)" if self.normalize == "tensor" else "global"
+        which = {
+            "tensor": "per tensor (each against its own max)",
+            "relative": "relative (each against the RMS of its weights)",
+        }.get(self.normalize, "global")
         return f"colour: {self.scale} scale, {which}"
 
     def relative(self, values: np.ndarray, tensor_index: np.ndarray) -> np.ndarray:
-        """The values the colours show: as they are, or over their tensor's maximum."""
-        if self.normalize != "tensor":
+        """The values the colours show: as they are, or over their tensor's maximum or size."""
+        if self.normalize not in ("tensor", "relative"):
             return values
         peaks = np.asarray(self.peaks, dtype=np.float64)[tensor_index]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -85,11 +94,19 @@ def scene_scale(
     scale: Scale = "log",
     normalize: str = "global",
     quantity: str = "accumulated |ΔW|",
+    sizes: Sequence[float] | None = None,
 ) -> ColorScale:
-    """The colour scale of a scene's values (``count`` tensors), globally or per tensor."""
-    if normalize not in ("global", "tensor"):
-        raise ValueError(f"normalize must be global or tensor, got {normalize!r}")
-    peaks = tensor_peaks(values, tensor_index, count) if normalize == "tensor" else ()
+    """The colour scale of a scene's values (``count`` tensors): global, per tensor, or relative to
+    each tensor's size (``sizes``: the RMS of each tensor's W(0), in tensor order; needed then)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    peaks: tuple[float, ...] = ()
+    if normalize == "tensor":
+        peaks = tensor_peaks(values, tensor_index, count)
+    elif normalize == "relative":
+        if sizes is None or len(sizes) != count:
+            raise ValueError("normalize='relative' needs the RMS of every tensor's W(0) (sizes)")
+        peaks = tuple(float(s) if s is not None and math.isfinite(s) else 0.0 for s in sizes)
     base = replace(ColorScale(0.0, 1.0, scale, normalize=normalize, peaks=peaks), quantity=quantity)
     cs = color_scale(base.relative(values, tensor_index), scale)
     return replace(base, vmin=cs.vmin, vmax=cs.vmax)

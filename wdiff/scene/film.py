@@ -10,7 +10,7 @@ Output is ``frames.gif`` and, when imageio finds an ffmpeg encoder (``pip instal
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,15 +45,21 @@ def interval_scenes(frames: dict[str, np.ndarray], scene: Scene, pool: str, fact
     return out
 
 
-def film_scale(scenes: Sequence[Scene], options: SceneOptions) -> color.ColorScale:
+def film_scale(
+    scenes: Sequence[Scene], options: SceneOptions, sizes: Mapping[str, float] | None = None
+) -> color.ColorScale:
     """One colour scale for every frame: the exact maximum over all of them; the bottom of a log
     scale from an even sample of every frame's values. Per tensor: each tensor's maximum over all
-    intervals."""
+    intervals. Relative: each tensor's RMS of W(0) (``sizes``)."""
     count = len(scenes[0].names)
     peaks: tuple[float, ...] = ()
     if options.normalize == "tensor":
         every = np.array([color.tensor_peaks(s.value, s.tensor_index, count) for s in scenes])
         peaks = tuple(float(p) for p in every.max(axis=0))
+    elif options.normalize == "relative":
+        if sizes is None:
+            raise ValueError("normalize='relative' needs the RMS of every tensor's W(0) (sizes)")
+        peaks = tuple(float(sizes.get(n, 0.0)) for n in scenes[0].names)
     base = color.ColorScale(
         0.0,
         1.0,
@@ -86,6 +92,7 @@ def write_film(
     run_name: str,
     steps: Sequence[int | None],
     options: SceneOptions,
+    sizes: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Write ``frames.gif`` (and ``frames.mp4``) into ``folder``; returns the file names written."""
     from wdiff.scene import render
@@ -96,7 +103,7 @@ def write_film(
     scenes = interval_scenes(arrays, scene, pool, factor)
     if not scenes:
         return []
-    cs = film_scale(scenes, options)
+    cs = film_scale(scenes, options, sizes)
     title = f"{run_name}: |W(t+1) - W(t)| of one interval"
     picture = Picture.plan(scenes[0], options.size, title, options.views[0])
     pictures = []

@@ -14,8 +14,8 @@ from wdiff.checks import OptionError
 from wdiff.scene.color import SCALES, Scale
 from wdiff.scene.pooling import POOLS, Pool
 
-Normalize = Literal["global", "tensor"]
-NORMALIZE: tuple[str, ...] = ("global", "tensor")
+Normalize = Literal["global", "tensor", "relative"]
+NORMALIZE: tuple[str, ...] = ("global", "tensor", "relative")
 #: Camera directions (azimuth, elevation in degrees) for ``views``; the first view is ``render.png``.
 VIEWS: dict[str, tuple[float, float]] = {
     "oblique": (30.0, 28.0),  # front right, above: the input end in front, the stack receding
@@ -43,8 +43,10 @@ class SceneOptions:
     - ``pool``: what a pooled cell shows, the ``max`` of its weights (hot spots stay visible) or the
       ``mean`` (the typical change).
     - ``color_scale``: ``log`` (change spans decades) or ``linear``.
-    - ``normalize``: ``global`` (one scale for the whole model: which tensors moved most) or ``tensor``
-      (each tensor against its own maximum: where inside each tensor change concentrates).
+    - ``normalize``: ``global`` (one scale for the whole model: which tensors moved most), ``tensor``
+      (each tensor against its own maximum: where inside each tensor change concentrates) or
+      ``relative`` (each weight's change over the RMS of its tensor's weights at the first checkpoint:
+      how much a tensor moved for its size, so a norm scale near 1 and a matrix near 0.02 compare).
     - ``render``: write ``render.png`` (and one ``render-<view>.png`` per further view).
     - ``size``: (width, height) of every picture in pixels; ``views``: names from ``VIEWS``.
     - ``mesh``: also write ``mesh.ply``, every tensor as a height field with triangle faces.

@@ -8,7 +8,7 @@ way) into the scene at full budget; every other output is made from that scene i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,21 @@ def write_outputs(
     run_name: str = "",
     steps: Sequence[int | None] = (),
     step: Callable[[str], None] = lambda what: None,
+    sizes: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
 
     ``run_name`` and the checkpoints' ``steps`` title the film's frames.
 
-    ``step(what)`` is called before each slow part ("render", "mesh", "frames", "html").
+    ``step(what)`` is called before each slow part ("render", "mesh", "frames", "html"). ``sizes``
+    (tensor name -> RMS of its W(0), ``wdiff.scene.tensor_sizes``) is needed for
+    ``normalize="relative"``.
     """
     from wdiff import scene as sc
 
     folder = Path(folder)
     built = sc.build_scene(folder / ACCUMULATED, names, max_points=options.max_points, pool=options.pool)
-    colors = sc.colorize_scene(built, options.color_scale, options.normalize)
+    colors = sc.colorize_scene(built, options.color_scale, options.normalize, sizes)
     sc.write_points_ply(built, colors, folder / POINTS)
     files = [POINTS]
     if options.render:
@@ -57,7 +60,7 @@ def write_outputs(
         step("frames")
         from wdiff.scene.film import write_film
 
-        files += write_film(folder, folder / FRAMES, built, run_name, steps, options)
+        files += write_film(folder, folder / FRAMES, built, run_name, steps, options, sizes)
     if options.html:
         step("html")
         from wdiff.scene.webview import write_html

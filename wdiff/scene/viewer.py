@@ -118,7 +118,9 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
         max_points=int(options.get("max_points", 1_000_000)),
         pool=options.get("pool", "max"),
     )
-    colors = sc.colorize_scene(built, options.get("color_scale", "log"), options.get("normalize", "global"))
+    colors = sc.colorize_scene(
+        built, options.get("color_scale", "log"), options.get("normalize", "global"), sc.tensor_sizes(summary)
+    )
     return built, colors.rgb, f"wdiff: {Path(summary.get('source', folder)).name}"
 
 
