@@ -366,6 +366,22 @@ def test_coarsening_equals_pooling_from_the_file(accumulated, pool):
 # --- colour --------------------------------------------------------------------------------------
 
 
+def test_a_narrow_spread_puts_typical_change_mid_scale():
+    """Every healthy tensor moved about the same (0.01 +- 10%), a few cells moved 0.1 and a frozen part 0:
+    the bottom of the scale is a decade below the median, so the frozen part (bottom colour) and the
+    typical change (about half way up) differ, as they did not with the 1st percentile (0.0085)."""
+    rng = np.random.default_rng(2)
+    values = np.r_[rng.uniform(0.009, 0.011, 10_000), np.full(10, 0.1), np.zeros(500)].astype(np.float32)
+    _, cs = colorize(values)
+    assert cs.vmin == pytest.approx(
+        np.median(values[values > 0]) / 10, rel=1e-6
+    ) and cs.vmax == pytest.approx(0.1)
+    from wdiff.scene.color import normalize
+
+    t = normalize(np.array([0.0, 0.01, 0.1], np.float32), cs)
+    assert t[0] == 0 and 0.45 < t[1] < 0.55 and t[2] == 1
+
+
 def test_log_colours_follow_matplotlib_and_flag_non_finite():
     import matplotlib
     from matplotlib.colors import LogNorm, Normalize
@@ -375,7 +391,7 @@ def test_log_colours_follow_matplotlib_and_flag_non_finite():
     rgb, cs = colorize(values)
     positive = values[np.isfinite(values) & (values > 0)]
     assert cs.scale == "log" and cs.vmax == positive.max()
-    assert cs.vmin == pytest.approx(np.percentile(positive, 1.0))
+    assert cs.vmin == pytest.approx(min(np.percentile(positive, 1.0), np.median(positive) / 10))
     assert rgb.dtype == np.uint8 and rgb.shape == (values.size, 3)
     cmap = matplotlib.colormaps["viridis"]
     inside = np.isfinite(values) & (values >= cs.vmin)

@@ -211,6 +211,58 @@ def test_per_tensor_normalisation_gives_every_tensor_the_top_colour(tmp_path):
     assert tuple(rgb_global[hot]) != tuple(rgb_global[0]) and tuple(rgb_global[0]) == top
 
 
+def test_relative_normalisation_divides_by_each_tensors_rms(tmp_path):
+    """A norm scale (values near 1) moving 0.01 and a matrix (values near 0.02) moving 0.002: globally
+    the scale is brightest; relative to their sizes the matrix moved 10% and the scale 1%."""
+    path = tmp_path / "accumulated.safetensors"
+    acc = {
+        "m.0.norm.weight": np.full((1, 64), 0.01, np.float32),
+        "m.0.w": np.full((32, 32), 0.002, np.float32),
+    }
+    safetensors.numpy.save_file(acc, path)
+    scene = build_scene(path, list(acc))
+    sizes = {"m.0.norm.weight": 1.0, "m.0.w": 0.02}
+    rgb, cs = colorize_scene(scene, "linear", "relative", sizes)
+    assert (
+        cs.peaks == (1.0, 0.02) and "RMS of its tensor's W(0)" in cs.label and cs.vmax == pytest.approx(0.1)
+    )
+    shown = cs.relative(scene.value, scene.tensor_index)
+    np.testing.assert_allclose(shown, np.where(scene.tensor_index == 0, 0.01, 0.1), rtol=1e-6)
+    top = tuple(lookup_table()[-1])
+    assert tuple(rgb[scene.placements[1].start]) == top and tuple(rgb[0]) != top
+    rgb_global, _ = colorize_scene(scene, "linear", "global")
+    assert tuple(rgb_global[0]) == top  # globally the other way round
+    with pytest.raises(ValueError, match="needs the RMS"):
+        colorize_scene(scene, "linear", "relative")
+
+
+def test_a_run_with_relative_colours_records_it(tmp_path):
+    from factories import trainer_run
+
+    import wdiff
+
+    rng = np.random.default_rng(1)
+    seq = [
+        {
+            "a.0.w": rng.standard_normal((8, 8)).astype(np.float32) * s,
+            "a.0.norm.weight": np.ones(8, np.float32) * s,
+        }
+        for s in (1, 1.1, 1.2)
+    ]
+    res = wdiff.run(
+        trainer_run(tmp_path / "run", seq, [1, 2, 3]),
+        tmp_path / "out",
+        scene=SceneOptions(normalize="relative", render=False),
+    )
+    assert res.summary["scene"]["normalize"] == "relative"
+    from wdiff.scene import tensor_sizes
+
+    sizes = tensor_sizes(res.summary)
+    assert sizes["a.0.norm.weight"] == pytest.approx(1.0) and sizes["a.0.w"] == pytest.approx(
+        float(np.sqrt((seq[0]["a.0.w"] ** 2).mean())), rel=1e-5
+    )
+
+
 # --- mesh ----------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ MAX_SUMMARY_BYTES = 1 << 30
 MAX_INT = 2**63
 POOLS = ("max", "mean")
 COLOR_SCALES = ("log", "linear")
-NORMALIZE = ("global", "tensor")
+NORMALIZE = ("global", "tensor", "relative")
 
 
 class _Bad(Exception):

@@ -2,7 +2,8 @@
 
 Accumulated change spans orders of magnitude (frozen embeddings next to hot attention heads), so the
 default maps log10 of the value between robust bounds: a low percentile of the positive values (so a
-few near-zero cells do not squash the scale) and the maximum. Zeros and values below the low bound
+few near-zero cells do not squash the scale), at most a decade below their median (so typical change
+sits mid-scale and a part that never moved stands out), and the maximum. Zeros and values below the low bound
 take the bottom colour; NaN/Inf take a flag colour that is not in the colormap. Colours are looked
 up in the colormap's own 256-entry table with matplotlib's rounding, so the points match the colour
 bar exactly; the tables of the common colormaps ship with wdiff (``SHIPPED``), so colouring points
@@ -28,8 +29,11 @@ NORMALIZE: tuple[str, ...] = ("global", "tensor", "relative")
 CMAP = "viridis"
 #: NaN/Inf points: magenta, which viridis never produces.
 FLAG_RGB = (255, 0, 255)
-#: Percentile of the positive finite values used as the bottom of the log scale.
+#: Percentile of the positive finite values used as the bottom of the log scale ...
 LOW_PERCENTILE = 1.0
+#: ... or this many decades below their median, whichever is lower: typical change then sits mid-scale,
+#: so a part that did not move (the bottom colour) stands out from one that moved little.
+BELOW_MEDIAN = 1.0
 _LUT_SIZE = 256
 
 
@@ -113,7 +117,8 @@ def scene_scale(
 
 
 def color_scale(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> ColorScale:
-    """Bounds for ``values``: log between a low percentile of the positive values and the max;
+    """Bounds for ``values``: log between a low percentile of the positive values (at most a decade
+    below their median) and the max;
     linear from 0 (no change) to the max. Non-finite values are ignored; degenerate inputs get a
     one-decade (log) or unit (linear) range so the colour bar stays drawable."""
     if scale not in SCALES:
@@ -125,6 +130,7 @@ def color_scale(values: np.ndarray, scale: Scale = "log", cmap: str = CMAP) -> C
             return ColorScale(0.1, 1.0, scale, cmap)
         vmax = float(positive.max())
         vmin = float(np.percentile(positive, LOW_PERCENTILE))
+        vmin = min(vmin, float(np.median(positive)) / 10.0**BELOW_MEDIAN)
         if not vmin < vmax:
             vmin = vmax / 10.0
         return ColorScale(vmin, vmax, scale, cmap)
