@@ -28,7 +28,9 @@ __all__ = [
     "NoRender",
     "Normalize",
     "Spectrum",
+    "UntilFile",
     "Out",
+    "ParentPid",
     "Poll",
     "Pool",
     "Quiet",
@@ -140,3 +142,23 @@ Full = Annotated[
     bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
 ]
 Poll = Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")]
+
+# --- how a watch ends besides Ctrl-C (what wdiff.integrations starts from a training script) --------
+
+UntilFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--until-file",
+        help="Stop once this file exists: finish the update under way, add every complete checkpoint, exit.",
+        show_default=False,
+    ),
+]
+ParentPid = Annotated[
+    int | None,
+    typer.Option(
+        "--parent-pid",
+        help="Stop once this process ends (the training script; killed too): add every complete "
+        "checkpoint, exit.",
+        show_default=False,
+    ),
+]
