@@ -123,6 +123,28 @@ def test_until_adds_every_complete_checkpoint_and_leaves_out_a_half_written_one(
     _assert_same_results(Results.load(tmp_path / "out"), batch)
 
 
+def test_a_last_ckpt_being_copied_is_waited_for_not_an_error(tmp_path):
+    """Lightning's ``last.ckpt`` names no step: while it is copied in (not yet a zip) the folder cannot be
+    listed; the watch says so once and tries again at the next poll."""
+    from wdiff.watcher import Watcher
+
+    source = ROOT / "tests" / "data" / "torch" / "lightning" / "lightning_logs" / "version_0" / "checkpoints"
+    live = tmp_path / "ckpts"
+    live.mkdir()
+    for name in ("epoch=0-step=20.ckpt", "epoch=1-step=40.ckpt"):
+        shutil.copy2(source / name, live / name)
+    whole = (source / "last.ckpt").read_bytes()
+    (live / "last.ckpt").write_bytes(whole[: len(whole) // 2])  # half copied: no zip directory yet
+    warnings: list[str] = []
+    watcher = Watcher(live, tmp_path / "out", settle=1, warn=warnings.append, **BATCH)
+    assert [watcher.poll() for _ in range(3)] == [[], [], []]
+    assert len(warnings) == 1 and warnings[0].startswith("cannot list the folder yet, trying again: ")
+    assert not watcher.settled()
+    (live / "last.ckpt").write_bytes(whole)  # copied: the step it holds is 60
+    updates = [u for _ in range(3) for u in watcher.poll()]
+    assert [_steps(u) for u in updates] == [[20, 40], [20, 40, 60]] and watcher.settled()
+
+
 def test_process_ended_sees_a_killed_process_even_unreaped():
     p = subprocess.Popen(["sleep", "30"])
     ended = process_ended(p.pid)
@@ -460,3 +482,39 @@ def test_a_watch_that_fails_is_reported_once_with_its_reason(tmp_path, caplog):
         f"wdiff watch stopped (exit code 2): wdiff: error: --max-points must be an integer from 1 to "
         f"1000000000000, got -5 (log: {tmp_path / 'run' / 'wdiff-watch.log'})"
     ]
+
+
+def test_lightning_training_that_fails_stops_the_watch_with_what_is_complete(tmp_path):
+    torch = pytest.importorskip("torch")
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from wdiff.integrations.lightning import WdiffCallback
+
+    class Diverging(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(8, 4)
+
+        def training_step(self, batch, i):
+            if self.global_step == 25:
+                raise FloatingPointError("loss is NaN")
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    callback = WdiffCallback(**WATCH)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=10, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=STEPS, callbacks=[checkpoints, callback], enable_progress_bar=False, logger=False,
+        accelerator="cpu", enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError):
+        trainer.fit(Diverging(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert callback.process.wait(60) == 0  # told to finish (on_exception), not waited for
+    assert _steps(callback.results) == [10, 20]
+    assert "watch-stop appeared: every complete checkpoint added" in callback.log.read_text()

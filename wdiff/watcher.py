@@ -25,6 +25,10 @@ finished, then the folder is polled until every checkpoint left has settled, the
 added and the others (half-written when training died) are left out with a warning. A writer that no
 longer writes settles within ``settle`` polls. ``wdiff.integrations`` starts ``wdiff watch`` this way
 from a training script (``--parent-pid``, ``--until-file``).
+
+A folder that cannot be listed for a moment (Lightning's ``last.ckpt``, which names no step, while it
+is copied in and not yet a zip) is said once and tried again at the next poll; at a clean stop, still
+failing after ``settle`` polls, it is an error.
 """
 
 from __future__ import annotations
