@@ -123,6 +123,27 @@ def test_until_adds_every_complete_checkpoint_and_leaves_out_a_half_written_one(
     _assert_same_results(Results.load(tmp_path / "out"), batch)
 
 
+def test_save_total_limit_1_deletes_the_first_checkpoint_before_the_second_settles(tmp_path):
+    """What the Trainer does with ``save_total_limit=1``: each save deletes the older checkpoint at once.
+    The watch keeps the first checkpoint the moment it is complete; the results cover every checkpoint."""
+    from wdiff.watcher import Watcher
+
+    steps = [10, 20, 30, 40]
+    seq = random_sequence(SHAPES, len(steps), seed=22)
+    run, archive = tmp_path / "run", tmp_path / "archive"
+    run.mkdir()
+    watcher = Watcher(run, tmp_path / "out", settle=2, **BATCH)
+    updates = []
+    for i, step in enumerate(steps):
+        trainer_run(archive, [seq[i]], [step])
+        shutil.copytree(archive / f"checkpoint-{step}", run / f"checkpoint-{step}")
+        if i:
+            shutil.rmtree(run / f"checkpoint-{steps[i - 1]}")  # rotate_checkpoints, in the same save
+        updates += [u for _ in range(4) for u in watcher.poll()]
+    assert [_steps(u) for u in updates] == [steps[:2], steps[:3], steps]
+    _assert_same_results(updates[-1], api.run(archive, tmp_path / "batch", **BATCH))
+
+
 def test_a_last_ckpt_being_copied_is_waited_for_not_an_error(tmp_path):
     """Lightning's ``last.ckpt`` names no step: while it is copied in (not yet a zip) the folder cannot be
     listed; the watch says so once and tries again at the next poll."""
@@ -219,7 +240,7 @@ def _random_tokens(torch):
     return Tokens()
 
 
-def test_hf_trainer_callback_follows_the_run_through_save_total_limit(tmp_path):
+def test_hf_trainer_callback_follows_the_run_through_save_total_limit_1(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from wdiff.integrations.huggingface import WdiffCallback
@@ -242,7 +263,7 @@ def test_hf_trainer_callback_follows_the_run_through_save_total_limit(tmp_path):
         callback = _timed(WdiffCallback, transformers.TrainerCallback)(**WATCH)
         callback.spent = collections.defaultdict(list)
         args = transformers.TrainingArguments(
-            output_dir=str(output), max_steps=STEPS, save_steps=SAVE_EVERY, save_total_limit=2, report_to=[],
+            output_dir=str(output), max_steps=STEPS, save_steps=SAVE_EVERY, save_total_limit=1, report_to=[],
             use_cpu=True, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=10,
             disable_tqdm=True, seed=0,
         )  # fmt: skip
@@ -257,14 +278,10 @@ def test_hf_trainer_callback_follows_the_run_through_save_total_limit(tmp_path):
         torch.set_num_threads(threads)
     # train() returned after the watch added the last checkpoint and exited
     assert callback.process.returncode == 0, callback.log.read_text()
-    assert sorted(p.name for p in output.iterdir()) == [
-        "checkpoint-30",
-        "checkpoint-40",
-        "wdiff",
-        "wdiff-watch.log",
-    ]
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-40", "wdiff", "wdiff-watch.log"]
     watched = callback.results
-    assert _steps(watched) == [10, 20, 30, 40]  # checkpoint-10 and -20 were deleted while it followed
+    # each checkpoint was deleted the moment the next one was saved, the first before the second settled
+    assert _steps(watched) == [10, 20, 30, 40]
     log = callback.log.read_text()
     assert "watch stopped; results cover 4 checkpoints, steps 10 .. 40" in log and "warning" not in log
     _assert_same_results(watched, api.run(archive, tmp_path / "batch", **BATCH))

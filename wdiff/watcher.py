@@ -97,6 +97,7 @@ class Watcher:
         self._pending: dict[Path, _Pending] = {}
         self._waiting: list[tuple[int, Path]] = []  # the last poll's candidates not added (yet)
         self._unlisted: tuple[str, int] | None = None  # why the folder could not be listed; polls in a row
+        self._first: Checkpoint | None = None  # W(0), kept beside OUT until the first results take it
         self._expect_state = False
         self._staged = sibling(self.out, "watch-next.safetensors")  # <= 255 bytes for any OUT name
         self._first_staged = sibling(self.out, "watch-first.safetensors")
@@ -156,16 +157,23 @@ class Watcher:
         candidates = [(s, p) for s, p in found if last is None or s > last]
         self._waiting = candidates  # the same list: what is added below leaves it
         self._pending = {p: v for p, v in self._pending.items() if any(p == c for _, c in candidates)}
+        if last is None and self._first is not None:  # kept: no candidate any more, listed or deleted
+            candidates[:] = [(s, p) for s, p in candidates if p != Path(self._first.path)]
         ready = self._complete(candidates)
         updates = []
-        if last is None:  # the first results need two complete checkpoints, the oldest ones
-            if len(ready) < 2 or ready[:2] != candidates[:2]:
+        if last is None:  # the first results: the two oldest complete checkpoints
+            if not ready or ready[0] != candidates[0]:
                 return updates
-            result = self._start(*ready[:2])
+            if self._first is None:  # kept the moment it is complete (see _keep_first)
+                self._keep_first(*ready[0])
+                del candidates[0], ready[0]
+                if self._first is None or not ready or ready[0] != candidates[0]:
+                    return updates
+            result = self._start(*ready[0])
             if result is None:
                 return updates
             updates.append(result)
-            del candidates[:2], ready[:2]
+            del candidates[0], ready[0]
         for step, path in ready:
             if (step, path) != candidates[0]:
                 older = self._pending[candidates[0][1]]
@@ -202,6 +210,8 @@ class Watcher:
             updates += self.poll()
         else:  # something still writes into the folder
             self.warn(f"{self.folder}: still changing after {max_polls} polls; stopped all the same")
+        if self._first is not None:
+            self.warn(f"{self._first.path}: left out, the only complete checkpoint when the run stopped")
         for _, path in self._waiting:
             problem = self._pending[path].problem if path in self._pending else None
             why = (problem or "the first results need two complete checkpoints").removeprefix(f"{path}: ")
@@ -243,14 +253,21 @@ class Watcher:
             trainer_state(checkpoints[-1:]), matching=assembly.matching, aliases=assembly.aliases,
         )  # fmt: skip
 
-    def _start(self, first: tuple[int, Path], second: tuple[int, Path]) -> Results | None:
-        """The first results, from the two oldest complete checkpoints (read from their copies,
-        which OUT keeps). Results in OUT without the watch's copies are recomputed this way."""
+    def _keep_first(self, step: int, path: Path) -> None:
+        """Copy the oldest complete checkpoint, W(0), beside OUT as soon as it is complete: with
+        ``save_total_limit=1`` the Trainer deletes it the moment the second one is saved, before that
+        one could settle. Nothing if it was deleted already (the next one is then the oldest)."""
+        self._first = self._read(step, path, self._first_staged)
+
+    def _start(self, step: int, path: Path) -> Results | None:
+        """The first results, from W(0) (kept) and the oldest complete checkpoint after it (read from
+        its copy; OUT keeps both). Results in OUT without the watch's copies are recomputed this way."""
+        assert self._first is not None
         try:
-            checkpoints = [self._read(*first, self._first_staged), self._read(*second, self._staged)]
-            if None in checkpoints:
+            checkpoint = self._read(step, path, self._staged)
+            if checkpoint is None:  # deleted: the next complete one is the second
                 return None
-            run = self._assemble(checkpoints)  # type: ignore[arg-type]
+            run = self._assemble([self._first, checkpoint])
 
             def keep(folder: Path) -> None:
                 move(self._first_staged, folder / KEPT_FIRST)  # into OUT: a mount point is another fs
@@ -258,7 +275,8 @@ class Watcher:
 
             return self._run(run, keep)
         finally:
-            self._first_staged.unlink(missing_ok=True)
+            if not self._first_staged.exists():  # in OUT now (or lost with a failed update: kept anew)
+                self._first = None
 
     def _extend(self, step: int, path: Path) -> Results | None:
         """One more interval: W(0) and W(K-1) from OUT's kept copies, W(K) from its fresh copy."""
