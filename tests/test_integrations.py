@@ -499,6 +499,13 @@ def test_a_watch_that_fails_is_reported_once_with_its_reason(tmp_path, caplog):
         f"wdiff watch stopped (exit code 2): wdiff: error: --max-points must be an integer from 1 to "
         f"1000000000000, got -5 (log: {tmp_path / 'run' / 'wdiff-watch.log'})"
     ]
+    caplog.clear()
+    (tmp_path / "a-file").write_text("")
+    unstartable = BackgroundWatch(quiet=True)
+    with caplog.at_level("WARNING", logger="wdiff.integrations"):
+        unstartable.begin(tmp_path / "a-file" / "run")  # from a training hook: training goes on
+    assert unstartable.process is None and unstartable.stop() is None
+    assert [r.getMessage().split(":")[:2] for r in caplog.records] == [["wdiff", " no watch of this run"]]
 
 
 def test_lightning_training_that_fails_stops_the_watch_with_what_is_complete(tmp_path):

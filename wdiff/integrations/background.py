@@ -132,11 +132,8 @@ class BackgroundWatch:
             "--parent-pid",
             str(parent),
         ]
-        flags += (
-            ["--no-render"] * (not o["render"])
-            + ["--frames"] * bool(o["frames"])
-            + ["--mesh"] * bool(o["mesh"])
-        )
+        flags += ["--no-render"] * (not o["render"]) + ["--frames"] * bool(o["frames"])
+        flags += ["--mesh"] * bool(o["mesh"])
         valued = {
             "max_points": "--max-points", "html_points": "--html-points", "scheduler": "--scheduler",
             "workers": "--workers", "chunk_mb": "--chunk-mb", "wandb": "--wandb",
@@ -191,6 +188,14 @@ class BackgroundWatch:
             except (AttributeError, OSError):  # no setpriority (Windows), or not allowed
                 pass
         self._say(f"following {where} into {out} in the background (PID {self.process.pid}, log {self.log})")
+
+    def begin(self, folder: str | os.PathLike[str] | None) -> None:
+        """:meth:`start` from a training hook: a watch that cannot start (a folder that cannot be written,
+        no interpreter) is a logging warning, never the end of the training."""
+        try:
+            self.start(folder)
+        except (OSError, WdiffError) as e:
+            logger.warning("wdiff: no watch of this run: %s", e)
 
     def check(self) -> None:
         """Tell once (a logging warning) when the watch ended before it was asked to. Costs a ``waitpid``
@@ -296,7 +301,7 @@ class LightningHooks(BackgroundWatch):
                 "wdiff: no ModelCheckpoint saves checkpoints (enable_checkpointing=False?): no watch"
             )
             return
-        self.start(folder)
+        self.begin(folder)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.check()

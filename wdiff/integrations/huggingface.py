@@ -31,7 +31,7 @@ class WdiffCallback(BackgroundWatch, TrainerCallback):
         if args.save_strategy == "no" and self._folder is None:
             logger.warning("wdiff: save_strategy='no' writes no checkpoints: no watch started")
             return
-        self.start(args.output_dir)
+        self.begin(args.output_dir)
 
     def on_save(self, args, state, control, **kwargs):
         self.check()
