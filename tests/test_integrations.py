@@ -35,7 +35,9 @@ ROOT = Path(wdiff.__file__).resolve().parent.parent
 CHUNK_MB = 0.004  # many chunks per tensor, as in tests/test_watch.py
 CHUNK = int(CHUNK_MB * (1 << 20) / 4)  # what --chunk-mb 0.004 gives: the same sums in the same order
 BATCH = {"render": False, "max_points": 512, "chunk_elements": CHUNK}
-WATCH = {"poll": 0.2, "render": False, "max_points": 512, "chunk_mb": CHUNK_MB}
+# nice=0: on a machine shared with other work, a niced watch may wait seconds for a core; the crash test
+# checks that the default (10) is applied
+WATCH = {"poll": 0.2, "render": False, "max_points": 512, "chunk_mb": CHUNK_MB, "nice": 0}
 STEPS, SAVE_EVERY = 40, 10
 
 
@@ -380,13 +382,17 @@ Trainer(
 """
 
 
+def _stat(proc: Path) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name: [0] the state, [16] the nice value."""
+    return (proc / "stat").read_bytes().rpartition(b")")[2].split()
+
+
 def _runs(pid: int) -> bool:
     """Process ``pid`` exists and is no zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return _stat(Path(f"/proc/{pid}"))[0] != b"Z"
     except OSError:
         return False
-    return stat.rpartition(b")")[2].split()[0] != b"Z"
 
 
 def _complete_steps(output: Path) -> list[int]:
@@ -412,7 +418,8 @@ def test_a_killed_training_process_leaves_finished_results_of_every_complete_che
     output, saving = tmp_path / "run", tmp_path / "saving"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     trainer = subprocess.Popen(
-        [sys.executable, str(script), str(output), json.dumps(WATCH), "50"], env=env, cwd=tmp_path,
+        [sys.executable, str(script), str(output), json.dumps({**WATCH, "nice": 10}), "50"],
+        env=env, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -424,6 +431,8 @@ def test_a_killed_training_process_leaves_finished_results_of_every_complete_che
         maps = Path(f"/proc/{watcher}/maps").read_text()
         assert "libtorch" not in maps and "python" in maps  # a fresh interpreter, without torch
         assert os.getsid(watcher) == watcher != os.getsid(trainer.pid)  # its own session
+        nice = {_stat(task)[16] for task in Path(f"/proc/{watcher}/task").iterdir()}  # every thread's
+        assert nice == {str(int(_stat(Path(f"/proc/{trainer.pid}"))[16]) + 10).encode()}
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.communicate(timeout=60)
