@@ -173,7 +173,9 @@ def test_watch_has_every_run_option():
     # inputs, and what only a sequence in a remote store needs (watch follows a local folder); --json and
     # --fail-on sum up and gate one finished run (a watch prints a line per update and ends on Ctrl-C)
     own = ("inputs", "revisions", "commit_every", "json_output", "fail_on")
-    assert [n for n in watch if n not in ("folder", "poll")] == [n for n in run if n not in own]
+    # how a watch ends: --until-file, --parent-pid (what wdiff.integrations starts it with)
+    watch_only = ("folder", "poll", "until_file", "parent_pid")
+    assert [n for n in watch if n not in watch_only] == [n for n in run if n not in own]
     for name in (n for n in run if n not in own):
         (kind, option), (same_kind, same_option) = (get_args(x[name].annotation) for x in (watch, run))
         assert kind == same_kind and watch[name].default == run[name].default

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from wdiff.assemble import assemble
 from wdiff.errors import WdiffError
+from wdiff.marker import MARKER
 from wdiff.naming import step_of
 from wdiff.readers import has_weights, is_checkpoint_file, missing, open_checkpoint
 from wdiff.readers.base import (
@@ -106,6 +107,8 @@ def side_folder(path: Path) -> Path:
 
 def _is_checkpoint(path: Path) -> bool:
     if path.name.startswith("."):
+        return False
+    if path.is_dir() and (path / MARKER).exists():  # wdiff's results, kept beside the checkpoints
         return False
     return has_weights(path) if path.is_dir() else is_checkpoint_file(path)
 

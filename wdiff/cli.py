@@ -396,14 +396,26 @@ def watch_command(
     exclude: opt.Exclude = None,
     steps: opt.Steps = None,
     every: opt.Every = 1,
+    until_file: opt.UntilFile = None,
+    parent_pid: opt.ParentPid = None,
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
     from wdiff.readers.remote import is_folded_url
     from wdiff.results import Results
-    from wdiff.watcher import watch
+    from wdiff.watcher import process_ended, watch
 
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
+    ended = process_ended(parent_pid) if parent_pid is not None else None
+    reason: list[str] = []
+
+    def until() -> bool:
+        if until_file is not None and until_file.exists():
+            reason.append(f"{until_file} appeared")
+        elif ended is not None and ended():
+            reason.append(f"process {parent_pid} ended")
+        return bool(reason)
+
     if is_folded_url(folder):
         raise WdiffError(
             folder, "watch follows a local folder; `wdiff run URL -o OUT` again extends earlier results"
@@ -422,11 +434,18 @@ def watch_command(
         _warn(err, line)
 
     select = _selection(include, exclude, steps, every)
-    err.print(visible(f"watching {folder} every {poll:g} s; Ctrl-C stops"))
+    ends = [f"when {until_file} appears"] * (until_file is not None)
+    ends += [f"when process {parent_pid} ends"] * (parent_pid is not None)
+    err.print(visible(f"watching {folder} every {poll:g} s; {' or '.join([*ends, 'Ctrl-C'])} stops"))
     try:
-        watch(folder, out, poll=poll, on_update=on_update, warn=warn, select=select, **options)
+        stopping = until if until_file is not None or ended is not None else None
+        watch(
+            folder, out, poll=poll, until=stopping, on_update=on_update, warn=warn, select=select, **options
+        )
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
+    if reason:
+        err.print(visible(f"{reason[0]}: every complete checkpoint added"))
     if (out / "summary.json").is_file():
         steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]
         covered = f"{len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"

@@ -30,7 +30,9 @@ __all__ = [
     "NoRender",
     "Normalize",
     "Spectrum",
+    "UntilFile",
     "Out",
+    "ParentPid",
     "Poll",
     "Pool",
     "Quiet",
@@ -205,5 +207,25 @@ Every = Annotated[
         "--every",
         help="Every Nth of the selected checkpoints, starting from the first (the last is kept "
         "only when it falls on the stride).",
+    ),
+]
+
+# --- how a watch ends besides Ctrl-C (what wdiff.integrations starts from a training script) --------
+
+UntilFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--until-file",
+        help="Stop once this file exists: finish the update under way, add every complete checkpoint, exit.",
+        show_default=False,
+    ),
+]
+ParentPid = Annotated[
+    int | None,
+    typer.Option(
+        "--parent-pid",
+        help="Stop once this process ends (the training script; killed too): add every complete "
+        "checkpoint, exit.",
+        show_default=False,
     ),
 ]

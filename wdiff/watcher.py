@@ -19,12 +19,23 @@ more. The results are exactly (bit for bit) those of ``wdiff run`` over the same
 A checkpoint deleted before the watch could copy it is left out with a warning (its interval merges
 into the next one, as it would in a batch run over what is left). Ctrl-C stops the watch; an update it
 interrupts is dropped and OUT keeps the results of the last finished one.
+
+A clean stop (``until``: the training process ended, or said it is done): the update under way is
+finished, then the folder is polled until every checkpoint left has settled, the complete ones are
+added and the others (half-written when training died) are left out with a warning. A writer that no
+longer writes settles within ``settle`` polls. ``wdiff.integrations`` starts ``wdiff watch`` this way
+from a training script (``--parent-pid``, ``--until-file``).
+
+A folder that cannot be listed for a moment (Lightning's ``last.ckpt``, which names no step, while it
+is copied in and not yet a zip) is said once and tried again at the next poll; at a clean stop, still
+failing after ``settle`` polls, it is an error.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,6 +100,9 @@ class Watcher:
             raise WdiffError(None, f"select must be a wdiff.select.Selection, got {kind}")
         self.options = options
         self._pending: dict[Path, _Pending] = {}
+        self._waiting: list[tuple[int, Path]] = []  # the last poll's candidates not added (yet)
+        self._unlisted: tuple[str, int] | None = None  # why the folder could not be listed; polls in a row
+        self._first: Checkpoint | None = None  # W(0), kept beside OUT until the first results take it
         self._expect_state = False
         self._staged = sibling(self.out, "watch-next.safetensors")  # <= 255 bytes for any OUT name
         self._first_staged = sibling(self.out, "watch-first.safetensors")
@@ -138,24 +152,39 @@ class Watcher:
     def poll(self) -> list[Results]:
         """List the folder once; add every checkpoint that became complete. Returns the updates."""
         last = self.last_step()
-        found = listing(self.folder)
+        try:
+            found = listing(self.folder)
+        except WdiffError as e:  # a file that says nothing yet: Lightning's last.ckpt while it is copied
+            if self._unlisted is None or self._unlisted[0] != str(e):
+                self.warn(f"cannot list the folder yet, trying again: {e}")
+            self._unlisted = (str(e), 1 if self._unlisted is None else self._unlisted[1] + 1)
+            return []
+        self._unlisted = None
         # Once the run is seen writing trainer_state.json, a checkpoint without one is incomplete.
         self._expect_state = self._expect_state or expects_state(found)
         candidates = [(s, p) for s, p in found if last is None or s > last]
         if self.selection is not None:  # those a batch run over the folder would pick (wdiff.select)
             picked = self.selection.following([s for s, _ in candidates], started=last is not None)
             candidates = [candidates[i] for i in picked]
+        self._waiting = candidates  # the same list: what is added below leaves it
         self._pending = {p: v for p, v in self._pending.items() if any(p == c for _, c in candidates)}
+        if last is None and self._first is not None:  # kept: no candidate any more, listed or deleted
+            candidates[:] = [(s, p) for s, p in candidates if p != Path(self._first.path)]
         ready = self._complete(candidates)
         updates = []
-        if last is None:  # the first results need two complete checkpoints, the oldest ones
-            if len(ready) < 2 or ready[:2] != candidates[:2]:
+        if last is None:  # the first results: the two oldest complete checkpoints
+            if not ready or ready[0] != candidates[0]:
                 return updates
-            result = self._start(*ready[:2])
+            if self._first is None:  # kept the moment it is complete (see _keep_first)
+                self._keep_first(*ready[0])
+                del candidates[0], ready[0]
+                if self._first is None or not ready or ready[0] != candidates[0]:
+                    return updates
+            result = self._start(*ready[0])
             if result is None:
                 return updates
             updates.append(result)
-            del candidates[:2], ready[:2]
+            del candidates[0], ready[0]
         for step, path in ready:
             if (step, path) != candidates[0]:
                 older = self._pending[candidates[0][1]]
@@ -168,6 +197,36 @@ class Watcher:
             result = self._extend(step, path)
             if result is not None:
                 updates.append(result)
+        return updates
+
+    def settled(self) -> bool:
+        """Whether every checkpoint the last poll could not add stayed unchanged over ``settle`` polls:
+        once the run no longer writes, polling again adds nothing more."""
+        if self._unlisted is not None:
+            return False
+        return all(
+            path in self._pending and self._pending[path].stable >= self.settle for _, path in self._waiting
+        )
+
+    def finish(self, interval: float, max_polls: int = 1000) -> list[Results]:
+        """The run stopped writing: poll every ``interval`` seconds until every checkpoint left has settled,
+        adding the complete ones; each that never completed is left out with a warning. The updates."""
+        updates = self.poll()
+        for _ in range(max_polls):
+            if self.settled():
+                break
+            if self._unlisted is not None and self._unlisted[1] > self.settle:  # nothing writes it any more
+                raise WdiffError(self.folder, f"cannot be listed: {self._unlisted[0]}")
+            time.sleep(interval)
+            updates += self.poll()
+        else:  # something still writes into the folder
+            self.warn(f"{self.folder}: still changing after {max_polls} polls; stopped all the same")
+        if self._first is not None:
+            self.warn(f"{self._first.path}: left out, the only complete checkpoint when the run stopped")
+        for _, path in self._waiting:
+            problem = self._pending[path].problem if path in self._pending else None
+            why = (problem or "the first results need two complete checkpoints").removeprefix(f"{path}: ")
+            self.warn(f"{path}: left out, not complete when the run stopped ({why})")
         return updates
 
     # -- updates -----------------------------------------------------------------------------------
@@ -209,14 +268,21 @@ class Watcher:
             selection=self.selection,
         )  # fmt: skip
 
-    def _start(self, first: tuple[int, Path], second: tuple[int, Path]) -> Results | None:
-        """The first results, from the two oldest complete checkpoints (read from their copies,
-        which OUT keeps). Results in OUT without the watch's copies are recomputed this way."""
+    def _keep_first(self, step: int, path: Path) -> None:
+        """Copy the oldest complete checkpoint, W(0), beside OUT as soon as it is complete: with
+        ``save_total_limit=1`` the Trainer deletes it the moment the second one is saved, before that
+        one could settle. Nothing if it was deleted already (the next one is then the oldest)."""
+        self._first = self._read(step, path, self._first_staged)
+
+    def _start(self, step: int, path: Path) -> Results | None:
+        """The first results, from W(0) (kept) and the oldest complete checkpoint after it (read from
+        its copy; OUT keeps both). Results in OUT without the watch's copies are recomputed this way."""
+        assert self._first is not None
         try:
-            checkpoints = [self._read(*first, self._first_staged), self._read(*second, self._staged)]
-            if None in checkpoints:
+            checkpoint = self._read(step, path, self._staged)
+            if checkpoint is None:  # deleted: the next complete one is the second
                 return None
-            run = self._assemble(checkpoints)  # type: ignore[arg-type]
+            run = self._assemble([self._first, checkpoint])
 
             def keep(folder: Path) -> None:
                 move(self._first_staged, folder / KEPT_FIRST)  # into OUT: a mount point is another fs
@@ -224,7 +290,8 @@ class Watcher:
 
             return self._run(run, keep)
         finally:
-            self._first_staged.unlink(missing_ok=True)
+            if not self._first_staged.exists():  # in OUT now (or lost with a failed update: kept anew)
+                self._first = None
 
     def _extend(self, step: int, path: Path) -> Results | None:
         """One more interval: W(0) and W(K-1) from OUT's kept copies, W(K) from its fresh copy."""
@@ -260,14 +327,19 @@ def watch(
     poll: float = 10.0,
     settle: int = 2,
     stop: threading.Event | None = None,
+    until: Callable[[], bool] | None = None,
     on_update: Callable[[Results], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Results | None:
     """Follow a training run in ``folder``, keeping ``out`` up to date, until ``stop`` is set (or
-    Ctrl-C). ``options`` are those of :func:`wdiff.run`. Returns the last results, if any.
+    Ctrl-C) or ``until()`` returns true. ``options`` are those of :func:`wdiff.run`. Returns the last
+    results, if any.
 
-    ``on_update(results)`` is called after each update, ``warn(line)`` for checkpoints left out.
+    ``stop`` and Ctrl-C end the watch at once (an update they interrupt is dropped). ``until`` is asked
+    between polls (for instance :func:`process_ended`): once it says so, the watch adds every checkpoint
+    that is complete (:meth:`Watcher.finish`) and returns. ``on_update(results)`` is called after each
+    update, ``warn(line)`` for checkpoints left out.
     """
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
     checks.number("settle", settle, 1, 1000)
@@ -278,7 +350,37 @@ def watch(
     watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
     latest = None
     while not stop.is_set():
-        updates = watcher.poll()
+        ending = until is not None and until()  # asked first: what is on disk now is all there will be
+        updates = watcher.finish(min(poll, 1.0)) if ending else watcher.poll()
         latest = updates[-1] if updates else latest
+        if ending:
+            break
         stop.wait(poll)
     return latest if latest is not None else (Results.load(out) if (Path(out) / SUMMARY).is_file() else None)
+
+
+def process_ended(pid: int) -> Callable[[], bool]:
+    """A test for ``watch(until=...)``: has process ``pid`` ended? Killed too (SIGKILL included).
+
+    When ``pid`` is this process's parent (the training script that started the watch), its end is
+    seen as this process being handed to another parent, which the kernel does the moment the parent
+    dies: a zombie parent nobody reaps, or a new process that reuses the number, cannot hide it.
+    """
+    checks.number("parent_pid", pid, 1, (1 << 31) - 1)
+    if os.getppid() == pid:
+        return lambda: os.getppid() != pid
+
+    def ended() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # someone else's process: it exists
+            return False
+        try:  # a zombie exists until reaped, but runs no more (Linux: state Z)
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0] == b"Z"
+        except (OSError, IndexError):
+            return False
+
+    return ended
