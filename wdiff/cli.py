@@ -163,6 +163,8 @@ def run_command(
     spectrum: opt.Spectrum = None,
     revisions: opt.Revisions = None,
     commit_every: opt.CommitEvery = None,
+    tensorboard: opt.TensorBoard = None,
+    wandb: opt.Wandb = None,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -210,6 +212,7 @@ def run_command(
 
     if commit_every is not None:
         checks.number("commit_every", commit_every, 0, 1 << 30)
+    exports = _exports(tensorboard, wandb)
     with progress or contextlib.nullcontext():
         res = api.run(
             inputs, out, progress=on_progress if progress else None, on_scan=on_scan, revisions=revisions,
@@ -227,6 +230,20 @@ def run_command(
         )
     )
     _print_findings(err, out)
+    if exports is not None:
+        with exports:
+            for line in exports.update(out):
+                err.print(visible(line))
+
+
+def _exports(tensorboard: Path | None, wandb: str | None):
+    """The ``wdiff.export.Exports`` of ``--tensorboard`` and ``--wandb`` (checked now, before any
+    work), or None without them."""
+    if tensorboard is None and wandb is None:
+        return None
+    from wdiff.export import Exports
+
+    return Exports(tensorboard, wandb)
 
 
 def _progress_bar(err):
@@ -325,6 +342,8 @@ def watch_command(
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
     poll: opt.Poll = 10.0,
+    tensorboard: opt.TensorBoard = None,
+    wandb: opt.Wandb = None,
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
@@ -343,9 +362,13 @@ def watch_command(
         pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
     )  # fmt: skip
 
+    exports = _exports(tensorboard, wandb)
+
     def on_update(res: Results) -> None:
         steps = [c["step"] for c in res.summary["checkpoints"]]
         err.print(visible(f"step {steps[-1]}: {len(steps)} checkpoints, {res.summary['update']}"))
+        for line in exports.update(out) if exports is not None else []:
+            err.print(visible(line))
 
     def warn(line: str) -> None:
         _warn(err, line)
@@ -355,12 +378,49 @@ def watch_command(
         watch(folder, out, poll=poll, on_update=on_update, warn=warn, **options)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
+    finally:
+        if exports is not None:
+            exports.close()  # the W&B run ends with the watch
     if (out / "summary.json").is_file():
         steps = [c["step"] for c in Results.load(out).summary["checkpoints"]]
         covered = f"{len(steps)} checkpoints, steps {steps[0]} .. {steps[-1]}"
         typer.echo(visible(f"{out}: watch stopped; results cover {covered}"))
     else:
         typer.echo(visible(f"{out}: watch stopped before two checkpoints were complete; no results"))
+
+
+@app.command("tensorboard")
+def tensorboard_command(
+    out: opt.ResultsFolder,
+    logdir: opt.LogDir,
+) -> None:
+    """Export results to TensorBoard event files in LOGDIR, without recomputing.
+
+    Per-block and per-tensor scalars at each checkpoint's training step, the frames and renders as
+    images, the findings as text. Again on a grown run: only its new checkpoints are written.
+    """
+    from wdiff.export import describe
+    from wdiff.export.tensorboard import export
+
+    typer.echo(visible(describe(export(out, logdir))))
+
+
+@app.command("wandb")
+def wandb_command(
+    out: opt.ResultsFolder,
+    project: opt.Project = None,
+    entity: Annotated[str | None, typer.Option("--entity", help="W&B entity (team or user).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="W&B run name.")] = None,
+) -> None:
+    """Log results to a new Weights & Biases run, without recomputing.
+
+    The series of `wdiff tensorboard` at each training step, the renders, the film, the tensors and
+    findings tables. WANDB_MODE=offline and WANDB_DIR work as for any W&B run.
+    """
+    from wdiff.export import describe
+    from wdiff.export.wandb import export
+
+    typer.echo(visible(describe(export(out, project=project, entity=entity, name=name))))
 
 
 @app.command("view")

@@ -21,6 +21,10 @@ __all__ = [
     "Full",
     "HtmlPoints",
     "Inputs",
+    "LogDir",
+    "Project",
+    "TensorBoard",
+    "Wandb",
     "Revisions",
     "CommitEvery",
     "MaxPoints",
@@ -140,3 +144,40 @@ Full = Annotated[
     bool, typer.Option("--full", help="Recompute everything, even when OUT holds results to extend.")
 ]
 Poll = Annotated[float, typer.Option("--poll", help="Seconds between two looks at the folder.")]
+
+# --- exports (wdiff.export) ---------------------------------------------------------------------
+
+LogDir = Annotated[
+    Path,
+    typer.Argument(
+        help="The TensorBoard log folder to write into (made when missing); `tensorboard --logdir` "
+        "its parent to see several runs side by side.",
+        show_default=False,
+    ),
+]
+TensorBoard = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="LOGDIR",
+        help="Then export the results to this TensorBoard log folder, only what it does not hold yet "
+        "(watch: after each update); see `wdiff tensorboard`.",
+        show_default=False,
+    ),
+]
+Wandb = Annotated[
+    str | None,
+    typer.Option(
+        "--wandb",
+        metavar="PROJECT",
+        help="Then log the results to a new Weights & Biases run in this project (watch: one run, fed "
+        "after each update); see `wdiff wandb`.",
+        show_default=False,
+    ),
+]
+Project = Annotated[
+    str | None,
+    typer.Option(
+        "--project", help="W&B project (default: WANDB_PROJECT, else W&B's default).", show_default=False
+    ),
+]
