@@ -418,9 +418,13 @@ def wandb_command(
     findings tables. WANDB_MODE=offline and WANDB_DIR work as for any W&B run.
     """
     from wdiff.export import describe
-    from wdiff.export.wandb import export
+    from wdiff.export.wandb import export, flush
 
-    typer.echo(visible(describe(export(out, project=project, entity=entity, name=name))))
+    try:
+        done = export(out, project=project, entity=entity, name=name)
+    finally:
+        flush()  # the process ends with os._exit: W&B's own teardown at exit would not run
+    typer.echo(visible(describe(done)))
 
 
 @app.command("view")

@@ -47,7 +47,8 @@ def describe(done: Exported | Logged) -> str:
         f"{done.texts} texts" if isinstance(done, Exported) else f"{done.tables} tables"
     )
     span = f"step {done.steps[0]}" if len(done.steps) == 1 else f"steps {done.steps[0]} .. {done.steps[-1]}"
-    return f"{where}: {len(done.steps)} new checkpoints ({span}): {what}"
+    count = f"{len(done.steps)} new checkpoint{'s' if len(done.steps) > 1 else ''}"
+    return f"{where}: {count} ({span}): {what}"
 
 
 class Exports:
@@ -85,8 +86,12 @@ class Exports:
         return lines
 
     def close(self) -> None:
+        """End the W&B run and wait until W&B wrote it all (the CLI's process ends right after)."""
         if self.wandb is not None:
+            from wdiff.export.wandb import flush
+
             self.wandb.finish()
+            flush()
 
     def __enter__(self) -> Exports:
         return self

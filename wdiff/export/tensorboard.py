@@ -144,14 +144,14 @@ def export(out: str | os.PathLike[str], logdir: str | os.PathLike[str]) -> Expor
         done = exported_count(logdir)
         before = _read_state(logdir)
         now = series.identity()
+        if done and before is not None:
+            _check_same_run(logdir, before[:done], now)
         if done > len(now):
             raise WdiffError(
                 logdir,
                 f"holds an export of {done} checkpoints, these results have {len(now)}: "
                 "export into another folder, or empty this one",
             )
-        if done and before is not None:
-            _check_same_run(logdir, before[:done], now)
         if done >= len(now):
             return Exported(logdir, None, [], 0, 0, 0, done)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.wdiff-{len(now):08d}"
