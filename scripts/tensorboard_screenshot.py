@@ -99,6 +99,14 @@ CUSTOM_DRAWN = (
     "return deep(document, 'tf-custom-scalar-multi-line-chart-card').length >= 2"
     "  && deep(document, 'svg path.line').length >= 7;"
 )
+# click the innermost element (inside shadow roots too) whose text is exactly arguments[0]
+CLICK = (
+    "const all = root => [...root.querySelectorAll('*')].flatMap("
+    "  e => e.shadowRoot ? [e, ...all(e.shadowRoot)] : [e]);"
+    "const hits = all(document).filter(e => e.textContent.trim() === arguments[0]);"
+    "hits[hits.length - 1].click();"
+)
+OPEN_BLOCK = "transformer.h.1"  # the Custom Scalars category opened in the picture
 IMAGES_DRAWN = (
     "const imgs = [...document.querySelectorAll('image-card img')];"
     "return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0);"
@@ -129,9 +137,11 @@ def shoot(port: int, target: Path, pictures: Path, custom: Path) -> None:
         time.sleep(2)
         driver.save_screenshot(str(pictures))
         # Custom Scalars: the layout the export wrote, every block in one chart per quantity
-        driver.get(f"{base}?darkMode=false#custom_scalars&_smoothingWeight=0&_ignoreYOutliers=false")
+        driver.get(f"{base}?darkMode=false#custom_scalars&_smoothingWeight=0")
         wait_for(driver, CUSTOM_DRAWN)
-        time.sleep(3)
+        for text in ("Ignore outliers in chart scaling", f"wdiff: {OPEN_BLOCK}"):  # untick; open a block
+            driver.execute_script(CLICK, text)
+        time.sleep(4)
         driver.save_screenshot(str(custom))
     finally:
         driver.quit()
