@@ -215,6 +215,18 @@ def test_cli_run_option_and_command(grown, tmp_path):
         "block.update_ratio_per_step/model.layers.0" in tags["scalars"] and tags["images"] == []
     )  # no render
 
+    # committed every 2 new checkpoints (as remote inputs are every 16): exported after each commit
+    logdir = tmp_path / "tb-commits"
+    p = _wdiff("run", str(grown["run"]), "-o", str(tmp_path / "out-commits"), "--no-render",
+               "--commit-every", "2", "--tensorboard", str(logdir))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert (
+        ": 3 new checkpoints (steps 10 .. 30): " in p.stderr
+        and ": 2 new checkpoints (steps 40 .. 50): " in p.stderr
+    )
+    assert sorted(f.name[-15:] for f in logdir.glob("events.*")) == [".wdiff-00000003", ".wdiff-00000005"]
+    assert [e.step for e in _accumulator(logdir).Scalars("tensor.weight_l2/model.embed.weight")] == STEPS
+
     p = _wdiff("tensorboard", str(grown["out"]), str(tmp_path / "tb2"))
     assert p.returncode == 0, p.stderr
     want = _expected(grown["summary"])

@@ -215,7 +215,8 @@ def run_command(
     exports = _exports(tensorboard, wandb)
     with progress or contextlib.nullcontext():
         res = api.run(
-            inputs, out, progress=on_progress if progress else None, on_scan=on_scan, revisions=revisions,
+            inputs, out, progress=_exporting(on_progress if progress else None, exports, out, err),
+            on_scan=on_scan, revisions=revisions,
             commit_every=commit_every, **options,
         )  # fmt: skip
     if res.summary["update"] != "full":
@@ -244,6 +245,22 @@ def _exports(tensorboard: Path | None, wandb: str | None):
     from wdiff.export import Exports
 
     return Exports(tensorboard, wandb)
+
+
+def _exporting(progress, exports, out: Path, err):
+    """``progress`` that also exports after each commit but the last (``--commit-every``, remote
+    inputs), so TensorBoard and W&B follow a long run; the last is exported after the findings."""
+    if exports is None:
+        return progress
+
+    def report(phase: str, advance: int, total: int) -> None:
+        if progress is not None:
+            progress(phase, advance, total)
+        if phase == "checkpoints" and advance < total:
+            for line in exports.update(out):
+                err.print(visible(line))
+
+    return report
 
 
 def _progress_bar(err):
