@@ -256,9 +256,12 @@ def test_a_file_as_logdir_is_one_line_before_any_work(grown, tmp_path):
 
 
 def test_importing_the_exporter_does_not_import_tensorboard():
-    code = "import sys, wdiff.export.tensorboard, wdiff.export.wandb, wdiff.cli; print(sorted(sys.modules))"
+    code = (
+        "import json, sys, wdiff.export, wdiff.export.tensorboard, wdiff.export.wandb, wdiff.cli\n"
+        "print(json.dumps(list(sys.modules)))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = {m.split(".")[0] for m in json.loads(p.stdout.replace("'", '"'))}
+    loaded = {m.split(".")[0] for m in json.loads(p.stdout)}
     assert not loaded & {"tensorboard", "wandb", "torch", "tensorflow"}
 
 

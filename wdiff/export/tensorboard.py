@@ -156,12 +156,10 @@ def export(out: str | os.PathLike[str], logdir: str | os.PathLike[str]) -> Expor
             return Exported(logdir, None, [], 0, 0, 0, done)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.wdiff-{len(now):08d}"
         counts = _write(logdir / name, series, done)
+        state = {"format": "wdiff-tensorboard-export", "checkpoints": now}
+        # after the events: a state that lags behind them (a kill in between) is checked as far as it goes
         with atomic_write(logdir / STATE) as f:
-            f.write(
-                (
-                    json.dumps({"format": "wdiff-tensorboard-export", "checkpoints": now}, indent=1) + "\n"
-                ).encode()
-            )
+            f.write(json.dumps(state, indent=1).encode() + b"\n")
     return Exported(logdir, logdir / name, series.steps[done:], *counts, len(now))
 
 

@@ -122,10 +122,11 @@ class WandbRun:
         return Logged(run.id, Path(run.dir).parent, series.steps[done:], *counts, len(now))
 
     def finish(self) -> None:
-        """End the run (only a run this object started)."""
+        """End the run (only a run this object started); a later ``update`` starts a new one."""
         if self._own and self._run is not None:
             self._run.finish()
             self._run = None
+            self._logged = []
 
     def __enter__(self) -> WandbRun:
         return self
