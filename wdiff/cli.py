@@ -172,6 +172,8 @@ def run_command(
     exclude: opt.Exclude = None,
     steps: opt.Steps = None,
     every: opt.Every = 1,
+    tensorboard: opt.TensorBoard = None,
+    wandb: opt.Wandb = None,
 ) -> None:
     """Compute the accumulated change of a checkpoint sequence; write results, PLY and a render."""
     from wdiff import _warm
@@ -224,10 +226,11 @@ def run_command(
 
     if commit_every is not None:
         checks.number("commit_every", commit_every, 0, 1 << 30)
+    exports = _exports(tensorboard, wandb)
     with progress or contextlib.nullcontext():
         res = api.run(
-            inputs, out, progress=on_progress if progress else None, on_scan=on_scan, revisions=revisions,
-            commit_every=commit_every, select=select, **options,
+            inputs, out, progress=_exporting(on_progress if progress else None, exports, out, err),
+            on_scan=on_scan, revisions=revisions, commit_every=commit_every, select=select, **options,
         )  # fmt: skip
     if res.summary["update"] != "full":
         err.print(visible(f"{res.summary['update']} (earlier results in {out} extended)"))
@@ -242,6 +245,10 @@ def run_command(
             )
         )
     _print_findings(err, out)
+    if exports is not None:
+        with exports:
+            for line in exports.update(out):
+                err.print(visible(line))
     _finish("run", out, json_output, kinds)
 
 
@@ -282,6 +289,32 @@ def _finish(command: str, out: Path, json_output: bool, kinds: tuple[str, ...] |
         counts = ", ".join(f"{k}: {n}" for k, n in count_kinds(failing).items())
         _say(visible(f"wdiff: {len(failing)} findings of a --fail-on kind ({counts}); results in {out}"))
         raise typer.Exit(code)
+
+
+def _exports(tensorboard: Path | None, wandb: str | None):
+    """The ``wdiff.export.Exports`` of ``--tensorboard`` and ``--wandb`` (checked now, before any
+    work), or None without them."""
+    if tensorboard is None and wandb is None:
+        return None
+    from wdiff.export import Exports
+
+    return Exports(tensorboard, wandb)
+
+
+def _exporting(progress, exports, out: Path, err):
+    """``progress`` that also exports after each commit but the last (``--commit-every``, remote
+    inputs), so TensorBoard and W&B follow a long run; the last is exported after the findings."""
+    if exports is None:
+        return progress
+
+    def report(phase: str, advance: int, total: int) -> None:
+        if progress is not None:
+            progress(phase, advance, total)
+        if phase == "checkpoints" and advance < total:
+            for line in exports.update(out):
+                err.print(visible(line))
+
+    return report
 
 
 def _progress_bar(err):
@@ -398,6 +431,8 @@ def watch_command(
     every: opt.Every = 1,
     until_file: opt.UntilFile = None,
     parent_pid: opt.ParentPid = None,
+    tensorboard: opt.TensorBoard = None,
+    wandb: opt.Wandb = None,
 ) -> None:
     """Follow a training run: add each new checkpoint to OUT once it is complete (Ctrl-C stops)."""
 
@@ -426,9 +461,13 @@ def watch_command(
         pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
     )  # fmt: skip
 
+    exports = _exports(tensorboard, wandb)
+
     def on_update(res: Results) -> None:
         steps = [c["step"] for c in res.summary["checkpoints"]]
         err.print(visible(f"step {steps[-1]}: {len(steps)} checkpoints, {res.summary['update']}"))
+        for line in exports.update(out) if exports is not None else []:
+            err.print(visible(line))
 
     def warn(line: str) -> None:
         _warn(err, line)
@@ -444,6 +483,9 @@ def watch_command(
         )
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends; an interrupted update was dropped, OUT holds the last one
+    finally:
+        if exports is not None:
+            exports.close()  # the W&B run ends with the watch
     if reason:
         err.print(visible(f"{reason[0]}: every complete checkpoint added"))
     if (out / "summary.json").is_file():
@@ -542,6 +584,44 @@ def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
             lines.append(f"{title} ({len(entries)}):")
             lines += [f"  {e[key]}: {e['reason']}" for e in entries]
     return lines
+
+
+@app.command("tensorboard")
+def tensorboard_command(
+    out: opt.ResultsFolder,
+    logdir: opt.LogDir,
+) -> None:
+    """Export results to TensorBoard event files in LOGDIR, without recomputing.
+
+    Per-block and per-tensor scalars at each checkpoint's training step, the frames and renders as
+    images, the findings as text. Again on a grown run: only its new checkpoints are written.
+    """
+    from wdiff.export import describe
+    from wdiff.export.tensorboard import export
+
+    typer.echo(visible(describe(export(out, logdir))))
+
+
+@app.command("wandb")
+def wandb_command(
+    out: opt.ResultsFolder,
+    project: opt.Project = None,
+    entity: Annotated[str | None, typer.Option("--entity", help="W&B entity (team or user).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="W&B run name.")] = None,
+) -> None:
+    """Log results to a new Weights & Biases run, without recomputing.
+
+    The series of `wdiff tensorboard` at each training step, the renders, the film, the tensors and
+    findings tables. WANDB_MODE=offline and WANDB_DIR work as for any W&B run.
+    """
+    from wdiff.export import describe
+    from wdiff.export.wandb import export, flush
+
+    try:
+        done = export(out, project=project, entity=entity, name=name)
+    finally:
+        flush()  # the process ends with os._exit: W&B's own teardown at exit would not run
+    typer.echo(visible(describe(done)))
 
 
 @app.command("view")

@@ -23,6 +23,10 @@ __all__ = [
     "FailOn",
     "Inputs",
     "Json",
+    "LogDir",
+    "Project",
+    "TensorBoard",
+    "Wandb",
     "Revisions",
     "CommitEvery",
     "MaxPoints",
@@ -227,5 +231,42 @@ ParentPid = Annotated[
         help="Stop once this process ends (the training script; killed too): add every complete "
         "checkpoint, exit.",
         show_default=False,
+    ),
+]
+
+# --- exports (wdiff.export) ---------------------------------------------------------------------
+
+LogDir = Annotated[
+    Path,
+    typer.Argument(
+        help="The TensorBoard log folder to write into (made when missing); `tensorboard --logdir` "
+        "its parent to see several runs side by side.",
+        show_default=False,
+    ),
+]
+TensorBoard = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="LOGDIR",
+        help="Then export the results to this TensorBoard log folder, only what it does not hold yet "
+        "(watch: after each update); see `wdiff tensorboard`.",
+        show_default=False,
+    ),
+]
+Wandb = Annotated[
+    str | None,
+    typer.Option(
+        "--wandb",
+        metavar="PROJECT",
+        help="Then log the results to a new Weights & Biases run in this project (watch: one run, fed "
+        "after each update); see `wdiff wandb`.",
+        show_default=False,
+    ),
+]
+Project = Annotated[
+    str | None,
+    typer.Option(
+        "--project", help="W&B project (default: WANDB_PROJECT, else W&B's default).", show_default=False
     ),
 ]
