@@ -148,7 +148,7 @@ def test_texts_say_the_run_the_findings_and_what_to_change(grown):
     for events in texts.values():
         assert [e.step for e in events] == [30, 50]
     last = {tag: events[-1].tensor_proto.string_val[0].decode() for tag, events in texts.items()}
-    findings = json.loads((grown["out"] / "findings.json").read_text())
+    findings = json.loads((grown["out"] / "findings.json").read_text())["findings"]
     assert any(f["kind"] == "frozen" and f["tensor"] == "model.layers.1.frozen.weight" for f in findings)
     table = last["wdiff/findings"].splitlines()
     assert table[0] == "| # | kind | tensor | steps | message |" and len(table) == 2 + len(findings)

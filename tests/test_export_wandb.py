@@ -160,7 +160,7 @@ def test_the_series_media_and_tables_of_a_run(outs):
                 assert value == pytest.approx(float(text), rel=1e-15)
             else:
                 assert ("" if value is None else str(value)) == text
-    findings = json.loads((out / "findings.json").read_text())
+    findings = json.loads((out / "findings.json").read_text())["findings"]
     table = json.loads((files / last["wdiff/findings/path"]).read_text())
     assert [(r[1], r[2], r[5]) for r in table["data"]] == [
         (f["kind"], f["tensor"], f["message"]) for f in findings

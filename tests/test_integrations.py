@@ -203,8 +203,7 @@ def test_the_callback_passes_its_options_to_wdiff_watch(tmp_path):
         [sys.executable, "-m", "wdiff", "watch", "--help"], capture_output=True, text=True, check=True,
         env={**os.environ, "COLUMNS": "300"},
     ).stdout  # fmt: skip
-    # --tensorboard and --wandb come with the `export` branch: the lead checks them after the merge
-    flags = [a for a in line[7:] if a.startswith("--") and a not in ("--tensorboard", "--wandb")]
+    flags = [a for a in line[7:] if a.startswith("--")]
     assert [f for f in flags if f not in help_text] == []
     bad_options = [
         ({"poll": 0}, "poll must be"), ({"extra_args": "--frames"}, "extra_args must be a list"),
@@ -477,7 +476,7 @@ def test_pytorch_lightning_callback_and_a_watch_that_starts_after_the_last_save(
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 4, (64,)))
-    callback = WdiffCallback(tmp_path / "results", **WATCH)
+    callback = WdiffCallback(tmp_path / "results", tensorboard=tmp_path / "tb", **WATCH)
     assert isinstance(callback, ptl.Callback)
     checkpoints = ptl.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpts", every_n_train_steps=5, save_top_k=-1
@@ -491,6 +490,12 @@ def test_pytorch_lightning_callback_and_a_watch_that_starts_after_the_last_save(
     assert callback.log == tmp_path / "results-watch.log"
     assert _steps(callback.results) == [5, 10, 15]
     _assert_same_results(callback.results, api.run(tmp_path / "ckpts", tmp_path / "batch", **BATCH))
+    # --tensorboard passed through: every interval's scalars at its step, once (TensorBoard's own loader)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("model/update_ratio_per_step")] == [10, 15]
 
 
 def test_a_watch_that_fails_is_reported_once_with_its_reason(tmp_path, caplog):
