@@ -13,7 +13,8 @@ Planted causes, by param group (block) name:
 
 - ``lr_scale={"model.layers.2": 10.0}``: that block's param group has 10x the learning rate;
 - ``stop_at={"model.embed_tokens": 200}``: that group's learning rate is 0 from step 200 on;
-- ``lr``: the whole model's learning rate (a healthy run uses the default).
+- ``lr``: the whole model's learning rate (a healthy run uses the default);
+- ``bf16=True``: pure BF16 training, where updates below half a BF16 step are rounded away.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def train(
     stop_at: Mapping[str, int] | None = None,
     layers: int = LAYERS,
     seed: int = 0,
+    bf16: bool = False,
 ) -> Path:
-    """Train the tiny decoder and write an HF Trainer output dir at ``root``; returns ``root``."""
+    """Train the tiny decoder and write an HF Trainer output dir at ``root``; returns ``root``.
+    ``bf16``: pure BF16 training (the weights and AdamW's states in BF16, no fp32 master copy)."""
     import torch
     from safetensors.torch import save_file
 
@@ -123,15 +126,20 @@ def train(
             stop_at or {},
             layers,
             seed,
+            bf16,
         )
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(torch, save_file, root, steps, save_every, log_every, warmup, lr, lr_scale, stop_at, layers, seed):
+def _train(
+    torch, save_file, root, steps, save_every, log_every, warmup, lr, lr_scale, stop_at, layers, seed, bf16
+):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     model = _model(torch, layers)
+    if bf16:
+        model = model.to(torch.bfloat16)
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         groups.setdefault(_group_of(name), []).append(p)

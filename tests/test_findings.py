@@ -212,3 +212,21 @@ def test_an_f32_frozen_tensor_keeps_the_optimizer_hint(tmp_path):
     res = wdiff.run(trainer_run(tmp_path / "run", seq, [1, 2, 3]), tmp_path / "out", render=False)
     (frozen,) = [f for f in _found(res) if f["kind"] == "frozen"]
     assert frozen["tensor"] == "a.norm.weight" and "Likely cause" not in frozen["message"]
+
+
+def test_a_real_pure_bf16_run_names_rounding_for_its_frozen_norms(tmp_path):
+    """tests/planted.py trained in pure BF16 with torch (AdamW's steps of about 3e-3 on norm scales at
+    1.0, below half the BF16 spacing above 1.0): norm scales that never moved are frozen by rounding,
+    and wdiff says so; the same run in float32 has no such finding."""
+    import planted
+
+    res = wdiff.run(planted.train(tmp_path / "bf16", bf16=True), tmp_path / "out", render=False)
+    found = _found(res)
+    frozen = [f for f in found if f["kind"] == "frozen"]
+    assert frozen and all(f["tensor"].endswith("norm.weight") for f in frozen)
+    for f in frozen:
+        assert "Likely cause: BF16 rounding, not a frozen parameter" in f["message"], f["message"]
+        assert "missing from the optimizer's param_groups" not in f["message"]
+    assert any(f["kind"] == "stalled_elements" for f in found)
+    fp32 = wdiff.run(planted.train(tmp_path / "fp32"), tmp_path / "out32", render=False)
+    assert [f for f in _found(fp32) if f["kind"] in ("frozen", "stalled_elements")] == []
