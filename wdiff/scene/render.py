@@ -408,8 +408,10 @@ def compose(
 
 
 def save_png(path: str | os.PathLike[str], picture: np.ndarray) -> None:
-    """Write a uint8 RGB picture as PNG, atomically."""
+    """Write a uint8 RGB picture as PNG, atomically. zlib's default level, not Pillow's ``optimize``
+    (level 9 and more filter passes): a 1280 x 800 render encodes in 0.05 s instead of 0.35 s, for a
+    file 1% bigger."""
     from PIL import Image
 
     with atomic_write(path) as f:
-        Image.fromarray(picture).save(f, format="png", optimize=True)
+        Image.fromarray(picture).save(f, format="png")
