@@ -125,6 +125,21 @@ def test_explicit_files_take_their_steps_and_side_files_from_their_folders(tmp_p
     assert [t.name for t in same.tensors] == [t.name for t in run.tensors] and same.steps == run.steps
 
 
+def test_files_of_one_numbered_folder_do_not_take_its_number_as_their_step(tmp_path):
+    """``run1/base.safetensors run1/tuned.safetensors``: the folder holds both, so its number (or its
+    trainer_state.json) is no step of either; the order given stands, and a named step still counts."""
+    folder = tmp_path / "run1"
+    for name in ("base", "tuned", "step_30"):
+        save(folder / f"{name}.safetensors", {"w": np.full((2, 2), len(name), np.float32)})
+    (folder / "trainer_state.json").write_text('{"global_step": 7, "log_history": []}')
+    run = scan([folder / "base.safetensors", folder / "tuned.safetensors", folder / "step_30.safetensors"])
+    assert run.steps == [None, None, 30]
+    alone = scan(
+        [SAMPLE / "checkpoint-50" / "model.safetensors", SAMPLE / "checkpoint-100" / "model.safetensors"]
+    )
+    assert alone.steps == [50, 100]  # one file per folder: the folder's step
+
+
 def test_an_explicit_list_out_of_step_order_is_kept_with_a_warning(tmp_path):
     files = [SAMPLE / f"checkpoint-{s}" / "model.safetensors" for s in (150, 50, 100)]
     run = scan(files)

@@ -172,11 +172,13 @@ def listing(folder: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def _explicit_step(path: Path) -> int | None:
+def _explicit_step(path: Path, shared: frozenset[Path] = frozenset()) -> int | None:
     """The step of a checkpoint named on the command line: its ``trainer_state.json``, its name, then
-    its folder's ``trainer_state.json`` or name (``checkpoint-50/model.safetensors``)."""
+    its folder's ``trainer_state.json`` or name (``checkpoint-50/model.safetensors``), unless that
+    folder holds other checkpoints given too (``shared``): ``run1/base.safetensors`` and
+    ``run1/tuned.safetensors`` are not both step 1."""
     folder = side_folder(path)
-    for candidate in [path] if path.is_dir() else [path, folder]:
+    for candidate in [path] if path.is_dir() or folder in shared else [path, folder]:
         state = candidate / TRAINER_STATE
         if candidate.is_dir() and state.exists():  # a pipe there: refused, not skipped
             step = load_trainer_state(state).get("global_step")
@@ -207,7 +209,9 @@ def _discover(inputs: Sequence[Path]) -> tuple[list[tuple[int | None, Path]], bo
     for p in inputs:
         if not p.exists():
             raise WdiffError(p, missing(p))
-    return [(_explicit_step(p), p) for p in inputs], live
+    folders = [side_folder(p) for p in inputs if not p.is_dir()]
+    shared = frozenset(f for f in folders if folders.count(f) > 1)
+    return [(_explicit_step(p, shared), p) for p in inputs], live
 
 
 def _out_of_order(checkpoints: Sequence[Checkpoint]) -> list[Skipped]:

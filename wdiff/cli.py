@@ -555,9 +555,10 @@ def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
             f"{len(doc['tensors'])} of {found['tensors']} tensors)"
         )
     lines.append("checkpoints (step, bytes, path):")
-    width = max(len(str(c["step"])) for c in doc["checkpoints"])
-    for c in doc["checkpoints"]:
-        lines.append(f"  {c['step']!s:>{width}}  {_human(c['bytes']):>9}  {c['path']}")
+    shown = ["-" if c["step"] is None else str(c["step"]) for c in doc["checkpoints"]]  # -: no step known
+    width = max(len(s) for s in shown)
+    for c, step in zip(doc["checkpoints"], shown):
+        lines.append(f"  {step:>{width}}  {_human(c['bytes']):>9}  {c['path']}")
     if every_tensor:
         lines.append("tensors (name, shape, dtype, bytes per pass):")
         rows = [(t["name"], str(t["shape"]), "/".join(t["dtype"]), t["bytes"]) for t in doc["tensors"]]
