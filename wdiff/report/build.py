@@ -226,7 +226,8 @@ def _findings_section(found: Sequence[Finding]) -> str:
             )
         )
     counts = ", ".join(f"{k}: {n}" for k, n in _count(found).items())
-    grouped = f", in {len(groups)} groups" if len(groups) < len(found) else ""
+    plural = "s" if len(groups) > 1 else ""
+    grouped = f", in {len(groups)} group{plural}" if len(groups) < len(found) else ""
     return h.section(
         "Findings",
         h.paragraph(f"{len(found)} findings ({counts}){grouped}; most severe first."),

@@ -24,7 +24,8 @@ def findings_table(found: Sequence[Finding], where: str):
     from rich.table import Table
 
     groups = group(found)
-    title = f"{len(found)} findings" + (f" in {len(groups)} groups" if len(groups) < len(found) else "")
+    plural = "s" if len(groups) > 1 else ""
+    title = f"{len(found)} findings" + (f" in {len(groups)} group{plural}" if len(groups) < len(found) else "")
     table = Table(title=f"{title} (details: {where})", title_justify="left")
     table.add_column("kind", no_wrap=True)
     table.add_column("what", overflow="fold")
