@@ -24,8 +24,9 @@ def findings_table(found: Sequence[Finding], where: str):
     from rich.table import Table
 
     groups = group(found)
-    plural = "s" if len(groups) > 1 else ""
-    title = f"{len(found)} findings" + (f" in {len(groups)} group{plural}" if len(groups) < len(found) else "")
+    title = f"{len(found)} findings"
+    if len(groups) < len(found):
+        title += f" in {len(groups)} group{'s' if len(groups) > 1 else ''}"
     table = Table(title=f"{title} (details: {where})", title_justify="left")
     table.add_column("kind", no_wrap=True)
     table.add_column("what", overflow="fold")
