@@ -32,7 +32,8 @@ BATCH = 32
 LR = 3e-3
 
 
-def _model(torch, layers: int):
+def _model(torch, layers: int, make_block=None):
+    """The decoder; ``make_block(i)`` builds layer i (default: the dense block below)."""
     nn = torch.nn
 
     class Block(nn.Module):
@@ -63,7 +64,7 @@ def _model(torch, layers: int):
             super().__init__()
             self.model = nn.Module()
             self.model.embed_tokens = nn.Embedding(VOCAB, WIDTH)
-            self.model.layers = nn.ModuleList(Block() for _ in range(layers))
+            self.model.layers = nn.ModuleList((make_block or (lambda i: Block()))(i) for i in range(layers))
             self.model.norm = nn.RMSNorm(WIDTH)
             self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 

@@ -20,6 +20,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from planted import VOCAB, WIDTH, _batch
+from planted import _model as planted_model
 
 EXPERTS = 8
 TOP_K = 2
@@ -81,22 +82,7 @@ def _model(torch, layers: int, starve: Collection[tuple[int, int]]):
             x = x + a.o_proj(att)
             return x + self.block_sparse_moe(self.post_attention_layernorm(x))
 
-    class Decoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = nn.Module()
-            self.model.embed_tokens = nn.Embedding(VOCAB, WIDTH)
-            self.model.layers = nn.ModuleList(Block(i) for i in range(layers))
-            self.model.norm = nn.RMSNorm(WIDTH)
-            self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
-
-        def forward(self, tokens):
-            x = self.model.embed_tokens(tokens)
-            for block in self.model.layers:
-                x = block(x)
-            return self.lm_head(self.model.norm(x))
-
-    return Decoder()
+    return planted_model(torch, layers, make_block=Block)
 
 
 def _fuse(state: dict, torch) -> dict:
