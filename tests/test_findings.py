@@ -230,3 +230,23 @@ def test_a_real_pure_bf16_run_names_rounding_for_its_frozen_norms(tmp_path):
     assert any(f["kind"] == "stalled_elements" for f in found)
     fp32 = wdiff.run(planted.train(tmp_path / "fp32"), tmp_path / "out32", render=False)
     assert [f for f in _found(fp32) if f["kind"] in ("frozen", "stalled_elements")] == []
+
+
+def test_a_norm_of_a_frozen_block_is_not_blamed_on_rounding(tmp_path):
+    """Pure BF16 with layer 1's param group at learning rate 0 (the layer frozen): its norm scales are
+    frozen with its matrices, so the hint is the optimizer's, while the other layers' norm scales that
+    only rounding froze keep the rounding explanation."""
+    import planted
+
+    run = planted.train(tmp_path / "run", bf16=True, stop_at={"model.layers.1": 0})
+    found = {
+        f["tensor"]: f["message"]
+        for f in _found(wdiff.run(run, tmp_path / "out", render=False))
+        if f["kind"] == "frozen"
+    }
+    layer1 = [t for t in found if t.startswith("model.layers.1.")]
+    assert len(layer1) == 9  # every tensor of the block
+    for t in layer1:
+        assert "Likely cause" not in found[t] and "missing from the optimizer's param_groups" in found[t], t
+    others = [t for t in found if t.endswith("norm.weight") and not t.startswith("model.layers.1.")]
+    assert others and all("Likely cause: BF16 rounding" in found[t] for t in others)

@@ -21,6 +21,7 @@ from wdiff.checks import OptionError
 from wdiff.indicators import KINDS as UPDATE_KINDS
 from wdiff.indicators import findings as update_findings
 from wdiff.metrics import RunMetrics, group_of, ranges
+from wdiff.naming import block_of
 
 KINDS = (
     "nonfinite", "duplicate_checkpoint", "out_of_order_checkpoint", "expert_starved", "frozen",
@@ -116,9 +117,12 @@ def _frozen(m: RunMetrics) -> list[Finding]:
                 "0, every parameter frozen, gradient accumulation that never completes)?",
             )
         ]
+    causes = {t["tensor"]: _rounding_cause(m, t) for t in frozen}
+    # a block whose matrices are frozen too was frozen as a whole (requires_grad=False): not rounding
+    held = {block_of(t["tensor"]) for t in frozen if len(t["shape"]) >= 2 and causes[t["tensor"]] is None}
     found = []
     for t in frozen:
-        rounding = _rounding_cause(m, t)
+        rounding = causes[t["tensor"]] if block_of(t["tensor"]) not in held else None
         head = f"{t['tensor']} did not change at all over {_span(m)} (every weight identical at every "
         head += "checkpoint)."
         if rounding:
