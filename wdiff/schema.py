@@ -18,7 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from wdiff import __version__
 from wdiff.errors import WdiffError
@@ -165,6 +165,68 @@ def _scene(scene: Any) -> None:
             raise _Bad(f"scene.{key}", " or ".join(allowed))
 
 
+# --- what summary.json holds, typed (docs/metrics.md gives each number's formula) -----------------------
+
+
+class CheckpointEntry(TypedDict, total=False):
+    path: str  # the checkpoint file or folder as scanned (a URL for remote inputs)
+    step: int | None  # the training step (None: unknown, the order given)
+    tensors: int  # tensors read from it
+    fingerprint: str  # names, sizes and modification times (and tags): what the incremental path compares
+    state_key: str  # a torch file whose weights were under this key ({"model": ...})
+    url: str  # remote inputs: the object's URL, the Hub revision and its commit
+    revision: str
+    commit: str
+    objects: dict[str, dict[str, Any]]  # remote inputs: URL -> {"size", "tag"}
+
+
+class TensorEntry(TypedDict, total=False):
+    shape: list[int]
+    dtype: str | list[str]  # one dtype, or one per checkpoint when it changed along the run
+    numel: int
+    accumulated_l1: float | None  # sum of the accumulated map: sum_t ||W(t+1) - W(t)||_1
+    accumulated_max: float | None
+    net_l2: float | None  # ||W(T) - W(0)||
+    relative_change: float | None  # net_l2 / ||W(0)||
+    interval_l2: list[float | None]  # ||W(t+1) - W(t)|| per interval (K - 1)
+    interval_l1: list[float | None]
+    l2: list[float | None]  # ||W(t)|| per checkpoint (K)
+    distance_l2: list[float | None]  # ||W(t) - W(0)|| per checkpoint (K)
+    distance_last_l2: list[float | None]  # ||W(t) - W(T)|| per checkpoint (K)
+    rotation: list[float | None]
+    nonfinite: list[int]  # NaN/Inf elements per checkpoint
+    aliases: list[str]  # the other names of a tied weight
+    update_spectrum: dict[str, Any]  # wdiff.spectrum (2-D tensors)
+
+
+class Timing(TypedDict, total=False):
+    read_bytes: int  # checkpoint bytes read by compute
+    compute_seconds: float
+    chunks: int
+    chunk_elements: int
+    scheduler: str
+    spectrum_seconds: float
+    total_seconds: float  # added last, once the pictures and the report are written
+
+
+class Summary(TypedDict, total=False):
+    schema: int  # SUMMARY_SCHEMA; missing in the first results: 1
+    wdiff_version: str
+    created: str  # ISO 8601, UTC
+    source: str  # the input as given
+    checkpoints: list[CheckpointEntry]  # in sequence order
+    tensors: dict[str, TensorEntry]  # network order
+    skipped: list[dict[str, str]]  # {"name", "reason"}: tensors not computed
+    left_out: list[dict[str, str]]  # {"path", "reason"}: checkpoints not in the sequence
+    warnings: list[dict[str, str]]
+    timing: Timing
+    update: str  # "full", "incremental from K", "up to date"
+    trainer_state: dict[str, Any] | None  # the last checkpoint's trainer_state.json, its log
+    matching: dict[str, int]  # ONNX: initializers matched by name, by position
+    selection: dict[str, Any]  # wdiff.select: what the run was chosen to read
+    scene: dict[str, Any]  # wdiff.scene.outputs: points, budget, pooling, colours, files
+
+
 SUMMARY_SCHEMA = 1  # summary.json's "schema": raised when a key changes meaning or a required one is added
 #: findings.json: 1 was a bare JSON list of findings (no key to say so); 2 is ``{"schema": 2,
 #: "findings": [...]}``. Readers take both (``findings_entries``).
@@ -201,7 +263,7 @@ def findings_entries(data: Any, path: str | os.PathLike[str]) -> list[dict[str, 
     return entries
 
 
-def check_summary(summary: Any) -> dict[str, Any]:
+def check_summary(summary: Any) -> Summary:
     """``summary`` when it has the shape wdiff writes; else ``ValueError("field: expected ...")``. A
     summary of a later schema (a newer wdiff) is refused; one without ``schema`` is of the first."""
     try:
@@ -254,7 +316,7 @@ def build_summary(
     chunk_elements: int,
     scheduler: str,
     spectrum_seconds: float | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """``summary.json`` of a run (without its "scene" and ``timing.total_seconds``, which the caller adds
     once the pictures are drawn): the checkpoints as scanned, the metrics compute aggregated (tied
     weights reported once, with every name), what was left out and why, the timing, the update kind.
@@ -263,7 +325,7 @@ def build_summary(
     for name, others in run.aliases.items():  # tied weights: reported once, with every name
         if name in result.tensors:
             result.tensors[name]["aliases"] = others
-    summary: dict[str, Any] = {
+    summary: Summary = {
         "schema": SUMMARY_SCHEMA,
         "wdiff_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -337,7 +399,7 @@ def log_value(value: Any) -> Any:
     return None
 
 
-def read_summary(path: Path) -> dict[str, Any]:
+def read_summary(path: Path) -> Summary:
     """``summary.json`` at ``path``, checked (``check_summary``); a ``WdiffError`` line naming the file
     and the field when it cannot be read or is not what wdiff writes."""
     try:
