@@ -540,13 +540,20 @@ def finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
 
 
 @_kernel
-def stream_chunk(
-    fds, offsets, itemsizes, codes, lut_index, luts, begin, end, out_fd, out_offset,
-    acc_in_fd, acc_in_offset, raw, weights, acc_buf, block, interval_sum, interval_sumsq, sumsq,
-    dist_first, dist_last, nonfinite, totals, grid, mean, cells, cell_row0, line, row_cols, rows, row0, fgrid,
-    fcells, fcell_row0, flines, fstates, diff,
-):  # fmt: skip
+def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
+
+    The arguments are tuples of related values:
+
+    - ``source`` = (fds, offsets, itemsizes, codes, lut_index, luts): the tensor in every checkpoint;
+    - ``span`` = (begin, end): the element range;
+    - ``files`` = (out_fd, out_offset, acc_in_fd, acc_in_offset): where the accumulated slice goes,
+      and where earlier results start it from (``acc_in_fd`` -1: from zero);
+    - ``work`` = (raw, weights, acc_buf, block): the buffers and the sub-block size;
+    - ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals);
+    - ``pool`` = (grid, mean, cells, cell_row0, line): the scene's cells;
+    - ``row_sums`` = (row_cols, rows, row0);
+    - ``frames`` = (fgrid, fcells, fcell_row0, flines, fstates, diff): the film's cells.
 
     ``fds/offsets/itemsizes/codes/lut_index`` describe the tensor in checkpoint t (``offsets[t]`` is
     the byte offset of element 0 in file ``fds[t]``; ``luts[lut_index[t]]`` its decode table). Sums
@@ -577,6 +584,14 @@ def stream_chunk(
     Returns OK, ``-(t + 1)`` when reading checkpoint t failed (the file shrank or an I/O error),
     ``-(T + 1)`` when writing failed, ``-(T + 2)`` when reading previous results failed.
     """
+    fds, offsets, itemsizes, codes, lut_index, luts = source
+    begin, end = span
+    out_fd, out_offset, acc_in_fd, acc_in_offset = files
+    raw, weights, acc_buf, block = work
+    totals = sums[6]
+    grid, mean, cells, cell_row0, line = pool
+    row_cols, rows, row0 = row_sums
+    fgrid, fcells, fcell_row0, flines, fstates, diff = frames
     count = fds.size
     resume = acc_in_fd >= 0
     uniform = True  # one dtype all along: blocks stay in their own bytes
@@ -586,7 +601,6 @@ def stream_chunk(
     code = codes[0] if uniform else CODE_F32
     lut = luts[lut_index[0]]
     state = np.full(1, -1, np.int64)
-    sums = (interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals)
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         acc = acc_buf[:n]
@@ -737,11 +751,15 @@ def warm_up() -> None:
     i64 = np.zeros(1, np.int64)
     f64 = np.zeros(1)
     stream_chunk(
-        np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
-        np.zeros((1, 1), np.float32), 0, 0, -1, 0, -1, 0, np.empty(8, np.uint8), weight_buffers(1, [4]),
-        np.empty(1, np.float32), 1, f64[:0], f64[:0], f64, f64, f64, i64, np.zeros(3),
-        np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0), 1, np.empty(0), 0,
-        np.zeros(4, np.int64), np.empty((0, 0, 0)), 0, np.empty((0, 0)), i64, np.empty(1, np.float32),
+        (np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
+         np.zeros((1, 1), np.float32)),
+        (0, 0),
+        (-1, 0, -1, 0),
+        (np.empty(8, np.uint8), weight_buffers(1, [4]), np.empty(1, np.float32), 1),
+        (f64[:0], f64[:0], f64, f64, f64, i64, np.zeros(3)),
+        (np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0)),
+        (1, np.empty(0), 0),
+        (np.zeros(4, np.int64), np.empty((0, 0, 0)), 0, np.empty((0, 0)), i64, np.empty(1, np.float32)),
     )  # fmt: skip
 
 

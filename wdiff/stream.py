@@ -72,12 +72,15 @@ def process_chunk(
             raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
         try:
             status = kernels.stream_chunk(
-                fds, offsets, itemsizes, codes, lut_index, luts, start, stop, out_fd, out_offset,
-                acc_fd, acc_offset, raw, weights, acc, block, b.interval_sum, b.interval_sumsq, b.sumsq,
-                b.dist_first, b.dist_last, b.nonfinite, totals, dims, mean, b.cells, b.cell_row0, b.line,
-                row_cols(tensor.shape), b.rows, b.first_row, frame_dims, b.frames, b.frame_row0,
-                b.frame_lines, b.frame_states, diff,
-            )  # fmt: skip
+                (fds, offsets, itemsizes, codes, lut_index, luts),
+                (start, stop),
+                (out_fd, out_offset, acc_fd, acc_offset),
+                (raw, weights, acc, block),
+                (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals),
+                (dims, mean, b.cells, b.cell_row0, b.line),
+                (row_cols(tensor.shape), b.rows, b.first_row),
+                (frame_dims, b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff),
+            )
         finally:
             os.close(out_fd)
         files.verify()  # not rewritten in place while it was read
