@@ -255,3 +255,27 @@ def assert_same_entries(got: Mapping[str, dict], want: Mapping[str, dict]) -> No
             assert g_last is not None and len(g_last) == len(w_last), name
             assert g_last[0] == w_last[0] and g_last[-1] == w_last[-1], name
             assert all(a is None or a == b for a, b in zip(g_last, w_last)), name
+
+
+def assert_same_results(watched, batch) -> None:
+    """Bit for bit: two results folders' accumulated maps, rows and every metric; the same steps (a
+    watch or a callback against a batch run over the same checkpoints)."""
+    assert [c["step"] for c in watched.summary["checkpoints"]] == [
+        c["step"] for c in batch.summary["checkpoints"]
+    ]
+    assert watched.names == batch.names
+    for name in batch.names:
+        np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name), err_msg=name)
+        np.testing.assert_array_equal(watched.rows(name), batch.rows(name), err_msg=name)
+        w, b = watched.summary["tensors"][name], batch.summary["tensors"][name]
+        for key in (
+            "accumulated_l1",
+            "accumulated_max",
+            "net_l2",
+            "interval_l1",
+            "interval_l2",
+            "l2",
+            "rotation",
+            "nonfinite",
+        ):
+            assert w[key] == b[key], (name, key)

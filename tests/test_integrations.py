@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import random_sequence, save, trainer_run
+from factories import assert_same_results, random_sequence, save, trainer_run
 from live_writer import SHAPES
 
 import wdiff
@@ -39,28 +39,6 @@ BATCH = {"render": False, "max_points": 512, "chunk_elements": CHUNK}
 # checks that the default (10) is applied
 WATCH = {"poll": 0.2, "render": False, "max_points": 512, "chunk_mb": CHUNK_MB, "nice": 0}
 STEPS, SAVE_EVERY = 40, 10
-
-
-def _assert_same_results(watched: Results, batch: Results) -> None:
-    """Bit for bit: the accumulated maps, the rows and every metric; the same checkpoint steps."""
-    assert [c["step"] for c in watched.summary["checkpoints"]] == [
-        c["step"] for c in batch.summary["checkpoints"]
-    ]
-    assert watched.names == batch.names
-    for name in batch.names:
-        np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name), err_msg=name)
-        np.testing.assert_array_equal(watched.rows(name), batch.rows(name), err_msg=name)
-        w, b = watched.summary["tensors"][name], batch.summary["tensors"][name]
-        for key in (
-            "accumulated_l1",
-            "accumulated_max",
-            "net_l2",
-            "interval_l1",
-            "interval_l2",
-            "l2",
-            "rotation",
-        ):
-            assert w[key] == b[key], (name, key)
 
 
 def _steps(results: Results) -> list[int]:
@@ -122,7 +100,7 @@ def test_until_adds_every_complete_checkpoint_and_leaves_out_a_half_written_one(
     assert last is not None and _steps(last) == [10, 20, 30]
     assert [w for w in warnings if "checkpoint-40: left out, not complete when the run stopped" in w]
     batch = api.run(trainer_run(tmp_path / "batch-run", seq[:3], steps[:3]), tmp_path / "batch", **BATCH)
-    _assert_same_results(Results.load(tmp_path / "out"), batch)
+    assert_same_results(Results.load(tmp_path / "out"), batch)
 
 
 def test_save_total_limit_1_deletes_the_first_checkpoint_before_the_second_settles(tmp_path):
@@ -143,7 +121,7 @@ def test_save_total_limit_1_deletes_the_first_checkpoint_before_the_second_settl
             shutil.rmtree(run / f"checkpoint-{steps[i - 1]}")  # rotate_checkpoints, in the same save
         updates += [u for _ in range(4) for u in watcher.poll()]
     assert [_steps(u) for u in updates] == [steps[:2], steps[:3], steps]
-    _assert_same_results(updates[-1], api.run(archive, tmp_path / "batch", **BATCH))
+    assert_same_results(updates[-1], api.run(archive, tmp_path / "batch", **BATCH))
 
 
 def test_a_last_ckpt_being_copied_is_waited_for_not_an_error(tmp_path):
@@ -285,7 +263,7 @@ def test_hf_trainer_callback_follows_the_run_through_save_total_limit_1(tmp_path
     assert _steps(watched) == [10, 20, 30, 40]
     log = callback.log.read_text()
     assert "watch stopped; results cover 4 checkpoints, steps 10 .. 40" in log and "warning" not in log
-    _assert_same_results(watched, api.run(archive, tmp_path / "batch", **BATCH))
+    assert_same_results(watched, api.run(archive, tmp_path / "batch", **BATCH))
     cost = _step_cost(callback.spent, "on_train_begin", "on_train_end", STEPS)
     assert cost["per_step_mean"] < 0.02 and cost["start"] < 1.0
 
@@ -340,7 +318,7 @@ def test_lightning_callback_follows_the_model_checkpoint_dirpath(tmp_path):
     assert names == sorted([*steps, "wdiff", "wdiff-watch.log"])
     assert _steps(callback.results) == [10, 20, 30, 40]
     # the results folder inside the checkpoint folder is no checkpoint to a batch run over it either
-    _assert_same_results(callback.results, api.run(tmp_path / "ckpts", tmp_path / "batch", **BATCH))
+    assert_same_results(callback.results, api.run(tmp_path / "ckpts", tmp_path / "batch", **BATCH))
     cost = _step_cost(callback.spent, "on_train_start", "on_train_end", STEPS)
     assert cost["per_step_mean"] < 0.02 and cost["start"] < 1.0
 
@@ -452,7 +430,7 @@ def test_a_killed_training_process_leaves_finished_results_of_every_complete_che
     assert set(watched.names) == set(watched.summary["tensors"]) and len(watched.names) >= 10
     assert all(np.isfinite(watched.accumulated(n)).all() for n in watched.names)
     batch = api.run(output, tmp_path / "batch", **BATCH)  # leaves out the newest, incomplete checkpoint
-    _assert_same_results(watched, batch)
+    assert_same_results(watched, batch)
 
 
 def test_pytorch_lightning_callback_and_a_watch_that_starts_after_the_last_save(tmp_path):
@@ -489,7 +467,7 @@ def test_pytorch_lightning_callback_and_a_watch_that_starts_after_the_last_save(
     assert callback.process.returncode == 0, callback.log.read_text()
     assert callback.log == tmp_path / "results-watch.log"
     assert _steps(callback.results) == [5, 10, 15]
-    _assert_same_results(callback.results, api.run(tmp_path / "ckpts", tmp_path / "batch", **BATCH))
+    assert_same_results(callback.results, api.run(tmp_path / "ckpts", tmp_path / "batch", **BATCH))
     # --tensorboard passed through: every interval's scalars at its step, once (TensorBoard's own loader)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from factories import random_sequence, save, trainer_run
+from factories import assert_same_results, random_sequence, save, trainer_run
 from live_writer import SHAPES
 
 from wdiff import api
@@ -20,29 +19,6 @@ from wdiff.results import Results
 from wdiff.watcher import KEPT_FIRST, KEPT_LAST, Watcher
 
 OPTIONS = {"render": False, "max_points": 512, "chunk_elements": 1000}
-
-
-def _assert_same_results(watched: Results, batch: Results) -> None:
-    """Bit for bit: the accumulated maps and every metric; the same checkpoint steps."""
-    assert [c["step"] for c in watched.summary["checkpoints"]] == [
-        c["step"] for c in batch.summary["checkpoints"]
-    ]
-    assert watched.names == batch.names
-    for name in batch.names:
-        np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name))
-        np.testing.assert_array_equal(watched.rows(name), batch.rows(name))
-        w, b = watched.summary["tensors"][name], batch.summary["tensors"][name]
-        for key in (
-            "accumulated_l1",
-            "accumulated_max",
-            "net_l2",
-            "interval_l1",
-            "interval_l2",
-            "l2",
-            "rotation",
-            "nonfinite",
-        ):
-            assert w[key] == b[key], (name, key)
 
 
 def _batch(tmp: Path, seq: list[dict], steps: list[int], **options) -> Results:
@@ -86,7 +62,7 @@ def test_watch_survives_save_total_limit_1_and_equals_a_batch_run(tmp_path):
                 older.rmdir()
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-50"]
     assert (out / KEPT_FIRST).is_file() and (out / KEPT_LAST).is_file()
-    _assert_same_results(Results.load(out), _batch(tmp_path, seq, steps))
+    assert_same_results(Results.load(out), _batch(tmp_path, seq, steps))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-out", "batch-run", "out", "run"]
 
 
@@ -141,7 +117,7 @@ def test_watch_command_follows_a_live_writer_to_the_end_and_stops_on_ctrl_c(tmp_
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-400", "checkpoint-500"]  # limit 2
     seq = random_sequence(SHAPES, len(steps), seed=4)
     chunk = int(0.004 * (1 << 20) / 4)  # what --chunk-mb 0.004 gives: the same sums in the same order
-    _assert_same_results(Results.load(out), _batch(tmp_path, seq, steps, chunk_elements=chunk))
+    assert_same_results(Results.load(out), _batch(tmp_path, seq, steps, chunk_elements=chunk))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-out", "batch-run", "out", "run"]
 
 
@@ -159,7 +135,7 @@ def test_a_restarted_watch_continues_from_out(tmp_path):
     _save_checkpoint(root, 4, seq[3])
     updates = _polls(Watcher(root, out, settle=1, **OPTIONS), 2)  # a new process, the same OUT
     assert [u.summary["update"] for u in updates] == ["incremental from 3"]
-    _assert_same_results(updates[0], _batch(tmp_path, seq, steps))
+    assert_same_results(updates[0], _batch(tmp_path, seq, steps))
 
 
 def test_watch_has_every_run_option():
