@@ -19,12 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from wdiff import rank_hint
-from wdiff.findings import Finding, is_embedding
+from wdiff.findings import ROUNDING, Finding, is_embedding
 from wdiff.naming import block_of
 
 LIMIT = 5
-#: how a ``frozen`` finding names low-precision rounding as its likely cause (wdiff.findings)
-ROUNDING = "Likely cause: "
 
 #: Higher first. Broken inputs and a diverged run make every other number doubtful; a part of the
 #: model that stopped or never trained wastes the run; a learning rate off for one block is next;

@@ -28,9 +28,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from wdiff.advice import ROUNDING, SEVERITY, UNKNOWN
-from wdiff.experts import group_key
-from wdiff.findings import Finding
+from wdiff.advice import SEVERITY, UNKNOWN
+from wdiff.findings import ROUNDING, Finding, tensor_kind
 from wdiff.naming import block_of
 
 #: kinds grouped across blocks by the kind of tensor they are about
@@ -49,15 +48,6 @@ class FindingGroup:
         return [found[i].tensor for i in self.members]
 
 
-def _family(name: str) -> str:
-    """The kind of tensor across blocks: every norm scale one kind, else its group."""
-    low = name.lower()
-    parts = low.split(".")
-    if "norm" in low or any(p.startswith("ln") for p in parts[:-1]):
-        return "norm." + parts[-1]
-    return group_key(name)
-
-
 def _part(name: str) -> str:
     """The part of its block a tensor is in (``model.layers.5.mlp.up_proj.weight`` ->
     ``model.layers.5.mlp``)."""
@@ -70,7 +60,7 @@ def _key(f: Finding, parts: Counter) -> tuple:
     if f.kind == "frozen" and f.tensor != "*" and parts[_part(f.tensor)] > 1:
         return (f.kind, "part", _part(f.tensor), ROUNDING in f.message)  # a whole MLP frozen: one entry
     if f.kind in ACROSS_BLOCKS and f.tensor != "*":
-        return (f.kind, _family(f.tensor), f.kind == "frozen" and ROUNDING in f.message)
+        return (f.kind, tensor_kind(f.tensor), f.kind == "frozen" and ROUNDING in f.message)
     if f.kind == "spike":
         return (f.kind, tuple(f.steps or ()))
     return (f.kind, f.tensor, tuple(f.steps or ()))
@@ -163,7 +153,7 @@ def _headline(kind: str, members: Sequence[Finding]) -> str:
         return (
             f"frozen in {part}: {len(members)} tensors ({tails}), every weight identical at every checkpoint"
         )
-    family = _family(members[0].tensor)
+    family = tensor_kind(members[0].tensor)
     detail = _detail(kind, members)
     where = _where([f.tensor for f in members])
     return f"{kind} in {_what(family, len(members))}, {where}" + (f": {detail}" if detail else "")

@@ -20,7 +20,7 @@ from wdiff import experts
 from wdiff.checks import OptionError
 from wdiff.indicators import KINDS as UPDATE_KINDS
 from wdiff.indicators import findings as update_findings
-from wdiff.metrics import RunMetrics, group_of, ranges
+from wdiff.metrics import RunMetrics, ranges
 from wdiff.naming import block_of
 
 KINDS = (
@@ -117,7 +117,8 @@ def _frozen(m: RunMetrics) -> list[Finding]:
                 "0, every parameter frozen, gradient accumulation that never completes)?",
             )
         ]
-    causes = {t["tensor"]: _rounding_cause(m, t) for t in frozen}
+    siblings = _moved_low_precision(m)
+    causes = {t["tensor"]: _rounding_cause(m, t, siblings) for t in frozen}
     # a block whose matrices are frozen too was frozen as a whole (requires_grad=False): not rounding
     held = {block_of(t["tensor"]) for t in frozen if len(t["shape"]) >= 2 and causes[t["tensor"]] is None}
     found = []
@@ -144,31 +145,40 @@ def _frozen(m: RunMetrics) -> list[Finding]:
 _SPACING = {"BF16": 2.0**-7, "F16": 2.0**-10, "F8_E4M3": 2.0**-3, "F8_E5M2": 2.0**-2}
 
 
-def _kind_of(name: str) -> str:
+#: how a ``frozen`` finding names low-precision rounding as its likely cause (advice, finding groups)
+ROUNDING = "Likely cause: "
+
+
+def tensor_kind(name: str) -> str:
     """What a tensor is, across blocks and outside them: every norm scale is one kind
-    (``model.norm.weight`` and ``model.layers.3.input_layernorm.weight``); otherwise its group."""
+    (``model.norm.weight`` and ``model.layers.3.input_layernorm.weight``); otherwise its group, the
+    expert number counting as a block (``experts.group_key``)."""
     low = name.lower()
     parts = low.split(".")
     if "norm" in low or any(p.startswith("ln") for p in parts[:-1]):
         return "norm." + parts[-1]
-    return group_of(name) or name
+    return experts.group_key(name)
 
 
-def _rounding_cause(m: RunMetrics, t: dict) -> str | None:
+def _moved_low_precision(m: RunMetrics) -> dict[tuple, list[dict]]:
+    """The low-precision tensors that moved, by (dtype, shape, kind): the siblings a frozen one is
+    compared with (one pass over the tensors, however many are frozen)."""
+    moved: dict[tuple, list[dict]] = defaultdict(list)
+    for s in m.tensors:
+        if s["dtype"] in _SPACING and s["path_l1"] and s["numel"] and s["nonfinite_first"] is None:
+            moved[(s["dtype"], tuple(s["shape"]), tensor_kind(s["tensor"]))].append(s)
+    return moved
+
+
+def _rounding_cause(m: RunMetrics, t: dict, siblings: dict[tuple, list[dict]]) -> str | None:
     """For a frozen low-precision tensor: the sentence that names rounding as the likely cause, when
-    its siblings (same kind, dtype and shape) moved and either some of them have stalled elements or
-    their typical update is below half the spacing of this tensor's values (it would be rounded
-    away). None otherwise."""
+    its siblings (same kind, dtype and shape: ``_moved_low_precision``) moved and either some of them
+    have stalled elements or their typical update is below half the spacing of this tensor's values
+    (it would be rounded away). None otherwise."""
     dtype = t["dtype"]
     if dtype not in _SPACING:
         return None
-    kind = _kind_of(t["tensor"])
-    moved = [
-        s
-        for s in m.tensors
-        if s is not t and s["dtype"] == dtype and s["shape"] == t["shape"] and _kind_of(s["tensor"]) == kind
-        and s["path_l1"] and s["numel"] and s["nonfinite_first"] is None
-    ]  # fmt: skip
+    moved = [s for s in siblings.get((dtype, tuple(t["shape"]), tensor_kind(t["tensor"])), []) if s is not t]
     if not moved:
         return None
     stalled = [s for s in moved if len(s["shape"]) == 1 and 0 < (s.get("rows_unchanged") or 0) < s["rows"]]
@@ -191,7 +201,7 @@ def _rounding_cause(m: RunMetrics, t: dict) -> str | None:
     if not spacing:
         why = why[1:]
     return (
-        f"Likely cause: {dtype} rounding, not a frozen parameter: {'; '.join(why)}. Try: fp32 master "
+        f"{ROUNDING}{dtype} rounding, not a frozen parameter: {'; '.join(why)}. Try: fp32 master "
         "weights (mixed precision instead of pure low precision), or stochastic rounding / Kahan "
         "summation in the optimizer. If it was meant to be frozen (requires_grad=False), all is well."
     )
