@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -168,19 +167,8 @@ def _write(path: Path, series: RunSeries, first: int) -> tuple[int, int, int]:
     name without ``tfevents`` (which TensorBoard would read while it grows), then renamed."""
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    tmp = path.with_name(f".wdiff-export.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            counts = _events(writer, series, first)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return counts
+    with atomic_write(path, stem="wdiff-export") as f:
+        return _events(RecordWriter(f), series, first)
 
 
 def _events(writer: Any, series: RunSeries, first: int) -> tuple[int, int, int]:
