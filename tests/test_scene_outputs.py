@@ -252,9 +252,10 @@ def test_a_run_with_relative_colours_records_it(tmp_path):
     res = wdiff.run(
         trainer_run(tmp_path / "run", seq, [1, 2, 3]),
         tmp_path / "out",
-        scene=SceneOptions(normalize="relative", render=False),
+        scene=SceneOptions(normalize="relative", render=False, frames=True),
     )
     assert res.summary["scene"]["normalize"] == "relative"
+    assert "frames.gif" in res.summary["scene"]["files"]  # the film's scale divides by the sizes too
     from wdiff.scene import tensor_sizes
 
     sizes = tensor_sizes(res.summary)

@@ -91,6 +91,14 @@ def tensor_peaks(values: np.ndarray, tensor_index: np.ndarray, count: int) -> tu
     return tuple(float(p) for p in peaks)
 
 
+def size_peaks(sizes: Sequence[float | None] | None, count: int) -> tuple[float, ...]:
+    """What ``normalize="relative"`` divides ``count`` tensors by: their sizes (the RMS of each one's
+    W(0), in tensor order), 0 where unknown or not finite (such a tensor keeps the bottom colour)."""
+    if sizes is None or len(sizes) != count:
+        raise ValueError("normalize='relative' needs the RMS of every tensor's W(0) (sizes)")
+    return tuple(float(s) if s is not None and math.isfinite(s) else 0.0 for s in sizes)
+
+
 def scene_scale(
     values: np.ndarray,
     tensor_index: np.ndarray,
@@ -108,9 +116,7 @@ def scene_scale(
     if normalize == "tensor":
         peaks = tensor_peaks(values, tensor_index, count)
     elif normalize == "relative":
-        if sizes is None or len(sizes) != count:
-            raise ValueError("normalize='relative' needs the RMS of every tensor's W(0) (sizes)")
-        peaks = tuple(float(s) if s is not None and math.isfinite(s) else 0.0 for s in sizes)
+        peaks = size_peaks(sizes, count)
     base = replace(ColorScale(0.0, 1.0, scale, normalize=normalize, peaks=peaks), quantity=quantity)
     cs = color_scale(base.relative(values, tensor_index), scale)
     return replace(base, vmin=cs.vmin, vmax=cs.vmax)

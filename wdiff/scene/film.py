@@ -57,9 +57,8 @@ def film_scale(
         every = np.array([color.tensor_peaks(s.value, s.tensor_index, count) for s in scenes])
         peaks = tuple(float(p) for p in every.max(axis=0))
     elif options.normalize == "relative":
-        if sizes is None:
-            raise ValueError("normalize='relative' needs the RMS of every tensor's W(0) (sizes)")
-        peaks = tuple(float(sizes.get(n, 0.0)) for n in scenes[0].names)
+        names = scenes[0].names
+        peaks = color.size_peaks(None if sizes is None else [sizes.get(n, 0.0) for n in names], count)
     base = color.ColorScale(
         0.0,
         1.0,
