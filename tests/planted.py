@@ -32,22 +32,30 @@ BATCH = 32
 LR = 3e-3
 
 
-def _model(torch, layers: int, make_block=None):
-    """The decoder; ``make_block(i)`` builds layer i (default: the dense block below)."""
+def _model(torch, layers: int, make_mlp=None, mlp_name: str = "mlp"):
+    """The decoder; ``make_mlp(i)`` builds layer i's feed-forward module, named ``mlp_name`` (default:
+    the dense SwiGLU MLP below, named ``mlp``)."""
     nn = torch.nn
 
-    class Block(nn.Module):
+    class Mlp(nn.Module):
         def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+            self.up_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+            self.down_proj = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+
+        def forward(self, h):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class Block(nn.Module):
+        def __init__(self, layer: int) -> None:
             super().__init__()
             self.input_layernorm = nn.RMSNorm(WIDTH)
             self.self_attn = nn.Module()
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 setattr(self.self_attn, name, nn.Linear(WIDTH, WIDTH, bias=False))
             self.post_attention_layernorm = nn.RMSNorm(WIDTH)
-            self.mlp = nn.Module()
-            self.mlp.gate_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
-            self.mlp.up_proj = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
-            self.mlp.down_proj = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+            setattr(self, mlp_name, make_mlp(layer) if make_mlp else Mlp())
 
         def forward(self, x):
             a = self.self_attn
@@ -55,16 +63,14 @@ def _model(torch, layers: int, make_block=None):
             q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
             att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + a.o_proj(att)
-            h = self.post_attention_layernorm(x)
-            m = self.mlp
-            return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
+            return x + getattr(self, mlp_name)(self.post_attention_layernorm(x))
 
     class Decoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = nn.Module()
             self.model.embed_tokens = nn.Embedding(VOCAB, WIDTH)
-            self.model.layers = nn.ModuleList((make_block or (lambda i: Block()))(i) for i in range(layers))
+            self.model.layers = nn.ModuleList(Block(i) for i in range(layers))
             self.model.norm = nn.RMSNorm(WIDTH)
             self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 

@@ -63,26 +63,7 @@ def _model(torch, layers: int, starve: Collection[tuple[int, int]]):
                     out.index_add_(0, token, weights[token, slot, None] * expert(flat[token]))
             return out.reshape(x.shape)
 
-    class Block(nn.Module):
-        def __init__(self, layer: int) -> None:
-            super().__init__()
-            self.input_layernorm = nn.RMSNorm(WIDTH)
-            self.self_attn = nn.Module()
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(self.self_attn, name, nn.Linear(WIDTH, WIDTH, bias=False))
-            self.post_attention_layernorm = nn.RMSNorm(WIDTH)
-            self.block_sparse_moe = Moe(layer)
-
-        def forward(self, x):
-            a = self.self_attn
-            h = self.input_layernorm(x)
-            att = torch.nn.functional.scaled_dot_product_attention(
-                a.q_proj(h), a.k_proj(h), a.v_proj(h), is_causal=True
-            )
-            x = x + a.o_proj(att)
-            return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-    return planted_model(torch, layers, make_block=Block)
+    return planted_model(torch, layers, make_mlp=Moe, mlp_name="block_sparse_moe")
 
 
 def _fuse(state: dict, torch) -> dict:
