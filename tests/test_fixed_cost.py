@@ -22,7 +22,9 @@ def _exit(code):
     seen = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
     threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("wdiff-warm"))
     started = {"kernels": _warm._kernels is not None, "plotting": _warm._plotting is not None}
-    sys.stderr.write("\\n" + json.dumps({"modules": seen, "threads": threads, "started": started}) + "\\n")
+    worker = "wdiff.worker" in sys.modules and sys.modules["wdiff.worker"].started()
+    said = {"modules": seen, "threads": threads, "started": started, "worker": worker}
+    sys.stderr.write("\\n" + json.dumps(said) + "\\n")
     sys.stderr.flush()
     _real_exit(code)
 os._exit = _exit
@@ -44,6 +46,7 @@ def test_no_render_run_never_imports_matplotlib(tmp_path):
     assert p.returncode == 0, p.stderr
     assert seen["modules"] == ["dask", "numba"], seen  # no matplotlib, open3d, onnx, nor rich (--quiet)
     assert seen["started"] == {"kernels": True, "plotting": False}
+    assert not seen["worker"], "no picture worker for a run without pictures"
     # ... and the run did its work: results, PLY coloured from the shipped table, scene.html, report
     from wdiff.results import Results
 
@@ -58,7 +61,8 @@ def test_no_render_run_never_imports_matplotlib(tmp_path):
 
 
 def test_a_run_with_pictures_loads_matplotlib_early(tmp_path):
-    """The counterpart: a rendering run starts the matplotlib thread (and uses it)."""
+    """The counterpart: a rendering run starts the matplotlib thread (and uses it); Open3D renders
+    in the picture worker (``wdiff.worker``), so this process never imports it."""
     checkpoints = random_sequence({"h.0.w": (16, 16)}, 2)
     run = trainer_run(tmp_path / "run", checkpoints, steps=[1, 2])
     out = tmp_path / "out"
@@ -66,3 +70,4 @@ def test_a_run_with_pictures_loads_matplotlib_early(tmp_path):
     assert p.returncode == 0, p.stderr
     assert seen["started"] == {"kernels": True, "plotting": True}
     assert "matplotlib" in seen["modules"] and (out / "render.png").is_file()
+    assert "open3d" not in seen["modules"] and seen["worker"]

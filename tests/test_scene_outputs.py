@@ -480,6 +480,32 @@ def test_sample_run_writes_every_output_within_its_budget(gpt2):
     assert len(gif) == 7  # 8 checkpoints, 7 intervals
 
 
+def test_the_worker_draws_the_pictures_this_process_would(gpt2, tmp_path):
+    """Open3D renders in the picture worker, the rest of the picture is drawn here: each view equals,
+    pixel for pixel, the picture drawn wholly in this process (a renderer of its own, not kept)."""
+    import matplotlib.image
+
+    from wdiff.scene.outputs import write_outputs
+    from wdiff.scene.picture import Picture
+
+    res, out = gpt2
+    folder = tmp_path / "again"
+    folder.mkdir()
+    shutil.copy(out / "accumulated.safetensors", folder)
+    names = list(res.summary["tensors"])
+    options = SceneOptions(size=(640, 400), views=("oblique", "back"), max_points=20_000, html=False)
+    info = write_outputs(folder, names, "a title", options)
+    assert info["files"] == ["points.ply", "render.png", "render-back.png"]
+    scene = build_scene(folder / "accumulated.safetensors", names, max_points=20_000)
+    cs = colorize_scene(scene, "log", "global").scale
+    for view, name in (("oblique", "render.png"), ("back", "render-back.png")):
+        picture = Picture.plan(scene, (640, 400), "a title", view)
+        with render.Offscreen(picture.view_size) as renderer:
+            here = picture.draw(renderer, scene, cs)
+        drawn = (matplotlib.image.imread(folder / name)[:, :, :3] * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(drawn, here)
+
+
 @pytest.mark.parametrize("view", ["oblique", "back"])
 def test_every_block_of_the_sample_is_labelled_inside_the_picture(gpt2, view):
     from wdiff.scene.picture import Picture

@@ -12,6 +12,9 @@ Two threads, started before the CLI's own imports:
   during compute, where an import holding the GIL stalls the Dask threads between their Numba calls
   (measured: compute 0.45 s -> 0.9 s on 6 x 128 MB BF16).
 
+A run that draws pictures also starts the picture worker (``wdiff.worker``): a child process that
+imports Open3D and makes its renderer meanwhile, on the other core, and later renders there.
+
 The CLI also tunes its own process for a run (``tune_process``, not done for notebook users): the
 garbage collector pauses through the start-up imports, and freed memory stays in the process.
 
@@ -45,8 +48,9 @@ def _load_plotting() -> None:
         pass
 
 
-def start(plotting: bool = False) -> None:
-    """Start loading the kernels, and matplotlib when ``plotting`` (each once per process).
+def start(plotting: bool = False, picture_size: tuple[int, int] | None = None) -> None:
+    """Start loading the kernels, and when ``plotting`` matplotlib and the picture worker (each
+    once per process; the worker also makes the renderer of ``picture_size``, ``wdiff.worker.warm``).
 
     numpy is imported first, on the calling thread: the side threads and the main thread all import
     it, and two threads importing the same packages in different orders can meet in Python's import
@@ -62,6 +66,10 @@ def start(plotting: bool = False) -> None:
         if plotting and _plotting is None:
             _plotting = threading.Thread(target=_load_plotting, name="wdiff-warm-plotting", daemon=True)
             _plotting.start()
+    if plotting:
+        from wdiff import worker
+
+        worker.warm(picture_size)
 
 
 def import_scheduler(scheduler: str) -> None:

@@ -40,6 +40,7 @@ from wdiff.update import Plan, cell_grids, plan_update
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
     from wdiff.scene.options import SceneOptions
+    from wdiff.scene.outputs import Views
     from wdiff.select import Selection
 
 Progress = Callable[[str, int, int], None]  # (phase, advance, total)
@@ -130,7 +131,8 @@ def run(
     )  # fmt: skip
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
-    _warm.start(plotting=scene.render or scene.frames)  # no matplotlib at all for a run without pictures
+    # no matplotlib nor picture worker at all for a run without pictures
+    _warm.start(plotting=scene.render or scene.frames, picture_size=scene.size)
     if is_url(out) or is_folded_url(out):
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
@@ -151,6 +153,7 @@ def run(
     report = _Report(progress, compute_total(the_run, whole, ends))
     for n, end in enumerate(ends):
         staging = staging if n == 0 else Staging(out)
+        pictures: list[Views] = []  # rendering in the picture worker while the summary and report are written
         try:
             part, plan = the_run, whole
             if len(ends) > 1:  # each part extends the one committed before it
@@ -162,9 +165,9 @@ def run(
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
                                     chunk_elements=plan.chunk_elements, scheduler=scheduler,
                                     spectrum_seconds=spectrum_seconds)  # fmt: skip
-            summary["scene"] = draw(staging.folder, part, summary, scene, report)
+            summary["scene"] = draw(staging.folder, part, summary, scene, report, pictures)
             summary["timing"]["total_seconds"] = time.perf_counter() - t_start
-            write_results(staging.folder, summary, keep, charts=scene.render)
+            write_results(staging.folder, summary, keep, charts=scene.render, pictures=pictures)
             staging.commit()
         finally:
             staging.close()
@@ -354,17 +357,28 @@ def add_spectra(
 
 
 def write_results(
-    folder: Path, summary: dict[str, Any], keep: Callable[[Path], None] | None, *, charts: bool
+    folder: Path,
+    summary: dict[str, Any],
+    keep: Callable[[Path], None] | None,
+    *,
+    charts: bool,
+    pictures: Sequence[Views] = (),
 ) -> None:
-    """``summary.json`` and the report into ``folder``, after what ``keep(folder)`` adds (``watch``)."""
+    """``summary.json`` and the report into ``folder``, after what ``keep(folder)`` adds (``watch``).
+    The ``pictures`` still rendering are finished (``Views.finish``) when the report reads them,
+    after its charts."""
     if keep is not None:
         keep(folder)
     write_json(folder / SUMMARY, summary)
     from wdiff.report import write_report
 
+    def drawn() -> None:
+        for views in pictures:
+            views.finish()
+
     # findings.json, metrics.csv, tensors.csv, report.html (see wdiff.report); its charts are
     # pictures too: none without render (`wdiff report OUT` draws them)
-    write_report(folder, charts=charts)
+    write_report(folder, charts=charts, before_pictures=drawn)
 
 
 def _title(run: Run) -> str:
@@ -374,9 +388,15 @@ def _title(run: Run) -> str:
 
 
 def draw(
-    folder: Path, run: Run, summary: dict, options: SceneOptions, progress: Progress | None
+    folder: Path,
+    run: Run,
+    summary: dict,
+    options: SceneOptions,
+    progress: Progress | None,
+    pictures: list[Views] | None = None,
 ) -> dict[str, Any]:
-    """Results on disk -> point cloud PLY, pictures, mesh, film, HTML viewer (``wdiff.scene.outputs``)."""
+    """Results on disk -> point cloud PLY, pictures, mesh, film, HTML viewer (``wdiff.scene.outputs``).
+    With ``pictures``, the pictures may still be drawing on return: their jobs are appended there."""
     from wdiff.scene.outputs import write_outputs
 
     def step(what: str) -> None:
@@ -395,4 +415,5 @@ def draw(
         list(run.steps),
         step,
         tensor_sizes(summary),
+        pictures,
     )

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,12 @@ def load(out: str | os.PathLike[str]) -> Results:
 MAX_PICTURE_BYTES = 256 << 20
 
 
+def _drawn(out: Path, before: Callable[[], None] | None) -> list[tuple[str, bytes, str]]:
+    if before is not None:
+        before()
+    return renders(out)
+
+
 def renders(out: Path) -> list[tuple[str, bytes, str]]:
     """The 3D pictures present in ``out``: every ``render*.png``, then ``frames.gif``; regular files
     directly inside ``out`` only (a symlinked picture is never followed, so never embedded)."""
@@ -112,12 +118,17 @@ def renders(out: Path) -> list[tuple[str, bytes, str]]:
     return found
 
 
-def write_report(out: str | os.PathLike[str], *, charts: bool = True) -> Report:
+def write_report(
+    out: str | os.PathLike[str], *, charts: bool = True, before_pictures: Callable[[], None] | None = None
+) -> Report:
     """Analyse the results in ``out`` and write findings.json, metrics.csv, tensors.csv, report.html.
 
     ``charts=False`` (``wdiff run --no-render``) leaves the matplotlib charts out of report.html, which
     then says so in one line: the page is written without importing matplotlib (about 0.3 s to import
     and 0.4 s to draw). ``wdiff report OUT`` draws them.
+
+    ``before_pictures()`` is called before the 3D pictures in ``out`` are read into the page, after
+    everything else is drawn: ``wdiff.run`` waits there for the pictures its worker is drawing.
     """
     out = Path(out)
     res = load(out)
@@ -127,7 +138,8 @@ def write_report(out: str | os.PathLike[str], *, charts: bool = True) -> Report:
     write_atomic(out / METRICS, csv_text(METRIC_COLUMNS, m.intervals))
     tensor_rows = [{**t, "shape": "x".join(map(str, t["shape"])) or "scalar"} for t in m.tensors]
     write_atomic(out / TENSORS, csv_text(TENSOR_COLUMNS, tensor_rows))
-    write_atomic(out / REPORT, run_page(res, m, found, renders(out), charts=charts))
+    page = run_page(res, m, found, lambda: _drawn(out, before_pictures), charts=charts)
+    write_atomic(out / REPORT, page)
     return Report(out / REPORT, found, m)
 
 
@@ -310,8 +322,15 @@ CHARTS_SKIPPED = "Charts skipped (--no-render): `wdiff report` on this results f
 
 
 def run_page(
-    res: Results, m: RunMetrics, found: Sequence[Finding], pictures: Sequence[tuple], *, charts: bool = True
+    res: Results,
+    m: RunMetrics,
+    found: Sequence[Finding],
+    pictures: Callable[[], Sequence[tuple]],
+    *,
+    charts: bool = True,
 ) -> str:
+    """The page; ``pictures()`` (name, bytes, MIME type of each 3D picture) is called last, once
+    every other section is drawn."""
     s = res.summary
     name = Path(s.get("source") or res.path).name
     steps = [c.get("step") for c in s["checkpoints"]]
@@ -328,8 +347,9 @@ def run_page(
     sections.append(_experts_section(m))
     anchors = {a for part in sections for a in _ANCHOR.findall(part)}
     sections.insert(0, _advice_section(found, anchors, s))
-    if pictures:
-        sections.append(h.section("3D view", *(h.image(data, mime, n, n) for n, data, mime in pictures)))
+    drawn = pictures()
+    if drawn:
+        sections.append(h.section("3D view", *(h.image(data, mime, n, n) for n, data, mime in drawn)))
     subtitle = f"wdiff report: {len(steps)} checkpoints, {len(m.tensors)} tensors, {len(found)} findings"
     return h.page(f"{name}: what happened in training", subtitle, sections)
 

@@ -2,7 +2,9 @@
 ``mesh.ply``, the film and ``scene.html``, as ``SceneOptions`` asks.
 
 Reads ``accumulated.safetensors`` once (through ``pooled.safetensors`` when compute pooled on the
-way) into the scene at full budget; every other output is made from that scene in memory.
+way) into the scene at full budget; every other output is made from that scene in memory. Open3D
+renders in the picture worker (``wdiff.worker``, the film whole there), the rest is done here,
+meanwhile.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wdiff.results import ACCUMULATED, FRAMES, POINTS, RENDER
 from wdiff.scene.options import SceneOptions
+
+if TYPE_CHECKING:
+    from wdiff.worker import Job
 
 MESH = "mesh.ply"
 HTML = "scene.html"
@@ -33,6 +38,7 @@ def write_outputs(
     steps: Sequence[int | None] = (),
     step: Callable[[str], None] = lambda what: None,
     sizes: Mapping[str, float] | None = None,
+    pending: list[Views] | None = None,
 ) -> dict[str, Any]:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
 
@@ -41,32 +47,55 @@ def write_outputs(
     ``step(what)`` is called before each slow part ("render", "mesh", "frames", "html"). ``sizes``
     (tensor name -> RMS of its W(0), ``wdiff.scene.tensor_sizes``) is needed for
     ``normalize="relative"``.
+
+    Open3D renders in the picture worker (``wdiff.worker``) while this process writes the PLY files
+    and ``scene.html``. With ``pending``, the pictures are not finished here: their ``Views`` is
+    appended there, for the caller to ``finish()`` (``wdiff.run`` writes the report's charts first).
+    Without, this returns once every file is written.
     """
     from wdiff import scene as sc
+    from wdiff import worker
 
     folder = Path(folder)
     built = sc.build_scene(folder / ACCUMULATED, names, max_points=options.max_points, pool=options.pool)
     colors = sc.colorize_scene(built, options.color_scale, options.normalize, sizes)
-    sc.write_points_ply(built, colors, folder / POINTS)
-    files = [POINTS]
+    views = None
+    film = None
     if options.render:
         step("render")
-        files += render_views(built, colors.scale, folder, title, options)
-    if options.mesh:
-        step("mesh")
-        write_mesh(built, colors.scale, folder / MESH, options.max_points)
-        files.append(MESH)
+        views = Views.start(built, colors.scale, folder, title, options)
     if options.frames and (folder / FRAMES).is_file():
-        step("frames")
         from wdiff.scene.film import write_film
 
-        files += write_film(folder, folder / FRAMES, built, run_name, steps, options, sizes)
-    if options.html:
-        step("html")
-        from wdiff.scene.webview import write_html
+        film = worker.shared().submit(
+            write_film, folder, folder / FRAMES, built, run_name, steps, options, sizes
+        )
+    files = [POINTS, *(views.files if views is not None else ())]
+    try:  # meanwhile, here: the PLY files and scene.html
+        sc.write_points_ply(built, colors, folder / POINTS)
+        if options.mesh:
+            step("mesh")
+            write_mesh(built, colors.scale, folder / MESH, options.max_points)
+            files.append(MESH)
+        if options.html:
+            step("html")
+            from wdiff.scene.webview import write_html
 
-        write_html(built, colors.scale, folder / HTML, title, options.html_points)
+            write_html(built, colors.scale, folder / HTML, title, options.html_points)
+    except BaseException:
+        if film is not None:  # it writes into the folder, which the caller may now remove
+            worker.abandon([film])
+        raise
+    if film is not None:
+        step("frames")
+        files += film.result()  # which files the film made (the MP4 needs an encoder) goes in the summary
+    if options.html:
         files.append(HTML)
+    if views is not None:
+        if pending is None:
+            views.finish()
+        else:
+            pending.append(views)
     return {
         "points": len(built),
         "max_points": options.max_points,
@@ -80,19 +109,29 @@ def write_outputs(
     }
 
 
-def render_views(scene: Any, cs: Any, folder: Path, title: str, options: SceneOptions) -> list[str]:
-    """``render.png`` and one ``render-<view>.png`` per further view, one renderer for all."""
-    from wdiff.scene import render
-    from wdiff.scene.picture import Picture
+class Views:
+    """``render.png`` and one ``render-<view>.png`` per further view: rendered in the picture worker
+    (one renderer for all) from ``start``; ``finish`` adds title, labels and colour bar here and
+    writes the files."""
 
-    files = []
-    pictures = [Picture.plan(scene, options.size, title, view) for view in options.views]
-    with render.Offscreen(pictures[0].view_size) as renderer:
-        for k, (view, picture) in enumerate(zip(options.views, pictures)):
-            name = view_file(view, k == 0)
-            render.save_png(folder / name, picture.draw(renderer, scene, cs))
-            files.append(name)
-    return files
+    def __init__(self, job: Job, pictures: list[Any], frames: list[Any], cs: Any, folder: Path) -> None:
+        self.job, self.pictures, self.frames, self.cs, self.folder = job, pictures, frames, cs, folder
+        self.files = [view_file(p.view, k == 0) for k, p in enumerate(pictures)]
+
+    @classmethod
+    def start(cls, scene: Any, cs: Any, folder: Path, title: str, options: SceneOptions) -> Views:
+        from wdiff import worker
+        from wdiff.scene.picture import Picture, render_frames
+
+        pictures = [Picture.plan(scene, options.size, title, view) for view in options.views]
+        frames = [p.frame(scene, cs) for p in pictures]
+        return cls(worker.shared().submit(render_frames, pictures, frames), pictures, frames, cs, folder)
+
+    def finish(self) -> None:
+        from wdiff.scene import render
+
+        for name, picture, frame, image in zip(self.files, self.pictures, self.frames, self.job.result()):
+            render.save_png(self.folder / name, picture.finish(image, frame, self.cs))
 
 
 def write_mesh(scene: Any, cs: Any, path: Path, max_points: int) -> None:

@@ -3,10 +3,13 @@ extra views and every frame of the film (which must all use one camera and one c
 
 ``Picture.plan`` decides once, from a scene's layout, what the picture shows; ``Picture.draw`` then
 renders any scene of that layout (the accumulated change, or one interval of it) with a given scale.
+Its three steps can run in two processes: ``frame`` (what to render, numpy) and ``finish`` (title,
+labels, colour bar: matplotlib) here, ``render_frames`` (Open3D) in the picture worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +48,8 @@ class Picture:
         max_render_points: int | None = None,
     ) -> Picture:
         """Fit the camera of ``view`` to the whole model (every block's frame in the picture)."""
-        width, height = size
         top = TITLE_HEIGHT if title else 0
-        img_w, img_h = width - PANEL_WIDTH, height - top - FOOTER_HEIGHT
+        img_w, img_h = render_size(size, bool(title))
         if img_w < 64 or img_h < 64:
             raise ValueError(f"size {size} is too small for the picture")
         budget = max_render_points or img_w * img_h // 4
@@ -60,19 +62,9 @@ class Picture:
         labels = render.block_labels(shown, camera, (img_w, img_h), top=top)
         return cls(size, title, top, (img_w, img_h), budget, camera, point_px, tuple(labels), view)
 
-    def draw(
-        self,
-        renderer: render.Offscreen,
-        scene: Scene,
-        cs: ColorScale,
-        *,
-        stamp: str = "",
-    ) -> np.ndarray:
-        """The finished picture (uint8 RGB of ``size``) of ``scene`` coloured on ``cs``; ``stamp``
-        (a film frame's steps) is added to the title."""
+    def frame(self, scene: Scene, cs: ColorScale) -> Frame:
+        """What this picture renders of ``scene`` coloured on ``cs``, and the legend's facts."""
         shown = coarsen_scene(scene, self.budget)
-        rgb = point_colors(shown.value, shown.tensor_index, cs)
-        image = renderer.draw(shown.xyz, rgb, self.camera, self.point_px, render.frame_lines(shown))
         s = shown.pool_factor
         cell = "one weight" if s == 1 else f"the {shown.pool} of {s}x{s} weights"
         footer = (
@@ -81,13 +73,86 @@ class Picture:
         )
         if scene.nonfinite:
             footer += f"; {scene.nonfinite:,} NaN/Inf weights"
+        return Frame(
+            shown.xyz,
+            point_colors(shown.value, shown.tensor_index, cs),
+            render.frame_lines(shown),
+            footer,
+            int(np.count_nonzero(~np.isfinite(shown.value))),
+        )
+
+    def render(self, renderer: render.Offscreen, frame: Frame) -> np.ndarray:
+        """The Open3D render of ``frame`` (uint8 RGB of ``view_size``)."""
+        return renderer.draw(frame.xyz, frame.rgb, self.camera, self.point_px, frame.lines)
+
+    def finish(self, image: np.ndarray, frame: Frame, cs: ColorScale, *, stamp: str = "") -> np.ndarray:
+        """The finished picture (uint8 RGB of ``size``): the render of ``frame`` with title, labels,
+        colour bar and legend; ``stamp`` (a film frame's steps) is added to the title."""
         return render.compose(
             image,
             cs,
             size=self.size,
             title=f"{self.title}, {stamp}" if stamp else self.title,
-            footer=footer,
+            footer=frame.footer,
             top=self.top,
             labels=self.labels,
-            flagged=int(np.count_nonzero(~np.isfinite(shown.value))),
+            flagged=frame.flagged,
         )
+
+    def draw(
+        self,
+        renderer: render.Offscreen,
+        scene: Scene,
+        cs: ColorScale,
+        *,
+        stamp: str = "",
+    ) -> np.ndarray:
+        """The finished picture (uint8 RGB of ``size``) of ``scene`` coloured on ``cs``, rendered by
+        ``renderer``; ``stamp`` (a film frame's steps) is added to the title."""
+        frame = self.frame(scene, cs)
+        return self.finish(self.render(renderer, frame), frame, cs, stamp=stamp)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What a picture renders (its scene pooled to the picture's budget, coloured; the block frames
+    as lines) and what its legend says of it."""
+
+    xyz: np.ndarray  # (N, 3) float32
+    rgb: np.ndarray  # (N, 3) uint8
+    lines: tuple[np.ndarray, np.ndarray]  # points (4k, 3), index pairs (4k, 2)
+    footer: str
+    flagged: int  # NaN/Inf points drawn in the flag colour
+
+
+def render_frames(pictures: Sequence[Picture], frames: Sequence[Frame]) -> list[np.ndarray]:
+    """The Open3D render of each frame seen by its picture, with one renderer (the picture worker
+    runs this: ``wdiff.scene.outputs``)."""
+    with render.Offscreen(pictures[0].view_size) as renderer:
+        return [p.render(renderer, f) for p, f in zip(pictures, frames)]
+
+
+def render_size(size: tuple[int, int], titled: bool = True) -> tuple[int, int]:
+    """The size of the Open3D render inside a picture of ``size``: less the panel at the right, the
+    footer and (``titled``) the title."""
+    width, height = size
+    return width - PANEL_WIDTH, height - (TITLE_HEIGHT if titled else 0) - FOOTER_HEIGHT
+
+
+def warm_up(size: tuple[int, int] | None = None) -> None:
+    """Load Open3D; with ``size``, also make the renderer of a titled picture of that size and draw
+    one frame of two points and a line, thrown away (the picture worker does this while the run
+    scans and computes, ``wdiff.worker.load_pictures``): the first frame of a renderer costs more
+    than the next ones, and the next ones are what the pictures then pay."""
+    import open3d  # noqa: F401
+
+    if size is None:
+        return
+    view = render_size(size)
+    if min(view) < 64:
+        return
+    xyz = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], np.float32)
+    camera = render.fit_camera(xyz, view[0] / view[1])
+    lines = (xyz.astype(np.float64), np.array([[0, 1]], np.int32))
+    with render.Offscreen(view) as renderer:
+        renderer.draw(xyz, np.full((2, 3), 200, np.uint8), camera, 2.0, lines)

@@ -200,6 +200,32 @@ def _quiet_native_stdout() -> Iterator[None]:
             os.close(saved)
 
 
+_kept: dict[tuple[int, int], Any] = {}  # size -> the one renderer kept (``keep_renderer``)
+_keeping = False
+
+
+def keep_renderer() -> None:
+    """Keep the last renderer between pictures of the same size in this process (the picture
+    worker does, ``wdiff.worker``): a new renderer costs about 0.05 s and its first frame 0.1-0.15 s
+    more than the next ones (Filament's render targets and pipelines on the Vulkan software device).
+    Elsewhere every ``Offscreen`` releases its renderer, so code that makes its own never has two."""
+    global _keeping
+    _keeping = True
+
+
+def _renderer(size: tuple[int, int]) -> Any:
+    from open3d.visualization import rendering
+
+    if size in _kept:
+        return _kept[size]
+    _kept.clear()  # release the engine before the next renderer is made (one at a time is safe)
+    with _quiet_native_stdout():
+        renderer = rendering.OffscreenRenderer(*size)
+    if _keeping:
+        _kept[size] = renderer
+    return renderer
+
+
 class Offscreen:
     """One headless Open3D renderer for several pictures of the same size (the frames of a film).
 
@@ -214,12 +240,10 @@ class Offscreen:
 
     def __enter__(self) -> Offscreen:
         import open3d as o3d
-        from open3d.visualization import rendering
 
         self._level = o3d.utility.get_verbosity_level()
         o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # no "X11 GLFW init failed"
-        with _quiet_native_stdout():
-            self._renderer = rendering.OffscreenRenderer(*self.size)
+        self._renderer = _renderer(self.size)
         scene = self._renderer.scene
         # Filament takes the clear colour as sRGB and stores it linear; with post-processing
         # off nothing converts it back, so pre-encode it (0.5 grey would come out as 55).
@@ -230,8 +254,7 @@ class Offscreen:
     def __exit__(self, *exc: object) -> None:
         import open3d as o3d
 
-        # Release the engine before the next renderer is made (one at a time is safe).
-        self._renderer = None
+        self._renderer = None  # released unless kept (``keep_renderer``)
         o3d.utility.set_verbosity_level(self._level)
 
     def draw(
