@@ -250,3 +250,24 @@ def test_help_of_the_new_commands():
     for command in ("report", "compare"):
         p = subprocess.run([sys.executable, "-m", "wdiff", command, "--help"], capture_output=True, text=True)
         assert p.returncode == 0 and "Usage" in p.stdout
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_chart_png_is_what_savefig_writes(panels):
+    """``figures.png_bytes`` draws a chart once and encodes the canvas itself: the very bytes of
+    matplotlib's ``savefig`` (which lays the figure out three times), no "Software" tag."""
+    from wdiff.report import figures
+
+    def chart():
+        fig = figures.new_figure(6, 1.5 * panels)
+        for k, ax in enumerate(fig.subplots(panels, 1, squeeze=False)[:, 0]):
+            ax.plot(np.arange(50), np.exp(np.linspace(0, 3 + k, 50)), label="loss")
+            ax.set_yscale("log")
+            ax.set_ylabel("‖ΔW‖/‖W‖ per step")
+            ax.legend(loc="upper right", fontsize=8)
+        return fig
+
+    buf = io.BytesIO()
+    chart().savefig(buf, format="png", metadata={"Software": None})
+    assert figures.png_bytes(chart()) == buf.getvalue()
+    assert b"Software" not in buf.getvalue()
