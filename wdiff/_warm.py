@@ -13,7 +13,7 @@ Two threads, started before the CLI's own imports:
   (measured: compute 0.45 s -> 0.9 s on 6 x 128 MB BF16).
 
 A run that draws pictures also starts the picture worker (``wdiff.worker``): a child process that
-imports Open3D and makes its renderer meanwhile, on the other core, and later renders there.
+imports Open3D meanwhile, on the other core, and later renders there.
 
 The CLI also tunes its own process for a run (``tune_process``, not done for notebook users): the
 garbage collector pauses through the start-up imports, and freed memory stays in the process.
@@ -48,9 +48,9 @@ def _load_plotting() -> None:
         pass
 
 
-def start(plotting: bool = False, picture_size: tuple[int, int] | None = None) -> None:
+def start(plotting: bool = False) -> None:
     """Start loading the kernels, and when ``plotting`` matplotlib and the picture worker (each
-    once per process; the worker also makes the renderer of ``picture_size``, ``wdiff.worker.warm``).
+    once per process; the worker loads Open3D, ``wdiff.worker.warm``).
 
     numpy is imported first, on the calling thread: the side threads and the main thread all import
     it, and two threads importing the same packages in different orders can meet in Python's import
@@ -69,7 +69,7 @@ def start(plotting: bool = False, picture_size: tuple[int, int] | None = None) -
     if plotting:
         from wdiff import worker
 
-        worker.warm(picture_size)
+        worker.warm()
 
 
 def import_scheduler(scheduler: str) -> None:

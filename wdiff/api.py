@@ -132,7 +132,7 @@ def run(
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
     # no matplotlib nor picture worker at all for a run without pictures
-    _warm.start(plotting=scene.render or scene.frames, picture_size=scene.size)
+    _warm.start(plotting=scene.render or scene.frames)
     if is_url(out) or is_folded_url(out):
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)

@@ -89,7 +89,7 @@ class Worker:
             stdout=subprocess.PIPE,
             env=env,
         )
-        self.warmed: set[tuple[int, int] | None] = set()  # picture sizes ``warm`` asked for
+        self.warmed = False  # whether ``warm`` had it load Open3D
         self._pending: collections.deque[Job] = collections.deque()  # submitted, not answered, in order
         self._lock = threading.Lock()  # one reader of the replies at a time
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -195,23 +195,28 @@ def abandon(jobs: Iterable[Job]) -> None:
         w.kill()
 
 
-def warm(picture_size: tuple[int, int] | None = None) -> None:
-    """Start this process's worker, if it has none, and have it load what pictures need
-    (``load_pictures``), once per size; returns at once."""
+def warm() -> None:
+    """Start this process's worker, if it has none, and have it load Open3D (``load_pictures``);
+    returns at once."""
     w = shared()
-    if picture_size not in w.warmed:
-        w.warmed.add(picture_size)
-        w.submit(load_pictures, picture_size)
+    if not w.warmed:
+        w.warmed = True
+        w.submit(load_pictures)
 
 
-def load_pictures(picture_size: tuple[int, int] | None = None) -> None:
-    """The worker's first jobs: keep the renderer between pictures, import Open3D and matplotlib;
-    with ``picture_size``, also make the renderer of pictures of that size and draw one frame to
-    throw away (``wdiff.scene.picture.warm_up``)."""
-    from wdiff.scene import picture, render
+def load_pictures() -> None:
+    """The worker's first job: import Open3D (about 0.45 s) and the scene's modules, and keep the
+    renderer between pictures (``render.keep_renderer``).
+
+    Not more: making the renderer and drawing a frame to throw away would save the first picture
+    about 0.15 s, but that is work the worker would do while the run still computes, on a 2-core
+    machine where compute uses both, and the run does not wait for the first picture (it draws the
+    report's charts meanwhile, which take longer)."""
+    import open3d  # noqa: F401
+
+    from wdiff.scene import picture, render  # noqa: F401
 
     render.keep_renderer()
-    picture.warm_up(picture_size)
 
 
 _LENGTH = 8  # bytes of the length that goes before each message, little-endian

@@ -48,8 +48,9 @@ class Picture:
         max_render_points: int | None = None,
     ) -> Picture:
         """Fit the camera of ``view`` to the whole model (every block's frame in the picture)."""
+        width, height = size
         top = TITLE_HEIGHT if title else 0
-        img_w, img_h = render_size(size, bool(title))
+        img_w, img_h = width - PANEL_WIDTH, height - top - FOOTER_HEIGHT
         if img_w < 64 or img_h < 64:
             raise ValueError(f"size {size} is too small for the picture")
         budget = max_render_points or img_w * img_h // 4
@@ -130,29 +131,3 @@ def render_frames(pictures: Sequence[Picture], frames: Sequence[Frame]) -> list[
     runs this: ``wdiff.scene.outputs``)."""
     with render.Offscreen(pictures[0].view_size) as renderer:
         return [p.render(renderer, f) for p, f in zip(pictures, frames)]
-
-
-def render_size(size: tuple[int, int], titled: bool = True) -> tuple[int, int]:
-    """The size of the Open3D render inside a picture of ``size``: less the panel at the right, the
-    footer and (``titled``) the title."""
-    width, height = size
-    return width - PANEL_WIDTH, height - (TITLE_HEIGHT if titled else 0) - FOOTER_HEIGHT
-
-
-def warm_up(size: tuple[int, int] | None = None) -> None:
-    """Load Open3D; with ``size``, also make the renderer of a titled picture of that size and draw
-    one frame of two points and a line, thrown away (the picture worker does this while the run
-    scans and computes, ``wdiff.worker.load_pictures``): the first frame of a renderer costs more
-    than the next ones, and the next ones are what the pictures then pay."""
-    import open3d  # noqa: F401
-
-    if size is None:
-        return
-    view = render_size(size)
-    if min(view) < 64:
-        return
-    xyz = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], np.float32)
-    camera = render.fit_camera(xyz, view[0] / view[1])
-    lines = (xyz.astype(np.float64), np.array([[0, 1]], np.int32))
-    with render.Offscreen(view) as renderer:
-        renderer.draw(xyz, np.full((2, 3), 200, np.uint8), camera, 2.0, lines)
