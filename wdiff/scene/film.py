@@ -94,8 +94,8 @@ def write_film(
     sizes: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Write ``frames.gif`` (and ``frames.mp4``) into ``folder``; returns the file names written."""
-    from wdiff.scene import render
-    from wdiff.scene.picture import Picture
+    from wdiff import worker
+    from wdiff.scene.picture import Picture, render_frames
 
     folder = Path(folder)
     arrays, pool, factor = read_frames(frames_path, scene.names)
@@ -105,10 +105,13 @@ def write_film(
     cs = film_scale(scenes, options, sizes)
     title = f"{run_name}: |W(t+1) - W(t)| of one interval"
     picture = Picture.plan(scenes[0], options.size, title, options.views[0])
-    pictures = []
-    with render.Offscreen(picture.view_size) as renderer:
-        for t, s in enumerate(scenes):
-            pictures.append(picture.draw(renderer, s, cs, stamp=_steps_text(steps, t)))
+    frames = [picture.frame(s, cs) for s in scenes]
+    # one job per frame: the worker renders the next frame while this process finishes the last
+    renders = [worker.shared().submit(render_frames, [picture], [frame]) for frame in frames]
+    pictures = [
+        picture.finish(job.result()[0], frame, cs, stamp=_steps_text(steps, t))
+        for t, (job, frame) in enumerate(zip(renders, frames))
+    ]
     stack = np.stack(pictures)
     written = [GIF]
     write_gif(folder / GIF, stack)

@@ -3,8 +3,7 @@
 
 Reads ``accumulated.safetensors`` once (through ``pooled.safetensors`` when compute pooled on the
 way) into the scene at full budget; every other output is made from that scene in memory. Open3D
-renders in the picture worker (``wdiff.worker``, the film whole there), the rest is done here,
-meanwhile.
+renders in the picture worker (``wdiff.worker``) while this process does the rest.
 """
 
 from __future__ import annotations
@@ -48,48 +47,36 @@ def write_outputs(
     (tensor name -> RMS of its W(0), ``wdiff.scene.tensor_sizes``) is needed for
     ``normalize="relative"``.
 
-    Open3D renders in the picture worker (``wdiff.worker``) while this process writes the PLY files
-    and ``scene.html``. With ``pending``, the pictures are not finished here: their ``Views`` is
-    appended there, for the caller to ``finish()`` (``wdiff.run`` writes the report's charts first).
+    Open3D renders in the picture worker (``wdiff.worker``) while this process writes the PLY files,
+    the film and ``scene.html``. With ``pending``, the pictures are not finished here: their ``Views``
+    is appended there, for the caller to ``finish()`` (``wdiff.run`` draws the report's charts first).
     Without, this returns once every file is written.
     """
     from wdiff import scene as sc
-    from wdiff import worker
 
     folder = Path(folder)
     built = sc.build_scene(folder / ACCUMULATED, names, max_points=options.max_points, pool=options.pool)
     colors = sc.colorize_scene(built, options.color_scale, options.normalize, sizes)
     views = None
-    film = None
     if options.render:
         step("render")
         views = Views.start(built, colors.scale, folder, title, options)
+    sc.write_points_ply(built, colors, folder / POINTS)  # meanwhile, here
+    files = [POINTS, *(views.files if views is not None else ())]
+    if options.mesh:
+        step("mesh")
+        write_mesh(built, colors.scale, folder / MESH, options.max_points)
+        files.append(MESH)
     if options.frames and (folder / FRAMES).is_file():
+        step("frames")
         from wdiff.scene.film import write_film
 
-        film = worker.shared().submit(
-            write_film, folder, folder / FRAMES, built, run_name, steps, options, sizes
-        )
-    files = [POINTS, *(views.files if views is not None else ())]
-    try:  # meanwhile, here: the PLY files and scene.html
-        sc.write_points_ply(built, colors, folder / POINTS)
-        if options.mesh:
-            step("mesh")
-            write_mesh(built, colors.scale, folder / MESH, options.max_points)
-            files.append(MESH)
-        if options.html:
-            step("html")
-            from wdiff.scene.webview import write_html
-
-            write_html(built, colors.scale, folder / HTML, title, options.html_points)
-    except BaseException:
-        if film is not None:  # it writes into the folder, which the caller may now remove
-            worker.abandon([film])
-        raise
-    if film is not None:
-        step("frames")
-        files += film.result()  # which files the film made (the MP4 needs an encoder) goes in the summary
+        files += write_film(folder, folder / FRAMES, built, run_name, steps, options, sizes)
     if options.html:
+        step("html")
+        from wdiff.scene.webview import write_html
+
+        write_html(built, colors.scale, folder / HTML, title, options.html_points)
         files.append(HTML)
     if views is not None:
         if pending is None:
