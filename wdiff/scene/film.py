@@ -9,6 +9,7 @@ Output is ``frames.gif`` and, when imageio finds an ffmpeg encoder (``pip instal
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -105,13 +106,21 @@ def write_film(
     cs = film_scale(scenes, options, sizes)
     title = f"{run_name}: |W(t+1) - W(t)| of one interval"
     picture = Picture.plan(scenes[0], options.size, title, options.views[0])
-    frames = [picture.frame(s, cs) for s in scenes]
-    # one job per frame: the worker renders the next frame while this process finishes the last
-    renders = [worker.shared().submit(render_frames, [picture], [frame]) for frame in frames]
-    pictures = [
-        picture.finish(job.result()[0], frame, cs, stamp=_steps_text(steps, t))
-        for t, (job, frame) in enumerate(zip(renders, frames))
-    ]
+    pictures: list[np.ndarray] = []
+    rendering: collections.deque = collections.deque()  # (frame, its job): at most this one and the next
+
+    def finish_oldest() -> None:
+        frame, job = rendering.popleft()
+        stamp = _steps_text(steps, len(pictures))
+        pictures.append(picture.finish(job.result()[0], frame, cs, stamp=stamp))
+
+    for s in scenes:  # the worker renders each frame while the one before is finished here
+        frame = picture.frame(s, cs)
+        rendering.append((frame, worker.shared().submit(render_frames, [picture], [frame])))
+        if len(rendering) == 2:
+            finish_oldest()
+    while rendering:
+        finish_oldest()
     stack = np.stack(pictures)
     written = [GIF]
     write_gif(folder / GIF, stack)
