@@ -140,3 +140,23 @@ def test_the_worker_ends_quietly_when_its_caller_dies(tmp_path):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{pid}"), "the worker outlived its caller"
     assert p.stderr == ""
+
+
+def test_the_worker_runs_the_very_wdiff_of_its_caller():
+    """A caller that found wdiff through its own sys.path (a notebook's ``sys.path.insert``), with no
+    PYTHONPATH: the worker imports the same files."""
+    import wdiff
+
+    root = os.path.dirname(os.path.dirname(wdiff.__file__))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {root!r})
+        from wdiff import worker
+        print(worker.shared().submit(eval, "__import__('wdiff').__file__").result())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == wdiff.__file__

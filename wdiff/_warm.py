@@ -69,7 +69,10 @@ def start(plotting: bool = False) -> None:
     if plotting:
         from wdiff import worker
 
-        worker.warm()
+        try:
+            worker.warm()
+        except OSError:  # no child process here: the pictures say so, with context, when drawn
+            pass
 
 
 def import_scheduler(scheduler: str) -> None:

@@ -12,7 +12,7 @@ and encode there while this process writes the PLY, ``scene.html``, the summary 
     job.result()   # fn's return value, or its exception raised here
 
 Jobs run one at a time, in the order submitted; ``submit`` never waits (a thread writes the
-requests). The child runs ``main`` with this wdiff first on its path; it ignores
+requests). The child runs ``main`` of this very wdiff; it ignores
 Ctrl-C (this process decides what an interruption ends) and exits when its requests pipe closes:
 when this process closes it (``close``) or ends, however it ends. Its stdout is the reply pipe, so
 what native code prints there goes to stderr instead. Warnings a job raises are raised again here,
@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding this wdiff package
+# The child imports this very wdiff: its folder goes first on the path unless the path has it already
+# (an installed wdiff: its site-packages keeps its place, after the standard library).
+_START = (
+    "import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); import wdiff.worker as w; w.main()"
+)
 
 
 class WorkerError(RuntimeError):
@@ -80,14 +85,9 @@ class Worker:
     """The child process and the two pipes to it (see the module's docstring)."""
 
     def __init__(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
         self.pid = os.getpid()  # the process this worker belongs to (a fork must make its own)
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "from wdiff.worker import main; main()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
+            [sys.executable, "-c", _START.format(root=_ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         self.warmed = False  # whether ``warm`` had it load Open3D
         self._pending: collections.deque[Job] = collections.deque()  # submitted, not answered, in order
