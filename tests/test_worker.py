@@ -160,3 +160,19 @@ def test_the_worker_runs_the_very_wdiff_of_its_caller():
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == wdiff.__file__
+
+
+def test_jobs_submitted_from_several_threads_each_get_their_own_answer(pool):
+    import threading
+
+    got: dict[int, object] = {}
+
+    def ask(k: int) -> None:
+        got[k] = pool.submit(sum, [k, k]).result()
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {k: 2 * k for k in range(16)}

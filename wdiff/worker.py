@@ -73,8 +73,10 @@ class Job:
             self._worker.wait_for(self)
         assert self._outcome is not None
         ok, value, caught = self._outcome
-        for message, category, filename, lineno, module in caught:
-            warnings.warn_explicit(message, category, filename, lineno, module=module)
+        if caught:  # once, at the first call
+            self._outcome = (ok, value, [])
+            for message, category, filename, lineno, module in caught:
+                warnings.warn_explicit(message, category, filename, lineno, module=module)
         if ok:
             return value
         error, text = value
@@ -92,6 +94,7 @@ class Worker:
         self.warmed = False  # whether ``warm`` had it load Open3D
         self._pending: collections.deque[Job] = collections.deque()  # submitted, not answered, in order
         self._lock = threading.Lock()  # one reader of the replies at a time
+        self._submitting = threading.Lock()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="wdiff-worker-requests", daemon=True)
         self._writer.start()
@@ -101,9 +104,9 @@ class Worker:
         one that cannot be pickled fails here."""
         request = _frame(pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
         job = Job(self)
-        with self._lock:
+        with self._submitting:  # the answers come in the order of the requests
             self._pending.append(job)
-        self._outbox.put(request)
+            self._outbox.put(request)
         return job
 
     def _write(self) -> None:
@@ -147,10 +150,6 @@ class Worker:
                 return False, (WorkerError(f"the picture worker's answer cannot be read: {e}"), ""), []
         code = self._process.wait()
         return False, (WorkerError(f"the picture worker ended (exit code {code})"), ""), []
-
-    def busy(self) -> bool:
-        """Whether some job submitted has not been answered yet."""
-        return any(not job.done() for job in self._pending)
 
     def alive(self) -> bool:
         return self._process.poll() is None
