@@ -27,21 +27,6 @@ def pool():
     w.kill()
 
 
-def _gone(pid: int, within: float = 20.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # a child of this process that exited stays a zombie until waited for
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(")")[-1].split()[0] == "Z":
-                return True
-        time.sleep(0.05)
-    return False
-
-
 def test_answers_arrive_in_order_to_their_own_job(pool):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     jobs = [pool.submit(np.multiply, a, k) for k in range(5)]
@@ -98,11 +83,11 @@ def test_a_worker_that_dies_fails_its_jobs_and_the_next_shared_one_is_new():
     assert worker.shared().submit(os.getpid).result() != first
 
 
-def test_abandon_ends_a_busy_worker_at_once():
+def test_kill_ends_a_busy_worker_at_once():
     w = worker.shared()
     busy = w.submit(time.sleep, 30)
     t0 = time.monotonic()
-    worker.abandon([busy])
+    w.kill()
     with pytest.raises(worker.WorkerError):
         busy.result()
     assert time.monotonic() - t0 < 10

@@ -1,10 +1,10 @@
-"""The picture worker: a child process that draws the pictures while the run goes on.
+"""The picture worker: a child process that renders the pictures while the run goes on.
 
-Why a process: before its first picture, Open3D costs a process about 1 s (0.4 s to import, most of
+Why a process: before its first picture, Open3D costs a process about 1 s (0.45 s to import, half of
 it the ``dash`` web framework its ``visualization`` package imports unconditionally; then Filament's
 engine, the Vulkan software device and its shaders), and it holds the GIL while it renders. In a
 child started with the run, that start-up overlaps the scan and compute, and the pictures render
-and encode there while this process writes the PLY, ``scene.html``, the summary and the report.
+there while this process writes the PLY, ``scene.html``, the summary and the report's charts.
 
     from wdiff import worker
     job = worker.shared().submit(fn, *args, **kwargs)   # fn: a module-level function, args picklable
@@ -12,11 +12,10 @@ and encode there while this process writes the PLY, ``scene.html``, the summary 
     job.result()   # fn's return value, or its exception raised here
 
 Jobs run one at a time, in the order submitted; ``submit`` never waits (a thread writes the
-requests). The child runs ``main`` of this very wdiff; it ignores
-Ctrl-C (this process decides what an interruption ends) and exits when its requests pipe closes:
-when this process closes it (``close``) or ends, however it ends. Its stdout is the reply pipe, so
-what native code prints there goes to stderr instead. Warnings a job raises are raised again here,
-from ``Job.result``.
+requests). The child runs ``main`` of this very wdiff. It ignores Ctrl-C (this process decides what
+an interruption ends) and exits when its requests pipe closes: when this process closes it
+(``close``) or ends, however it ends. Its stdout is the reply pipe, so what native code prints there
+goes to stderr instead. Warnings a job raises are raised again here, from ``Job.result``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +184,6 @@ def shared() -> Worker:
 def started() -> bool:
     """Whether this process has a picture worker running (without starting one)."""
     return _shared is not None and _shared.pid == os.getpid() and _shared.alive()
-
-
-def abandon(jobs: Iterable[Job]) -> None:
-    """Jobs nobody will wait for: the worker of any of them not answered yet is ended (it may be
-    writing into a folder about to be removed); the next ``shared()`` starts another."""
-    for w in {id(job._worker): job._worker for job in jobs if not job.done()}.values():
-        w.kill()
 
 
 def warm() -> None:
