@@ -396,7 +396,7 @@ def draw(
     pictures: list[Views] | None = None,
 ) -> dict[str, Any]:
     """Results on disk -> point cloud PLY, pictures, mesh, film, HTML viewer (``wdiff.scene.outputs``).
-    With ``pictures``, the pictures may still be drawing on return: their jobs are appended there."""
+    With ``pictures``, the pictures may still be rendering on return: their ``Views`` are appended there."""
     from wdiff.scene.outputs import write_outputs
 
     def step(what: str) -> None:
