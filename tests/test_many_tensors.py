@@ -23,7 +23,7 @@ from tests.factories import save
 from tests.kinds import check_against_reference
 from wdiff import compute
 from wdiff.naming import network_order
-from wdiff.results import ACCUMULATED, POOLED, ROWS
+from wdiff.schema import ACCUMULATED, POOLED, ROWS
 
 
 def moe(n: int, experts: int = 8) -> list[tuple[str, tuple[int, ...]]]:

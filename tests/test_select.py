@@ -28,7 +28,6 @@ from wdiff import api
 from wdiff.checks import OptionError
 from wdiff.errors import WdiffError
 from wdiff.results import Results
-from wdiff.schema import load_results
 from wdiff.select import Selection
 from wdiff.watcher import KEPT_LAST, Watcher
 
@@ -268,7 +267,7 @@ def test_results_without_a_selection_read_as_everything(tmp_path, seq):
     bad["selection"]["every"] = 0
     (out / "summary.json").write_text(json.dumps(bad))
     with pytest.raises(WdiffError, match=r"summary.json: not wdiff's summary: selection.every: expected"):
-        load_results(out)
+        Results.load(out)
     assert api.run(root, out, **OPTIONS).summary["update"] == "full"  # not extended: recomputed
 
 

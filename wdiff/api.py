@@ -32,8 +32,8 @@ from wdiff.detail import finish_frames, write_cells
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
 from wdiff.readers.remote import is_folded_url, is_url
-from wdiff.results import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, Results, write_json, write_rows
-from wdiff.schema import build_summary
+from wdiff.results import Results, write_json, write_rows
+from wdiff.schema import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, build_summary, read_summary
 from wdiff.sequence import Run, scanned_files
 from wdiff.update import Plan, cell_grids, plan_update
 
@@ -169,7 +169,7 @@ def run(
         finally:
             staging.close()
         report("checkpoints", end, total)
-    return Results.load(out)
+    return Results(out, read_summary(out / SUMMARY))  # the report checked these maps in staging
 
 
 SPECTRUM_AUTO_BYTES = 1 << 30  # the spectrum is on by default up to this many bytes of matrices

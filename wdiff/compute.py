@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 
 from wdiff import blocks, stream
+from wdiff.checks import SCHEDULERS
 from wdiff.chunk import ChunkStats, row_cols
 from wdiff.detail import Grid
 from wdiff.errors import WdiffError
 from wdiff.readers.base import prefetched
 from wdiff.results import OutputLayout
+from wdiff.schema import TensorEntry, tensor_entry
 from wdiff.sequence import AlignedTensor, Run
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "TASKS", "ComputeResult", "Grid", "Previous", "bytes_to_read", "compute"]
@@ -51,7 +53,7 @@ REMOTE_RANGES: dict[str, Callable[..., dict[str, list[tuple[int, int]]]]] = {
 class TensorResult:
     """What one tensor's aggregate task returns: its summary entry and its pooled cells."""
 
-    entry: dict
+    entry: TensorEntry
     cells: np.ndarray | None
     nonfinite: int
     rows: np.ndarray | None = None  # per-row accumulated change (float64, shape[0] rows)
@@ -65,7 +67,7 @@ class Previous:
     accumulated: str  # the earlier accumulated.safetensors
     offsets: dict[str, int]  # where each tensor's data starts in it
     known: int  # checkpoints it covers (K >= 2)
-    tensors: dict[str, dict]  # its summary entries
+    tensors: dict[str, TensorEntry]  # its summary entries
 
 
 def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
@@ -81,7 +83,7 @@ def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, ma
 
 def aggregate(
     tensor: AlignedTensor,
-    previous: dict | None,
+    previous: TensorEntry | None,
     grid: Grid | None,
     frame_grid: Grid | None,
     *chunks: ChunkStats,
@@ -150,22 +152,22 @@ def aggregate(
         frames = frame_grid.empty(intervals, frame_grid.shape[0])
         for c in chunks:
             _place(frames, c.frames, c.frame_row0, 1, maximum=not frame_grid.mean)
-    entry = {
-        "shape": list(tensor.shape),
-        "dtype": tensor.dtypes[0] if len(tensor.dtypes) == 1 else tensor.dtypes,
-        "numel": tensor.numel,
-        "accumulated_l1": acc_sum,
-        "accumulated_max": acc_max,
-        "net_l2": net,
-        "relative_change": net / first_norm if first_norm > 0 else None,
-        "interval_l1": interval_l1,
-        "interval_l2": interval_l2,
-        "l2": l2,
-        "rotation": rotation,
-        "distance_l2": distance_l2,
-        "distance_last_l2": distance_last_l2,
-        "nonfinite": counts,
-    }
+    entry = tensor_entry(
+        shape=list(tensor.shape),
+        dtypes=tensor.dtypes,
+        numel=tensor.numel,
+        accumulated_l1=acc_sum,
+        accumulated_max=acc_max,
+        net_l2=net,
+        relative_change=net / first_norm if first_norm > 0 else None,
+        interval_l1=interval_l1,
+        interval_l2=interval_l2,
+        l2=l2,
+        rotation=rotation,
+        distance_l2=distance_l2,
+        distance_last_l2=distance_last_l2,
+        nonfinite=counts,
+    )
     return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks), rows, frames)
 
 
@@ -312,16 +314,13 @@ def bytes_to_read(run: Run, previous: Previous | None = None) -> int:
 
 @dataclass(frozen=True)
 class ComputeResult:
-    tensors: dict[str, dict]  # summary entries
+    tensors: dict[str, TensorEntry]  # summary entries
     read_bytes: int
     compute_seconds: float
     chunks: int
     cells: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # pooled cells, non-finite
     rows: dict[str, np.ndarray] = field(default_factory=dict)  # per-row accumulated change
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # each new interval's pooled |dW|
-
-
-SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
 
 
 def compute(

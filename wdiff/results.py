@@ -1,5 +1,7 @@
-"""Results on disk: ``accumulated.safetensors`` laid out before compute writes into it, and
-``summary.json``. Everything downstream (scene, report, notebooks) reads these files, never checkpoints.
+"""Results on disk: ``accumulated.safetensors`` laid out before compute writes into it, the JSON
+wdiff writes, and ``Results``, a finished results folder read back (checked by ``wdiff.schema``, which
+names the files and owns the shape of ``summary.json``). Everything downstream (scene, report,
+notebooks) reads these files, never checkpoints.
 """
 
 from __future__ import annotations
@@ -16,19 +18,12 @@ import numpy as np
 
 from wdiff import timeline
 from wdiff.errors import WdiffError
+from wdiff.schema import ACCUMULATED, FRAMES, ROWS, Summary, read_results
 from wdiff.timeline import INTERVAL_COLUMNS, LOG_KEYS
 
 if TYPE_CHECKING:
     import pandas
     import xarray
-
-ACCUMULATED = "accumulated.safetensors"
-SUMMARY = "summary.json"
-POINTS = "points.ply"
-POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.detail)
-RENDER = "render.png"
-ROWS = "rows.safetensors"  # per tensor: the row sums of its accumulated map (float64, shape[0] rows)
-FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
 
 
 @dataclass(frozen=True)
@@ -147,12 +142,14 @@ class Results:
     """A finished ``wdiff`` output folder, for notebooks: the summary and the accumulated maps."""
 
     path: Path
-    summary: dict[str, Any]
+    summary: Summary
 
     @classmethod
     def load(cls, out: str | os.PathLike[str]) -> Results:
-        path = Path(out)
-        return cls(path, json.loads((path / SUMMARY).read_text()))
+        """The results in ``out``, checked (``wdiff.schema.read_results``): anything that is not wdiff's
+        results, a summary that is not its shape, or maps that do not hold its tensors is one
+        ``WdiffError`` line naming the file and the problem."""
+        return cls(*read_results(out))
 
     @property
     def names(self) -> list[str]:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wdiff import __version__, checks
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, FRAMES, ROWS, SUMMARY
-from wdiff.schema import read_summary
+from wdiff.schema import ACCUMULATED, FRAMES, ROWS, SUMMARY, read_summary
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:

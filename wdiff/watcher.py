@@ -47,8 +47,8 @@ from wdiff.checkpoints import expects_state, fingerprint, listing, read_one, tra
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
 from wdiff.outdir import link_or_copy, move, sibling
-from wdiff.results import SUMMARY, Results
-from wdiff.schema import read_summary
+from wdiff.results import Results
+from wdiff.schema import SUMMARY, read_summary
 from wdiff.select import Selection, choose_tensors, trimmed
 from wdiff.sequence import Checkpoint, Run
 

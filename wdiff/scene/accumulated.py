@@ -22,7 +22,7 @@ import numpy as np
 
 from wdiff.detail import Grid, grid_dims, read_pooled, to_means
 from wdiff.errors import WdiffError
-from wdiff.results import POOLED
+from wdiff.schema import POOLED
 
 #: Values per block read from disk (4 Mi float32 = 16 MiB).
 CHUNK_ELEMENTS = 1 << 22

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wdiff.results import ACCUMULATED, FRAMES, POINTS, RENDER
 from wdiff.scene.options import SceneOptions
+from wdiff.schema import ACCUMULATED, FRAMES, POINTS, RENDER, SceneEntry, scene_entry
 
 MESH = "mesh.ply"
 HTML = "scene.html"
@@ -33,7 +33,7 @@ def write_outputs(
     steps: Sequence[int | None] = (),
     step: Callable[[str], None] = lambda what: None,
     sizes: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
+) -> SceneEntry:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
 
     ``run_name`` and the checkpoints' ``steps`` title the film's frames.
@@ -67,17 +67,17 @@ def write_outputs(
 
         write_html(built, colors.scale, folder / HTML, title, options.html_points)
         files.append(HTML)
-    return {
-        "points": len(built),
-        "max_points": options.max_points,
-        "pool_factor": built.pool_factor,
-        "pool": options.pool,
-        "color_scale": options.color_scale,
-        "normalize": options.normalize,
-        "color_range": [colors.scale.vmin, colors.scale.vmax],
-        "blocks": [b.label for b in built.blocks],
-        "files": files,
-    }
+    return scene_entry(
+        points=len(built),
+        max_points=options.max_points,
+        pool_factor=built.pool_factor,
+        pool=options.pool,
+        color_scale=options.color_scale,
+        normalize=options.normalize,
+        color_range=[colors.scale.vmin, colors.scale.vmax],
+        blocks=[b.label for b in built.blocks],
+        files=files,
+    )
 
 
 def render_views(scene: Any, cs: Any, folder: Path, title: str, options: SceneOptions) -> list[str]:
