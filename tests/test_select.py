@@ -78,7 +78,7 @@ def _assert_same_tensors(got: Results, want: Results, names: list[str]) -> None:
     assert got.names == names
     for name in names:
         assert np.array_equal(got.accumulated(name), want.accumulated(name)), name
-        assert np.array_equal(got.rows(name), want.rows(name)), name
+        assert np.array_equal(got.neuron_change(name), want.neuron_change(name)), name
     assert_same_entries(got.summary["tensors"], {n: want.summary["tensors"][n] for n in names})
 
 

@@ -32,8 +32,8 @@ from wdiff.detail import finish_frames, write_cells
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
 from wdiff.readers.remote import is_folded_url, is_url
-from wdiff.results import Results, write_json, write_rows
-from wdiff.schema import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, build_summary, read_summary
+from wdiff.results import Results, write_json, write_neuron_change
+from wdiff.schema import ACCUMULATED, FRAMES, NEURON_CHANGE, POOLED, SUMMARY, build_summary, read_summary
 from wdiff.sequence import Run, scanned_files
 from wdiff.update import Plan, cell_grids, plan_update
 
@@ -280,7 +280,7 @@ def compute_or_reuse(
     workers: int | None,
     progress: Progress | None,
 ) -> ComputeResult:
-    """The result files in ``folder`` (accumulated map, row sums, the scene's cells, the frames) and
+    """The result files in ``folder`` (accumulated map, per-neuron change, the scene's cells, the frames) and
     the metrics: computed for what ``out`` does not hold yet, or carried over when it is up to date."""
     from wdiff.compute import ComputeResult, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -290,7 +290,7 @@ def compute_or_reuse(
     if plan.update == "up to date":  # nothing new to read: keep the results, redo the scene
         assert previous is not None
         link_or_copy(out / ACCUMULATED, folder / ACCUMULATED)
-        link_or_copy(out / ROWS, folder / ROWS)
+        link_or_copy(out / NEURON_CHANGE, folder / NEURON_CHANGE)
         for name in (POOLED, FRAMES) if scene.frames else (POOLED,):  # the scene checks the pooling fits
             if (out / name).is_file():
                 link_or_copy(out / name, folder / name)
@@ -319,7 +319,7 @@ def compute_or_reuse(
     )
     t_write = time.perf_counter()
     write_cells(folder / POOLED, grids, result.cells, scene.pool)
-    write_rows(folder / ROWS, result.rows)
+    write_neuron_change(folder / NEURON_CHANGE, result.neuron_change)
     if scene.frames:
         finish_frames(folder / FRAMES, result.frames, plan.frame_grids, scene.pool, plan.old_frames)
     # compute_seconds: from the first read to the last result written

@@ -56,7 +56,7 @@ class TensorResult:
     entry: TensorEntry
     cells: np.ndarray | None
     nonfinite: int
-    rows: np.ndarray | None = None  # per-row accumulated change (float64, shape[0] rows)
+    neuron_change: np.ndarray | None = None  # its accumulated map summed over each row (float64)
     frames: np.ndarray | None = None  # (new intervals, cell rows, cell cols)
 
 
@@ -89,7 +89,7 @@ def aggregate(
     *chunks: ChunkStats,
 ) -> TensorResult:
     """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry), and
-    its pooled cells, row sums and frames put together.
+    its pooled cells, per-neuron change and frames put together.
 
     ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
     then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it (the frames
@@ -319,7 +319,7 @@ class ComputeResult:
     compute_seconds: float
     chunks: int
     cells: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # pooled cells, non-finite
-    rows: dict[str, np.ndarray] = field(default_factory=dict)  # per-row accumulated change
+    neuron_change: dict[str, np.ndarray] = field(default_factory=dict)  # the map summed over each row
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # each new interval's pooled |dW|
 
 
@@ -368,9 +368,9 @@ def compute(
     values = [v for part in parts for v in (part.results if isinstance(part, Bundle) else (part,))]
     tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
     cells = {t.name: (v.cells, v.nonfinite) for t, v in zip(run.tensors, values) if v.cells is not None}
-    rows = {t.name: v.rows for t, v in zip(run.tensors, values) if v.rows is not None}
+    change = {t.name: v.neuron_change for t, v in zip(run.tensors, values) if v.neuron_change is not None}
     frames = {t.name: v.frames for t, v in zip(run.tensors, values) if v.frames is not None}
-    return ComputeResult(tensors, read_bytes, seconds, chunks, cells, rows, frames)
+    return ComputeResult(tensors, read_bytes, seconds, chunks, cells, change, frames)
 
 
 @contextlib.contextmanager

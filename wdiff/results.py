@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from wdiff import timeline
 from wdiff.errors import WdiffError
-from wdiff.schema import ACCUMULATED, FRAMES, ROWS, Summary, read_results
+from wdiff.schema import ACCUMULATED, FRAMES, NEURON_CHANGE, Summary, read_results
 from wdiff.timeline import INTERVAL_COLUMNS, LOG_KEYS
 
 if TYPE_CHECKING:
@@ -160,18 +161,26 @@ class Results:
         """The accumulated change map of one tensor (float32, the tensor's shape)."""
         return _get(self.path / ACCUMULATED, name)
 
-    def rows(self, name: str) -> np.ndarray:
-        """Per-row accumulated change of one tensor: the sum of its accumulated map over each row
-        (rows = first dimension: neurons, tokens, filters; a vector's rows are its elements)."""
-        return _get(self.path / ROWS, name)
+    def neuron_change(self, name: str) -> np.ndarray:
+        """The per-neuron change of one tensor: its accumulated map summed over each row, one float64
+        per row of the first dimension (a row of a weight matrix is one output neuron; of an
+        embedding, one token; of a conv kernel, one filter; a vector's rows are its elements). Read
+        from ``rows.safetensors``."""
+        return _get(self.path / NEURON_CHANGE, name)
 
-    def rows_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """``rows`` of many tensors, reading ``rows.safetensors``'s header once: a run of 100,000
-        tensors would otherwise parse it 100,000 times (quadratic in the tensor count)."""
-        return _get_many(self.path / ROWS, names)
+    def neuron_change_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """``neuron_change`` of many tensors, reading ``rows.safetensors``'s header once: a run of
+        100,000 tensors would otherwise parse it 100,000 times (quadratic in the tensor count)."""
+        return _get_many(self.path / NEURON_CHANGE, names)
+
+    def rows(self, name: str) -> np.ndarray:
+        """Deprecated: ``neuron_change`` (the old name; "rows" also names a tensor's first dimension
+        and table rows)."""
+        warnings.warn("Results.rows is deprecated: use Results.neuron_change", DeprecationWarning, 2)
+        return self.neuron_change(name)
 
     def accumulated_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """``accumulated`` of many tensors, one open of the file (see ``rows_of``)."""
+        """``accumulated`` of many tensors, one open of the file (see ``neuron_change_of``)."""
         return _get_many(self.path / ACCUMULATED, names)
 
     def frames(self, name: str) -> np.ndarray:
@@ -278,7 +287,8 @@ def _get_many(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: f.get_tensor(name) for name in names}
 
 
-def write_rows(path: str | os.PathLike[str], rows: dict[str, np.ndarray]) -> None:
+def write_neuron_change(path: str | os.PathLike[str], change: dict[str, np.ndarray]) -> None:
+    """``rows.safetensors``: each tensor's per-neuron change, float64."""
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(r, np.float64) for name, r in rows.items()}, str(path))
+    save_file({name: np.ascontiguousarray(r, np.float64) for name, r in change.items()}, str(path))

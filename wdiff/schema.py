@@ -11,10 +11,10 @@ reads it back:
 ``read_results(OUT)`` accepts a folder only when it is wdiff's results (its marker, or results of a
 wdiff from before the marker: ``wdiff.marker``), reads only regular files directly inside it (a
 symlink is never followed), checks every field the readers use for its type and length, and checks
-``accumulated.safetensors`` and ``rows.safetensors`` hold each tensor with the summary's shape. Every
-problem is one ``WdiffError`` line naming the file and the field. What passes can be analysed,
-reported and drawn without a ``KeyError`` or ``TypeError``. An incremental update extends only results
-of the same ``wdiff_version``.
+``accumulated.safetensors`` and ``rows.safetensors`` (the per-neuron change) hold each tensor with
+the summary's shape. Every problem is one ``WdiffError`` line naming the file and the field. What
+passes can be analysed, reported and drawn without a ``KeyError`` or ``TypeError``. An incremental
+update extends only results of the same ``wdiff_version``.
 
 This module imports nothing of compute, the readers' formats or the scene, so that everything that
 reads results (``wdiff.results`` first) can import it.
@@ -47,7 +47,7 @@ POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see w
 RENDER = "render.png"
 #: per tensor: the per-neuron change, its accumulated map summed over each row (float64, shape[0]
 #: values); the file keeps the name it has had since the first results
-ROWS = "rows.safetensors"
+NEURON_CHANGE = "rows.safetensors"
 FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
 
 MAX_SUMMARY_BYTES = 1 << 30
@@ -562,7 +562,7 @@ def read_summary(path: Path) -> Summary:
 
 def _check_maps(folder: Path, summary: Summary) -> None:
     """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
-    per-row sums, in ``rows.safetensors`` (F64, one value per row)."""
+    the per-neuron change, in ``rows.safetensors`` (F64, one value per row of the tensor)."""
     from wdiff.readers.safetensors import read_header
 
     path = regular_file(folder, ACCUMULATED)
@@ -575,11 +575,11 @@ def _check_maps(folder: Path, summary: Summary) -> None:
             raise WdiffError(
                 path, f"does not hold tensor {_cut(name)!r} as float32 {t['shape']} (summary.json)"
             )
-    if not os.path.lexists(folder / ROWS):
+    if not os.path.lexists(folder / NEURON_CHANGE):
         return
-    path = regular_file(folder, ROWS)
+    path = regular_file(folder, NEURON_CHANGE)
     if path is None:
-        raise WdiffError(folder / ROWS, "not a regular file (a symlink is never followed)")
+        raise WdiffError(folder / NEURON_CHANGE, "not a regular file (a symlink is never followed)")
     rows, _ = read_header(path)
     for name, t in summary["tensors"].items():
         if t["numel"] == 0:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wdiff import __version__, checks
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
 from wdiff.errors import WdiffError
-from wdiff.schema import ACCUMULATED, FRAMES, ROWS, SUMMARY, read_summary
+from wdiff.schema import ACCUMULATED, FRAMES, NEURON_CHANGE, SUMMARY, read_summary
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def previous_results(
         same_selection(old, run)
         and old.get("wdiff_version") == __version__
         and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
-        and (out / ROWS).is_file()
+        and (out / NEURON_CHANGE).is_file()
         and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
     )
     if not (same_start and same_tensors and same_setup):

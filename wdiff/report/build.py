@@ -294,7 +294,8 @@ def _profiles(m: RunMetrics, found: Sequence[Finding]) -> str:
     if not chosen:
         return ""
     pictures = [
-        h.image(figures.row_profile(n, m.rows[n]), "image/png", f"per-row change of {n}") for n in chosen
+        h.image(figures.row_profile(n, m.neuron_change[n]), "image/png", f"per-row change of {n}")
+        for n in chosen
     ]
     return h.section(
         "Per-row change",
