@@ -4,9 +4,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +63,51 @@ def layout_accumulated(tensors: Iterable[tuple[str, Sequence[int]]]) -> OutputLa
 
 
 def create_accumulated(path: str | os.PathLike[str], layout: OutputLayout) -> None:
-    """Write the header and size the file; compute tasks then fill the data with ``pwrite``."""
-    with open(path, "wb") as f:
-        f.write(layout.header)
-        f.truncate(layout.size)
+    """Write the header and size the file; compute tasks then fill the data with ``pwrite``.
+
+    The file's blocks are reserved up front (``preallocate``): a full disk is refused here, in one
+    line, before anything is read, and the map's writes then cost 40% less time than into a sparse file
+    (ext4 no longer reserves each page's block as it is first written: measured 0.10 s against 0.17 s
+    per GB written in 64 KiB pieces, see docs/performance.md).
+    """
+    try:
+        with open(path, "wb") as f:
+            f.write(layout.header)
+            f.truncate(layout.size)
+            preallocate(f.fileno(), layout.size)
+    except OSError as e:
+        need = f"{layout.size:,} bytes"
+        raise WdiffError(path, f"cannot reserve {need} for the results: {e.strerror}") from None
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of the first ``size`` bytes of file ``fd`` (Linux ``fallocate``, mode 0).
+
+    Raises OSError when the disk is full; does nothing where the file system cannot (``EOPNOTSUPP``),
+    or off Linux. Not ``os.posix_fallocate``: where fallocate is unsupported, glibc emulates it by
+    writing a byte into every block, which would write the whole map twice.
+    """
+    fallocate = _libc_fallocate()
+    if fallocate is None or size <= 0:
+        return
+    if fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc_fallocate() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate64
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _finite_or_none(value: Any) -> Any:
