@@ -34,6 +34,7 @@ __all__ = [
     "NoRender",
     "Normalize",
     "Spectrum",
+    "MapDtype",
     "UntilFile",
     "Out",
     "ParentPid",
@@ -164,6 +165,15 @@ Scheduler = Annotated[
     ),
 ]
 Workers = Annotated[int | None, typer.Option("--workers", help="Threads (default: one per core).")]
+MapDtype = Annotated[
+    str,
+    typer.Option(
+        "--map-dtype",
+        help="How accumulated.safetensors stores the map: float32, bfloat16 (half the bytes; rounded to "
+        "0.4%), or auto: bfloat16 for tensors stored in 16 bits or fewer, float32 for the rest. Metrics "
+        "and pictures come from the float32 sums either way.",
+    ),
+]
 Spectrum = Annotated[
     bool | None,
     typer.Option(

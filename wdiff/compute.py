@@ -25,7 +25,7 @@ from wdiff.chunk import ChunkStats, row_cols
 from wdiff.detail import Grid
 from wdiff.errors import WdiffError
 from wdiff.readers.base import prefetched
-from wdiff.results import OutputLayout
+from wdiff.results import MapSlot, OutputLayout
 from wdiff.sequence import AlignedTensor, Run
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "TASKS", "ComputeResult", "Grid", "Previous", "bytes_to_read", "compute"]
@@ -66,6 +66,10 @@ class Previous:
     offsets: dict[str, int]  # where each tensor's data starts in it
     known: int  # checkpoints it covers (K >= 2)
     tensors: dict[str, dict]  # its summary entries
+    dtypes: dict[str, str]  # how each tensor's map is stored in it (results.MAP_DTYPES)
+
+    def slot(self, name: str) -> MapSlot:
+        return MapSlot(self.accumulated, self.offsets[name], self.dtypes[name])
 
 
 def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
@@ -220,7 +224,7 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
         for item in items:
             stats = item.task(*item.args)
             nbytes += stats.nbytes
-            tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
+            tensor, grid, frame_grid = item.args[0], item.args[5], item.args[6]
             results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
@@ -268,7 +272,7 @@ def build_graph(
             refs = tensor.refs
             tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
             entry = previous.tensors[tensor.name]
-            acc_in = (previous.accumulated, previous.offsets[tensor.name])
+            acc_in = previous.slot(tensor.name)
         grid = (grids or {}).get(tensor.name)
         frame_grid = (frame_grids or {}).get(tensor.name)
         spans = _chunks(tensor, chunk_elements)
@@ -276,7 +280,7 @@ def build_graph(
         if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
-            args = (tensor, *spans[0], out_path, layout.offsets[tensor.name], acc_in, grid, frame_grid)
+            args = (tensor, *spans[0], layout.slot(out_path, tensor.name), acc_in, grid, frame_grid)
             bundle.append(BundleItem(task, args, entry))
             bundle_elements += tensor.numel
             continue
@@ -289,8 +293,7 @@ def build_graph(
                 tensor,
                 start,
                 stop,
-                out_path,
-                layout.offsets[tensor.name],
+                layout.slot(out_path, tensor.name),
                 acc_in,
                 grid,
                 frame_grid,

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,31 +35,60 @@ ROWS = "rows.safetensors"  # per tensor: the row sums of its accumulated map (fl
 FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
 
 
+MAP_DTYPES = {"F32": 4, "BF16": 2}  # how the accumulated map may be stored, and the bytes per value
+
+
+@dataclass(frozen=True)
+class MapSlot:
+    """Where one tensor's accumulated map is: its results file, the byte offset of element 0, and how
+    it is stored (``"F32"``, or ``"BF16"``: accumulated in float32, stored rounded to the nearest even)."""
+
+    path: str
+    offset: int
+    dtype: str = "F32"
+
+    @property
+    def itemsize(self) -> int:
+        return MAP_DTYPES[self.dtype]
+
+
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where each tensor's float32 values live in ``accumulated.safetensors``."""
+    """Where each tensor's values live in ``accumulated.safetensors``, and how they are stored."""
 
     header: bytes
     offsets: dict[str, int]  # absolute byte offset of each tensor's data
     size: int  # total file size
+    dtypes: dict[str, str]  # each tensor's storage dtype, a key of MAP_DTYPES
+
+    def slot(self, path: str, name: str) -> MapSlot:
+        """Where tensor ``name`` goes in this layout's file at ``path``."""
+        return MapSlot(path, self.offsets[name], self.dtypes[name])
 
 
-def layout_accumulated(tensors: Iterable[tuple[str, Sequence[int]]]) -> OutputLayout:
-    """Plan a safetensors file of float32 tensors in the given order (header padded to 8 bytes)."""
+def layout_accumulated(
+    tensors: Iterable[tuple[str, Sequence[int]]], dtypes: Mapping[str, str] | None = None
+) -> OutputLayout:
+    """Plan a safetensors file of the tensors in the given order (header padded to 8 bytes), each
+    stored as ``dtypes[name]`` (float32 where not given)."""
     entries: dict[str, Any] = {}
     relative: dict[str, int] = {}
+    stored: dict[str, str] = {}
     pos = 0
     for name, shape in tensors:
-        nbytes = 4 * math.prod(shape)
-        entries[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        stored[name] = dtype = (dtypes or {}).get(name, "F32")
+        nbytes = MAP_DTYPES[dtype] * math.prod(shape)
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         relative[name] = pos
         pos += nbytes
     entries["__metadata__"] = {"format": "pt", "producer": "wdiff", "content": "accumulated |dW|"}
+    if "BF16" in stored.values():
+        entries["__metadata__"]["rounding"] = "BF16 tensors: summed in float32, stored to nearest even"
     text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the official writer pads with spaces to a multiple of 8
     header = len(text).to_bytes(8, "little") + text
     base = len(header)
-    return OutputLayout(header, {k: base + v for k, v in relative.items()}, base + pos)
+    return OutputLayout(header, {k: base + v for k, v in relative.items()}, base + pos, stored)
 
 
 def create_accumulated(path: str | os.PathLike[str], layout: OutputLayout) -> None:
@@ -205,8 +234,9 @@ class Results:
         return list(self.summary["tensors"])
 
     def accumulated(self, name: str) -> np.ndarray:
-        """The accumulated change map of one tensor (float32, the tensor's shape)."""
-        return _get(self.path / ACCUMULATED, name)
+        """The accumulated change map of one tensor (float32, the tensor's shape; a map stored as BF16,
+        ``wdiff.update.map_dtypes``, widened exactly)."""
+        return _float32(_get(self.path / ACCUMULATED, name))
 
     def rows(self, name: str) -> np.ndarray:
         """Per-row accumulated change of one tensor: the sum of its accumulated map over each row
@@ -220,7 +250,14 @@ class Results:
 
     def accumulated_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """``accumulated`` of many tensors, one open of the file (see ``rows_of``)."""
-        return _get_many(self.path / ACCUMULATED, names)
+        return {n: _float32(a) for n, a in _get_many(self.path / ACCUMULATED, names).items()}
+
+    def map_dtype(self, name: str) -> str:
+        """How the accumulated map of one tensor is stored: "F32" or "BF16" (``wdiff.update.map_dtypes``)."""
+        from wdiff.readers.safetensors import read_header
+
+        refs, _ = read_header(self.path / ACCUMULATED)
+        return refs[name].dtype
 
     def frames(self, name: str) -> np.ndarray:
         """Each interval's change |W(t+1) - W(t)| of one tensor, pooled into the cells of its frame
@@ -306,8 +343,14 @@ def _interval_columns(summary: dict[str, Any]) -> dict[str, np.ndarray]:
     return columns
 
 
+def _float32(values: np.ndarray) -> np.ndarray:
+    """A map as float32: a BF16 one (ml_dtypes.bfloat16, as safetensors returns it) widened, exactly."""
+    return values if values.dtype == np.float32 else values.astype(np.float32)
+
+
 def _get(path: Path, name: str) -> np.ndarray:
     """One tensor of a results file (FileNotFoundError naming the file when the run did not write it)."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safe_open returns BF16 maps as it)
     from safetensors import safe_open
 
     if not path.is_file():
@@ -318,6 +361,7 @@ def _get(path: Path, name: str) -> np.ndarray:
 
 def _get_many(path: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
     """Tensors of one results file by name, one open and one header parse for all of them."""
+    import ml_dtypes  # noqa: F401  (see _get)
     from safetensors import safe_open
 
     if not path.is_file():

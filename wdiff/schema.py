@@ -24,7 +24,7 @@ from wdiff import __version__
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
 from wdiff.readers.remote import is_url
-from wdiff.results import ACCUMULATED, ROWS, SUMMARY, Results
+from wdiff.results import ACCUMULATED, MAP_DTYPES, ROWS, SUMMARY, Results
 
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
@@ -413,7 +413,7 @@ def read_summary(path: Path) -> Summary:
 
 
 def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
-    """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
+    """Every tensor of the summary is in the accumulated map (F32 or BF16, its shape) and, when the run wrote
     per-row sums, in ``rows.safetensors`` (F64, one value per row)."""
     from wdiff.readers.safetensors import read_header
 
@@ -423,9 +423,9 @@ def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
     refs, _ = read_header(path)
     for name, t in summary["tensors"].items():
         ref = refs.get(name)
-        if ref is None or ref.dtype != "F32" or list(ref.shape) != t["shape"]:
+        if ref is None or ref.dtype not in MAP_DTYPES or list(ref.shape) != t["shape"]:
             raise WdiffError(
-                path, f"does not hold tensor {_cut(name)!r} as float32 {t['shape']} (summary.json)"
+                path, f"does not hold tensor {_cut(name)!r} as float32/bfloat16 {t['shape']} (summary.json)"
             )
     if not os.path.lexists(folder / ROWS):
         return

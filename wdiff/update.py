@@ -36,6 +36,7 @@ class Plan:
     update: str  # "full", "incremental from K" or "up to date"
     frame_grids: dict[str, Grid]  # {} without frames
     old_frames: dict[str, np.ndarray] | None  # the earlier frames an incremental update extends
+    map_dtypes: dict[str, str]  # how each tensor's accumulated map is stored (``map_dtypes``)
 
 
 def plan_update(
@@ -48,12 +49,15 @@ def plan_update(
     incremental: bool,
     extend_only: bool,
     intervals: int | None = None,
+    map_dtype: str = "auto",
 ) -> Plan:
     """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``).
     ``intervals``: the film's grids are those of a run of that many intervals (a run committed in parts
-    keeps the grids of the whole, so that each part extends the one before)."""
+    keeps the grids of the whole, so that each part extends the one before). ``map_dtype``: how the
+    accumulated map is stored (``map_dtypes``)."""
+    dtypes = map_dtypes(run, map_dtype)
     previous, update = (
-        previous_results(out, run, fingerprints, chunk_elements) if incremental else (None, "full")
+        previous_results(out, run, fingerprints, chunk_elements, dtypes) if incremental else (None, "full")
     )
     shapes = [(t.name, t.shape) for t in run.tensors]
     budget = frame_budget_for(scene.frame_points, intervals or len(run.checkpoints) - 1, len(shapes))
@@ -65,7 +69,23 @@ def plan_update(
             previous, update = None, "full"
     if extend_only and previous is None:
         raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
-    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames)
+    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
+
+
+def map_dtypes(run: Run, choice: str = "auto") -> dict[str, str]:
+    """How each tensor's accumulated map is stored: ``"float32"`` or ``"bfloat16"`` for every tensor,
+    or ``"auto"``: BF16 for a tensor stored in 16 bits or fewer in every checkpoint (a BF16, F16 or
+    FP8 model's weights), float32 for the rest.
+
+    The map is summed in float32 either way, and every metric, row sum, cell and frame is taken from
+    that sum; only the stored map is rounded, to the nearest BF16 (relative error at most 2^-8, 0.39%),
+    which halves the bytes written (docs/performance.md). An extension reads the stored map back, so
+    each later extension of a BF16 map rounds once more."""
+    if choice == "float32":
+        return {t.name: "F32" for t in run.tensors}
+    if choice == "bfloat16":
+        return {t.name: "BF16" for t in run.tensors}
+    return {t.name: "BF16" if all(r.kind.bits <= 16 for r in t.refs) else "F32" for t in run.tensors}
 
 
 def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool: str) -> dict[str, Grid]:
@@ -78,13 +98,13 @@ def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool:
 
 
 def previous_results(
-    out: Path, run: Run, fingerprints: list[str], chunk_elements: int
+    out: Path, run: Run, fingerprints: list[str], chunk_elements: int, dtypes: dict[str, str] | None = None
 ) -> tuple[Previous | None, str]:
     """Earlier results in ``out`` that this run extends, and what kind of update this is.
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
     checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
-    (``same_selection``) and the same wdiff.
+    (``same_selection``), the same wdiff and stored each map as ``dtypes`` asks (default float32).
     Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
     (``wdiff.schema.read_summary``) included, means a full recompute.
     """
@@ -106,7 +126,7 @@ def previous_results(
     same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
         tensors[t.name]["shape"] == list(t.shape)
         and t.name in refs
-        and refs[t.name].dtype == "F32"
+        and refs[t.name].dtype == (dtypes or {}).get(t.name, "F32")
         and refs[t.name].shape == t.shape
         for t in run.tensors
     )
@@ -119,7 +139,8 @@ def previous_results(
     )
     if not (same_start and same_tensors and same_setup):
         return None, "full"
-    previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
+    offsets, stored = {n: r.offset for n, r in refs.items()}, {n: r.dtype for n, r in refs.items()}
+    previous = Previous(str(out / ACCUMULATED), offsets, known, tensors, stored)
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 

@@ -343,7 +343,8 @@ def watch(
     """
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
     checks.number("settle", settle, 1, 1000)
-    numbers = ("max_points", "frame_points", "chunk_elements", "workers")  # now, not at the first update
+    # now, not at the first update
+    numbers = ("max_points", "frame_points", "chunk_elements", "workers", "map_dtype")
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
     stop = stop or threading.Event()
