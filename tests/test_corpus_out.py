@@ -787,7 +787,9 @@ def _summary_fuzz(tmp_path: Path, results: Path, cases: int, seed: int, compare_
         text = json.dumps(summary)
         if rng.random() < 0.1:  # and the bytes themselves
             cut = rng.randrange(len(text))
-            text = text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "]]]"]) + text[cut + rng.randrange(3):]
+            text = (
+                text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "]]]"]) + text[cut + rng.randrange(3) :]
+            )
         (out / "summary.json").write_text(text, errors="surrogatepass")
         try:
             write_report(out, charts=False)
@@ -849,7 +851,7 @@ def test_a_full_disk_is_refused_before_anything_is_read(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     command = f"{sys.executable} -m wdiff run {run} -o {disk}/out -q --no-render"
-    script = f"mount -t tmpfs -o size=1m tmpfs {disk} && {command}; echo \"exit=$?\" >&2; ls -A {disk} >&2"
+    script = f'mount -t tmpfs -o size=1m tmpfs {disk} && {command}; echo "exit=$?" >&2; ls -A {disk} >&2'
     p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
                        env=HERE)  # fmt: skip
     if "exit=" not in p.stderr:

@@ -89,7 +89,7 @@ def run(
     commit_every: int | None = None,
     spectrum: bool | None = None,
     select: Selection | None = None,
-    map_dtype: str = "auto",
+    map_dtype: str = "float32",
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -124,9 +124,10 @@ def run(
     nothing else is read, and ``summary["selection"]`` records it. Earlier results of another
     selection are recomputed in full.
 
-    ``map_dtype``: how ``accumulated.safetensors`` stores the map, ``"float32"``, ``"bfloat16"`` or
-    ``"auto"`` (BF16 for tensors the checkpoints store in 16 bits or fewer; ``wdiff.update.map_dtypes``).
-    Everything else is computed from the float32 sums either way.
+    ``map_dtype``: how ``accumulated.safetensors`` stores the map, ``"float32"`` or ``"bfloat16"`` (half
+    the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
+    ``wdiff.update.map_dtypes``). A BF16 map is not extended when the run grows: it is recomputed.
+    Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
@@ -162,7 +163,7 @@ def run(
                 part = first_checkpoints(the_run, end) if end < total else the_run
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
                                    incremental=incremental or n > 0, intervals=total - 1,
-                                   map_dtype=map_dtype)  # fmt: skip
+                                   map_dtype=map_dtype if end == total else "float32")  # fmt: skip
             result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
             spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,

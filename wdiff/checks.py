@@ -31,7 +31,7 @@ _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
 _ADDRESS = re.compile(rf"(?:(?P<protocol>[a-z]+)://)?(?P<host>{_HOST})(?::(?P<port>[0-9]{{1,5}}))?")
 
 
-MAP_DTYPES = ("auto", "float32", "bfloat16")  # the choices of ``map_dtype`` (see wdiff.update.map_dtypes)
+MAP_DTYPES = ("float32", "bfloat16")  # the choices of ``map_dtype`` (see wdiff.update.map_dtypes)
 
 
 class OptionError(WdiffError):
@@ -122,7 +122,7 @@ def run_parameters(
     chunk_elements: object = None,
     scheduler_name: object = "threads",
     workers: object = None,
-    map_dtype: object = "auto",
+    map_dtype: object = "float32",
 ) -> None:
     """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on), and the
     accumulated map's storage."""

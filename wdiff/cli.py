@@ -167,7 +167,7 @@ def run_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
-    map_dtype: opt.MapDtype = "auto",
+    map_dtype: opt.MapDtype = "float32",
     revisions: opt.Revisions = None,
     commit_every: opt.CommitEvery = None,
     json_output: opt.Json = False,
@@ -428,7 +428,7 @@ def watch_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
-    map_dtype: opt.MapDtype = "auto",
+    map_dtype: opt.MapDtype = "float32",
     poll: opt.Poll = 10.0,
     include: opt.Include = None,
     exclude: opt.Exclude = None,
@@ -443,7 +443,7 @@ def watch_command(
 
     from wdiff.readers.remote import is_folded_url
     from wdiff.results import Results
-    from wdiff.watcher import process_ended, watch
+    from wdiff.watcher import check_map_dtype, process_ended, watch
 
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
     ended = process_ended(parent_pid) if parent_pid is not None else None
@@ -466,6 +466,7 @@ def watch_command(
         pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum, map_dtype,
     )  # fmt: skip
 
+    check_map_dtype(map_dtype)
     exports = _exports(tensorboard, wandb)
 
     def on_update(res: Results) -> None:

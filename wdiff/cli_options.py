@@ -169,9 +169,9 @@ MapDtype = Annotated[
     str,
     typer.Option(
         "--map-dtype",
-        help="How accumulated.safetensors stores the map: float32, bfloat16 (half the bytes; rounded to "
-        "0.4%), or auto: bfloat16 for tensors stored in 16 bits or fewer, float32 for the rest. Metrics "
-        "and pictures come from the float32 sums either way.",
+        help="How accumulated.safetensors stores the map: float32, or bfloat16 (half the bytes written, "
+        "rounded to 0.4%; metrics and pictures still come from float32 sums; recomputed, not extended, "
+        "when the run grows).",
     ),
 ]
 Spectrum = Annotated[

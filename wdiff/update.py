@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wdiff import __version__, checks
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, FRAMES, ROWS, SUMMARY
+from wdiff.results import ACCUMULATED, FRAMES, MAP_DTYPES, ROWS, SUMMARY
 from wdiff.schema import read_summary
 from wdiff.sequence import Run
 
@@ -49,7 +49,7 @@ def plan_update(
     incremental: bool,
     extend_only: bool,
     intervals: int | None = None,
-    map_dtype: str = "auto",
+    map_dtype: str = "float32",
 ) -> Plan:
     """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``).
     ``intervals``: the film's grids are those of a run of that many intervals (a run committed in parts
@@ -72,20 +72,17 @@ def plan_update(
     return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
 
 
-def map_dtypes(run: Run, choice: str = "auto") -> dict[str, str]:
-    """How each tensor's accumulated map is stored: ``"float32"`` or ``"bfloat16"`` for every tensor,
-    or ``"auto"``: BF16 for a tensor stored in 16 bits or fewer in every checkpoint (a BF16, F16 or
-    FP8 model's weights), float32 for the rest.
+def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str]:
+    """How each tensor's accumulated map is stored: ``"float32"`` (the default) or ``"bfloat16"``.
 
     The map is summed in float32 either way, and every metric, row sum, cell and frame is taken from
-    that sum; only the stored map is rounded, to the nearest BF16 (relative error at most 2^-8, 0.39%),
-    which halves the bytes written (docs/performance.md). An extension reads the stored map back, so
-    each later extension of a BF16 map rounds once more."""
-    if choice == "float32":
-        return {t.name: "F32" for t in run.tensors}
-    if choice == "bfloat16":
-        return {t.name: "BF16" for t in run.tensors}
-    return {t.name: "BF16" if all(r.kind.bits <= 16 for r in t.refs) else "F32" for t in run.tensors}
+    that sum; a BF16 map is only stored rounded, to the nearest (relative error at most 2^-8, 0.39%),
+    which halves the bytes written (docs/performance.md). A BF16 map is never extended: adding
+    intervals to a rounded sum again and again drifts (1,000 one-checkpoint extensions would leave
+    sums 27% low, as small changes fall below half a BF16 step of a large sum), so results stored in
+    BF16 are recomputed in full when the run grows (``previous_results``)."""
+    dtype = {"float32": "F32", "bfloat16": "BF16"}[choice]
+    return {t.name: dtype for t in run.tensors}
 
 
 def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool: str) -> dict[str, Grid]:
@@ -104,7 +101,9 @@ def previous_results(
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
     checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
-    (``same_selection``), the same wdiff and stored each map as ``dtypes`` asks (default float32).
+    (``same_selection``) and the same wdiff, and stored its map in float32 (a BF16 map, rounded, is
+    never extended: ``map_dtypes``). Results of every checkpoint are "up to date" when their maps are
+    stored as ``dtypes`` asks (default float32).
     Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
     (``wdiff.schema.read_summary``) included, means a full recompute.
     """
@@ -126,7 +125,7 @@ def previous_results(
     same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
         tensors[t.name]["shape"] == list(t.shape)
         and t.name in refs
-        and refs[t.name].dtype == (dtypes or {}).get(t.name, "F32")
+        and refs[t.name].dtype in MAP_DTYPES
         and refs[t.name].shape == t.shape
         for t in run.tensors
     )
@@ -138,6 +137,13 @@ def previous_results(
         and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
     )
     if not (same_start and same_tensors and same_setup):
+        return None, "full"
+    wanted = dtypes or {t.name: "F32" for t in run.tensors}
+    if known == len(run.checkpoints):
+        usable = all(refs[t.name].dtype == wanted[t.name] for t in run.tensors)  # kept as they are
+    else:
+        usable = all(refs[t.name].dtype == "F32" for t in run.tensors)  # summed on: only exact sums
+    if not usable:
         return None, "full"
     offsets, stored = {n: r.offset for n, r in refs.items()}, {n: r.dtype for n, r in refs.items()}
     previous = Previous(str(out / ACCUMULATED), offsets, known, tensors, stored)
