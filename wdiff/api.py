@@ -89,6 +89,7 @@ def run(
     commit_every: int | None = None,
     spectrum: bool | None = None,
     select: Selection | None = None,
+    map_dtype: str = "float32",
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -122,11 +123,16 @@ def run(
     a ``steps`` range, ``every`` Nth checkpoint) chooses what is read when ``inputs`` are scanned;
     nothing else is read, and ``summary["selection"]`` records it. Earlier results of another
     selection are recomputed in full.
+
+    ``map_dtype``: how ``accumulated.safetensors`` stores the map, ``"float32"`` or ``"bfloat16"`` (half
+    the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
+    ``wdiff.update.map_dtypes``). A BF16 map is not extended when the run grows: it is recomputed.
+    Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
         max_points=max_points, frame_points=frame_points, chunk_elements=chunk_elements,
-        scheduler_name=scheduler, workers=workers,
+        scheduler_name=scheduler, workers=workers, map_dtype=map_dtype,
     )  # fmt: skip
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
@@ -139,7 +145,7 @@ def run(
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
         whole = plan_update(out, the_run, fingerprints, chunk, scene, incremental=incremental,
-                            extend_only=extend_only)  # fmt: skip
+                            extend_only=extend_only, map_dtype=map_dtype)  # fmt: skip
         if on_scan is not None:
             on_scan(the_run)
         ends = commit_points(the_run, whole, commit_every)
@@ -156,7 +162,8 @@ def run(
             if len(ends) > 1:  # each part extends the one committed before it
                 part = first_checkpoints(the_run, end) if end < total else the_run
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
-                                   incremental=incremental or n > 0, intervals=total - 1)  # fmt: skip
+                                   incremental=incremental or n > 0, intervals=total - 1,
+                                   map_dtype=map_dtype if end == total else "float32")  # fmt: skip
             result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
             spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
@@ -295,7 +302,7 @@ def compute_or_reuse(
             if (out / name).is_file():
                 link_or_copy(out / name, folder / name)
         return ComputeResult(previous.tensors, 0, 0.0, 0)
-    layout = layout_accumulated((t.name, t.shape) for t in run.tensors)
+    layout = layout_accumulated(((t.name, t.shape) for t in run.tensors), plan.map_dtypes)
     create_accumulated(folder / ACCUMULATED, layout)
     total = bytes_to_read(run, previous)
 

@@ -33,6 +33,9 @@ _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
 _ADDRESS = re.compile(rf"(?:(?P<protocol>[a-z]+)://)?(?P<host>{_HOST})(?::(?P<port>[0-9]{{1,5}}))?")
 
 
+MAP_DTYPE_CHOICES = ("float32", "bfloat16")  # the choices of ``map_dtype`` (see wdiff.update.map_dtypes)
+
+
 class OptionError(WdiffError):
     """A parameter outside its range. ``parameter`` is its Python name, ``detail`` the rest of the line."""
 
@@ -119,8 +122,12 @@ def run_parameters(
     chunk_elements: object = None,
     scheduler_name: object = "threads",
     workers: object = None,
+    map_dtype: object = "float32",
 ) -> None:
-    """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on)."""
+    """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on), and the
+    accumulated map's storage."""
+    if map_dtype not in MAP_DTYPE_CHOICES:
+        raise OptionError("map_dtype", f"must be one of {', '.join(MAP_DTYPE_CHOICES)}, got {map_dtype!r}")
     number("max_points", max_points, *POINTS)
     number("frame_points", frame_points, *POINTS)
     if chunk_elements is not None:

@@ -26,7 +26,7 @@ from wdiff.chunk import ChunkStats, row_cols
 from wdiff.detail import Grid
 from wdiff.errors import WdiffError
 from wdiff.readers.base import prefetched
-from wdiff.results import OutputLayout
+from wdiff.results import MapSlot, OutputLayout
 from wdiff.schema import TensorEntry, tensor_entry
 from wdiff.sequence import AlignedTensor, Run
 
@@ -68,6 +68,10 @@ class Previous:
     offsets: dict[str, int]  # where each tensor's data starts in it
     known: int  # checkpoints it covers (K >= 2)
     tensors: dict[str, TensorEntry]  # its summary entries
+    dtypes: dict[str, str]  # how each tensor's map is stored in it (schema.MAP_DTYPES)
+
+    def slot(self, name: str) -> MapSlot:
+        return MapSlot(self.accumulated, self.offsets[name], self.dtypes[name])
 
 
 def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
@@ -222,7 +226,7 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
         for item in items:
             stats = item.task(*item.args)
             nbytes += stats.nbytes
-            tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
+            tensor, grid, frame_grid = item.args[0], item.args[5], item.args[6]
             results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
@@ -270,7 +274,7 @@ def build_graph(
             refs = tensor.refs
             tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
             entry = previous.tensors[tensor.name]
-            acc_in = (previous.accumulated, previous.offsets[tensor.name])
+            acc_in = previous.slot(tensor.name)
         grid = (grids or {}).get(tensor.name)
         frame_grid = (frame_grids or {}).get(tensor.name)
         spans = _chunks(tensor, chunk_elements)
@@ -278,7 +282,7 @@ def build_graph(
         if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
-            args = (tensor, *spans[0], out_path, layout.offsets[tensor.name], acc_in, grid, frame_grid)
+            args = (tensor, *spans[0], layout.slot(out_path, tensor.name), acc_in, grid, frame_grid)
             bundle.append(BundleItem(task, args, entry))
             bundle_elements += tensor.numel
             continue
@@ -291,8 +295,7 @@ def build_graph(
                 tensor,
                 start,
                 stop,
-                out_path,
-                layout.offsets[tensor.name],
+                layout.slot(out_path, tensor.name),
                 acc_in,
                 grid,
                 frame_grid,

@@ -49,6 +49,7 @@ RENDER = "render.png"
 #: values); the file keeps the name it has had since the first results
 NEURON_CHANGE = "rows.safetensors"
 FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
+MAP_DTYPES = {"F32": 4, "BF16": 2}  # how the accumulated map may be stored, and the bytes per value
 
 MAX_SUMMARY_BYTES = 1 << 30
 MAX_INT = 2**63
@@ -561,8 +562,8 @@ def read_summary(path: Path) -> Summary:
 
 
 def _check_maps(folder: Path, summary: Summary) -> None:
-    """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
-    the per-neuron change, in ``rows.safetensors`` (F64, one value per row of the tensor)."""
+    """Every tensor of the summary is in the accumulated map (F32 or BF16, its shape) and, when the run
+    wrote the per-neuron change, in ``rows.safetensors`` (F64, one value per row of the tensor)."""
     from wdiff.readers.safetensors import read_header
 
     path = regular_file(folder, ACCUMULATED)
@@ -571,9 +572,9 @@ def _check_maps(folder: Path, summary: Summary) -> None:
     refs, _ = read_header(path)
     for name, t in summary["tensors"].items():
         ref = refs.get(name)
-        if ref is None or ref.dtype != "F32" or list(ref.shape) != t["shape"]:
+        if ref is None or ref.dtype not in MAP_DTYPES or list(ref.shape) != t["shape"]:
             raise WdiffError(
-                path, f"does not hold tensor {_cut(name)!r} as float32 {t['shape']} (summary.json)"
+                path, f"does not hold tensor {_cut(name)!r} as float32/bfloat16 {t['shape']} (summary.json)"
             )
     if not os.path.lexists(folder / NEURON_CHANGE):
         return
