@@ -116,8 +116,8 @@ def run(
     ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
     ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
     times for a matrix over 512 x 512). None (the default): on for local inputs whose matrices hold at
-    most ``SPECTRUM_AUTO_BYTES`` per checkpoint, off for bigger ones and for remote inputs (their bytes
-    would be downloaded again).
+    most ``SPECTRUM_AUTO_ELEMENTS`` values (33.5 million) per checkpoint, off for bigger ones and for
+    remote inputs (their bytes would be downloaded again).
 
     ``select`` (a :class:`wdiff.select.Selection`: ``include``/``exclude`` globs on tensor names,
     a ``steps`` range, ``every`` Nth checkpoint) chooses what is read when ``inputs`` are scanned;
@@ -179,17 +179,22 @@ def run(
     return Results(out, read_summary(out / SUMMARY))  # the report checked these maps in staging
 
 
-SPECTRUM_AUTO_BYTES = 1 << 30  # the spectrum is on by default up to this many bytes of matrices
+# The spectrum is on by default up to this many matrix elements per checkpoint. Its cost is in the
+# elements, not the bytes: about 1.7 s per 45 million elements on 2 cores (six 4096 x 11008 updates took
+# 10.3 s, while the accumulated change of all six checkpoints took 0.4-0.8 s; docs/performance.md), so
+# this keeps a default run's spectrum near a second.
+SPECTRUM_AUTO_ELEMENTS = 1 << 25
 
 
 def spectrum_by_default(run: Run) -> bool:
     """Whether ``run`` gets update spectra when not asked either way: local inputs whose matrices (read
-    again from W(0) and W(T), up to six times) hold at most ``SPECTRUM_AUTO_BYTES`` per checkpoint."""
+    again from W(0) and W(T), up to six times) hold at most ``SPECTRUM_AUTO_ELEMENTS`` values per
+    checkpoint."""
     from wdiff.spectrum import is_matrix
 
     if any(is_url(p) for c in run.checkpoints for p in c.files):
         return False
-    return sum(t.refs[-1].nbytes for t in run.tensors if is_matrix(t)) <= SPECTRUM_AUTO_BYTES
+    return sum(t.numel for t in run.tensors if is_matrix(t)) <= SPECTRUM_AUTO_ELEMENTS
 
 
 REMOTE_COMMIT_EVERY = 16  # remote inputs: commit after this many new checkpoints (see ``run``)

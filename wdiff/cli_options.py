@@ -179,7 +179,7 @@ Spectrum = Annotated[
     typer.Option(
         "--spectrum/--no-spectrum",
         help="The singular values of each 2-D weight's update W(T) - W(0) (update_spectrum; reads the "
-        "first and last checkpoint again). Default: on for local runs of at most 1 GiB of matrices.",
+        "first and last checkpoint again). Default: on for local runs of at most 33.5 million matrix values.",
         show_default=False,
     ),
 ]

@@ -389,10 +389,15 @@ def update_spectra(
     from ``refs[0]`` and ``refs[-1]``. ``exact_side``: the largest ``min(m, n)`` given every singular
     value (default ``EXACT_SIDE``; 0: the randomized path for all but LoRA products). ``progress(n)``:
     n more tensors done."""
+    from threadpoolctl import threadpool_limits
+
     plan = _plan(tensors, EXACT_SIDE if exact_side is None else exact_side)
     parallel = workers or os.cpu_count() or 1
     found: dict[str, dict] = {}
-    with _scheduler(scheduler, workers) as get:
+    # One BLAS thread per task: the Dask threads are the parallelism. With OpenBLAS's own threads on
+    # top, its spinning workers and the tasks fight for the cores: the spectrum of one 3905 x 4096
+    # update took 5.6-6.1 s on 2 cores, against 0.71-0.72 s with one BLAS thread (docs/performance.md).
+    with threadpool_limits(limits=1, user_api="blas"), _scheduler(scheduler, workers) as get:
         bundles: list[list[AlignedTensor]] = [[]]
         size = 0
         for t in plan.small:  # about BLOCK_ELEMENTS per task (a LoRA product counts its factors)
