@@ -12,6 +12,7 @@ it on a 24 GB machine):
   /dev/null is none: it splices, and cached pages are never copied);
 - ``wdiff run`` with pictures (the defaults: render.png, points.ply, scene.html, the report);
 - ``wdiff run --no-render``;
+- both again with ``--map-dtype bfloat16`` (the map stored in half the bytes);
 - ``wdiff run --frames --mesh`` (its peak RSS is the target's);
 - ``benchmarks/torch_script.py``: per tensor, lazy ``safe_open(framework="pt")``, ``(w - prev).abs_()``
   accumulated in float32 (torch's threaded kernels).
@@ -51,6 +52,15 @@ def commands(data: Path, work: Path) -> dict[str, list[str]]:
         "read": [PYTHON, str(HERE / "read_all.py"), *map(str, shards(data))],
         "wdiff (pictures)": [*wdiff, "-o", str(work / "pictures")],
         "wdiff --no-render": [*wdiff, "--no-render", "-o", str(work / "no-render")],
+        "wdiff --map-dtype bfloat16": [*wdiff, "--map-dtype", "bfloat16", "-o", str(work / "bf16-map")],
+        "wdiff --no-render --map-dtype bfloat16": [
+            *wdiff,
+            "--no-render",
+            "--map-dtype",
+            "bfloat16",
+            "-o",
+            str(work / "bf16-map-no-render"),
+        ],  # fmt: skip
         "wdiff --frames --mesh": [*wdiff, "--frames", "--mesh", "-o", str(work / "frames-mesh")],
         "torch script": [
             PYTHON,

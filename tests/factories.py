@@ -266,7 +266,7 @@ def assert_same_results(watched, batch) -> None:
     assert watched.names == batch.names
     for name in batch.names:
         np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name), err_msg=name)
-        np.testing.assert_array_equal(watched.rows(name), batch.rows(name), err_msg=name)
+        np.testing.assert_array_equal(watched.neuron_change(name), batch.neuron_change(name), err_msg=name)
         w, b = watched.summary["tensors"][name], batch.summary["tensors"][name]
         for key in (
             "accumulated_l1",

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from factories import reference, save
 
@@ -92,12 +93,21 @@ def adapter_checkpoint(
     return folder
 
 
-def check_against_reference(entry: dict, acc: np.ndarray, weights: Sequence[np.ndarray]) -> None:
-    """One tensor's summary entry and accumulated map against the float64 numpy reference."""
+def check_against_reference(
+    entry: dict, acc: np.ndarray, weights: Sequence[np.ndarray], stored: str = "F32"
+) -> None:
+    """One tensor's summary entry and accumulated map against the float64 numpy reference. ``stored``:
+    how the map was stored (``Results.map_dtype``); a BF16 map holds BF16 values (checked) within
+    half a BF16 step (2^-8 of the value) of the reference."""
     ref = reference([{"w": w} for w in weights], "w")
     scale = max(float(np.max(ref["accumulated"], initial=0.0)), 1e-30)
     assert acc.shape == ref["accumulated"].shape and acc.dtype == np.float32
-    np.testing.assert_allclose(acc, ref["accumulated"], rtol=0, atol=1e-5 * scale)
+    if stored == "BF16":
+        np.testing.assert_array_equal(acc.astype(ml_dtypes.bfloat16).astype(np.float32), acc)
+        np.testing.assert_allclose(acc, ref["accumulated"], rtol=2**-8, atol=1e-5 * scale)
+    else:
+        assert stored == "F32", stored
+        np.testing.assert_allclose(acc, ref["accumulated"], rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(entry["accumulated_l1"], ref["accumulated"].sum(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(entry["net_l2"], ref["net_l2"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(entry["interval_l2"], ref["interval_l2"], rtol=1e-5, atol=1e-7)

@@ -46,9 +46,9 @@ def _check(result, acc, checkpoints, shapes=SHAPES):
             rows = ref["accumulated"].reshape(
                 ref["accumulated"].shape[0] if ref["accumulated"].ndim else 1, -1
             )
-            np.testing.assert_allclose(result.rows[name], rows.sum(axis=1), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(result.neuron_change[name], rows.sum(axis=1), rtol=1e-4, atol=1e-5)
         else:
-            assert name not in result.rows
+            assert name not in result.neuron_change
         np.testing.assert_allclose(got["l2"], ref["l2"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got["distance_l2"], ref["distance_l2"], rtol=1e-4, atol=1e-6)
         assert [r is None for r in got["rotation"]] == [r is None for r in ref["rotation"]]

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from factories import random_sequence, save, trainer_run
 from test_corpus import SHAPES, tree_hash, wdiff_run
@@ -786,7 +787,9 @@ def _summary_fuzz(tmp_path: Path, results: Path, cases: int, seed: int, compare_
         text = json.dumps(summary)
         if rng.random() < 0.1:  # and the bytes themselves
             cut = rng.randrange(len(text))
-            text = text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "]]]"]) + text[cut + rng.randrange(3):]
+            text = (
+                text[:cut] + rng.choice(["", "}", "\x00", "\ud800", "]]]"]) + text[cut + rng.randrange(3) :]
+            )
         (out / "summary.json").write_text(text, errors="surrogatepass")
         try:
             write_report(out, charts=False)
@@ -835,3 +838,27 @@ def test_a_summary_of_a_newer_schema_is_refused_in_one_line(earlier_results, tmp
     path.write_text(json.dumps(summary | {"schema": SUMMARY_SCHEMA + 1}))
     with pytest.raises(WdiffError, match=r"summary.json: not wdiff's summary: schema: expected at most 1 "):
         read_summary(path)
+
+
+def test_a_full_disk_is_refused_before_anything_is_read(tmp_path):
+    """OUT on a real 1 MiB tmpfs (a private mount namespace) and a run whose map needs 2 MiB: the map's
+    blocks are reserved when it is created, so the run stops there with one line naming the file and
+    the cause, exit 2, and nothing is left on the disk afterwards (no half-written results)."""
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        save(run / f"checkpoint-{step}" / "model.safetensors",
+             {"w": np.full((512, 1024), step, np.float32)})  # fmt: skip
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = f"{sys.executable} -m wdiff run {run} -o {disk}/out -q --no-render"
+    script = f'mount -t tmpfs -o size=1m tmpfs {disk} && {command}; echo "exit=$?" >&2; ls -A {disk} >&2'
+    p = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                       env=HERE)  # fmt: skip
+    if "exit=" not in p.stderr:
+        pytest.skip(f"needs unshare -m and a tmpfs mount (root): {p.stderr.strip()}")
+    error, status, *left = p.stderr.splitlines()
+    assert status == "exit=2", p.stderr
+    assert error.startswith(f"wdiff: error: {disk}/.out.wdiff-tmp-"), error  # the results' staging folder
+    assert error.split(": ")[2].endswith("/accumulated.safetensors"), error
+    assert "cannot reserve 2,097," in error and "for the results: No space left on device" in error, error
+    assert "Traceback" not in p.stderr and left == [], p.stderr  # no OUT, no staging folder left

@@ -99,6 +99,22 @@ def test_wdiff_has_no_import_cycle():
     assert cycles(graph()) == []
 
 
+def test_the_results_schema_imports_nothing_that_writes_or_reads_results():
+    """``wdiff.schema`` is read by ``wdiff.results`` and everything after it; what it reaches must not
+    reach back (compute, the results, the scene, the report)."""
+    edges = graph()
+    reached: set[str] = set()
+    todo = ["wdiff.schema"]
+    while todo:
+        m = todo.pop()
+        if m not in reached:
+            reached.add(m)
+            todo += edges[m]
+    above = {"wdiff.compute", "wdiff.results", "wdiff.api", "wdiff.metrics"}
+    assert sorted(m for m in reached if m in above or m.startswith(("wdiff.scene", "wdiff.report"))) == []
+    assert "wdiff.schema" in edges["wdiff.results"] and "wdiff.schema" in edges["wdiff.compute"]
+
+
 def test_no_two_modules_share_a_name():
     stems = [p.stem for p in ROOT.rglob("*.py") if p.name != "__init__.py"]
     assert sorted({s for s in stems if stems.count(s) > 1}) == []

@@ -157,7 +157,9 @@ def test_incremental_lora_run_equals_a_full_run(tmp_path):
     assert extended.summary["update"] == "incremental from 3"
     for name in full.names:
         np.testing.assert_allclose(extended.accumulated(name), full.accumulated(name), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(extended.rows(name), full.rows(name), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            extended.neuron_change(name), full.neuron_change(name), rtol=1e-6, atol=1e-7
+        )
         np.testing.assert_allclose(extended.frames(name), full.frames(name), rtol=1e-6, atol=1e-7)
         for key in ("interval_l2", "l2", "net_l2"):
             np.testing.assert_allclose(
@@ -250,7 +252,7 @@ def test_rows_frames_and_cells_equal_a_run_over_the_effective_weights(tmp_path, 
     for name in dense.names:
         close = {"rtol": 1e-5, "atol": 1e-6}
         np.testing.assert_allclose(lora.accumulated(name), dense.accumulated(name), **close)
-        np.testing.assert_allclose(lora.rows(name), dense.rows(name), **close)
+        np.testing.assert_allclose(lora.neuron_change(name), dense.neuron_change(name), **close)
         np.testing.assert_allclose(lora.frames(name), dense.frames(name), **close)
         for key in ("accumulated_l1", "net_l2", "interval_l2", "interval_l1", "l2", "rotation"):
             np.testing.assert_allclose(

@@ -23,7 +23,7 @@ from tests.factories import save
 from tests.kinds import check_against_reference
 from wdiff import compute
 from wdiff.naming import network_order
-from wdiff.results import ACCUMULATED, POOLED, ROWS
+from wdiff.schema import ACCUMULATED, NEURON_CHANGE, POOLED
 
 
 def moe(n: int, experts: int = 8) -> list[tuple[str, tuple[int, ...]]]:
@@ -131,7 +131,7 @@ def test_results_files_are_opened_once_per_run_whatever_the_tensor_count(tmp_pat
     small = counts_for(tmp_path, monkeypatch, 300)
     large = counts_for(tmp_path, monkeypatch, 600)
     assert small.opens == large.opens, (small.opens, large.opens)
-    assert all(large.opens[f] <= 2 for f in (ROWS, ACCUMULATED, POOLED)), large.opens
+    assert all(large.opens[f] <= 2 for f in (NEURON_CHANGE, ACCUMULATED, POOLED)), large.opens
     assert small.json_loads == large.json_loads <= 10
     # one per checkpoint in the scan, and one each of accumulated and rows when the report checks them
     # against summary.json (wdiff.schema)
@@ -192,7 +192,7 @@ def test_five_thousand_tensors_against_numpy(tmp_path):
     maps = res.accumulated_of(sample)
     for name in sample:
         check_against_reference(res.summary["tensors"][name], maps[name], [c[name] for c in seq])
-    rows = res.rows_of(sample)
+    rows = res.neuron_change_of(sample)
     for name in sample:
         expect = maps[name].astype(np.float64).reshape(maps[name].shape[0], -1).sum(axis=1)
         np.testing.assert_allclose(rows[name], expect, rtol=1e-6)
@@ -207,7 +207,7 @@ def test_bundles_give_the_same_bits_as_one_task_per_tensor(tmp_path, monkeypatch
     for name in bundled.names:
         a, b = dict(bundled.summary["tensors"][name]), dict(single.summary["tensors"][name])
         assert a == b, name
-    for f in (ACCUMULATED, ROWS):
+    for f in (ACCUMULATED, NEURON_CHANGE):
         assert (tmp_path / "bundled" / f).read_bytes() == (tmp_path / "single" / f).read_bytes()
     a, b = bundled.accumulated_of(bundled.names), single.accumulated_of(single.names)
     assert all(np.array_equal(a[n], b[n]) for n in a)

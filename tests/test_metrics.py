@@ -49,12 +49,26 @@ def test_tensor_metrics_match_numpy(run):
 def test_rows_match_numpy_row_sums(run):
     res, checkpoints = run
     m = metrics.analyse(res)
-    for name, rows in m.rows.items():
+    for name, rows in m.neuron_change.items():
         w = _w(checkpoints, name)
         acc = sum(np.abs(b - a) for a, b in zip(w, w[1:]))
         expected = acc.reshape(acc.shape[0], -1).sum(axis=1)
         np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6 * expected.max())
-    assert m.by_name["embed.weight"]["rows_unchanged"] == 1 and m.rows["embed.weight"][5] == 0
+    assert m.by_name["embed.weight"]["rows_unchanged"] == 1 and m.neuron_change["embed.weight"][5] == 0
+
+
+def test_the_old_rows_names_still_work_and_say_they_are_deprecated(run):
+    """``Results.rows`` and ``RunMetrics.rows`` (documented before the per-neuron change had its name)
+    give the same arrays, with a DeprecationWarning naming the new name."""
+    res, _ = run
+    m = metrics.analyse(res)
+    with pytest.warns(DeprecationWarning, match="use RunMetrics.neuron_change"):
+        assert m.rows is m.neuron_change
+    for name in res.names[:3]:
+        with pytest.warns(DeprecationWarning, match="use Results.neuron_change"):
+            old = res.rows(name)
+        assert old.dtype == np.float64 and np.array_equal(old, res.neuron_change(name))
+        np.testing.assert_array_equal(old, m.neuron_change[name])
 
 
 def test_interval_metrics_and_training_log_join(run):

@@ -63,7 +63,9 @@ def test_pieces_match_the_numpy_reference(tmp_path, code, chunk):
     run = Run(str(tmp_path), checkpoints, (tensor,), ())
     res = api.run(run, tmp_path / "out", render=False, chunk_elements=chunk)
     check_against_reference(res.summary["tensors"]["w"], res.accumulated("w"), stored)
-    np.testing.assert_allclose(res.rows("w"), res.accumulated("w").astype(np.float64).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        res.neuron_change("w"), res.accumulated("w").astype(np.float64).sum(axis=1), rtol=1e-5
+    )
 
 
 def test_a_piece_past_the_end_of_its_file_is_one_line(tmp_path):

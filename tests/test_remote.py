@@ -65,7 +65,7 @@ def assert_same(remote: Results, local: Results) -> None:
         c["step"] for c in local.summary["checkpoints"]
     ]
     names = list(local.summary["tensors"])
-    for a, b in zip(remote.rows_of(names).values(), local.rows_of(names).values()):
+    for a, b in zip(remote.neuron_change_of(names).values(), local.neuron_change_of(names).values()):
         assert np.array_equal(a, b, equal_nan=True)
 
 

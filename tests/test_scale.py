@@ -125,7 +125,7 @@ def test_incremental_run_extends_rows_and_frames_like_a_full_run(tmp_path):
     for name in shapes:
         assert grown.frames(name).shape[0] == 4
         np.testing.assert_array_equal(grown.frames(name), full.frames(name))
-        np.testing.assert_array_equal(grown.rows(name), full.rows(name))
+        np.testing.assert_array_equal(grown.neuron_change(name), full.neuron_change(name))
         assert grown.summary["tensors"][name]["interval_l1"] == full.summary["tensors"][name]["interval_l1"]
     again = wdiff.run(source, tmp_path / "inc", render=False, frames=True, frame_points=50)
     assert again.summary["update"] == "up to date"

@@ -28,7 +28,6 @@ from wdiff import api
 from wdiff.checks import OptionError
 from wdiff.errors import WdiffError
 from wdiff.results import Results
-from wdiff.schema import load_results
 from wdiff.select import Selection
 from wdiff.watcher import KEPT_LAST, Watcher
 
@@ -79,7 +78,7 @@ def _assert_same_tensors(got: Results, want: Results, names: list[str]) -> None:
     assert got.names == names
     for name in names:
         assert np.array_equal(got.accumulated(name), want.accumulated(name)), name
-        assert np.array_equal(got.rows(name), want.rows(name)), name
+        assert np.array_equal(got.neuron_change(name), want.neuron_change(name)), name
     assert_same_entries(got.summary["tensors"], {n: want.summary["tensors"][n] for n in names})
 
 
@@ -268,7 +267,7 @@ def test_results_without_a_selection_read_as_everything(tmp_path, seq):
     bad["selection"]["every"] = 0
     (out / "summary.json").write_text(json.dumps(bad))
     with pytest.raises(WdiffError, match=r"summary.json: not wdiff's summary: selection.every: expected"):
-        load_results(out)
+        Results.load(out)
     assert api.run(root, out, **OPTIONS).summary["update"] == "full"  # not extended: recomputed
 
 

@@ -278,3 +278,37 @@ def test_entry_formulas():
     assert top["rank_for_energy"] == {"0.5": 2, "0.9": None, "0.99": None}
     assert top["singular_values"] == [2.0, 2.0]
     assert top["energy_captured"] == pytest.approx(8 / 9)
+
+
+def test_the_spectrum_is_on_by_default_up_to_2_to_the_25_matrix_values(tmp_path):
+    """The default follows the spectrum's cost, the matrices' values (not their bytes): a run of BF16
+    matrices holding 2^25 values a checkpoint gets spectra, one value more does not, whatever the
+    dtype; vectors do not count. The shapes are set on the scanned run (reading 134 MB would test
+    nothing more: the rule looks at shapes only)."""
+    from dataclasses import replace
+
+    from wdiff.api import SPECTRUM_AUTO_ELEMENTS, spectrum_by_default
+
+    rng = np.random.default_rng(0)
+    seq = [
+        {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(5)} for _ in range(2)
+    ]
+    run = wdiff.scan(trainer_run(tmp_path / "run", seq, [1, 2]))
+    assert spectrum_by_default(run)
+
+    def sized(rows: int, cols: int, vector: int, dtype: str) -> wdiff.Run:
+        shapes = {"w": (rows, cols), "b": (vector,)}
+        tensors = tuple(
+            replace(
+                t,
+                shape=shapes[t.name],
+                refs=tuple(replace(r, shape=shapes[t.name], dtype=dtype) for r in t.refs),
+            )
+            for t in run.tensors
+        )
+        return replace(run, tensors=tensors)
+
+    assert SPECTRUM_AUTO_ELEMENTS == 1 << 25
+    for dtype in ("F32", "BF16"):
+        assert spectrum_by_default(sized(1 << 13, 1 << 12, 10**9, dtype))  # 2^25 values, a huge vector
+        assert not spectrum_by_default(sized(1 << 13, (1 << 12) + 1, 1, dtype))

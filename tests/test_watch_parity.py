@@ -71,7 +71,7 @@ def assert_same(watched: Results, batch: Results) -> None:
     assert (w.get("matching") or {}).get("shared") == (b.get("matching") or {}).get("shared")
     for name in batch.names:
         np.testing.assert_array_equal(watched.accumulated(name), batch.accumulated(name), err_msg=name)
-        np.testing.assert_array_equal(watched.rows(name), batch.rows(name), err_msg=name)
+        np.testing.assert_array_equal(watched.neuron_change(name), batch.neuron_change(name), err_msg=name)
         for key in (
             "aliases", "accumulated_l1", "accumulated_max", "net_l2", "interval_l1", "interval_l2", "l2",
             "rotation", "distance_l2", "nonfinite",

@@ -32,8 +32,8 @@ from wdiff.detail import finish_frames, write_cells
 from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
 from wdiff.readers.remote import is_folded_url, is_url
-from wdiff.results import ACCUMULATED, FRAMES, POOLED, ROWS, SUMMARY, Results, write_json, write_rows
-from wdiff.schema import build_summary
+from wdiff.results import Results, write_json, write_neuron_change
+from wdiff.schema import ACCUMULATED, FRAMES, NEURON_CHANGE, POOLED, SUMMARY, build_summary, read_summary
 from wdiff.sequence import Run, scanned_files
 from wdiff.update import Plan, cell_grids, plan_update
 
@@ -90,6 +90,7 @@ def run(
     commit_every: int | None = None,
     spectrum: bool | None = None,
     select: Selection | None = None,
+    map_dtype: str = "float32",
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -116,18 +117,23 @@ def run(
     ``spectrum``: the singular values of every 2-D weight's update ``W(T) - W(0)`` (``wdiff.spectrum``;
     ``update_spectrum`` in each tensor's summary entry), which reads W(0) and W(T) again (up to six
     times for a matrix over 512 x 512). None (the default): on for local inputs whose matrices hold at
-    most ``SPECTRUM_AUTO_BYTES`` per checkpoint, off for bigger ones and for remote inputs (their bytes
-    would be downloaded again).
+    most ``SPECTRUM_AUTO_ELEMENTS`` values (33.5 million) per checkpoint, off for bigger ones and for
+    remote inputs (their bytes would be downloaded again).
 
     ``select`` (a :class:`wdiff.select.Selection`: ``include``/``exclude`` globs on tensor names,
     a ``steps`` range, ``every`` Nth checkpoint) chooses what is read when ``inputs`` are scanned;
     nothing else is read, and ``summary["selection"]`` records it. Earlier results of another
     selection are recomputed in full.
+
+    ``map_dtype``: how ``accumulated.safetensors`` stores the map, ``"float32"`` or ``"bfloat16"`` (half
+    the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
+    ``wdiff.update.map_dtypes``). A BF16 map is not extended when the run grows: it is recomputed.
+    Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
     checks.run_parameters(  # before any work: a bad value is one line naming the parameter
         max_points=max_points, frame_points=frame_points, chunk_elements=chunk_elements,
-        scheduler_name=scheduler, workers=workers,
+        scheduler_name=scheduler, workers=workers, map_dtype=map_dtype,
     )  # fmt: skip
     if scene is None:
         scene = scene_options(max_points=max_points, render=render, frames=frames, frame_points=frame_points)
@@ -141,7 +147,7 @@ def run(
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
         whole = plan_update(out, the_run, fingerprints, chunk, scene, incremental=incremental,
-                            extend_only=extend_only)  # fmt: skip
+                            extend_only=extend_only, map_dtype=map_dtype)  # fmt: skip
         if on_scan is not None:
             on_scan(the_run)
         ends = commit_points(the_run, whole, commit_every)
@@ -159,7 +165,8 @@ def run(
             if len(ends) > 1:  # each part extends the one committed before it
                 part = first_checkpoints(the_run, end) if end < total else the_run
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
-                                   incremental=incremental or n > 0, intervals=total - 1)  # fmt: skip
+                                   incremental=incremental or n > 0, intervals=total - 1,
+                                   map_dtype=map_dtype if end == total else "float32")  # fmt: skip
             result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
             spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
@@ -172,20 +179,25 @@ def run(
         finally:
             staging.close()
         report("checkpoints", end, total)
-    return Results.load(out)
+    return Results(out, read_summary(out / SUMMARY))  # the report checked these maps in staging
 
 
-SPECTRUM_AUTO_BYTES = 1 << 30  # the spectrum is on by default up to this many bytes of matrices
+# The spectrum is on by default up to this many matrix elements per checkpoint. Its cost is in the
+# elements, not the bytes: about 1.7 s per 45 million elements on 2 cores (six 4096 x 11008 updates took
+# 10.3 s, while the accumulated change of all six checkpoints took 0.4-0.8 s; docs/performance.md), so
+# this keeps a default run's spectrum near a second.
+SPECTRUM_AUTO_ELEMENTS = 1 << 25
 
 
 def spectrum_by_default(run: Run) -> bool:
     """Whether ``run`` gets update spectra when not asked either way: local inputs whose matrices (read
-    again from W(0) and W(T), up to six times) hold at most ``SPECTRUM_AUTO_BYTES`` per checkpoint."""
+    again from W(0) and W(T), up to six times) hold at most ``SPECTRUM_AUTO_ELEMENTS`` values per
+    checkpoint."""
     from wdiff.spectrum import is_matrix
 
     if any(is_url(p) for c in run.checkpoints for p in c.files):
         return False
-    return sum(t.refs[-1].nbytes for t in run.tensors if is_matrix(t)) <= SPECTRUM_AUTO_BYTES
+    return sum(t.numel for t in run.tensors if is_matrix(t)) <= SPECTRUM_AUTO_ELEMENTS
 
 
 REMOTE_COMMIT_EVERY = 16  # remote inputs: commit after this many new checkpoints (see ``run``)
@@ -283,7 +295,7 @@ def compute_or_reuse(
     workers: int | None,
     progress: Progress | None,
 ) -> ComputeResult:
-    """The result files in ``folder`` (accumulated map, row sums, the scene's cells, the frames) and
+    """The result files in ``folder`` (accumulated map, per-neuron change, the scene's cells, the frames) and
     the metrics: computed for what ``out`` does not hold yet, or carried over when it is up to date."""
     from wdiff.compute import ComputeResult, bytes_to_read, compute
     from wdiff.results import create_accumulated, layout_accumulated
@@ -293,12 +305,12 @@ def compute_or_reuse(
     if plan.update == "up to date":  # nothing new to read: keep the results, redo the scene
         assert previous is not None
         link_or_copy(out / ACCUMULATED, folder / ACCUMULATED)
-        link_or_copy(out / ROWS, folder / ROWS)
+        link_or_copy(out / NEURON_CHANGE, folder / NEURON_CHANGE)
         for name in (POOLED, FRAMES) if scene.frames else (POOLED,):  # the scene checks the pooling fits
             if (out / name).is_file():
                 link_or_copy(out / name, folder / name)
         return ComputeResult(previous.tensors, 0, 0.0, 0)
-    layout = layout_accumulated((t.name, t.shape) for t in run.tensors)
+    layout = layout_accumulated(((t.name, t.shape) for t in run.tensors), plan.map_dtypes)
     create_accumulated(folder / ACCUMULATED, layout)
     total = bytes_to_read(run, previous)
 
@@ -322,7 +334,7 @@ def compute_or_reuse(
     )
     t_write = time.perf_counter()
     write_cells(folder / POOLED, grids, result.cells, scene.pool)
-    write_rows(folder / ROWS, result.rows)
+    write_neuron_change(folder / NEURON_CHANGE, result.neuron_change)
     if scene.frames:
         finish_frames(folder / FRAMES, result.frames, plan.frame_grids, scene.pool, plan.old_frames)
     # compute_seconds: from the first read to the last result written

@@ -31,6 +31,7 @@ from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles, Piece, TensorRef, open_input
 from wdiff.readers.lora import LoraRef
 from wdiff.readers.remote import is_url
+from wdiff.results import MapSlot
 from wdiff.sequence import AlignedTensor
 
 BLOCK_ELEMENTS = 1 << 20  # elements of one block (for LoRA, 1 Mi elements measured 4x faster than 64 Ki)
@@ -43,9 +44,8 @@ def _process(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out_path: str,
-    out_offset: int,
-    acc_in: tuple[str, int] | None,
+    out: MapSlot,
+    acc_in: MapSlot | None,
     grid: Grid | None,
     frame_grid: Grid | None,
     blocks: Iterator[tuple[int, int]],
@@ -54,11 +54,13 @@ def _process(
     nbytes: int,
 ) -> ChunkStats:
     """Fold the blocks ``[lo, hi)`` of ``[start, stop)`` (at most ``block`` elements each) of every
-    checkpoint, filled by ``fill``, into the accumulated map, its slice written to ``out_path``."""
+    checkpoint, filled by ``fill``, into the accumulated map, its slice written to ``out`` (as float32 or
+    rounded to BF16: ``kernels.round_bf16``, as ``stream`` stores it)."""
     count = len(tensor.refs)
     resume = acc_in is not None
     weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t), W(T-1) as float32 (kernels.slot)
     acc_buf = np.empty(block, np.float32)
+    bf16 = np.empty(block, np.int16)  # a BF16 map's slice
     lut = kernels.decode_table("F32")
     b = ChunkBuffers.for_chunk(tensor, start, stop, resume, grid, frame_grid)
     dims, frame_dims, mean = pooling_args(grid, frame_grid)
@@ -66,9 +68,9 @@ def _process(
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
     sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals)
     state = np.full(1, -1, np.int64)
-    fd = os.open(out_path, os.O_WRONLY)
+    fd = os.open(out.path, os.O_WRONLY)
     try:
-        acc_fd = open_input(acc_in[0]) if acc_in else -1
+        acc_fd = open_input(acc_in.path) if acc_in else -1
     except BaseException:
         os.close(fd)
         raise
@@ -77,10 +79,14 @@ def _process(
             n = hi - lo
             acc = acc_buf[:n]
             if acc_in:
-                raw = os.pread(acc_fd, n * 4, acc_in[1] + lo * 4)
-                if len(raw) != n * 4:
-                    raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
-                acc[:] = np.frombuffer(raw, np.float32)
+                size = acc_in.itemsize
+                raw = os.pread(acc_fd, n * size, acc_in.offset + lo * size)
+                if len(raw) != n * size:
+                    raise WdiffError(acc_in.path, "reading the previous results failed: the file shrank")
+                if acc_in.dtype == "BF16":
+                    kernels.widen_bf16(np.frombuffer(raw, np.int16), acc)  # exact
+                else:
+                    acc[:] = np.frombuffer(raw, np.float32)
             clean = False
             fill(count - 1, lo, hi, weights[kernels.LAST, : n * 4].view(np.float32))  # W(T-1) first
             for t in range(count):
@@ -94,8 +100,12 @@ def _process(
                 acc, lo, clean, totals, dims, mean, b.cells, b.cell_row0, b.line, state,
                 row_cols(tensor.shape), b.rows, b.first_row,
             )  # fmt: skip
-            if os.pwrite(fd, acc.tobytes(), out_offset + lo * 4) != n * 4:
-                raise WdiffError(out_path, "writing the results failed (disk full?)")
+            data = acc
+            if out.dtype == "BF16":
+                data = bf16[:n]
+                kernels.round_bf16(acc, data)
+            if os.pwrite(fd, data.tobytes(), out.offset + lo * out.itemsize) != n * out.itemsize:
+                raise WdiffError(out.path, "writing the results failed (disk full?)")
     finally:
         os.close(fd)
         if acc_fd >= 0:
@@ -165,9 +175,8 @@ def process_pieces(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out_path: str,
-    out_offset: int,
-    acc_in: tuple[str, int] | None = None,
+    out: MapSlot,
+    acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,
 ) -> ChunkStats:
@@ -185,7 +194,7 @@ def process_pieces(
         nbytes = (stop - start) * sum(g.itemsize for g in gathers)
         blocks = _even_blocks(start, stop, BLOCK_ELEMENTS)
         stats = _process(
-            tensor, start, stop, out_path, out_offset, acc_in, grid, frame_grid, blocks, BLOCK_ELEMENTS,
+            tensor, start, stop, out, acc_in, grid, frame_grid, blocks, BLOCK_ELEMENTS,
             fill, nbytes,
         )  # fmt: skip
         files.verify()  # not rewritten in place while it was read
@@ -247,9 +256,8 @@ def process_product(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out_path: str,
-    out_offset: int,
-    acc_in: tuple[str, int] | None = None,
+    out: MapSlot,
+    acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,
 ) -> ChunkStats:
@@ -273,6 +281,6 @@ def process_product(
     # adapter bytes, shared out over the chunks so that progress adds up to ``bytes_to_read``
     nbytes = sum(r.nbytes for r in tensor.refs) * (stop - start) // max(1, tensor.numel)
     return _process(
-        tensor, start, stop, out_path, out_offset, acc_in, grid, frame_grid, blocks(),
+        tensor, start, stop, out, acc_in, grid, frame_grid, blocks(),
         rows_per_block * cols, fill, nbytes,
     )  # fmt: skip

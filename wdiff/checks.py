@@ -25,10 +25,15 @@ CHUNK_MB = (0.0, float(CHUNK_ELEMENTS[1] * 4 >> 20))  # the CLI's unit: MiB, abo
 POLL = (0.1, 86_400.0)  # seconds between two looks of wdiff watch: a tenth of a second to a day
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
+#: the schedulers ``wdiff.compute`` runs on, as an error says them
+SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
 # Protocols of dask.distributed addresses (distributed.comm.registry): tcp://host:8786, tls://..., ...
 _PROTOCOLS = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
 _ADDRESS = re.compile(rf"(?:(?P<protocol>[a-z]+)://)?(?P<host>{_HOST})(?::(?P<port>[0-9]{{1,5}}))?")
+
+
+MAP_DTYPE_CHOICES = ("float32", "bfloat16")  # the choices of ``map_dtype`` (see wdiff.update.map_dtypes)
 
 
 class OptionError(WdiffError):
@@ -70,7 +75,7 @@ def _g(x: float) -> str:
 
 
 def scheduler(name: str, value: object) -> str:
-    """``value`` if it is a scheduler ``wdiff.compute`` knows (``SCHEDULERS``): ``threads``,
+    """``value`` if it is one of the ``SCHEDULERS`` ``wdiff.compute`` knows: ``threads``,
     ``processes``, ``sync``, ``local:N`` or a dask.distributed address such as ``tcp://host:8786``."""
     text = value if isinstance(value, str) else ""
     if text in LOCAL_SCHEDULERS:
@@ -91,8 +96,6 @@ def scheduler(name: str, value: object) -> str:
         or (protocol is None and match["port"] is None)  # "bogus" is no address; "host:8786" is
         or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535)
     ):
-        from wdiff.compute import SCHEDULERS  # 0.3 s of imports (numba): only to say what is wrong
-
         raise OptionError(name, f"{value!r} is an unknown scheduler: use {SCHEDULERS}")
     return _distributed(name, text)
 
@@ -119,8 +122,12 @@ def run_parameters(
     chunk_elements: object = None,
     scheduler_name: object = "threads",
     workers: object = None,
+    map_dtype: object = "float32",
 ) -> None:
-    """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on)."""
+    """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on), and the
+    accumulated map's storage."""
+    if map_dtype not in MAP_DTYPE_CHOICES:
+        raise OptionError("map_dtype", f"must be one of {', '.join(MAP_DTYPE_CHOICES)}, got {map_dtype!r}")
     number("max_points", max_points, *POINTS)
     number("frame_points", frame_points, *POINTS)
     if chunk_elements is not None:

@@ -109,6 +109,7 @@ def _api_options(
     frames: bool,
     html_points: int,
     spectrum: bool | None,
+    map_dtype: str,
 ) -> dict:
     """``run``'s options (``watch`` has the same) as keyword arguments of ``api.run``, each checked
     before any work (an ``OptionError`` names the parameter; ``main`` shows its flag)."""
@@ -121,6 +122,7 @@ def _api_options(
     if workers is not None:
         checks.number("workers", workers, *checks.WORKERS)
     checks.size("size", size)
+    checks.run_parameters(map_dtype=map_dtype)
     scene = SceneOptions(
         max_points=max_points,
         pool=pool,  # type: ignore[arg-type]
@@ -141,6 +143,7 @@ def _api_options(
         "workers": workers,
         "incremental": not full,
         "spectrum": spectrum,
+        "map_dtype": map_dtype,
     }
 
 
@@ -164,6 +167,7 @@ def run_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
+    map_dtype: opt.MapDtype = "float32",
     revisions: opt.Revisions = None,
     commit_every: opt.CommitEvery = None,
     json_output: opt.Json = False,
@@ -188,7 +192,7 @@ def run_command(
     err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,
-        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum, map_dtype,
     )  # fmt: skip
     select = _selection(include, exclude, steps, every)
 
@@ -424,6 +428,7 @@ def watch_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
+    map_dtype: opt.MapDtype = "float32",
     poll: opt.Poll = 10.0,
     include: opt.Include = None,
     exclude: opt.Exclude = None,
@@ -438,7 +443,7 @@ def watch_command(
 
     from wdiff.readers.remote import is_folded_url
     from wdiff.results import Results
-    from wdiff.watcher import process_ended, watch
+    from wdiff.watcher import check_map_dtype, process_ended, watch
 
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less spins, NaN never wakes
     ended = process_ended(parent_pid) if parent_pid is not None else None
@@ -458,9 +463,10 @@ def watch_command(
     err = _console(quiet)
     options = _api_options(
         max_points, no_render, chunk_mb, scheduler, workers, full,
-        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum,
+        pool, color_scale, normalize, size, views, mesh, frames, html_points, spectrum, map_dtype,
     )  # fmt: skip
 
+    check_map_dtype(map_dtype)
     exports = _exports(tensorboard, wandb)
 
     def on_update(res: Results) -> None:

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 
 from wdiff import blocks, stream
+from wdiff.checks import SCHEDULERS
 from wdiff.chunk import ChunkStats, row_cols
 from wdiff.detail import Grid
 from wdiff.errors import WdiffError
 from wdiff.readers.base import prefetched
-from wdiff.results import OutputLayout
+from wdiff.results import MapSlot, OutputLayout
+from wdiff.schema import TensorEntry, tensor_entry
 from wdiff.sequence import AlignedTensor, Run
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "TASKS", "ComputeResult", "Grid", "Previous", "bytes_to_read", "compute"]
@@ -51,10 +53,10 @@ REMOTE_RANGES: dict[str, Callable[..., dict[str, list[tuple[int, int]]]]] = {
 class TensorResult:
     """What one tensor's aggregate task returns: its summary entry and its pooled cells."""
 
-    entry: dict
+    entry: TensorEntry
     cells: np.ndarray | None
     nonfinite: int
-    rows: np.ndarray | None = None  # per-row accumulated change (float64, shape[0] rows)
+    neuron_change: np.ndarray | None = None  # its accumulated map summed over each row (float64)
     frames: np.ndarray | None = None  # (new intervals, cell rows, cell cols)
 
 
@@ -65,7 +67,11 @@ class Previous:
     accumulated: str  # the earlier accumulated.safetensors
     offsets: dict[str, int]  # where each tensor's data starts in it
     known: int  # checkpoints it covers (K >= 2)
-    tensors: dict[str, dict]  # its summary entries
+    tensors: dict[str, TensorEntry]  # its summary entries
+    dtypes: dict[str, str]  # how each tensor's map is stored in it (schema.MAP_DTYPES)
+
+    def slot(self, name: str) -> MapSlot:
+        return MapSlot(self.accumulated, self.offsets[name], self.dtypes[name])
 
 
 def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, maximum: bool) -> None:
@@ -81,13 +87,13 @@ def _place(total: np.ndarray, part: np.ndarray | None, start: int, axis: int, ma
 
 def aggregate(
     tensor: AlignedTensor,
-    previous: dict | None,
+    previous: TensorEntry | None,
     grid: Grid | None,
     frame_grid: Grid | None,
     *chunks: ChunkStats,
 ) -> TensorResult:
     """Metrics of one tensor from the partial sums of its chunks (the ``summary.json`` entry), and
-    its pooled cells, row sums and frames put together.
+    its pooled cells, per-neuron change and frames put together.
 
     ``previous``: the tensor's entry from the earlier results an incremental run extends; the chunks
     then cover [W(0), W(K-1), W(K), ...] and the per-checkpoint lists are appended to it (the frames
@@ -150,22 +156,22 @@ def aggregate(
         frames = frame_grid.empty(intervals, frame_grid.shape[0])
         for c in chunks:
             _place(frames, c.frames, c.frame_row0, 1, maximum=not frame_grid.mean)
-    entry = {
-        "shape": list(tensor.shape),
-        "dtype": tensor.dtypes[0] if len(tensor.dtypes) == 1 else tensor.dtypes,
-        "numel": tensor.numel,
-        "accumulated_l1": acc_sum,
-        "accumulated_max": acc_max,
-        "net_l2": net,
-        "relative_change": net / first_norm if first_norm > 0 else None,
-        "interval_l1": interval_l1,
-        "interval_l2": interval_l2,
-        "l2": l2,
-        "rotation": rotation,
-        "distance_l2": distance_l2,
-        "distance_last_l2": distance_last_l2,
-        "nonfinite": counts,
-    }
+    entry = tensor_entry(
+        shape=list(tensor.shape),
+        dtypes=tensor.dtypes,
+        numel=tensor.numel,
+        accumulated_l1=acc_sum,
+        accumulated_max=acc_max,
+        net_l2=net,
+        relative_change=net / first_norm if first_norm > 0 else None,
+        interval_l1=interval_l1,
+        interval_l2=interval_l2,
+        l2=l2,
+        rotation=rotation,
+        distance_l2=distance_l2,
+        distance_last_l2=distance_last_l2,
+        nonfinite=counts,
+    )
     return TensorResult(entry, cells, sum(c.acc_nonfinite for c in chunks), rows, frames)
 
 
@@ -220,7 +226,7 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
         for item in items:
             stats = item.task(*item.args)
             nbytes += stats.nbytes
-            tensor, grid, frame_grid = item.args[0], item.args[6], item.args[7]
+            tensor, grid, frame_grid = item.args[0], item.args[5], item.args[6]
             results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
@@ -268,7 +274,7 @@ def build_graph(
             refs = tensor.refs
             tensor = replace(tensor, refs=(refs[0], *refs[previous.known - 1 :]))
             entry = previous.tensors[tensor.name]
-            acc_in = (previous.accumulated, previous.offsets[tensor.name])
+            acc_in = previous.slot(tensor.name)
         grid = (grids or {}).get(tensor.name)
         frame_grid = (frame_grids or {}).get(tensor.name)
         spans = _chunks(tensor, chunk_elements)
@@ -276,7 +282,7 @@ def build_graph(
         if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
-            args = (tensor, *spans[0], out_path, layout.offsets[tensor.name], acc_in, grid, frame_grid)
+            args = (tensor, *spans[0], layout.slot(out_path, tensor.name), acc_in, grid, frame_grid)
             bundle.append(BundleItem(task, args, entry))
             bundle_elements += tensor.numel
             continue
@@ -289,8 +295,7 @@ def build_graph(
                 tensor,
                 start,
                 stop,
-                out_path,
-                layout.offsets[tensor.name],
+                layout.slot(out_path, tensor.name),
                 acc_in,
                 grid,
                 frame_grid,
@@ -312,16 +317,13 @@ def bytes_to_read(run: Run, previous: Previous | None = None) -> int:
 
 @dataclass(frozen=True)
 class ComputeResult:
-    tensors: dict[str, dict]  # summary entries
+    tensors: dict[str, TensorEntry]  # summary entries
     read_bytes: int
     compute_seconds: float
     chunks: int
     cells: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # pooled cells, non-finite
-    rows: dict[str, np.ndarray] = field(default_factory=dict)  # per-row accumulated change
+    neuron_change: dict[str, np.ndarray] = field(default_factory=dict)  # the map summed over each row
     frames: dict[str, np.ndarray] = field(default_factory=dict)  # each new interval's pooled |dW|
-
-
-SCHEDULERS = "threads, processes, sync, local:N (N worker processes) or a dask.distributed address"
 
 
 def compute(
@@ -369,9 +371,9 @@ def compute(
     values = [v for part in parts for v in (part.results if isinstance(part, Bundle) else (part,))]
     tensors = {t.name: v.entry for t, v in zip(run.tensors, values)}
     cells = {t.name: (v.cells, v.nonfinite) for t, v in zip(run.tensors, values) if v.cells is not None}
-    rows = {t.name: v.rows for t, v in zip(run.tensors, values) if v.rows is not None}
+    change = {t.name: v.neuron_change for t, v in zip(run.tensors, values) if v.neuron_change is not None}
     frames = {t.name: v.frames for t, v in zip(run.tensors, values) if v.frames is not None}
-    return ComputeResult(tensors, read_bytes, seconds, chunks, cells, rows, frames)
+    return ComputeResult(tensors, read_bytes, seconds, chunks, cells, change, frames)
 
 
 @contextlib.contextmanager

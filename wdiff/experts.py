@@ -116,7 +116,7 @@ def layers(m: RunMetrics) -> list[MoeLayer]:
             layer = found.setdefault(moe, MoeLayer(moe, fused=True))
             layer.fused = True
             per_row = t["numel"] / t["shape"][0]
-            for expert, value in enumerate(np.asarray(m.rows[name], np.float64)):
+            for expert, value in enumerate(np.asarray(m.neuron_change[name], np.float64)):
                 layer.tensors.setdefault(expert, []).append(name)
                 sums = totals.setdefault(moe, {}).setdefault(expert, [0.0, 0.0])
                 sums[0] += float(value)
@@ -132,5 +132,5 @@ def layers(m: RunMetrics) -> list[MoeLayer]:
         ):
             width = by_name[router]["numel"] / by_name[router]["shape"][0]
             layer.router = router
-            layer.router_change = {e: float(v) / width for e, v in enumerate(m.rows[router])}
+            layer.router_change = {e: float(v) / width for e, v in enumerate(m.neuron_change[router])}
     return list(found.values())

@@ -84,7 +84,7 @@ def _nonfinite(m: RunMetrics) -> list[Finding]:
     for t in m.tensors:
         if t["nonfinite_first"] is None:
             continue
-        bad = m.rows[t["tensor"]]
+        bad = m.neuron_change[t["tensor"]]
         rows = ranges(np.flatnonzero(~np.isfinite(bad)))
         step = t["nonfinite_step"]
         where = f"step {step}" if step is not None else f"checkpoint {t['nonfinite_first']}"
@@ -210,7 +210,7 @@ def _rounding_cause(m: RunMetrics, t: dict, siblings: dict[tuple, list[dict]]) -
 def _unchanged_rows(m: RunMetrics) -> list[Finding]:
     found = []
     for t in m.tensors:
-        rows = m.rows[t["tensor"]]
+        rows = m.neuron_change[t["tensor"]]
         if len(t["shape"]) < 2 or t["path_l1"] == 0 or not t["rows_unchanged"]:
             continue
         if t["rows_unchanged"] == rows.size:
@@ -253,7 +253,7 @@ def _stalled(m: RunMetrics) -> list[Finding]:
         count = t["rows_unchanged"]
         if not count or count == t["rows"]:
             continue
-        spans = ranges(np.flatnonzero(m.rows[t["tensor"]] == 0))
+        spans = ranges(np.flatnonzero(m.neuron_change[t["tensor"]] == 0))
         found.append(
             Finding(
                 "stalled_elements",

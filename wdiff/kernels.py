@@ -539,6 +539,49 @@ def finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
         pool_flush(fcells[f], flines[f], fstates[f : f + 1], fgrid[3], mean)
 
 
+@_exact
+def round_bf16(values, out):
+    """out = ``values`` (float32) rounded to BF16 (the bits, as int16): to the nearest, ties to even,
+    as ``ml_dtypes`` and torch round; a NaN stays a NaN of the same sign, +-Inf stays infinite, and a
+    value beyond BF16's largest finite rounds to infinity."""
+    for i in range(values.size):
+        bits = _bits_of_f32(values[i])
+        if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep it a (quiet) NaN
+            top = (bits >> np.uint32(16)) | np.uint32(0x0040)
+        else:
+            top = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        out[i] = np.int16(np.uint16(top))
+
+
+@_kernel
+def widen_bf16(bf16, out):
+    """out = the float32 values of BF16 bits ``bf16`` (int16; exact)."""
+    decode_into(bf16, _NO_LUT, out)
+
+
+@_kernel
+def _write_map(fd, offset, code, acc, store):
+    """Write the accumulated slice ``acc`` at ``offset``: float32, or rounded to BF16 via ``store``."""
+    if code == CODE_BF16:
+        bf16 = store[: acc.size]
+        round_bf16(acc, bf16)
+        return _write_full(fd, bf16, acc.size * 2, offset)
+    return _write_full(fd, acc, acc.size * 4, offset)
+
+
+@_kernel
+def _read_map(fd, offset, code, acc, store):
+    """Read an earlier accumulated slice into ``acc`` (float32) from ``offset``: stored as float32, or
+    as BF16 (read into ``store``, then widened: exact)."""
+    if code == CODE_BF16:
+        bf16 = store[: acc.size]
+        if not read_full(fd, bf16, acc.size * 2, offset):
+            return False
+        widen_bf16(bf16, acc)
+        return True
+    return read_full(fd, acc, acc.size * 4, offset)
+
+
 @_kernel
 def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     """Elements [begin, end) of one tensor, through every checkpoint, sub-block by sub-block.
@@ -547,9 +590,12 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
 
     - ``source`` = (fds, offsets, itemsizes, codes, lut_index, luts): the tensor in every checkpoint;
     - ``span`` = (begin, end): the element range;
-    - ``files`` = (out_fd, out_offset, acc_in_fd, acc_in_offset): where the accumulated slice goes,
-      and where earlier results start it from (``acc_in_fd`` -1: from zero);
-    - ``work`` = (raw, weights, acc_buf, block): the buffers and the sub-block size;
+    - ``files`` = (out_fd, out_offset, out_code, acc_in_fd, acc_in_offset, acc_in_code): where the
+      accumulated slice goes and how it is stored (``CODE_F32``, or ``CODE_BF16``: rounded to the
+      nearest even, ``round_bf16``), and where earlier results (stored as ``acc_in_code``) start it
+      from (``acc_in_fd`` -1: from zero); ``out_offset``/``acc_in_offset`` are where element 0 is;
+    - ``work`` = (raw, weights, acc_buf, store, block): the buffers (``store``: ``block`` int16, for
+      a BF16 map) and the sub-block size;
     - ``sums`` = (interval_sum, interval_sumsq, sumsq, dist_first, dist_last, nonfinite, totals);
     - ``pool`` = (grid, mean, cells, cell_row0, line): the scene's cells;
     - ``row_sums`` = (row_cols, rows, row0);
@@ -567,7 +613,8 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     read first: ``slot``) and ``fold_step`` decodes them as it goes. When the dtype changes along the
     run, each block is read into ``raw`` instead and decoded into its buffer as float32. ``acc_buf``
     (``block`` float32 or more) holds the accumulated slice, written to ``out_fd`` at ``out_offset``
-    (``pwrite``).
+    (``pwrite``), as float32 or rounded to BF16 into ``store`` first. The sums, cells and row sums
+    are taken from the float32 slice either way: only the stored map is rounded.
 
     When ``cells`` is not empty, the finished accumulated values are also pooled into the scene's
     cells (``pool_fold``; ``grid`` = [rows, cols, block_rows, block_cols], ``mean`` the pool kind),
@@ -586,8 +633,10 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     """
     fds, offsets, itemsizes, codes, lut_index, luts = source
     begin, end = span
-    out_fd, out_offset, acc_in_fd, acc_in_offset = files
-    raw, weights, acc_buf, block = work
+    out_fd, out_offset, out_code, acc_in_fd, acc_in_offset, acc_in_code = files
+    raw, weights, acc_buf, store, block = work
+    out_size = 2 if out_code == CODE_BF16 else 4
+    in_size = 2 if acc_in_code == CODE_BF16 else 4
     totals = sums[6]
     grid, mean, cells, cell_row0, line = pool
     row_cols, rows, row0 = row_sums
@@ -604,7 +653,7 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         acc = acc_buf[:n]
-        if resume and not read_full(acc_in_fd, acc, n * 4, acc_in_offset + lo * 4):
+        if resume and not _read_map(acc_in_fd, acc_in_offset + lo * in_size, acc_in_code, acc, store):
             return -(count + 2)
         clean = False
         for k in range(count + 1):  # W(T-1) first (into LAST), then W(0) .. W(T-1): see ``slot``
@@ -627,7 +676,7 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
                 flines, fstates, diff,
             )  # fmt: skip
         finish_block(acc, lo, clean, totals, grid, mean, cells, cell_row0, line, state, row_cols, rows, row0)
-        if not _write_full(out_fd, acc, n * 4, out_offset + lo * 4):
+        if not _write_map(out_fd, out_offset + lo * out_size, out_code, acc, store):
             return -(count + 1)
     finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
     return OK
@@ -754,8 +803,8 @@ def warm_up() -> None:
         (np.zeros(1, np.int32), i64, np.ones(1, np.int64), np.zeros(1, np.int8), np.zeros(1, np.int32),
          np.zeros((1, 1), np.float32)),
         (0, 0),
-        (-1, 0, -1, 0),
-        (np.empty(8, np.uint8), weight_buffers(1, [4]), np.empty(1, np.float32), 1),
+        (-1, 0, CODE_F32, -1, 0, CODE_F32),
+        (np.empty(8, np.uint8), weight_buffers(1, [4]), np.empty(1, np.float32), np.empty(1, np.int16), 1),
         (f64[:0], f64[:0], f64, f64, f64, i64, np.zeros(3)),
         (np.zeros(4, np.int64), False, np.empty((0, 0)), 0, np.empty(0)),
         (1, np.empty(0), 0),

@@ -8,12 +8,13 @@ the training log joined to them and the per-interval rows are ``wdiff.timeline``
     from wdiff.results import Results
     from wdiff import metrics
     m = metrics.analyse(Results.load("out/"))
-    m.tensors[0]["straightness"], m.intervals[0]["update_ratio"], m.rows["transformer.wte.weight"]
+    m.tensors[0]["straightness"], m.intervals[0]["update_ratio"], m.neuron_change["transformer.wte.weight"]
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,27 +41,28 @@ def group_of(name: str) -> str | None:
     return f"{head}.*{name[len(block) :]}" if head else f"*{name[len(block) :]}"
 
 
-def row_change(res: Results, name: str) -> np.ndarray:
-    """Per-row accumulated change (float64, length shape[0]; a 1-D tensor's rows are its elements,
-    a scalar has one row): ``rows.safetensors`` when the run wrote it, else summed from the map."""
+def neuron_change(res: Results, name: str) -> np.ndarray:
+    """The per-neuron change of one tensor: its accumulated map summed over each row (float64, length
+    shape[0]; a 1-D tensor's rows are its elements, a scalar has one row): ``rows.safetensors`` when
+    the run wrote it, else summed from the map."""
     shape = res.summary["tensors"][name]["shape"]
     if math.prod(shape) == 0:  # zero-size: nothing stored, every row unchanged by definition
         return np.zeros(shape[0] if shape else 1)
     try:
-        return np.asarray(res.rows(name), dtype=np.float64)
+        return np.asarray(res.neuron_change(name), dtype=np.float64)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the map
         pass
     return _sum_rows(res.accumulated(name))
 
 
-def row_changes(res: Results, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """``row_change`` of every tensor in ``names``, opening ``rows.safetensors`` (or the map) once."""
+def neuron_changes(res: Results, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``neuron_change`` of every tensor in ``names``, opening ``rows.safetensors`` (or the map) once."""
     stored = [n for n in names if math.prod(res.summary["tensors"][n]["shape"])]
     try:
-        found = res.rows_of(stored)
+        found = res.neuron_change_of(stored)
     except FileNotFoundError:  # results written before rows.safetensors existed: sum the maps
         found = {n: _sum_rows(a) for n, a in res.accumulated_of(stored).items()}
-    return {n: np.asarray(found[n], dtype=np.float64) if n in found else row_change(res, n) for n in names}
+    return {n: np.asarray(found[n], dtype=np.float64) if n in found else neuron_change(res, n) for n in names}
 
 
 def _sum_rows(acc: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ def _sum_rows(acc: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RunMetrics:
-    """All derived metrics of one run (plain Python lists/dicts; rows as numpy arrays)."""
+    """All derived metrics of one run (plain Python lists/dicts; the per-neuron change as numpy arrays)."""
 
     spans: list[Interval]
     tensors: list[dict[str, Any]]  # one entry per tensor, network order of the results
@@ -80,7 +82,14 @@ class RunMetrics:
     block_l1: np.ndarray  # (blocks, intervals): sum |dW| of the block per step (nan without interval_l1)
     model_update: np.ndarray  # (intervals,): ||dW|| / ||W(t)|| per step over every tensor together
     log: list[dict[str, float | None]]  # the training log joined to each interval
-    rows: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    neuron_change: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # ``neuron_changes``
+
+    @property
+    def rows(self) -> dict[str, np.ndarray]:
+        """Deprecated: ``neuron_change`` (the old name; "rows" also names a tensor's first dimension
+        and table rows)."""
+        warnings.warn("RunMetrics.rows is deprecated: use RunMetrics.neuron_change", DeprecationWarning, 2)
+        return self.neuron_change
 
     @property
     def by_name(self) -> dict[str, dict[str, Any]]:
@@ -130,7 +139,7 @@ def analyse(res: Results) -> RunMetrics:
     steps = [c.get("step") for c in summary["checkpoints"]]
     log = log_join(summary.get("trainer_state"), spans)
     names = res.names
-    rows = row_changes(res, names)
+    change = neuron_changes(res, names)
     tensors = []
     per_interval = interval_rows(summary)  # the rows of metrics.csv (wdiff.timeline)
     blocks: list[str] = []
@@ -139,7 +148,7 @@ def analyse(res: Results) -> RunMetrics:
     l1: dict[str, np.ndarray] = {}
     for name in names:
         t = summary["tensors"][name]
-        entry = _tensor_entry(name, t, steps, rows[name])
+        entry = _tensor_entry(name, t, steps, change[name])
         tensors.append(entry)
         block = entry["block"]
         if block not in dw_sq:
@@ -163,7 +172,7 @@ def analyse(res: Results) -> RunMetrics:
             sum(w_sq.values(), np.zeros(len(spans)))
         )
     return RunMetrics(
-        spans, tensors, per_interval, blocks, update / gaps, block_l1 / gaps, model / gaps, log, rows
+        spans, tensors, per_interval, blocks, update / gaps, block_l1 / gaps, model / gaps, log, change
     )
 
 

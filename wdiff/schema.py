@@ -1,14 +1,23 @@
-"""The shape of ``summary.json``: the one place that builds it (``build_summary``, for ``wdiff.api``),
-says what it must hold (``check_summary``) and reads it back (``read_summary``: the incremental path
-and ``watch``; ``load_results``: ``report``, ``compare`` and ``view``). A summary is versioned by its
-``wdiff_version``: an incremental update extends only results of the same wdiff.
+"""The results schema: the names of the results files and the shape of ``summary.json``, typed
+(``Summary`` and its entries), versioned (``SUMMARY_SCHEMA``), and the one place that writes it and
+reads it back:
 
-``load_results(OUT)`` accepts a folder only when it is wdiff's results (its marker, or results of a
+- written: ``build_summary`` (``wdiff.api``) from the entries built here, ``tensor_entry``
+  (``wdiff.compute.aggregate``), ``spectrum_entry`` (``wdiff.spectrum``) and ``scene_entry``
+  (``wdiff.scene.outputs``);
+- read: ``read_summary`` (the incremental path and ``watch``), ``read_results`` (``Results.load``, and
+  through it ``report``, ``compare``, ``view``, the exports); both check with ``check_summary``.
+
+``read_results(OUT)`` accepts a folder only when it is wdiff's results (its marker, or results of a
 wdiff from before the marker: ``wdiff.marker``), reads only regular files directly inside it (a
 symlink is never followed), checks every field the readers use for its type and length, and checks
-``accumulated.safetensors`` and ``rows.safetensors`` hold each tensor with the summary's shape. Every
-problem is one ``WdiffError`` line naming the file and the field. What passes can be analysed,
-reported and drawn without a ``KeyError`` or ``TypeError``.
+``accumulated.safetensors`` and ``rows.safetensors`` (the per-neuron change) hold each tensor with
+the summary's shape. Every problem is one ``WdiffError`` line naming the file and the field. What
+passes can be analysed, reported and drawn without a ``KeyError`` or ``TypeError``. An incremental
+update extends only results of the same ``wdiff_version``.
+
+This module imports nothing of compute, the readers' formats or the scene, so that everything that
+reads results (``wdiff.results`` first) can import it.
 """
 
 from __future__ import annotations
@@ -18,17 +27,29 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from wdiff import __version__
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
 from wdiff.readers.remote import is_url
-from wdiff.results import ACCUMULATED, ROWS, SUMMARY, Results
+from wdiff.select import Selection, check_record
 
 if TYPE_CHECKING:
-    from wdiff.compute import ComputeResult
     from wdiff.sequence import Checkpoint, Run
+
+# --- the results files (a folder OUT holds these; docs/formats.md describes each) ------------------------
+
+ACCUMULATED = "accumulated.safetensors"
+SUMMARY = "summary.json"
+POINTS = "points.ply"
+POOLED = "pooled.safetensors"  # the scene's cells, pooled during compute (see wdiff.detail)
+RENDER = "render.png"
+#: per tensor: the per-neuron change, its accumulated map summed over each row (float64, shape[0]
+#: values); the file keeps the name it has had since the first results
+NEURON_CHANGE = "rows.safetensors"
+FRAMES = "frames.safetensors"  # per tensor: each interval's |dW| pooled into cells (intervals x cells)
+MAP_DTYPES = {"F32": 4, "BF16": 2}  # how the accumulated map may be stored, and the bytes per value
 
 MAX_SUMMARY_BYTES = 1 << 30
 MAX_INT = 2**63
@@ -180,6 +201,52 @@ class CheckpointEntry(TypedDict, total=False):
     objects: dict[str, dict[str, Any]]  # remote inputs: URL -> {"size", "tag"}
 
 
+class LoraSpectrum(TypedDict):
+    r: int  # the adapter's rank
+    rank_used: int  # the rank B(T) A(T) has
+    rank_for_energy: dict[str, int | None]  # of B(T) A(T): what the adapter's weight holds
+
+
+class UpdateSpectrum(TypedDict, total=False):
+    """A 2-D tensor's ``update_spectrum``: the singular values of W(T) - W(0) (``wdiff.spectrum``)."""
+
+    method: str  # "exact", "randomized" or "lora"
+    k: int  # how many singular values are trusted and kept
+    complete: bool  # every singular value (then the effective rank and every rank for energy are exact)
+    singular_values: list[float]  # descending, at most k
+    effective_rank: float | None
+    energy_captured: float | None  # of ||W(T) - W(0)||_F^2, by the values kept
+    rank_for_energy: dict[str, int | None]  # "0.9" -> the rank holding 90% (None: more than k)
+    note: str  # why there is no spectrum (a zero update, NaN or Inf)
+    lora: LoraSpectrum
+
+
+def update_spectrum(
+    *,
+    method: str,
+    k: int,
+    complete: bool,
+    singular_values: list[float],
+    effective_rank: float | None,
+    energy_captured: float | None,
+    rank_for_energy: dict[str, int | None],
+    note: str | None = None,
+) -> UpdateSpectrum:
+    """An ``update_spectrum`` entry, its keys in the order summary.json has them."""
+    entry: UpdateSpectrum = {
+        "method": method,
+        "k": k,
+        "complete": complete,
+        "singular_values": singular_values,
+        "effective_rank": effective_rank,
+        "energy_captured": energy_captured,
+        "rank_for_energy": rank_for_energy,
+    }
+    if note is not None:
+        entry["note"] = note
+    return entry
+
+
 class TensorEntry(TypedDict, total=False):
     shape: list[int]
     dtype: str | list[str]  # one dtype, or one per checkpoint when it changed along the run
@@ -196,7 +263,46 @@ class TensorEntry(TypedDict, total=False):
     rotation: list[float | None]
     nonfinite: list[int]  # NaN/Inf elements per checkpoint
     aliases: list[str]  # the other names of a tied weight
-    update_spectrum: dict[str, Any]  # wdiff.spectrum (2-D tensors)
+    update_spectrum: UpdateSpectrum  # 2-D tensors (wdiff.spectrum)
+
+
+def tensor_entry(
+    *,
+    shape: list[int],
+    dtypes: list[str],
+    numel: int,
+    accumulated_l1: float,
+    accumulated_max: float,
+    net_l2: float,
+    relative_change: float | None,
+    interval_l1: list[float | None],
+    interval_l2: list[float | None],
+    l2: list[float | None],
+    rotation: list[float | None],
+    distance_l2: list[float | None],
+    distance_last_l2: list[float | None],
+    nonfinite: list[int],
+) -> TensorEntry:
+    """One tensor's entry of ``summary["tensors"]`` from its metrics (``wdiff.compute.aggregate``), its
+    keys in the order summary.json has them: ``dtype`` is the one dtype of ``dtypes``, or the list when
+    it changed along the run. ``update_spectrum`` and ``aliases`` are added later
+    (``wdiff.api.add_spectra``, ``build_summary``)."""
+    return {
+        "shape": shape,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "numel": numel,
+        "accumulated_l1": accumulated_l1,
+        "accumulated_max": accumulated_max,
+        "net_l2": net_l2,
+        "relative_change": relative_change,
+        "interval_l1": interval_l1,
+        "interval_l2": interval_l2,
+        "l2": l2,
+        "rotation": rotation,
+        "distance_l2": distance_l2,
+        "distance_last_l2": distance_last_l2,
+        "nonfinite": nonfinite,
+    }
 
 
 class Timing(TypedDict, total=False):
@@ -224,7 +330,45 @@ class Summary(TypedDict, total=False):
     trainer_state: dict[str, Any] | None  # the last checkpoint's trainer_state.json, its log
     matching: dict[str, int]  # ONNX: initializers matched by name, by position
     selection: dict[str, Any]  # wdiff.select: what the run was chosen to read
-    scene: dict[str, Any]  # wdiff.scene.outputs: points, budget, pooling, colours, files
+    scene: SceneEntry  # what the pictures show (wdiff.scene.outputs)
+
+
+class SceneEntry(TypedDict):
+    points: int  # points in points.ply
+    max_points: int  # the budget
+    pool_factor: int  # elements per point (1: none pooled)
+    pool: str  # POOLS
+    color_scale: str  # COLOR_SCALES
+    normalize: str  # NORMALIZE
+    color_range: list[float]  # [vmin, vmax] of the colour scale
+    blocks: list[str]  # the blocks' labels, in the order they are laid out
+    files: list[str]  # what the scene wrote: points.ply, render*.png, mesh.ply, frames, scene.html
+
+
+def scene_entry(
+    *,
+    points: int,
+    max_points: int,
+    pool_factor: int,
+    pool: str,
+    color_scale: str,
+    normalize: str,
+    color_range: list[float],
+    blocks: list[str],
+    files: list[str],
+) -> SceneEntry:
+    """``summary["scene"]``, its keys in the order summary.json has them (``wdiff.scene.outputs``)."""
+    return {
+        "points": points,
+        "max_points": max_points,
+        "pool_factor": pool_factor,
+        "pool": pool,
+        "color_scale": color_scale,
+        "normalize": normalize,
+        "color_range": color_range,
+        "blocks": blocks,
+        "files": files,
+    }
 
 
 SUMMARY_SCHEMA = 1  # summary.json's "schema": raised when a key changes meaning or a required one is added
@@ -299,18 +443,25 @@ def check_summary(summary: Any) -> Summary:
         _trainer_state(s.get("trainer_state"))
         _scene(s.get("scene"))
         if s.get("selection") is not None:  # older results have none: they were over everything
-            from wdiff.select import check_record
-
             check_record(s["selection"])
     except _Bad as e:
         raise ValueError(str(e)) from None
     return s
 
 
+class Computed(Protocol):
+    """What ``build_summary`` takes of ``wdiff.compute.ComputeResult``."""
+
+    tensors: dict[str, TensorEntry]
+    read_bytes: int
+    compute_seconds: float
+    chunks: int
+
+
 def build_summary(
     run: Run,
     fingerprints: list[str],
-    result: ComputeResult,
+    result: Computed,
     *,
     update: str,
     chunk_elements: int,
@@ -361,8 +512,6 @@ def build_summary(
 def selection_record(run: Run) -> dict[str, Any]:
     """``summary["selection"]``: what the run was chosen to read (``wdiff.select``) and, under
     ``"of"``, how many checkpoints were found and tensors assembled before that choice."""
-    from wdiff.select import Selection
-
     record = (run.selection or Selection()).record()
     return record | ({"of": dict(run.selected_from)} if run.selected_from else {})
 
@@ -412,9 +561,9 @@ def read_summary(path: Path) -> Summary:
         raise WdiffError(path, f"not wdiff's summary: {e}") from None
 
 
-def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
-    """Every tensor of the summary is in the accumulated map (F32, its shape) and, when the run wrote
-    per-row sums, in ``rows.safetensors`` (F64, one value per row)."""
+def _check_maps(folder: Path, summary: Summary) -> None:
+    """Every tensor of the summary is in the accumulated map (F32 or BF16, its shape) and, when the run
+    wrote the per-neuron change, in ``rows.safetensors`` (F64, one value per row of the tensor)."""
     from wdiff.readers.safetensors import read_header
 
     path = regular_file(folder, ACCUMULATED)
@@ -423,15 +572,15 @@ def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
     refs, _ = read_header(path)
     for name, t in summary["tensors"].items():
         ref = refs.get(name)
-        if ref is None or ref.dtype != "F32" or list(ref.shape) != t["shape"]:
+        if ref is None or ref.dtype not in MAP_DTYPES or list(ref.shape) != t["shape"]:
             raise WdiffError(
-                path, f"does not hold tensor {_cut(name)!r} as float32 {t['shape']} (summary.json)"
+                path, f"does not hold tensor {_cut(name)!r} as float32/bfloat16 {t['shape']} (summary.json)"
             )
-    if not os.path.lexists(folder / ROWS):
+    if not os.path.lexists(folder / NEURON_CHANGE):
         return
-    path = regular_file(folder, ROWS)
+    path = regular_file(folder, NEURON_CHANGE)
     if path is None:
-        raise WdiffError(folder / ROWS, "not a regular file (a symlink is never followed)")
+        raise WdiffError(folder / NEURON_CHANGE, "not a regular file (a symlink is never followed)")
     rows, _ = read_header(path)
     for name, t in summary["tensors"].items():
         if t["numel"] == 0:
@@ -442,8 +591,10 @@ def _check_maps(folder: Path, summary: dict[str, Any]) -> None:
             raise WdiffError(path, f"does not hold the row sums of {_cut(name)!r} (float64 {expected})")
 
 
-def load_results(out: str | os.PathLike[str]) -> Results:
-    """A results folder, checked: its marker, its summary's shape, its maps (one-line errors)."""
+def read_results(out: str | os.PathLike[str]) -> tuple[Path, Summary]:
+    """A results folder and its summary, checked (one-line errors): the folder is wdiff's results (its
+    marker, or results from before the marker), its summary has the shape wdiff writes, and its maps
+    hold every tensor of the summary (``wdiff.results.Results.load``)."""
     folder = Path(out)
     if not folder.is_dir():
         what = "no such folder" if not os.path.lexists(folder) else "not a folder"
@@ -462,4 +613,4 @@ def load_results(out: str | os.PathLike[str]) -> Results:
         raise WdiffError(folder / SUMMARY, "missing, or not a regular file (a symlink is never followed)")
     summary = read_summary(path)
     _check_maps(folder, summary)
-    return Results(folder, summary)
+    return folder, summary

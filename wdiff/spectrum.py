@@ -37,6 +37,7 @@ from wdiff.chunk import row_cols
 from wdiff.errors import WdiffError
 from wdiff.experts import fused_experts
 from wdiff.readers.base import InputFiles, TensorRef
+from wdiff.schema import UpdateSpectrum, update_spectrum
 from wdiff.sequence import AlignedTensor
 
 __all__ = ["ENERGIES", "K_MAX", "is_matrix", "spectrum_entry", "update_spectra"]
@@ -71,20 +72,19 @@ def _sides(tensor: AlignedTensor) -> tuple[int, int]:
 
 def spectrum_entry(
     values: np.ndarray, energy: float, k: int, *, complete: bool, method: str
-) -> dict[str, object]:
+) -> UpdateSpectrum:
     """The ``update_spectrum`` entry of ``summary.json`` from singular values ``values`` (descending)
     and ``energy = ||D||_F^2``. ``complete``: ``values`` are every singular value of ``D`` (then the
     effective rank and every rank for energy are exact); else the top ones (randomized), of which the
     first ``k`` are trusted and reported."""
     values = np.sort(np.asarray(values, np.float64))[::-1]
     values = np.maximum(values, 0.0)
-    entry: dict[str, object] = {"method": method, "k": k, "complete": complete}
     if not energy > 0:  # W(T) == W(0): the zero matrix has rank 0 and no spectrum
-        entry.update(
-            singular_values=[], effective_rank=0.0, energy_captured=None,
-            rank_for_energy={str(f): 0 for f in ENERGIES}, note="W(T) equals W(0): the update is zero",
+        return update_spectrum(
+            method=method, k=k, complete=complete, singular_values=[], effective_rank=0.0,
+            energy_captured=None, rank_for_energy={str(f): 0 for f in ENERGIES},
+            note="W(T) equals W(0): the update is zero",
         )  # fmt: skip
-        return entry
     trusted = values if complete else values[:k]
     cumulative = np.cumsum(trusted**2)
     ranks: dict[str, int | None] = {}
@@ -93,21 +93,22 @@ def spectrum_entry(
         ranks[str(f)] = int(reached[0]) + 1 if reached.size else None  # None: more than k
     total = trusted.sum()
     p = trusted[trusted > 0] / total if total > 0 else np.ones(1)
-    entry.update(
+    return update_spectrum(
+        method=method,
+        k=k,
+        complete=complete,
         singular_values=[float(v) for v in values[:k]],
         effective_rank=float(np.exp(-(p * np.log(p)).sum())),
         energy_captured=float(min(1.0, cumulative[min(k, cumulative.size) - 1] / energy)),
         rank_for_energy=ranks,
     )
-    return entry
 
 
-def _nonfinite(method: str, k: int) -> dict[str, object]:
-    return {
-        "method": method, "k": k, "complete": False, "singular_values": [], "effective_rank": None,
-        "energy_captured": None, "rank_for_energy": {str(f): None for f in ENERGIES},
-        "note": "W(0) or W(T) holds NaN or Inf: no spectrum",
-    }  # fmt: skip
+def _nonfinite(method: str, k: int) -> UpdateSpectrum:
+    return update_spectrum(
+        method=method, k=k, complete=False, singular_values=[], effective_rank=None, energy_captured=None,
+        rank_for_energy={str(f): None for f in ENERGIES}, note="W(0) or W(T) holds NaN or Inf: no spectrum",
+    )  # fmt: skip
 
 
 # --- reading D --------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def _blocks(lo: int, hi: int, size: int) -> Iterator[tuple[int, int]]:
 # --- exact: small matrices, whole; tall or wide ones by TSQR --------------------------------------------
 
 
-def _whole(tensor: AlignedTensor) -> dict[str, object]:
+def _whole(tensor: AlignedTensor) -> UpdateSpectrum:
     pair = _ends(tensor)
     m, n = _sides(pair)
     k = min(K_MAX, m, n)
@@ -224,7 +225,7 @@ def _whole(tensor: AlignedTensor) -> dict[str, object]:
     return spectrum_entry(values, energy, k, complete=True, method="exact")
 
 
-def _small(tensors: Sequence[AlignedTensor]) -> dict[str, dict]:
+def _small(tensors: Sequence[AlignedTensor]) -> dict[str, UpdateSpectrum]:
     """One task's share of the small matrices and LoRA products, one after the other."""
     return {t.name: (_lora(t) if t.source == "product" else _whole(t)) for t in tensors}
 
@@ -245,7 +246,7 @@ def _tsqr_part(pair: AlignedTensor, lo: int, hi: int, tall: bool) -> tuple[np.nd
     return r, energy
 
 
-def _tsqr(tensor: AlignedTensor, get: Callable, parts: int) -> dict[str, object]:
+def _tsqr(tensor: AlignedTensor, get: Callable, parts: int) -> UpdateSpectrum:
     pair = _ends(tensor)
     m, n = _sides(pair)
     k = min(K_MAX, m, n)
@@ -288,7 +289,7 @@ def _orthonormal(y: np.ndarray) -> np.ndarray:
     return np.linalg.qr(y)[0].astype(np.float32)
 
 
-def _randomized(tensor: AlignedTensor, get: Callable, workers: int) -> dict[str, object]:
+def _randomized(tensor: AlignedTensor, get: Callable, workers: int) -> UpdateSpectrum:
     pair = _ends(tensor)
     m, n = _sides(pair)
     k = min(K_MAX, m, n)
@@ -327,7 +328,7 @@ def _product_values(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.linalg.svd(np.linalg.qr(left, mode="r") @ np.linalg.qr(right.T, mode="r").T, compute_uv=False)
 
 
-def _lora(tensor: AlignedTensor) -> dict[str, object]:
+def _lora(tensor: AlignedTensor) -> UpdateSpectrum:
     pair = _ends(tensor)
     m, n = _sides(pair)
     k = min(K_MAX, m, n)
@@ -388,10 +389,15 @@ def update_spectra(
     from ``refs[0]`` and ``refs[-1]``. ``exact_side``: the largest ``min(m, n)`` given every singular
     value (default ``EXACT_SIDE``; 0: the randomized path for all but LoRA products). ``progress(n)``:
     n more tensors done."""
+    from threadpoolctl import threadpool_limits
+
     plan = _plan(tensors, EXACT_SIDE if exact_side is None else exact_side)
     parallel = workers or os.cpu_count() or 1
     found: dict[str, dict] = {}
-    with _scheduler(scheduler, workers) as get:
+    # One BLAS thread per task: the Dask threads are the parallelism. With OpenBLAS's own threads on
+    # top, its spinning workers and the tasks fight for the cores: the spectrum of one 3905 x 4096
+    # update took 5.6-6.1 s on 2 cores, against 0.71-0.72 s with one BLAS thread (docs/performance.md).
+    with threadpool_limits(limits=1, user_api="blas"), _scheduler(scheduler, workers) as get:
         bundles: list[list[AlignedTensor]] = [[]]
         size = 0
         for t in plan.small:  # about BLOCK_ELEMENTS per task (a LoRA product counts its factors)

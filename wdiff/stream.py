@@ -14,6 +14,7 @@ from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles
 from wdiff.readers.remote import is_url
+from wdiff.results import MapSlot
 from wdiff.sequence import AlignedTensor
 
 
@@ -28,21 +29,26 @@ def remote_ranges(tensor: AlignedTensor, start: int, stop: int) -> dict[str, lis
     return ranges
 
 
+def map_code(slot: MapSlot | None) -> int:
+    """How the kernels store or read an accumulated map (``kernels.CODE_F32`` or ``CODE_BF16``)."""
+    return kernels.CODE_BF16 if slot is not None and slot.dtype == "BF16" else kernels.CODE_F32
+
+
 def process_chunk(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out_path: str,
-    out_offset: int,
-    acc_in: tuple[str, int] | None = None,
+    out: MapSlot,
+    acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,
 ) -> ChunkStats:
     """Stream elements [start, stop) of ``tensor`` through every checkpoint; write the accumulated slice.
 
     Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
-    writes without the GIL) and returns the partial sums. ``acc_in`` = (path, offset) of earlier
-    results to continue from: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
+    writes without the GIL) and returns the partial sums. ``out``: where the tensor's map goes (and
+    its storage dtype); ``acc_in``: where the earlier results to continue from are: then
+    ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
     ``kernels.stream_chunk``). ``grid``: pool the accumulated map into the scene's cells on the way;
     ``frame_grid``: pool every interval's |dW| into cells too (the frames of the training film).
     """
@@ -57,6 +63,7 @@ def process_chunk(
     raw = np.empty(1 if uniform else block * int(itemsizes.max()), np.uint8)  # only to decode from
     weights = kernels.weight_buffers(block, itemsizes)
     acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
+    store = np.empty(block if "BF16" in (out.dtype, acc_in and acc_in.dtype) else 1, np.int16)
     b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
     dims, frame_dims, mean = pooling_args(grid, frame_grid)
     diff = np.empty(block if b.frames.size else 1, np.float32)
@@ -65,17 +72,17 @@ def process_chunk(
     files = InputFiles(dict(tensor.files), remote_ranges(tensor, start, stop))
     try:
         fds = np.array([files.fd(r.path) for r in refs], np.int32)
-        acc_fd, acc_offset = (files.fd(acc_in[0]), acc_in[1]) if acc_in else (-1, 0)
+        acc_fd = files.fd(acc_in.path) if acc_in else -1
         try:
-            out_fd = os.open(out_path, os.O_WRONLY)
+            out_fd = os.open(out.path, os.O_WRONLY)
         except OSError as e:
             raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
         try:
             status = kernels.stream_chunk(
                 (fds, offsets, itemsizes, codes, lut_index, luts),
                 (start, stop),
-                (out_fd, out_offset, acc_fd, acc_offset),
-                (raw, weights, acc, block),
+                (out_fd, out.offset, map_code(out), acc_fd, acc_in.offset if acc_in else 0, map_code(acc_in)),
+                (raw, weights, acc, store, block),
                 (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals),
                 (dims, mean, b.cells, b.cell_row0, b.line),
                 (row_cols(tensor.shape), b.rows, b.first_row),
@@ -89,9 +96,9 @@ def process_chunk(
     if status < 0:
         t = -status - 1
         if t == count:
-            raise WdiffError(out_path, "writing the results failed (disk full?)")
+            raise WdiffError(out.path, "writing the results failed (disk full?)")
         if t == count + 1 and acc_in:
-            raise WdiffError(acc_in[0], "reading the previous results failed: the file shrank")
+            raise WdiffError(acc_in.path, "reading the previous results failed: the file shrank")
         raise WdiffError(
             refs[t].path, f"reading tensor {tensor.name!r} failed: the file shrank or is unreadable"
         )

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wdiff import __version__, checks
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED, FRAMES, ROWS, SUMMARY
-from wdiff.schema import read_summary
+from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, SUMMARY, read_summary
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -36,6 +35,7 @@ class Plan:
     update: str  # "full", "incremental from K" or "up to date"
     frame_grids: dict[str, Grid]  # {} without frames
     old_frames: dict[str, np.ndarray] | None  # the earlier frames an incremental update extends
+    map_dtypes: dict[str, str]  # how each tensor's accumulated map is stored (``map_dtypes``)
 
 
 def plan_update(
@@ -48,12 +48,15 @@ def plan_update(
     incremental: bool,
     extend_only: bool,
     intervals: int | None = None,
+    map_dtype: str = "float32",
 ) -> Plan:
     """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``).
     ``intervals``: the film's grids are those of a run of that many intervals (a run committed in parts
-    keeps the grids of the whole, so that each part extends the one before)."""
+    keeps the grids of the whole, so that each part extends the one before). ``map_dtype``: how the
+    accumulated map is stored (``map_dtypes``)."""
+    dtypes = map_dtypes(run, map_dtype)
     previous, update = (
-        previous_results(out, run, fingerprints, chunk_elements) if incremental else (None, "full")
+        previous_results(out, run, fingerprints, chunk_elements, dtypes) if incremental else (None, "full")
     )
     shapes = [(t.name, t.shape) for t in run.tensors]
     budget = frame_budget_for(scene.frame_points, intervals or len(run.checkpoints) - 1, len(shapes))
@@ -65,7 +68,20 @@ def plan_update(
             previous, update = None, "full"
     if extend_only and previous is None:
         raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
-    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames)
+    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
+
+
+def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str]:
+    """How each tensor's accumulated map is stored: ``"float32"`` (the default) or ``"bfloat16"``.
+
+    The map is summed in float32 either way, and every metric, row sum, cell and frame is taken from
+    that sum; a BF16 map is only stored rounded, to the nearest (relative error at most 2^-8, 0.39%),
+    which halves the bytes written (docs/performance.md). A BF16 map is never extended: adding
+    intervals to a rounded sum again and again drifts (1,000 one-checkpoint extensions would leave
+    sums 27% low, as small changes fall below half a BF16 step of a large sum), so results stored in
+    BF16 are recomputed in full when the run grows (``previous_results``)."""
+    dtype = {"float32": "F32", "bfloat16": "BF16"}[choice]
+    return {t.name: dtype for t in run.tensors}
 
 
 def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool: str) -> dict[str, Grid]:
@@ -78,13 +94,15 @@ def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool:
 
 
 def previous_results(
-    out: Path, run: Run, fingerprints: list[str], chunk_elements: int
+    out: Path, run: Run, fingerprints: list[str], chunk_elements: int, dtypes: dict[str, str] | None = None
 ) -> tuple[Previous | None, str]:
     """Earlier results in ``out`` that this run extends, and what kind of update this is.
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
     checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
-    (``same_selection``) and the same wdiff.
+    (``same_selection``) and the same wdiff, and stored its map in float32 (a BF16 map, rounded, is
+    never extended: ``map_dtypes``). Results of every checkpoint are "up to date" when their maps are
+    stored as ``dtypes`` asks (default float32).
     Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
     (``wdiff.schema.read_summary``) included, means a full recompute.
     """
@@ -106,7 +124,7 @@ def previous_results(
     same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
         tensors[t.name]["shape"] == list(t.shape)
         and t.name in refs
-        and refs[t.name].dtype == "F32"
+        and refs[t.name].dtype in MAP_DTYPES
         and refs[t.name].shape == t.shape
         for t in run.tensors
     )
@@ -114,12 +132,20 @@ def previous_results(
         same_selection(old, run)
         and old.get("wdiff_version") == __version__
         and (old.get("timing") or {}).get("chunk_elements") == chunk_elements
-        and (out / ROWS).is_file()
+        and (out / NEURON_CHANGE).is_file()
         and all("interval_l1" in entry and "distance_l2" in entry for entry in tensors.values())
     )
     if not (same_start and same_tensors and same_setup):
         return None, "full"
-    previous = Previous(str(out / ACCUMULATED), {n: r.offset for n, r in refs.items()}, known, tensors)
+    wanted = dtypes or {t.name: "F32" for t in run.tensors}
+    if known == len(run.checkpoints):
+        usable = all(refs[t.name].dtype == wanted[t.name] for t in run.tensors)  # kept as they are
+    else:
+        usable = all(refs[t.name].dtype == "F32" for t in run.tensors)  # summed on: only exact sums
+    if not usable:
+        return None, "full"
+    offsets, stored = {n: r.offset for n, r in refs.items()}, {n: r.dtype for n, r in refs.items()}
+    previous = Previous(str(out / ACCUMULATED), offsets, known, tensors, stored)
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 

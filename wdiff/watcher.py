@@ -47,8 +47,8 @@ from wdiff.checkpoints import expects_state, fingerprint, listing, read_one, tra
 from wdiff.errors import WdiffError
 from wdiff.kept import keep, read_kept
 from wdiff.outdir import link_or_copy, move, sibling
-from wdiff.results import SUMMARY, Results
-from wdiff.schema import read_summary
+from wdiff.results import Results
+from wdiff.schema import SUMMARY, read_summary
 from wdiff.select import Selection, choose_tensors, trimmed
 from wdiff.sequence import Checkpoint, Run
 
@@ -343,9 +343,11 @@ def watch(
     """
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
     checks.number("settle", settle, 1, 1000)
-    numbers = ("max_points", "frame_points", "chunk_elements", "workers")  # now, not at the first update
+    # now, not at the first update
+    numbers = ("max_points", "frame_points", "chunk_elements", "workers", "map_dtype")
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
+    check_map_dtype(options.get("map_dtype", "float32"))
     stop = stop or threading.Event()
     watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
     latest = None
@@ -357,6 +359,16 @@ def watch(
             break
         stop.wait(poll)
     return latest if latest is not None else (Results.load(out) if (Path(out) / SUMMARY).is_file() else None)
+
+
+def check_map_dtype(map_dtype: str) -> None:
+    """A watch extends its results at every update, and only a float32 map is extended
+    (``wdiff.update.map_dtypes``): any other ``map_dtype`` is refused before the watch starts."""
+    checks.run_parameters(map_dtype=map_dtype)
+    if map_dtype != "float32":
+        raise checks.OptionError(
+            "map_dtype", "watch extends its results at every checkpoint: only a float32 map is"
+        )
 
 
 def process_ended(pid: int) -> Callable[[], bool]:

@@ -241,7 +241,8 @@ class BackgroundWatch:
     @property
     def results(self) -> Results | None:
         """The results in OUT as they are now (None before the first two checkpoints were added)."""
-        from wdiff.results import SUMMARY, Results
+        from wdiff.results import Results
+        from wdiff.schema import SUMMARY
 
         if self.out is None or not (self.out / SUMMARY).is_file():
             return None

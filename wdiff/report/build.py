@@ -28,7 +28,7 @@ from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.results import Results, json_text
-from wdiff.schema import FINDINGS_SCHEMA, findings_entries, load_results
+from wdiff.schema import FINDINGS_SCHEMA, findings_entries
 from wdiff.timeline import INTERVAL_COLUMNS
 
 FINDINGS = "findings.json"
@@ -88,8 +88,8 @@ def short_names(names: Sequence[str]) -> list[str]:
 
 
 def load(out: str | os.PathLike[str]) -> Results:
-    """The results in ``out``, checked (``wdiff.schema.load_results``: one-line errors)."""
-    return load_results(out)
+    """The results in ``out``, checked (``Results.load``: one-line errors)."""
+    return Results.load(out)
 
 
 MAX_PICTURE_BYTES = 256 << 20
@@ -306,7 +306,8 @@ def _profiles(m: RunMetrics, found: Sequence[Finding]) -> str:
     if not chosen:
         return ""
     pictures = [
-        h.image(figures.row_profile(n, m.rows[n]), "image/png", f"per-row change of {n}") for n in chosen
+        h.image(figures.row_profile(n, m.neuron_change[n]), "image/png", f"per-row change of {n}")
+        for n in chosen
     ]
     return h.section(
         "Per-row change",

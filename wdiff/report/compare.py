@@ -21,8 +21,8 @@ from wdiff.metrics import RunMetrics, analyse, log_series, safe_ratio
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
-from wdiff.results import ACCUMULATED, Results
-from wdiff.schema import COMPARE_SCHEMA
+from wdiff.results import Results
+from wdiff.schema import ACCUMULATED, COMPARE_SCHEMA
 
 COMPARE_CSV = "compare.csv"
 COMPARE_JSON = "compare.json"

@@ -18,19 +18,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safe_open returns BF16 maps as it)
 import numpy as np
 
 from wdiff.detail import Grid, grid_dims, read_pooled, to_means
 from wdiff.errors import WdiffError
-from wdiff.results import POOLED
+from wdiff.schema import POOLED
 
 #: Values per block read from disk (4 Mi float32 = 16 MiB).
 CHUNK_ELEMENTS = 1 << 22
 #: Bytes read through one file handle (64 MiB) before it is reopened to release the mapped pages.
 REMAP_BYTES = 1 << 26
 
-# Float dtypes safe_open returns as numpy arrays; the compute step writes F32 only.
-_FLOAT_DTYPES = {"F16", "F32", "F64"}
+# Float dtypes safe_open returns as numpy arrays (BF16 as ml_dtypes.bfloat16, imported for it); the
+# compute step writes F32, or BF16 (``wdiff.update.map_dtypes``).
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class AccumulatedFile:
         otherwise read straight from the file by a Numba kernel. Both equal feeding ``blocks()``
         through a ``GridPooler`` (tested).
         """
+        from wdiff import kernels
         from wdiff.kernels import pool_line
         from wdiff.readers.safetensors import read_header
         from wdiff.scene._kernels import PIECE, pool_tensor
@@ -185,7 +188,7 @@ class AccumulatedFile:
         offset, dtype = self._offsets[name]
         rows, cols = info.rows, info.cols
         shape = (-(-rows // block[0]), -(-cols // block[1]))
-        if dtype != "F32":  # results files are F32; anything else takes the general path
+        if dtype not in ("F32", "BF16"):  # results files are F32 or BF16; anything else: the general path
             from wdiff.scene.pooling import GridPooler
 
             pooler = GridPooler(rows, cols, block, pool)  # type: ignore[arg-type]
@@ -196,8 +199,11 @@ class AccumulatedFile:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             line = pool_line(rows, cols, pool == "mean")
-            buf = np.empty(PIECE, np.float32)
-            bad = pool_tensor(fd, offset, rows, cols, block[0], block[1], pool == "mean", cells, buf, line)
+            buf, raw = np.empty(PIECE, np.float32), np.empty(PIECE, np.int16)
+            code = kernels.CODE_BF16 if dtype == "BF16" else kernels.CODE_F32
+            bad = pool_tensor(
+                fd, offset, code, rows, cols, block[0], block[1], pool == "mean", cells, buf, raw, line
+            )
         finally:
             os.close(fd)
         if bad < 0:

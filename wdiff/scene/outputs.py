@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wdiff.results import ACCUMULATED, FRAMES, POINTS, RENDER
 from wdiff.scene.options import SceneOptions
+from wdiff.schema import ACCUMULATED, FRAMES, POINTS, RENDER, SceneEntry, scene_entry
 
 if TYPE_CHECKING:
     from wdiff.worker import Job
@@ -38,7 +38,7 @@ def write_outputs(
     step: Callable[[str], None] = lambda what: None,
     sizes: Mapping[str, float] | None = None,
     pending: list[Views] | None = None,
-) -> dict[str, Any]:
+) -> SceneEntry:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
 
     ``run_name`` and the checkpoints' ``steps`` title the film's frames.
@@ -83,17 +83,17 @@ def write_outputs(
             views.finish()
         else:
             pending.append(views)
-    return {
-        "points": len(built),
-        "max_points": options.max_points,
-        "pool_factor": built.pool_factor,
-        "pool": options.pool,
-        "color_scale": options.color_scale,
-        "normalize": options.normalize,
-        "color_range": [colors.scale.vmin, colors.scale.vmax],
-        "blocks": [b.label for b in built.blocks],
-        "files": files,
-    }
+    return scene_entry(
+        points=len(built),
+        max_points=options.max_points,
+        pool_factor=built.pool_factor,
+        pool=options.pool,
+        color_scale=options.color_scale,
+        normalize=options.normalize,
+        color_range=[colors.scale.vmin, colors.scale.vmax],
+        blocks=[b.label for b in built.blocks],
+        files=files,
+    )
 
 
 class Views:

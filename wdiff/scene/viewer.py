@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from wdiff.errors import WdiffError
-from wdiff.results import ACCUMULATED
 from wdiff.scene.layout import Scene
+from wdiff.schema import ACCUMULATED, read_results
 
 PROBE_SECONDS = 5.0
 # Run in a child so that a display that hangs the handshake cannot hang wdiff (it is killed).
@@ -107,10 +107,8 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
     """The scene of a results folder, its colours and a title, as the run drew them."""
 
     from wdiff import scene as sc
-    from wdiff.schema import load_results
 
-    results = load_results(out)  # checked: marker, summary's shape, the maps; regular files only
-    folder, summary = results.path, results.summary
+    folder, summary = read_results(out)  # checked: marker, summary's shape, the maps; regular files only
     options = summary.get("scene") or {}
     built = sc.build_scene(
         folder / ACCUMULATED,
@@ -126,9 +124,7 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
 
 def view(out: str | os.PathLike[str]) -> None:
     """Open the window (blocks until it is closed)."""
-    from wdiff.schema import load_results
-
-    load_results(out)  # before the display: a folder that is not results is said first
+    read_results(out)  # before the display: a folder that is not results is said first
     problem = probe_display()
     if problem is not None:
         raise WdiffError(
