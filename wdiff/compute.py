@@ -203,6 +203,8 @@ class BundleItem:
     task: Callable[..., ChunkStats]
     args: tuple
     entry: dict | None
+    grid: Grid | None  # the scene's and the film's grids (also among ``args``), for its aggregate
+    frame_grid: Grid | None
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,7 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
         for item in items:
             stats = item.task(*item.args)
             nbytes += stats.nbytes
-            tensor, grid, frame_grid = item.args[0], item.args[5], item.args[6]
-            results.append(aggregate(tensor, item.entry, grid, frame_grid, stats))
+            results.append(aggregate(item.args[0], item.entry, item.grid, item.frame_grid, stats))
     return Bundle(tuple(results), nbytes)
 
 
@@ -283,7 +284,7 @@ def build_graph(
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
             args = (tensor, *spans[0], layout.slot(out_path, tensor.name), acc_in, grid, frame_grid)
-            bundle.append(BundleItem(task, args, entry))
+            bundle.append(BundleItem(task, args, entry, grid, frame_grid))
             bundle_elements += tensor.numel
             continue
         close_bundle()
