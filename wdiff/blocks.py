@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from wdiff import kernels
-from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
+from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, pooling_args, row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles, Piece, TensorRef, open_input
 from wdiff.readers.lora import LoraRef
@@ -55,7 +55,7 @@ def _process(
 ) -> ChunkStats:
     """Fold the blocks ``[lo, hi)`` of ``[start, stop)`` (at most ``block`` elements each) of every
     checkpoint, filled by ``fill``, into the accumulated map, its slice written to ``out`` (as float32 or
-    rounded to BF16: ``kernels.round_bf16``, as ``stream`` stores it)."""
+    rounded to BF16) by the kernels ``stream`` writes it with (``kernels.write_map``)."""
     count = len(tensor.refs)
     resume = acc_in is not None
     weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t), W(T-1) as float32 (kernels.slot)
@@ -78,15 +78,10 @@ def _process(
         for lo, hi in blocks:
             n = hi - lo
             acc = acc_buf[:n]
-            if acc_in:
-                size = acc_in.itemsize
-                raw = os.pread(acc_fd, n * size, acc_in.offset + lo * size)
-                if len(raw) != n * size:
-                    raise WdiffError(acc_in.path, "reading the previous results failed: the file shrank")
-                if acc_in.dtype == "BF16":
-                    kernels.widen_bf16(np.frombuffer(raw, np.int16), acc)  # exact
-                else:
-                    acc[:] = np.frombuffer(raw, np.float32)
+            if acc_in and not kernels.read_map(
+                acc_fd, acc_in.offset + lo * acc_in.itemsize, map_code(acc_in), acc, bf16
+            ):
+                raise WdiffError(acc_in.path, "reading the previous results failed: the file shrank")
             clean = False
             fill(count - 1, lo, hi, weights[kernels.LAST, : n * 4].view(np.float32))  # W(T-1) first
             for t in range(count):
@@ -100,11 +95,7 @@ def _process(
                 acc, lo, clean, totals, dims, mean, b.cells, b.cell_row0, b.line, state,
                 row_cols(tensor.shape), b.rows, b.first_row,
             )  # fmt: skip
-            data = acc
-            if out.dtype == "BF16":
-                data = bf16[:n]
-                kernels.round_bf16(acc, data)
-            if os.pwrite(fd, data.tobytes(), out.offset + lo * out.itemsize) != n * out.itemsize:
+            if not kernels.write_map(fd, out.offset + lo * out.itemsize, map_code(out), acc, bf16):
                 raise WdiffError(out.path, "writing the results failed (disk full?)")
     finally:
         os.close(fd)

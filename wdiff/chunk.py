@@ -15,6 +15,7 @@ import numpy as np
 
 from wdiff import kernels
 from wdiff.detail import Grid
+from wdiff.results import MapSlot
 from wdiff.sequence import AlignedTensor
 
 FRAME_LINES_BYTES = 64 << 20  # per task, for the line buffers of the frames (one per interval)
@@ -115,6 +116,11 @@ def pooling_args(grid: Grid | None, frame_grid: Grid | None) -> tuple[np.ndarray
     frame_dims = frame_grid.dims() if frame_grid is not None else np.zeros(4, np.int64)
     mean = bool(grid.mean) if grid is not None else bool(frame_grid and frame_grid.mean)
     return dims, frame_dims, mean
+
+
+def map_code(slot: MapSlot | None) -> int:
+    """How the kernels store or read an accumulated map (``kernels.CODE_F32`` or ``CODE_BF16``)."""
+    return kernels.decoder_code(slot.dtype) if slot is not None else kernels.CODE_F32
 
 
 def row_cols(shape: tuple[int, ...]) -> int:

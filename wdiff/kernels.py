@@ -560,7 +560,7 @@ def widen_bf16(bf16, out):
 
 
 @_kernel
-def _write_map(fd, offset, code, acc, store):
+def write_map(fd, offset, code, acc, store):
     """Write the accumulated slice ``acc`` at ``offset``: float32, or rounded to BF16 via ``store``."""
     if code == CODE_BF16:
         bf16 = store[: acc.size]
@@ -570,7 +570,7 @@ def _write_map(fd, offset, code, acc, store):
 
 
 @_kernel
-def _read_map(fd, offset, code, acc, store):
+def read_map(fd, offset, code, acc, store):
     """Read an earlier accumulated slice into ``acc`` (float32) from ``offset``: stored as float32, or
     as BF16 (read into ``store``, then widened: exact)."""
     if code == CODE_BF16:
@@ -653,7 +653,7 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     for lo in range(begin, end, block):
         n = min(block, end - lo)
         acc = acc_buf[:n]
-        if resume and not _read_map(acc_in_fd, acc_in_offset + lo * in_size, acc_in_code, acc, store):
+        if resume and not read_map(acc_in_fd, acc_in_offset + lo * in_size, acc_in_code, acc, store):
             return -(count + 2)
         clean = False
         for k in range(count + 1):  # W(T-1) first (into LAST), then W(0) .. W(T-1): see ``slot``
@@ -676,7 +676,7 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
                 flines, fstates, diff,
             )  # fmt: skip
         finish_block(acc, lo, clean, totals, grid, mean, cells, cell_row0, line, state, row_cols, rows, row0)
-        if not _write_map(out_fd, out_offset + lo * out_size, out_code, acc, store):
+        if not write_map(out_fd, out_offset + lo * out_size, out_code, acc, store):
             return -(count + 1)
     finish_chunk(grid, mean, cells, line, state, fgrid, fcells, flines, fstates)
     return OK

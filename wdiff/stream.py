@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from wdiff import kernels
-from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, pooling_args, row_cols
+from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, pooling_args, row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles
 from wdiff.readers.remote import is_url
@@ -27,11 +27,6 @@ def remote_ranges(tensor: AlignedTensor, start: int, stop: int) -> dict[str, lis
             size = r.kind.bits // 8
             ranges.setdefault(r.path, []).append((r.offset + start * size, (stop - start) * size))
     return ranges
-
-
-def map_code(slot: MapSlot | None) -> int:
-    """How the kernels store or read an accumulated map (``kernels.CODE_F32`` or ``CODE_BF16``)."""
-    return kernels.CODE_BF16 if slot is not None and slot.dtype == "BF16" else kernels.CODE_F32
 
 
 def process_chunk(

@@ -344,7 +344,7 @@ def watch(
     checks.number("poll", poll, *checks.POLL, integer=False)  # 0 or less would spin, NaN never wake
     checks.number("settle", settle, 1, 1000)
     # now, not at the first update
-    numbers = ("max_points", "frame_points", "chunk_elements", "workers", "map_dtype")
+    numbers = ("max_points", "frame_points", "chunk_elements", "workers")
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
     check_map_dtype(options.get("map_dtype", "float32"))

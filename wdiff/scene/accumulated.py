@@ -200,7 +200,7 @@ class AccumulatedFile:
         try:
             line = pool_line(rows, cols, pool == "mean")
             buf, raw = np.empty(PIECE, np.float32), np.empty(PIECE, np.int16)
-            code = kernels.CODE_BF16 if dtype == "BF16" else kernels.CODE_F32
+            code = kernels.decoder_code(dtype)
             bad = pool_tensor(
                 fd, offset, code, rows, cols, block[0], block[1], pool == "mean", cells, buf, raw, line
             )
