@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from factories import random_sequence, save, trainer_run
-from kinds import check_against_reference
+from kinds import adapter_checkpoint, check_against_reference
 from safetensors.numpy import load_file
 
 import wdiff
@@ -184,3 +184,32 @@ def test_watch_refuses_a_bfloat16_map_and_a_bad_value_is_one_line(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("wdiff: error: --map-dtype must be one of float32, bfloat16, got 'float16'")
     assert not (tmp_path / "out").exists()
+
+
+def test_computed_lora_changes_store_and_extend_a_bfloat16_map_like_stored_tensors(tmp_path):
+    """A LoRA run's tensors are computed products (``wdiff.blocks``), which write and read the map
+    through the same kernels: BF16 is the float32 map rounded, and an extension from float32 results
+    gives the batch run's bits."""
+    rng = np.random.default_rng(8)
+    prefix = "base_model.model."
+    state = {
+        f"{prefix}q.lora_A.weight": rng.standard_normal((2, 30)),
+        f"{prefix}q.lora_B.weight": rng.standard_normal((20, 2)),
+    }
+    root = tmp_path / "run"
+    for step in range(1, 6):
+        state = {k: v + 0.05 * rng.standard_normal(v.shape) for k, v in state.items()}
+        adapter_checkpoint(root / f"checkpoint-{step}", {k: v.astype(np.float32) for k, v in state.items()},
+                           {"r": 2, "lora_alpha": 4}, step=step)  # fmt: skip
+    f32, bf16 = _two_runs(root, tmp_path)
+    assert bf16.map_dtype("q.weight") == "BF16"
+    exact = f32.accumulated("q.weight")
+    np.testing.assert_array_equal(_bits(bf16.accumulated("q.weight").astype(BF16)), _bits(exact.astype(BF16)))
+    later = tmp_path / "later"
+    later.mkdir()
+    (root / "checkpoint-5").rename(later / "checkpoint-5")
+    wdiff.run(root, tmp_path / "grown", **OPTIONS)
+    (later / "checkpoint-5").rename(root / "checkpoint-5")
+    grown = wdiff.run(root, tmp_path / "grown", map_dtype="bfloat16", **OPTIONS)
+    assert grown.summary["update"] == "incremental from 4"
+    np.testing.assert_array_equal(grown.accumulated("q.weight"), bf16.accumulated("q.weight"))
