@@ -182,7 +182,7 @@ def test_watch_refuses_a_bfloat16_map_and_a_bad_value_is_one_line(tmp_path):
     assert p.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
     p = _cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "float16")
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert p.stderr.startswith("wdiff: error: --map-dtype must be one of float32, bfloat16, got 'float16'")
+    assert p.stderr.startswith("wdiff: error: --map-dtype must be one of float32, bfloat16, none, got 'float16'")
     assert not (tmp_path / "out").exists()
 
 

@@ -33,7 +33,16 @@ from wdiff.errors import WdiffError
 from wdiff.outdir import Staging, check_out, link_or_copy
 from wdiff.readers.remote import is_folded_url, is_url
 from wdiff.results import Results, write_json, write_neuron_change
-from wdiff.schema import ACCUMULATED, FRAMES, NEURON_CHANGE, POOLED, SUMMARY, build_summary, read_summary
+from wdiff.schema import (
+    ACCUMULATED,
+    FRAMES,
+    NEURON_CHANGE,
+    POOLED,
+    SUMMARY,
+    build_summary,
+    read_summary,
+    stored_shapes,
+)
 from wdiff.sequence import Run, scanned_files
 from wdiff.update import Plan, cell_grids, plan_update
 
@@ -127,7 +136,9 @@ def run(
 
     ``map_dtype``: how ``accumulated.safetensors`` stores the map, ``"float32"`` or ``"bfloat16"`` (half
     the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
-    ``wdiff.update.map_dtypes``). A BF16 map is not extended when the run grows: it is recomputed.
+    ``wdiff.update.map_dtypes``), or ``"none"``: not stored (every other result the same;
+    ``Results.accumulated`` and a scene at another budget then cannot be had). A BF16 map, or none, is
+    not extended when the run grows: it is recomputed.
     Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
@@ -162,16 +173,17 @@ def run(
         pictures: list[Views] = []  # rendering in the picture worker while the summary and report are written
         try:
             part, plan = the_run, whole
+            stored = map_dtype if end == total else "float32"  # parts before the last are extended
             if len(ends) > 1:  # each part extends the one committed before it
                 part = first_checkpoints(the_run, end) if end < total else the_run
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
                                    incremental=incremental or n > 0, intervals=total - 1,
-                                   map_dtype=map_dtype if end == total else "float32")  # fmt: skip
+                                   map_dtype=stored)  # fmt: skip
             result = compute_or_reuse(plan, out, staging.folder, scene, scheduler, workers, report)
             spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
                                     chunk_elements=plan.chunk_elements, scheduler=scheduler,
-                                    spectrum_seconds=spectrum_seconds)  # fmt: skip
+                                    spectrum_seconds=spectrum_seconds, map_dtype=stored)  # fmt: skip
             summary["scene"] = draw(staging.folder, part, summary, scene, report, pictures)
             summary["timing"]["total_seconds"] = time.perf_counter() - t_start
             write_results(staging.folder, summary, keep, charts=scene.render, pictures=pictures)
@@ -304,14 +316,17 @@ def compute_or_reuse(
     grids = cell_grids([(t.name, t.shape) for t in run.tensors], scene.max_points, scene.pool)
     if plan.update == "up to date":  # nothing new to read: keep the results, redo the scene
         assert previous is not None
-        link_or_copy(out / ACCUMULATED, folder / ACCUMULATED)
+        if plan.map_dtypes is not None:
+            link_or_copy(out / ACCUMULATED, folder / ACCUMULATED)
         link_or_copy(out / NEURON_CHANGE, folder / NEURON_CHANGE)
         for name in (POOLED, FRAMES) if scene.frames else (POOLED,):  # the scene checks the pooling fits
             if (out / name).is_file():
                 link_or_copy(out / name, folder / name)
         return ComputeResult(previous.tensors, 0, 0.0, 0)
-    layout = layout_accumulated(((t.name, t.shape) for t in run.tensors), plan.map_dtypes)
-    create_accumulated(folder / ACCUMULATED, layout)
+    layout = None  # no map stored (map_dtype "none")
+    if plan.map_dtypes is not None:
+        layout = layout_accumulated(((t.name, t.shape) for t in run.tensors), plan.map_dtypes)
+        create_accumulated(folder / ACCUMULATED, layout)
     total = bytes_to_read(run, previous)
 
     def advance(nbytes: int) -> None:
@@ -428,4 +443,5 @@ def draw(
         step,
         tensor_sizes(summary),
         pictures,
+        shapes=stored_shapes(summary),
     )

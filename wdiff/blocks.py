@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from wdiff import kernels
-from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, pooling_args, row_cols
+from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, open_output, pooling_args, row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles, Piece, TensorRef, open_input
 from wdiff.readers.lora import LoraRef
@@ -44,7 +44,7 @@ def _process(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out: MapSlot,
+    out: MapSlot | None,
     acc_in: MapSlot | None,
     grid: Grid | None,
     frame_grid: Grid | None,
@@ -55,7 +55,7 @@ def _process(
 ) -> ChunkStats:
     """Fold the blocks ``[lo, hi)`` of ``[start, stop)`` (at most ``block`` elements each) of every
     checkpoint, filled by ``fill``, into the accumulated map, its slice written to ``out`` (as float32 or
-    rounded to BF16) by the kernels ``stream`` writes it with (``kernels.write_map``)."""
+    rounded to BF16; None: not stored) by the kernels ``stream`` writes it with (``kernels.write_map``)."""
     count = len(tensor.refs)
     resume = acc_in is not None
     weights = kernels.weight_buffers(block, [4])  # W(0), W(t-1), W(t), W(T-1) as float32 (kernels.slot)
@@ -68,11 +68,12 @@ def _process(
     totals = np.zeros(3)  # sum, max and non-finite count of the accumulated map
     sums = (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals)
     state = np.full(1, -1, np.int64)
-    fd = os.open(out.path, os.O_WRONLY)
+    fd = open_output(out)
     try:
         acc_fd = open_input(acc_in.path) if acc_in else -1
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
     try:
         for lo, hi in blocks:
@@ -95,10 +96,11 @@ def _process(
                 acc, lo, clean, totals, dims, mean, b.cells, b.cell_row0, b.line, state,
                 row_cols(tensor.shape), b.rows, b.first_row,
             )  # fmt: skip
-            if not kernels.write_map(fd, out.offset + lo * out.itemsize, map_code(out), acc, bf16):
+            if out and not kernels.write_map(fd, out.offset + lo * out.itemsize, map_code(out), acc, bf16):
                 raise WdiffError(out.path, "writing the results failed (disk full?)")
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         if acc_fd >= 0:
             os.close(acc_fd)
     kernels.finish_chunk(
@@ -166,7 +168,7 @@ def process_pieces(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out: MapSlot,
+    out: MapSlot | None,
     acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,
@@ -247,7 +249,7 @@ def process_product(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out: MapSlot,
+    out: MapSlot | None,
     acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,

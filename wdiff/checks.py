@@ -33,7 +33,8 @@ _HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
 _ADDRESS = re.compile(rf"(?:(?P<protocol>[a-z]+)://)?(?P<host>{_HOST})(?::(?P<port>[0-9]{{1,5}}))?")
 
 
-MAP_DTYPE_CHOICES = ("float32", "bfloat16")  # the choices of ``map_dtype`` (see wdiff.update.map_dtypes)
+NO_MAP = "none"  # the ``map_dtype`` of a run that stores no accumulated map (wdiff.update.map_dtypes)
+MAP_DTYPE_CHOICES = ("float32", "bfloat16", NO_MAP)  # the choices of ``map_dtype`` (wdiff.update.map_dtypes)
 
 
 class OptionError(WdiffError):

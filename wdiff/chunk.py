@@ -9,12 +9,14 @@ ranges, ``wdiff.blocks`` for pieces and computed LoRA products; ``wdiff.compute`
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from wdiff import kernels
 from wdiff.detail import Grid
+from wdiff.errors import WdiffError
 from wdiff.results import MapSlot
 from wdiff.sequence import AlignedTensor
 
@@ -121,6 +123,17 @@ def pooling_args(grid: Grid | None, frame_grid: Grid | None) -> tuple[np.ndarray
 def map_code(slot: MapSlot | None) -> int:
     """How the kernels store or read an accumulated map (``kernels.CODE_F32`` or ``CODE_BF16``)."""
     return kernels.decoder_code(slot.dtype) if slot is not None else kernels.CODE_F32
+
+
+def open_output(slot: MapSlot | None) -> int:
+    """A descriptor to write a tensor's accumulated map with (``kernels.write_map``); -1 when the map is
+    not stored (``--map-dtype none``). The caller closes it."""
+    if slot is None:
+        return -1
+    try:
+        return os.open(slot.path, os.O_WRONLY)
+    except OSError as e:
+        raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
 
 
 def row_cols(shape: tuple[int, ...]) -> int:

@@ -169,9 +169,10 @@ MapDtype = Annotated[
     str,
     typer.Option(
         "--map-dtype",
-        help="How accumulated.safetensors stores the map: float32, or bfloat16 (half the bytes written, "
-        "rounded to 0.4%; metrics and pictures still come from float32 sums; recomputed, not extended, "
-        "when the run grows).",
+        help="How accumulated.safetensors stores the map: float32, bfloat16 (half the bytes written, "
+        "rounded to 0.4%; metrics and pictures still come from float32 sums), or none (no map: every other "
+        "result the same, from the same pass; no per-weight values afterwards). bfloat16 and none are "
+        "recomputed, not extended, when the run grows.",
     ),
 ]
 Spectrum = Annotated[

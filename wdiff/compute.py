@@ -235,7 +235,7 @@ def run_bundle(items: tuple[BundleItem, ...]) -> Bundle:
 def build_graph(
     run: Run,
     out_path: str,
-    layout: OutputLayout,
+    layout: OutputLayout | None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     previous: Previous | None = None,
     grids: dict[str, Grid] | None = None,
@@ -251,9 +251,14 @@ def build_graph(
     per big tensor or one bundle per run of small ones, in tensor order; chunks). Tasks carry only
     paths, offsets and sizes: with a distributed scheduler the workers read the checkpoints and
     write the results themselves, so every path must be the same on every worker (a shared filesystem).
+    ``layout`` None: the accumulated map is not stored (``--map-dtype none``).
     """
     dsk: dict = {}
     work_keys, result_keys = [], []
+
+    def out_slot(name: str) -> MapSlot | None:
+        return layout.slot(out_path, name) if layout is not None else None
+
     bundle: list[BundleItem] = []
     bundle_elements = 0
     chunks = 0
@@ -283,7 +288,7 @@ def build_graph(
         if len(spans) == 1 and BUNDLE_TENSORS > 1:  # one chunk: into a bundle
             if len(bundle) == BUNDLE_TENSORS or bundle_elements + tensor.numel > chunk_elements:
                 close_bundle()
-            args = (tensor, *spans[0], layout.slot(out_path, tensor.name), acc_in, grid, frame_grid)
+            args = (tensor, *spans[0], out_slot(tensor.name), acc_in, grid, frame_grid)
             bundle.append(BundleItem(task, args, entry, grid, frame_grid))
             bundle_elements += tensor.numel
             continue
@@ -296,7 +301,7 @@ def build_graph(
                 tensor,
                 start,
                 stop,
-                layout.slot(out_path, tensor.name),
+                out_slot(tensor.name),
                 acc_in,
                 grid,
                 frame_grid,
@@ -330,7 +335,7 @@ class ComputeResult:
 def compute(
     run: Run,
     out_path: str,
-    layout: OutputLayout,
+    layout: OutputLayout | None,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     scheduler: str = "threads",

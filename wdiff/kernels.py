@@ -561,7 +561,10 @@ def widen_bf16(bf16, out):
 
 @_kernel
 def write_map(fd, offset, code, acc, store):
-    """Write the accumulated slice ``acc`` at ``offset``: float32, or rounded to BF16 via ``store``."""
+    """Write the accumulated slice ``acc`` at ``offset``: float32, or rounded to BF16 via ``store``;
+    nothing when ``fd`` is -1 (a run that stores no map)."""
+    if fd < 0:
+        return True
     if code == CODE_BF16:
         bf16 = store[: acc.size]
         round_bf16(acc, bf16)
@@ -591,8 +594,9 @@ def stream_chunk(source, span, files, work, sums, pool, row_sums, frames):
     - ``source`` = (fds, offsets, itemsizes, codes, lut_index, luts): the tensor in every checkpoint;
     - ``span`` = (begin, end): the element range;
     - ``files`` = (out_fd, out_offset, out_code, acc_in_fd, acc_in_offset, acc_in_code): where the
-      accumulated slice goes and how it is stored (``CODE_F32``, or ``CODE_BF16``: rounded to the
-      nearest even, ``round_bf16``), and where earlier results (stored as ``acc_in_code``) start it
+      accumulated slice goes (``out_fd`` -1: nowhere, the map is not stored) and how it is stored
+      (``CODE_F32``, or ``CODE_BF16``: rounded to the nearest even, ``round_bf16``), and where
+      earlier results (stored as ``acc_in_code``) start it
       from (``acc_in_fd`` -1: from zero); ``out_offset``/``acc_in_offset`` are where element 0 is;
     - ``work`` = (raw, weights, acc_buf, store, block): the buffers (``store``: ``block`` int16, for
       a BF16 map) and the sub-block size;

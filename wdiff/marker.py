@@ -5,7 +5,8 @@ The marker is JSON: ``{"format": "wdiff-results", "schema": 1, "wdiff_version": 
 ..., "files": [...]}``. ``files`` lists every file the run wrote, so whatever else is in OUT is the
 user's and is never deleted or overwritten. A folder without a valid marker is results only when it
 was written by a wdiff from before the marker existed: a ``summary.json`` with ``wdiff_version`` and
-``tensors``, an ``accumulated.safetensors``, and nothing but file names wdiff writes (``LEGACY``).
+``tensors``, an ``accumulated.safetensors`` (unless the summary says no map was stored), and nothing
+but file names wdiff writes (``LEGACY``).
 
 Results are read back only through regular files directly inside OUT (``regular_file``): a symlink in
 OUT is never followed, whatever it points at.
@@ -132,7 +133,7 @@ def _legacy(folder: Path, entries: list[str]) -> bool:
     if not entries or not all(is_wdiff_name(e) and regular_file(folder, e) for e in entries):
         return False
     summary = regular_file(folder, "summary.json")
-    if summary is None or regular_file(folder, "accumulated.safetensors") is None:
+    if summary is None:
         return False
     try:
         data = json.loads(read_small(summary, 1 << 30))
@@ -142,6 +143,9 @@ def _legacy(folder: Path, entries: list[str]) -> bool:
         isinstance(data, dict)
         and isinstance(data.get("wdiff_version"), str)
         and isinstance(data.get("tensors"), dict)
+        # the map, unless the summary says none was stored (``--map-dtype none``: a run's own staging
+        # folder, read back before its marker is written)
+        and (regular_file(folder, "accumulated.safetensors") is not None or data.get("map_dtype") == "none")
     )
 
 

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wdiff import timeline
+from wdiff.checks import NO_MAP
 from wdiff.errors import WdiffError
-from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, Summary, read_results
+from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, Summary, map_stored, read_results
 from wdiff.timeline import INTERVAL_COLUMNS, LOG_KEYS
 
 if TYPE_CHECKING:
@@ -230,8 +231,17 @@ class Results:
 
     def accumulated(self, name: str) -> np.ndarray:
         """The accumulated change map of one tensor (float32, the tensor's shape; a map stored as BF16,
-        ``wdiff.update.map_dtypes``, widened exactly)."""
-        return _float32(_get(self.path / ACCUMULATED, name))
+        ``wdiff.update.map_dtypes``, widened exactly). A ``WdiffError`` when the run stored no map."""
+        return _float32(_get(self._map(), name))
+
+    def _map(self) -> Path:
+        """accumulated.safetensors, or a ``WdiffError`` line when the run stored no map."""
+        if not map_stored(self.summary):
+            raise WdiffError(
+                self.path / ACCUMULATED,
+                "not stored: the run was computed with --map-dtype none (run it again without, for the map)",
+            )
+        return self.path / ACCUMULATED
 
     def neuron_change(self, name: str) -> np.ndarray:
         """The per-neuron change of one tensor: its accumulated map summed over each row, one float64
@@ -253,12 +263,15 @@ class Results:
 
     def accumulated_of(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """``accumulated`` of many tensors, one open of the file (see ``neuron_change_of``)."""
-        return {n: _float32(a) for n, a in _get_many(self.path / ACCUMULATED, names).items()}
+        return {n: _float32(a) for n, a in _get_many(self._map(), names).items()}
 
     def map_dtype(self, name: str) -> str:
-        """How the accumulated map of one tensor is stored: "F32" or "BF16" (``wdiff.update.map_dtypes``)."""
+        """How the accumulated map of one tensor is stored: "F32" or "BF16" (``wdiff.update.map_dtypes``),
+        or "none" when the run stored no map."""
         from wdiff.readers.safetensors import read_header
 
+        if not map_stored(self.summary):
+            return NO_MAP
         refs, _ = read_header(self.path / ACCUMULATED)
         return refs[name].dtype
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from wdiff import __version__
+from wdiff.checks import MAP_DTYPE_CHOICES, NO_MAP
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
 from wdiff.readers.remote import is_url
@@ -331,6 +332,7 @@ class Summary(TypedDict, total=False):
     matching: dict[str, int]  # ONNX: initializers matched by name, by position
     selection: dict[str, Any]  # wdiff.select: what the run was chosen to read
     scene: SceneEntry  # what the pictures show (wdiff.scene.outputs)
+    map_dtype: str  # how accumulated.safetensors stores the map: "float32", "bfloat16" or NO_MAP (none)
 
 
 class SceneEntry(TypedDict):
@@ -433,6 +435,8 @@ def check_summary(summary: Any) -> Summary:
         for key in ("wdiff_version", "source", "created", "update"):
             if key in s:
                 _str(s[key], key)
+        if s.get("map_dtype", "float32") not in MAP_DTYPE_CHOICES:  # older results have none: stored
+            raise _Bad("map_dtype", f"one of {', '.join(MAP_DTYPE_CHOICES)}")
         for key in ("skipped", "left_out", "warnings"):
             if key in s:
                 _list(s[key], key)
@@ -467,12 +471,14 @@ def build_summary(
     chunk_elements: int,
     scheduler: str,
     spectrum_seconds: float | None = None,
+    map_dtype: str = "float32",
 ) -> Summary:
     """``summary.json`` of a run (without its "scene" and ``timing.total_seconds``, which the caller adds
     once the pictures are drawn): the checkpoints as scanned, the metrics compute aggregated (tied
     weights reported once, with every name), what was left out and why, the timing, the update kind.
     Each 2-D tensor's ``update_spectrum`` (``wdiff.spectrum``) is in its entry of ``result.tensors``
-    when it was computed; ``spectrum_seconds`` is the time that took (None: not computed)."""
+    when it was computed; ``spectrum_seconds`` is the time that took (None: not computed);
+    ``map_dtype`` how the accumulated map is stored ("none": not at all, ``NO_MAP``)."""
     for name, others in run.aliases.items():  # tied weights: reported once, with every name
         if name in result.tensors:
             result.tensors[name]["aliases"] = others
@@ -502,6 +508,7 @@ def build_summary(
         | ({"spectrum_seconds": spectrum_seconds} if spectrum_seconds is not None else {}),
         "update": update,
         "trainer_state": trainer_summary(run.trainer_state),
+        "map_dtype": map_dtype,
     }
     if run.matching is not None:  # ONNX: which initializers were matched by name, which by position
         summary["matching"] = run.matching
@@ -561,21 +568,36 @@ def read_summary(path: Path) -> Summary:
         raise WdiffError(path, f"not wdiff's summary: {e}") from None
 
 
+def map_stored(summary: Summary) -> bool:
+    """Whether the run stored its accumulated map (not ``--map-dtype none``; results from before the
+    choice existed always did)."""
+    return summary.get("map_dtype") != NO_MAP
+
+
+def stored_shapes(summary: Summary) -> dict[str, list[int]] | None:
+    """The tensors' shapes when the run stored no map, for the scene to be drawn from the cells pooled
+    during compute (``wdiff.scene.build_scene``); None when the map is there to be read."""
+    return None if map_stored(summary) else {n: t["shape"] for n, t in summary["tensors"].items()}
+
+
 def _check_maps(folder: Path, summary: Summary) -> None:
-    """Every tensor of the summary is in the accumulated map (F32 or BF16, its shape) and, when the run
-    wrote the per-neuron change, in ``rows.safetensors`` (F64, one value per row of the tensor)."""
+    """Every tensor of the summary is in the accumulated map (F32 or BF16, its shape), unless the run
+    stored none (``map_stored``), and, when the run wrote the per-neuron change, in ``rows.safetensors``
+    (F64, one value per row of the tensor)."""
     from wdiff.readers.safetensors import read_header
 
-    path = regular_file(folder, ACCUMULATED)
-    if path is None:
-        raise WdiffError(folder / ACCUMULATED, "missing, or not a regular file: these results are incomplete")
-    refs, _ = read_header(path)
-    for name, t in summary["tensors"].items():
-        ref = refs.get(name)
-        if ref is None or ref.dtype not in MAP_DTYPES or list(ref.shape) != t["shape"]:
+    if map_stored(summary):
+        path = regular_file(folder, ACCUMULATED)
+        if path is None:
             raise WdiffError(
-                path, f"does not hold tensor {_cut(name)!r} as float32/bfloat16 {t['shape']} (summary.json)"
+                folder / ACCUMULATED, "missing, or not a regular file: these results are incomplete"
             )
+        refs, _ = read_header(path)
+        for name, t in summary["tensors"].items():
+            ref = refs.get(name)
+            if ref is None or ref.dtype not in MAP_DTYPES or list(ref.shape) != t["shape"]:
+                what = f"float32/bfloat16 {t['shape']} (summary.json)"
+                raise WdiffError(path, f"does not hold tensor {_cut(name)!r} as {what}")
     if not os.path.lexists(folder / NEURON_CHANGE):
         return
     path = regular_file(folder, NEURON_CHANGE)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from wdiff import kernels
-from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, pooling_args, row_cols
+from wdiff.chunk import ChunkBuffers, ChunkStats, Grid, map_code, open_output, pooling_args, row_cols
 from wdiff.errors import WdiffError
 from wdiff.readers.base import InputFiles
 from wdiff.readers.remote import is_url
@@ -33,7 +33,7 @@ def process_chunk(
     tensor: AlignedTensor,
     start: int,
     stop: int,
-    out: MapSlot,
+    out: MapSlot | None,
     acc_in: MapSlot | None = None,
     grid: Grid | None = None,
     frame_grid: Grid | None = None,
@@ -42,10 +42,10 @@ def process_chunk(
 
     Opens the files, hands everything to the Numba driver (which reads, decodes, accumulates and
     writes without the GIL) and returns the partial sums. ``out``: where the tensor's map goes (and
-    its storage dtype); ``acc_in``: where the earlier results to continue from are: then
-    ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see
-    ``kernels.stream_chunk``). ``grid``: pool the accumulated map into the scene's cells on the way;
-    ``frame_grid``: pool every interval's |dW| into cells too (the frames of the training film).
+    its storage dtype; None: the map is not stored); ``acc_in``: where the earlier results to continue
+    from are: then ``tensor.refs`` are [W(0), W(K-1), W(K), ...] (see ``kernels.stream_chunk``).
+    ``grid``: pool the accumulated map into the scene's cells on the way; ``frame_grid``: pool every
+    interval's |dW| into cells too (the frames of the training film).
     """
     refs = tensor.refs
     count = len(refs)
@@ -58,7 +58,7 @@ def process_chunk(
     raw = np.empty(1 if uniform else block * int(itemsizes.max()), np.uint8)  # only to decode from
     weights = kernels.weight_buffers(block, itemsizes)
     acc = np.empty(block + kernels.SCRATCH_PAD, np.float32)
-    store = np.empty(block if "BF16" in (out.dtype, acc_in and acc_in.dtype) else 1, np.int16)
+    store = np.empty(block if "BF16" in (out and out.dtype, acc_in and acc_in.dtype) else 1, np.int16)
     b = ChunkBuffers.for_chunk(tensor, start, stop, acc_in is not None, grid, frame_grid)
     dims, frame_dims, mean = pooling_args(grid, frame_grid)
     diff = np.empty(block if b.frames.size else 1, np.float32)
@@ -68,15 +68,19 @@ def process_chunk(
     try:
         fds = np.array([files.fd(r.path) for r in refs], np.int32)
         acc_fd = files.fd(acc_in.path) if acc_in else -1
-        try:
-            out_fd = os.open(out.path, os.O_WRONLY)
-        except OSError as e:
-            raise WdiffError(e.filename, f"cannot open: {e.strerror}") from None
+        out_fd = open_output(out)
         try:
             status = kernels.stream_chunk(
                 (fds, offsets, itemsizes, codes, lut_index, luts),
                 (start, stop),
-                (out_fd, out.offset, map_code(out), acc_fd, acc_in.offset if acc_in else 0, map_code(acc_in)),
+                (
+                    out_fd,
+                    out.offset if out else 0,
+                    map_code(out),
+                    acc_fd,
+                    acc_in.offset if acc_in else 0,
+                    map_code(acc_in),
+                ),  # fmt: skip
                 (raw, weights, acc, store, block),
                 (b.interval_sum, b.interval_sumsq, b.sumsq, b.dist_first, b.dist_last, b.nonfinite, totals),
                 (dims, mean, b.cells, b.cell_row0, b.line),
@@ -84,13 +88,14 @@ def process_chunk(
                 (frame_dims, b.frames, b.frame_row0, b.frame_lines, b.frame_states, diff),
             )
         finally:
-            os.close(out_fd)
+            if out_fd >= 0:
+                os.close(out_fd)
         files.verify()  # not rewritten in place while it was read
     finally:
         files.close()
     if status < 0:
         t = -status - 1
-        if t == count:
+        if t == count and out:
             raise WdiffError(out.path, "writing the results failed (disk full?)")
         if t == count + 1 and acc_in:
             raise WdiffError(acc_in.path, "reading the previous results failed: the file shrank")

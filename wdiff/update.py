@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__, checks
+from wdiff.checks import NO_MAP
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
 from wdiff.errors import WdiffError
-from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, SUMMARY, read_summary
+from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, SUMMARY, map_stored, read_summary
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class Plan:
     update: str  # "full", "incremental from K" or "up to date"
     frame_grids: dict[str, Grid]  # {} without frames
     old_frames: dict[str, np.ndarray] | None  # the earlier frames an incremental update extends
-    map_dtypes: dict[str, str]  # how each tensor's accumulated map is stored (``map_dtypes``)
+    map_dtypes: dict[str, str] | None  # how each tensor's accumulated map is stored (None: not stored)
 
 
 def plan_update(
@@ -71,15 +72,21 @@ def plan_update(
     return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
 
 
-def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str]:
-    """How each tensor's accumulated map is stored: ``"float32"`` (the default) or ``"bfloat16"``.
+def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str] | None:
+    """How each tensor's accumulated map is stored: ``"float32"`` (the default), ``"bfloat16"``, or not
+    at all (``"none"``: None).
 
     The map is summed in float32 either way, and every metric, row sum, cell and frame is taken from
     that sum; a BF16 map is only stored rounded, to the nearest (relative error at most 2^-8, 0.39%),
     which halves the bytes written (docs/performance.md). A BF16 map is never extended: adding
     intervals to a rounded sum again and again drifts (1,000 one-checkpoint extensions would leave
     sums 27% low, as small changes fall below half a BF16 step of a large sum), so results stored in
-    BF16 are recomputed in full when the run grows (``previous_results``)."""
+    BF16 are recomputed in full when the run grows (``previous_results``). Without a map (``"none"``,
+    for runs whose map would not fit the disk or the time: a 7B model's is 28 GB in float32) every
+    other result is the same; what needs the per-weight values then cannot be had: extending the run
+    (it is recomputed), ``Results.accumulated``, and a scene at another budget or pooling."""
+    if choice == NO_MAP:
+        return None
     dtype = {"float32": "F32", "bfloat16": "BF16"}[choice]
     return {t.name: dtype for t in run.tensors}
 
@@ -94,15 +101,15 @@ def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool:
 
 
 def previous_results(
-    out: Path, run: Run, fingerprints: list[str], chunk_elements: int, dtypes: dict[str, str] | None = None
+    out: Path, run: Run, fingerprints: list[str], chunk_elements: int, dtypes: dict[str, str] | None
 ) -> tuple[Previous | None, str]:
     """Earlier results in ``out`` that this run extends, and what kind of update this is.
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
     checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
     (``same_selection``) and the same wdiff, and stored its map in float32 (a BF16 map, rounded, is
-    never extended: ``map_dtypes``). Results of every checkpoint are "up to date" when their maps are
-    stored as ``dtypes`` asks (default float32).
+    never extended, nor are results without a map: ``map_dtypes``). Results of every checkpoint are
+    "up to date" when their maps are stored as ``dtypes`` asks (None: not stored).
     Anything else, an earlier checkpoint rewritten or removed or a summary that is not wdiff's
     (``wdiff.schema.read_summary``) included, means a full recompute.
     """
@@ -111,7 +118,7 @@ def previous_results(
 
     try:
         old = read_summary(out / SUMMARY)
-        refs, _ = read_header(out / ACCUMULATED)
+        refs = read_header(out / ACCUMULATED)[0] if map_stored(old) else None
     except (OSError, ValueError, WdiffError):
         return None, "full"
     seen = old["checkpoints"]
@@ -123,9 +130,10 @@ def previous_results(
     tensors: dict[str, Any] = old["tensors"]
     same_tensors = list(tensors) == [t.name for t in run.tensors] and all(
         tensors[t.name]["shape"] == list(t.shape)
-        and t.name in refs
-        and refs[t.name].dtype in MAP_DTYPES
-        and refs[t.name].shape == t.shape
+        and (
+            refs is None
+            or (t.name in refs and refs[t.name].dtype in MAP_DTYPES and refs[t.name].shape == t.shape)
+        )
         for t in run.tensors
     )
     same_setup = (
@@ -137,15 +145,17 @@ def previous_results(
     )
     if not (same_start and same_tensors and same_setup):
         return None, "full"
-    wanted = dtypes or {t.name: "F32" for t in run.tensors}
-    if known == len(run.checkpoints):
-        usable = all(refs[t.name].dtype == wanted[t.name] for t in run.tensors)  # kept as they are
-    else:
-        usable = all(refs[t.name].dtype == "F32" for t in run.tensors)  # summed on: only exact sums
+    stored = {n: r.dtype for n, r in refs.items()} if refs is not None else None
+    if known == len(run.checkpoints):  # kept as they are: when stored as asked
+        usable = (stored is None) == (dtypes is None) and all(
+            stored[t.name] == dtypes[t.name] for t in run.tensors if stored and dtypes
+        )
+    else:  # summed on: only exact sums
+        usable = stored is not None and all(stored[t.name] == "F32" for t in run.tensors)
     if not usable:
         return None, "full"
-    offsets, stored = {n: r.offset for n, r in refs.items()}, {n: r.dtype for n, r in refs.items()}
-    previous = Previous(str(out / ACCUMULATED), offsets, known, tensors, stored)
+    offsets = {n: r.offset for n, r in refs.items()} if refs is not None else {}
+    previous = Previous(str(out / ACCUMULATED), offsets, known, tensors, stored or {})
     return previous, ("up to date" if known == len(run.checkpoints) else f"incremental from {known}")
 
 

@@ -189,6 +189,7 @@ def _summary_section(res: Results, m: RunMetrics) -> str:
             f"{timing.get('read_bytes', 0) / 1e6:.1f} MB in {timing.get('compute_seconds', 0):.1f} s",
         ),
         ("wdiff", f"{s.get('wdiff_version', '')}, {s.get('created', '')}, update: {s.get('update', 'full')}"),
+        ("accumulated map", _map_storage(s.get("map_dtype", "float32"))),
     ]
     if log.get("loss") is not None:
         first = next((v["loss"] for v in m.log if v.get("loss") is not None), None)
@@ -246,6 +247,13 @@ def _findings_section(found: Sequence[Finding]) -> str:
         h.table(["kind", "tensor", "rows", "steps", "what it may mean, what to try"], rows, raw=[True] * 5),
         anchor="findings",
     )
+
+
+def _map_storage(map_dtype: str) -> str:
+    if map_dtype == "none":
+        return "not stored (--map-dtype none)"
+    stored = "bfloat16 (rounded from float32 sums)" if map_dtype == "bfloat16" else "float32"
+    return f"accumulated.safetensors, {stored}"
 
 
 def _count(found: Sequence[Finding]) -> dict[str, int]:

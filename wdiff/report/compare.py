@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,10 @@ from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
 from wdiff.results import Results
-from wdiff.schema import ACCUMULATED, COMPARE_SCHEMA
+from wdiff.schema import ACCUMULATED, COMPARE_SCHEMA, stored_shapes
+
+if TYPE_CHECKING:
+    from wdiff.scene.layout import Scene
 
 COMPARE_CSV = "compare.csv"
 COMPARE_JSON = "compare.json"
@@ -92,6 +95,26 @@ def block_ratios(ma: RunMetrics, mb: RunMetrics) -> list[dict[str, Any]]:
     ]
 
 
+def _scene_of(res: Results, max_points: int) -> Scene:
+    """The scene of one run at ``max_points``, max-pooled from its map; for results that store no map,
+    the run's own scene (its cells pooled during compute) pooled further to ``max_points``."""
+    from wdiff import scene
+    from wdiff.scene.layout import coarsen_scene
+
+    shapes = stored_shapes(res.summary)
+    if shapes is None:
+        return scene.build_scene(res.path / ACCUMULATED, res.names, max_points=max_points)
+    own = res.summary.get("scene") or {}
+    built = scene.build_scene(
+        res.path / ACCUMULATED,
+        res.names,
+        max_points=int(own.get("max_points", 1_000_000)),
+        pool=own.get("pool", "max"),
+        shapes=shapes,
+    )
+    return coarsen_scene(built, max_points)
+
+
 def side_by_side(a: Results, b: Results, labels: tuple[str, str], max_points: int = 200_000) -> bytes:
     """Both runs' scenes rendered on one shared colour scale (so equal colours mean equal change),
     next to each other."""
@@ -100,7 +123,7 @@ def side_by_side(a: Results, b: Results, labels: tuple[str, str], max_points: in
     from wdiff import scene
     from wdiff.scene import color
 
-    scenes = [scene.build_scene(r.path / ACCUMULATED, r.names, max_points=max_points) for r in (a, b)]
+    scenes = [_scene_of(r, max_points) for r in (a, b)]
     shared = color.color_scale(np.concatenate([s.value for s in scenes]), "log")
     pictures = []
     with tempfile.TemporaryDirectory(prefix="wdiff-compare-") as tmp:

@@ -27,7 +27,7 @@ import numpy as np
 
 from wdiff.naming import network_order
 from wdiff.scene import color
-from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile
+from wdiff.scene.accumulated import CHUNK_ELEMENTS, POOLED, AccumulatedFile, PooledCells
 from wdiff.scene.color import Colors, ColorScale, Scale, colorize
 from wdiff.scene.layout import Scene, TensorPlacement, layout
 from wdiff.scene.options import VIEWS, SceneOptions
@@ -57,6 +57,7 @@ def build_scene(
     pool: Pool = "max",
     *,
     chunk_elements: int = CHUNK_ELEMENTS,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Scene:
     """Read ``accumulated.safetensors`` once, in blocks of ``chunk_elements`` values, into a Scene.
 
@@ -65,8 +66,17 @@ def build_scene(
     the smallest that fits, shrinks every tensor alike (``pool`` = "max" keeps hot spots visible,
     "mean" shows the typical change). Raises ValueError when the budget is below the number of
     non-empty tensors, ``WdiffError`` when the file is unreadable or lacks a name.
+
+    ``shapes`` (name -> shape, from the summary) for results that store no map (``--map-dtype none``,
+    ``wdiff.schema.map_stored``): the scene is then made of the cells pooled during compute, and only
+    the run's own ``max_points`` and ``pool`` can be drawn (``PooledCells``).
     """
-    with AccumulatedFile(accumulated_path, chunk_elements=chunk_elements) as source:
+    source: AccumulatedFile | PooledCells = (
+        AccumulatedFile(accumulated_path, chunk_elements=chunk_elements)
+        if shapes is None
+        else PooledCells(accumulated_path, shapes)
+    )
+    with source:
         order = network_order(source.names()) if names is None else list(names)
         return layout(source, order, max_points=max_points, pool=pool)
 

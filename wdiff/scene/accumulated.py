@@ -1,4 +1,5 @@
-"""The scene's only input: ``accumulated.safetensors``, read in bounded blocks.
+"""The scene's only input: ``accumulated.safetensors``, read in bounded blocks (or, for results that
+store no map, the cells pooled during compute: ``PooledCells``).
 
 Models can be hundreds of GB, so a tensor is never read whole: it is cut into row blocks (and, when
 a single row is too long, into column runs of one row) of at most ``chunk_elements`` values, each
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,3 +224,43 @@ class AccumulatedFile:
         block = self._open().get_slice(name)[tuple(index)]
         self._account(block.nbytes)
         return np.asarray(block, dtype=np.float32).reshape(grid_shape)
+
+
+class PooledCells:
+    """The scene's source for results that store no accumulated map (``--map-dtype none``): the cells
+    the compute step pooled (``pooled.safetensors`` beside where the map would be) and the tensors'
+    shapes from the summary. It gives the scene at the budget and pool the run was computed for, and
+    nothing finer or other: there are no per-weight values to pool again."""
+
+    def __init__(self, accumulated_path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]]) -> None:
+        self.path = os.fspath(accumulated_path)
+        self._pooled_path = os.path.join(os.path.dirname(self.path), POOLED)
+        self._cells = read_pooled(self._pooled_path)
+        self._info = {n: TensorInfo(n, tuple(int(d) for d in s)) for n, s in shapes.items()}
+
+    def __enter__(self) -> PooledCells:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise WdiffError(self._pooled_path, f"no tensor named {name!r} in these results") from None
+
+    def pooled(self, name: str, block: tuple[int, int], pool: str = "max") -> tuple[np.ndarray, int]:
+        """The cells of ``name`` as pooled during compute; a ``WdiffError`` when they were pooled with
+        another block or pool kind (the run's own budget is the only one these results can show)."""
+        found = self._cells.get(name)
+        if found is None or found[1] != tuple(block) or found[2] != pool:
+            raise WdiffError(
+                self.path,
+                "not stored (the run was computed with --map-dtype none): only the scene of the run's own "
+                "--max-points and --pool can be drawn; run wdiff again without --map-dtype none for others",
+            )
+        return found[0], found[3]

@@ -37,7 +37,7 @@ import numpy as np
 
 from wdiff.experts import expert_of
 from wdiff.naming import BODY, block_of, role_of
-from wdiff.scene.accumulated import AccumulatedFile, TensorInfo
+from wdiff.scene.accumulated import AccumulatedFile, PooledCells, TensorInfo
 from wdiff.scene.pooling import Pool, block_shape, ceil_div, coarsen, pool_factor
 
 #: Extra empty slots in depth where the role changes (embeddings | layers | heads).
@@ -467,7 +467,7 @@ def place_cells(
 
 
 def layout(
-    source: AccumulatedFile,
+    source: AccumulatedFile | PooledCells,
     names: Sequence[str],
     max_points: int = 1_000_000,
     pool: Pool = "max",

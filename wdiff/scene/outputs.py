@@ -38,6 +38,7 @@ def write_outputs(
     step: Callable[[str], None] = lambda what: None,
     sizes: Mapping[str, float] | None = None,
     pending: list[Views] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> SceneEntry:
     """Write the scene's files into ``folder``; returns what ``summary.json`` records of them.
 
@@ -45,7 +46,8 @@ def write_outputs(
 
     ``step(what)`` is called before each slow part ("render", "mesh", "frames", "html"). ``sizes``
     (tensor name -> RMS of its W(0), ``wdiff.scene.tensor_sizes``) is needed for
-    ``normalize="relative"``.
+    ``normalize="relative"``. ``shapes`` (name -> shape) when the results store no map: the scene is
+    then drawn from the cells pooled during compute (``wdiff.scene.build_scene``).
 
     Open3D renders in the picture worker (``wdiff.worker``) while this process writes the PLY files,
     the film and ``scene.html``. With ``pending``, the pictures are not finished here: their ``Views``
@@ -55,7 +57,9 @@ def write_outputs(
     from wdiff import scene as sc
 
     folder = Path(folder)
-    built = sc.build_scene(folder / ACCUMULATED, names, max_points=options.max_points, pool=options.pool)
+    built = sc.build_scene(
+        folder / ACCUMULATED, names, max_points=options.max_points, pool=options.pool, shapes=shapes
+    )
     colors = sc.colorize_scene(built, options.color_scale, options.normalize, sizes)
     views = None
     if options.render:

@@ -21,7 +21,7 @@ import numpy as np
 
 from wdiff.errors import WdiffError
 from wdiff.scene.layout import Scene
-from wdiff.schema import ACCUMULATED, read_results
+from wdiff.schema import ACCUMULATED, read_results, stored_shapes
 
 PROBE_SECONDS = 5.0
 # Run in a child so that a display that hangs the handshake cannot hang wdiff (it is killed).
@@ -115,6 +115,7 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
         list(summary["tensors"]),
         max_points=int(options.get("max_points", 1_000_000)),
         pool=options.get("pool", "max"),
+        shapes=stored_shapes(summary),
     )
     colors = sc.colorize_scene(
         built, options.get("color_scale", "log"), options.get("normalize", "global"), sc.tensor_sizes(summary)
