@@ -12,7 +12,8 @@ it on a 24 GB machine):
   /dev/null is none: it splices, and cached pages are never copied);
 - ``wdiff run`` with pictures (the defaults: render.png, points.ply, scene.html, the report);
 - ``wdiff run --no-render``;
-- both again with ``--map-dtype bfloat16`` (the map stored in half the bytes);
+- both again with ``--map-dtype bfloat16`` (the map stored in half the bytes), and with
+  ``--map-dtype none`` (no map stored);
 - ``wdiff run --frames --mesh`` (its peak RSS is the target's);
 - ``benchmarks/torch_script.py``: per tensor, lazy ``safe_open(framework="pt")``, ``(w - prev).abs_()``
   accumulated in float32 (torch's threaded kernels).
@@ -60,6 +61,15 @@ def commands(data: Path, work: Path) -> dict[str, list[str]]:
             "bfloat16",
             "-o",
             str(work / "bf16-map-no-render"),
+        ],  # fmt: skip
+        "wdiff --map-dtype none": [*wdiff, "--map-dtype", "none", "-o", str(work / "no-map")],
+        "wdiff --no-render --map-dtype none": [
+            *wdiff,
+            "--no-render",
+            "--map-dtype",
+            "none",
+            "-o",
+            str(work / "no-map-no-render"),
         ],  # fmt: skip
         "wdiff --frames --mesh": [*wdiff, "--frames", "--mesh", "-o", str(work / "frames-mesh")],
         "torch script": [
