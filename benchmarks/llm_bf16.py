@@ -18,7 +18,9 @@ it on a 24 GB machine):
 - ``benchmarks/torch_script.py``: per tensor, lazy ``safe_open(framework="pt")``, ``(w - prev).abs_()``
   accumulated in float32 (torch's threaded kernels).
 
-Every command is measured by ``benchmarks/measure.py`` (wall and peak RSS of its own process tree);
+Every command is measured by ``benchmarks/measure.py``: its wall time, and the peak memory of its
+whole process tree, the picture worker included (the peak of the sum of the PSS of its live processes,
+and of their RSS, sampled every 20 ms; PSS counts the libraries both processes load once);
 wdiff's compute phase rate is ``timing.read_bytes / timing.compute_seconds`` of its ``summary.json``.
 Medians over rounds; results to ``benchmarks/llm_bf16.json`` and a markdown table (stdout, ``--md``).
 """
@@ -107,15 +109,20 @@ def main(argv: list[str] | None = None) -> int:
                 got["compute_seconds"] = timing["compute_seconds"]
                 got["compute_rate"] = timing["read_bytes"] / timing["compute_seconds"]
             rows[name].append(got)
-            print(f"round {r + 1} {name}: {got['wall']:.2f} s, {got['rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"round {r + 1} {name}: {got['wall']:.2f} s, tree peak PSS {got['tree_pss_mib']:.0f} MiB, "
+                f"RSS {got['tree_rss_mib']:.0f} MiB (largest process {got['rss_mib']:.0f} MiB)",
+                flush=True,
+            )
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
     cat_rate = total / med["read"]["wall"]
     lines = [
         f"LLM-shaped BF16 run: {total / 1e9:.2f} GB, 146 tensors, 5 checkpoints x 2 shards; "
         f"medians of {args.rounds} rounds, warm page cache; {os.cpu_count()} CPUs, {platform.machine()}",
         "",
-        "| command | wall s | peak RSS MiB | compute rate | vs read | torch script / this |",
-        "|---|---|---|---|---|---|",
+        "| command | wall s | peak PSS MiB (process tree) | peak RSS MiB (process tree) | compute rate "
+        "| vs read | torch script / this |",
+        "|---|---|---|---|---|---|---|",
     ]
     torch_wall = med.get("torch script", {}).get("wall")
     for name, m in med.items():
@@ -123,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"{rate / cat_rate:.0%}" if rate else ""
         speed = f"{torch_wall / m['wall']:.1f}x" if torch_wall and name != "read" else ""
         rate_text = f"{rate / 1e9:.2f} GB/s" if rate else f"{total / m['wall'] / 1e9:.2f} GB/s"
-        lines.append(f"| {name} | {m['wall']:.2f} | {m['rss_mib']:.0f} | {rate_text} | {vs} | {speed} |")
+        lines.append(
+            f"| {name} | {m['wall']:.2f} | {m['tree_pss_mib']:.0f} | {m['tree_rss_mib']:.0f} | {rate_text} "
+            f"| {vs} | {speed} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.md:

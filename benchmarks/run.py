@@ -57,8 +57,12 @@ TARGET_BIG_RSS_MIB = 1024
 
 
 def run_child(cmd: list[str], log: Path | None, env: dict | None = None, cwd: Path | None = None) -> dict:
-    """Run ``cmd`` under ``measure.py``; return its wall seconds and peak RSS in MiB.
+    """Run ``cmd`` under ``measure.py``; return its wall seconds and peak memory in MiB.
 
+    ``rss_mib``: the largest ``ru_maxrss`` of one process of the command's tree (the command itself,
+    unless a child peaked higher); ``tree_pss_mib`` and ``tree_rss_mib``: the peak of the sum over
+    the tree's live processes of their PSS (shared pages split between the processes that map them:
+    the tree's honest memory) and of their RSS, sampled (``measure.py``).
     ``log`` gets the command's stdout and stderr (None: both to /dev/null).
     """
     fd, result = tempfile.mkstemp(prefix="measure-", suffix=".json")
@@ -81,7 +85,12 @@ def run_child(cmd: list[str], log: Path | None, env: dict | None = None, cwd: Pa
         tail = log.read_text(errors="replace")[-2000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {r['returncode']}:\n{tail}")
     # ru_maxrss is KiB on Linux; the tree's value is >= the command's own unless it spawned nothing
-    return {"wall": r["wall"], "rss_mib": max(r["maxrss_kib"], r["tree_maxrss_kib"]) / 1024}
+    return {
+        "wall": r["wall"],
+        "rss_mib": max(r["maxrss_kib"], r["tree_maxrss_kib"]) / 1024,
+        "tree_pss_mib": r["tree_peak_pss_kib"] / 1024,
+        "tree_rss_mib": r["tree_peak_rss_kib"] / 1024,
+    }
 
 
 class Runner:

@@ -24,6 +24,7 @@ from wdiff.naming import BODY, EMBEDDING, HEAD, network_order, role_of
 from wdiff.scene import SceneOptions, build_scene, colorize_scene, render
 from wdiff.scene.color import lookup_table
 from wdiff.scene.film import interval_scenes, write_film
+from wdiff.scene.layout import Scene
 from wdiff.scene.mesh import fit, height_field, vertex_count
 from wdiff.scene.ply import FACE_DTYPE, MESH_VERTEX_DTYPE, ply_header, write_mesh_ply
 
@@ -344,10 +345,8 @@ def test_mesh_budget_too_small_is_refused(tmp_path):
 # --- the film ------------------------------------------------------------------------------------
 
 
-def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
-    """Synthetic frames whose change halves each interval: the GIF has one frame per interval, the
-    same scale for all (so later frames are darker) and the step printed in each."""
-    import imageio.v3 as iio
+def _synthetic_film(tmp_path: Path) -> tuple[list[str], Scene]:
+    """Frames whose change halves each interval (4 intervals) written with ``write_film``."""
     from safetensors.numpy import save_file
 
     shapes = {"h.0.w": (24, 40), "h.1.w": (24, 40), "h.1.b": (40,)}
@@ -370,6 +369,15 @@ def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
     written = write_film(
         tmp_path, tmp_path / "frames.safetensors", scene, "synthetic", [10, 20, 30, 40, 50], options
     )
+    return written, scene
+
+
+def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
+    """Synthetic frames whose change halves each interval: the GIF has one frame per interval, the
+    same scale for all (so later frames are darker) and the step printed in each."""
+    import imageio.v3 as iio
+
+    written, _ = _synthetic_film(tmp_path)
     assert written[0] == "frames.gif"
     gif = iio.imread(tmp_path / "frames.gif", index=None)
     assert gif.shape == (4, 320, 480, 3)
@@ -382,6 +390,50 @@ def test_film_frames_share_camera_and_scale_and_fade(tmp_path):
     assert not (gif[0] == gif[1]).all()
     if "frames.mp4" in written:
         assert (tmp_path / "frames.mp4").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_the_worker_drops_its_renderer_after_the_film(tmp_path):
+    """The worker keeps its renderer between pictures, and the renderer grows with every frame it
+    draws: after the film's last frame the worker drops it and hands its memory back, instead of
+    holding it while this process encodes the GIF and the MP4 (and, in ``wdiff watch``, until the
+    next update)."""
+    from wdiff import worker
+
+    worker.shared().kill()  # a fresh worker: its peak is this film's
+    worker.warm()  # Open3D loaded, no renderer yet
+    pid = worker.shared().submit(os.getpid).result()
+    loaded = _rss_kib(pid)
+    _synthetic_film(tmp_path)
+    after = _rss_kib(pid)
+    # KiB: a renderer kept after these 4 frames holds about 170 MiB; what stays once it is dropped
+    # (pages of the libraries it used, Mesa's compiled shaders) about 80 MiB
+    assert after - loaded < 128 * 1024
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_compose_puts_the_render_in_unchanged_and_stays_within_its_memory(tmp_path):
+    """The render goes into the picture pixel for pixel, below the title; and matplotlib is handed
+    opaque RGBA, which it resamples in float32, not RGB, which it resamples in float64 (85 MiB at
+    the default size)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (738, 1110, 3), dtype=np.uint8)
+    cs = colorize_scene(build_scene(_save(tmp_path / "a.safetensors", {"w": (8, 8)})), "log").scale
+    render.compose(image, cs, size=(1280, 800), top=40, title="t", footer="f")  # matplotlib's caches
+    tracemalloc.start()
+    try:
+        picture = render.compose(image, cs, size=(1280, 800), top=40, title="a title", footer="a footer")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(picture[40 : 40 + 738, :1110], image)
+    assert peak < 64 * 2**20
 
 
 # --- end to end on the sample run ----------------------------------------------------------------

@@ -161,3 +161,24 @@ def test_jobs_submitted_from_several_threads_each_get_their_own_answer(pool):
     for t in threads:
         t.join()
     assert got == {k: 2 * k for k in range(16)}
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith(key)).split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc")
+def test_the_worker_hands_back_what_a_job_freed(pool):
+    """A job allocates 200 MiB in 64 KiB arrays (glibc serves them from its heap) and frees all but
+    the last, which pins the top of the heap: glibc alone would keep the 200 MiB. The worker sits
+    beside the run, so after each job it hands what was freed back to the system."""
+    pid = pool.submit(os.getpid).result()
+    before = _status_kib(pid, "VmRSS:")
+    allocate = (
+        "import builtins, numpy as np; xs = [np.ones(8192) for _ in range(3200)]; builtins.pin = xs[-1]"
+    )
+    pool.submit(exec, allocate, {}).result()
+    pool.submit(sum, [1]).result()  # the worker trims after it replies: after the next answer, it has
+    assert _status_kib(pid, "VmHWM:") - before > 190 * 1024  # the job's arrays were resident
+    assert _status_kib(pid, "VmRSS:") - before < 20 * 1024

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wdiff import _heap
+
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding this wdiff package
 # The child imports this very wdiff: its folder goes first on the path unless the path has it already
 # (an installed wdiff: its site-packages keeps its place, after the standard library).
@@ -276,8 +278,13 @@ def main() -> None:
         if request is None:  # closed: the caller is done, or gone
             return
         answer = _frame(_answer(request))
+        del request  # the job's arguments (a frame's points) are not kept while waiting for the next
         try:
             replies.write(answer)
             replies.flush()
         except OSError:  # nobody reads the answers any more
             return
+        del answer
+        # What the job freed goes back to the system: this process sits beside the run, and a render
+        # frees tens of MiB (Open3D's copies of the points) that glibc would otherwise keep.
+        _heap.give_back_memory()

@@ -95,7 +95,8 @@ def write_film(
     sizes: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Write ``frames.gif`` (and ``frames.mp4``) into ``folder``; returns the file names written."""
-    from wdiff import worker
+    from wdiff import _heap, worker
+    from wdiff.scene import render
     from wdiff.scene.picture import Picture, render_frames
 
     folder = Path(folder)
@@ -113,14 +114,21 @@ def write_film(
         frame, job = rendering.popleft()
         stamp = _steps_text(steps, len(pictures))
         pictures.append(picture.finish(job.result()[0], frame, cs, stamp=stamp))
+        _heap.give_back_memory()  # finishing a frame frees about 50 MiB of matplotlib's arrays
 
+    # The worker's renderer grows by about 300 MiB over the frames: meanwhile this process holds
+    # only what it uses (``_warm.tune_process`` keeps freed memory), and the worker drops the renderer
+    # after the last frame (``render.release_renderer``) instead of holding it through the encoding.
+    _heap.give_back_memory()
     for s in scenes:  # the worker renders each frame while the one before is finished here
         frame = picture.frame(s, cs)
         rendering.append((frame, worker.shared().submit(render_frames, [picture], [frame])))
         if len(rendering) == 2:
             finish_oldest()
+    released = worker.shared().submit(render.release_renderer)
     while rendering:
         finish_oldest()
+    released.result()
     stack = np.stack(pictures)
     written = [GIF]
     write_gif(folder / GIF, stack)
