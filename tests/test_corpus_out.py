@@ -861,4 +861,7 @@ def test_a_full_disk_is_refused_before_anything_is_read(tmp_path):
     assert error.startswith(f"wdiff: error: {disk}/.out.wdiff-tmp-"), error  # the results' staging folder
     assert error.split(": ")[2].endswith("/accumulated.safetensors"), error
     assert "cannot reserve 2,097," in error and "for the results: No space left on device" in error, error
+    assert error.endswith(
+        "(--map-dtype bfloat16 stores it in half the bytes, --map-dtype none stores no map)"
+    ), error
     assert "Traceback" not in p.stderr and left == [], p.stderr  # no OUT, no staging folder left

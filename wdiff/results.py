@@ -100,7 +100,12 @@ def create_accumulated(path: str | os.PathLike[str], layout: OutputLayout) -> No
             preallocate(f.fileno(), layout.size)
     except OSError as e:
         need = f"{layout.size:,} bytes"
-        raise WdiffError(path, f"cannot reserve {need} for the results: {e.strerror}") from None
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # what would make the map fit
+            hint = " (--map-dtype bfloat16 stores it in half the bytes, --map-dtype none stores no map)"
+            if "F32" not in layout.dtypes.values():
+                hint = " (--map-dtype none stores no map)"
+        raise WdiffError(path, f"cannot reserve {need} for the results: {e.strerror}{hint}") from None
 
 
 def preallocate(fd: int, size: int) -> None:
