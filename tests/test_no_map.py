@@ -30,6 +30,7 @@ import wdiff
 from wdiff.checks import OptionError
 from wdiff.errors import WdiffError
 from wdiff.results import Results
+from wdiff.scene.options import SceneOptions
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "digits-bert-bf16-sharded"
 SHAPES = {"emb": (97, 33), "attn.w": (40, 40), "norm": (33,), "conv": (6, 3, 3, 3)}
@@ -153,6 +154,11 @@ def test_results_without_a_map_are_up_to_date_when_run_again_and_recomputed_when
     assert wdiff.run(root, out, map_dtype="none", **OPTIONS).summary["update"] == "full"
     assert wdiff.run(root, out, map_dtype="none", **OPTIONS).summary["update"] == "up to date"
     assert not (out / "accumulated.safetensors").exists()
+    other = {**OPTIONS, "max_points": 300}  # another scene: no map to pool again, so computed again
+    assert wdiff.run(root, out, map_dtype="none", **other).summary["update"] == "full"
+    assert wdiff.run(root, out, map_dtype="none", **other).summary["update"] == "up to date"
+    mean = SceneOptions(max_points=600, render=False, pool="mean")
+    assert wdiff.run(root, out, map_dtype="none", **OPTIONS, scene=mean).summary["update"] == "full"
     with_map = wdiff.run(root, out, **OPTIONS)  # float32 asked: there is none to keep
     assert with_map.summary["update"] == "full" and with_map.map_dtype("emb") == "F32"
     shutil.copytree(out, tmp_path / "copy")

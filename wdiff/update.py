@@ -13,9 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__, checks
 from wdiff.checks import NO_MAP
-from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids
+from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids, read_pooled
 from wdiff.errors import WdiffError
-from wdiff.schema import ACCUMULATED, FRAMES, MAP_DTYPES, NEURON_CHANGE, SUMMARY, map_stored, read_summary
+from wdiff.schema import (
+    ACCUMULATED,
+    FRAMES,
+    MAP_DTYPES,
+    NEURON_CHANGE,
+    POOLED,
+    SUMMARY,
+    map_stored,
+    read_summary,
+)
 from wdiff.sequence import Run
 
 if TYPE_CHECKING:
@@ -60,6 +69,8 @@ def plan_update(
         previous_results(out, run, fingerprints, chunk_elements, dtypes) if incremental else (None, "full")
     )
     shapes = [(t.name, t.shape) for t in run.tensors]
+    if update == "up to date" and dtypes is None and not pooled_fits(out, shapes, scene):
+        previous, update = None, "full"  # no map to pool again for another budget or pool kind
     budget = frame_budget_for(scene.frame_points, intervals or len(run.checkpoints) - 1, len(shapes))
     frame_grids = cell_grids(shapes, budget, scene.pool) if scene.frames else {}  # pooled like the scene
     old_frames = None
@@ -70,6 +81,18 @@ def plan_update(
     if extend_only and previous is None:
         raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
     return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
+
+
+def pooled_fits(out: Path, shapes: list[tuple[str, tuple[int, ...]]], scene: SceneOptions) -> bool:
+    """Whether the cells in ``out``'s pooled.safetensors are the ones this scene draws (the same
+    blocks and pool kind for every non-empty tensor): results without a map have nothing else to draw
+    from (``wdiff.scene.accumulated.PooledCells``)."""
+    cells = read_pooled(out / POOLED)
+    for name, grid in cell_grids(shapes, scene.max_points, scene.pool).items():
+        found = cells.get(name)
+        if found is None or found[1] != tuple(grid.block) or found[2] != scene.pool:
+            return False
+    return True
 
 
 def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str] | None:
