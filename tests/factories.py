@@ -7,7 +7,10 @@ writer), so the files are exactly what users have on disk.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -279,3 +282,11 @@ def assert_same_results(watched, batch) -> None:
             "nonfinite",
         ):
             assert w[key] == b[key], (name, key)
+
+
+def wdiff_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m wdiff ARGS`` of this checkout, its output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "wdiff", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )

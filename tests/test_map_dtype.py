@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from factories import random_sequence, save, trainer_run
+from factories import random_sequence, save, trainer_run, wdiff_cli
 from kinds import adapter_checkpoint, check_against_reference
 from safetensors.numpy import load_file
 
@@ -167,22 +164,18 @@ def test_a_run_committed_in_parts_keeps_float32_until_the_last_part(tmp_path):
         np.testing.assert_array_equal(parts.accumulated(name), batch.accumulated(name), err_msg=name)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "wdiff", *args], capture_output=True, text=True, timeout=120,
-                          env=env)  # fmt: skip
-
-
 def test_watch_refuses_a_bfloat16_map_and_a_bad_value_is_one_line(tmp_path):
     root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 2), [1, 2])
     with pytest.raises(OptionError, match="only a float32 map is"):
         wdiff.watch(root, tmp_path / "out", map_dtype="bfloat16", poll=0.1, until=lambda: True)
-    p = _cli("watch", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "bfloat16", "--poll", "0.1")
+    p = wdiff_cli("watch", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "bfloat16", "--poll", "0.1")
     assert p.returncode == 2 and p.stderr.startswith("wdiff: error: --map-dtype"), p.stderr
     assert p.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
-    p = _cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "float16")
+    p = wdiff_cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "float16")
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert p.stderr.startswith("wdiff: error: --map-dtype must be one of float32, bfloat16, none, got 'float16'")
+    assert p.stderr.startswith(
+        "wdiff: error: --map-dtype must be one of float32, bfloat16, none, got 'float16'"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import random_sequence, trainer_run
+from factories import random_sequence, trainer_run, wdiff_cli
 from kinds import adapter_checkpoint, reference
 from safetensors.numpy import load_file
 
@@ -191,20 +188,14 @@ def test_a_run_committed_in_parts_keeps_float32_until_the_last_part(tmp_path):
     assert_same_but_the_map(in_float32, parts)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "wdiff", *args], capture_output=True, text=True, timeout=120,
-                          env=env)  # fmt: skip
-
-
 def test_the_cli_runs_without_a_map_and_watch_refuses_it(tmp_path):
     root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 2), [1, 2])
     with pytest.raises(OptionError, match="only a float32 map is"):
         wdiff.watch(root, tmp_path / "w", map_dtype="none", poll=0.1, until=lambda: True)
-    p = _cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "none", "--no-render", "-q")
+    p = wdiff_cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "none", "--no-render", "-q")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "out" / "accumulated.safetensors").exists()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["map_dtype"] == "none"
     assert "not stored (--map-dtype none)" in (tmp_path / "out" / "report.html").read_text()
-    p = _cli("report", str(tmp_path / "out"))  # the report is written again from the results
+    p = wdiff_cli("report", str(tmp_path / "out"))  # the report is written again from the results
     assert p.returncode == 0, p.stderr

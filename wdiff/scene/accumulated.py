@@ -60,7 +60,24 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-class AccumulatedFile:
+class _Tensors:
+    """The tensors a scene source holds, by name: ``path`` names the file in errors."""
+
+    path: str
+    _info: dict[str, TensorInfo]
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._info)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise WdiffError(self.path, f"no tensor named {name!r} in the results file") from None
+
+
+class AccumulatedFile(_Tensors):
     """Read-only access to ``accumulated.safetensors``: shapes, and values in bounded blocks."""
 
     def __init__(
@@ -113,16 +130,6 @@ class AccumulatedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def names(self) -> list[str]:
-        """Tensor names in file order."""
-        return list(self._info)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._info[name]
-        except KeyError:
-            raise WdiffError(self.path, f"no tensor named {name!r} in the results file") from None
 
     def blocks(self, name: str) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(row, col, block)``: a 2-D float32 piece of the tensor's grid, and where.
@@ -226,7 +233,7 @@ class AccumulatedFile:
         return np.asarray(block, dtype=np.float32).reshape(grid_shape)
 
 
-class PooledCells:
+class PooledCells(_Tensors):
     """The scene's source for results that store no accumulated map (``--map-dtype none``): the cells
     the compute step pooled (``pooled.safetensors`` beside where the map would be) and the tensors'
     shapes from the summary. It gives the scene at the budget and pool the run was computed for, and
@@ -234,8 +241,7 @@ class PooledCells:
 
     def __init__(self, accumulated_path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]]) -> None:
         self.path = os.fspath(accumulated_path)
-        self._pooled_path = os.path.join(os.path.dirname(self.path), POOLED)
-        self._cells = read_pooled(self._pooled_path)
+        self._cells = read_pooled(os.path.join(os.path.dirname(self.path), POOLED))
         self._info = {n: TensorInfo(n, tuple(int(d) for d in s)) for n, s in shapes.items()}
 
     def __enter__(self) -> PooledCells:
@@ -243,15 +249,6 @@ class PooledCells:
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-    def names(self) -> list[str]:
-        return list(self._info)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._info[name]
-        except KeyError:
-            raise WdiffError(self._pooled_path, f"no tensor named {name!r} in these results") from None
 
     def pooled(self, name: str, block: tuple[int, int], pool: str = "max") -> tuple[np.ndarray, int]:
         """The cells of ``name`` as pooled during compute; a ``WdiffError`` when they were pooled with
