@@ -375,6 +375,7 @@ def test_truncated_item_file(small: Path) -> None:
         ("sub/../../x.distcp", "leaves the checkpoint folder"),
         ("missing.distcp", "does not exist"),
         ("", "is not a relative path"),
+        ("x\ud800.distcp", "is not a relative path"),  # a lone surrogate: no file name encodes to it
     ],
 )
 def test_item_path_must_stay_inside(small: Path, relative: str, problem: str) -> None:

@@ -108,6 +108,7 @@ def test_sharded_index(tmp_path):
         ("../outside.safetensors", "leaves the checkpoint folder"),
         ("/etc/passwd", "leaves"),
         ("model-missing.safetensors", "does not exist"),
+        ("x\ud800.safetensors", "is not a file name"),  # JSON's lone surrogate: no path encodes to it
     ],
 )
 def test_sharded_index_refuses_bad_shard_paths(tmp_path, shard, problem):

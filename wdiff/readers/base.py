@@ -274,6 +274,17 @@ class InputFiles:
             os.close(self.fds.popitem()[1])
 
 
+def encodable(name: str) -> bool:
+    """Whether ``name``, read from a checkpoint's own files, is a path this system can name: JSON's
+    ``\\ud800`` (or a pickled string) can be a lone surrogate, which no file name encodes to, and every
+    path operation on it raises UnicodeEncodeError."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def open_regular(path: str | os.PathLike[str], expected: FileIdentity | None = None) -> BinaryIO:
     """:func:`open_input` as a binary file object; a remote object (a URL) as a seekable file over
     range reads (``readers.remote.open_file``), recorded and checked like a local one."""

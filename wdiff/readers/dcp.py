@@ -35,7 +35,7 @@ from typing import BinaryIO
 from wdiff.errors import WdiffError
 from wdiff.naming import last_number
 from wdiff.readers import torch as torch_file
-from wdiff.readers.base import DTYPES, Piece, PiecesRef, Skipped, TensorRef, open_regular
+from wdiff.readers.base import DTYPES, Piece, PiecesRef, Skipped, TensorRef, encodable, open_regular
 from wdiff.readers.pickle import Global, Placeholder, describe, plain_containers, restricted_load
 from wdiff.readers.remote import LOCAL_ONLY, PositionedFile, is_url
 from wdiff.readers.torch import TORCH_DTYPES, TorchContents
@@ -557,7 +557,8 @@ class _Files:
             return self.open[relative]
         shown = _shown(relative)
         parts = relative.replace("\\", "/").split("/")
-        if not relative or "\0" in relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
+        absolute = os.path.isabs(relative) or relative.startswith(("/", "\\"))
+        if not relative or "\0" in relative or not encodable(relative) or absolute:
             raise WdiffError(self.metadata_path, f"item file {shown} is not a relative path in the folder")
         if ".." in parts or (len(relative) > 1 and relative[1] == ":"):
             raise WdiffError(self.metadata_path, f"item file {shown} leaves the checkpoint folder")

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wdiff.errors import WdiffError
-from wdiff.readers.base import DTYPES, INDEX_LIMIT, TensorRef, open_regular, read_json, record_header, size_of
+from wdiff.readers.base import (
+    DTYPES,
+    INDEX_LIMIT,
+    TensorRef,
+    encodable,
+    open_regular,
+    read_json,
+    record_header,
+    size_of,
+)  # fmt: skip
 from wdiff.readers.remote import location
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
@@ -207,7 +216,7 @@ def read_sharded(
     shards: dict[str, dict[str, TensorRef]] = {}
     for shard in sorted(set(weight_map.values())):
         # A shard name comes from outside: it must name a file inside the checkpoint folder.
-        if not shard or "\0" in shard:
+        if not shard or "\0" in shard or not encodable(shard):
             raise WdiffError(index_path, f"shard path {shown(shard)} in weight_map is not a file name")
         candidate = folder / shard
         try:
