@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wdiff import __version__
+from wdiff.checks import NO_MAP
 
 MARKER = ".wdiff-results"
 JOURNAL = ".wdiff-journal"  # inside OUT while results are swapped in file by file (see outdir)
@@ -145,7 +146,7 @@ def _legacy(folder: Path, entries: list[str]) -> bool:
         and isinstance(data.get("tensors"), dict)
         # the map, unless the summary says none was stored (``--map-dtype none``: a run's own staging
         # folder, read back before its marker is written)
-        and (regular_file(folder, "accumulated.safetensors") is not None or data.get("map_dtype") == "none")
+        and (regular_file(folder, "accumulated.safetensors") is not None or data.get("map_dtype") == NO_MAP)
     )
 
 

@@ -169,12 +169,12 @@ def previous_results(
     if not (same_start and same_tensors and same_setup):
         return None, "full"
     stored = {n: r.dtype for n, r in refs.items()} if refs is not None else None
+    have = [stored[t.name] for t in run.tensors] if stored is not None else None  # None: no map
+    wanted = [dtypes[t.name] for t in run.tensors] if dtypes is not None else None
     if known == len(run.checkpoints):  # kept as they are: when stored as asked
-        usable = (stored is None) == (dtypes is None) and all(
-            stored[t.name] == dtypes[t.name] for t in run.tensors if stored and dtypes
-        )
+        usable = have == wanted
     else:  # summed on: only exact sums
-        usable = stored is not None and all(stored[t.name] == "F32" for t in run.tensors)
+        usable = have is not None and all(d == "F32" for d in have)
     if not usable:
         return None, "full"
     offsets = {n: r.offset for n, r in refs.items()} if refs is not None else {}

@@ -20,6 +20,7 @@ import numpy as np
 
 from wdiff import advice, experts, finding_groups, rank_hint
 from wdiff._files import atomic_write
+from wdiff.checks import NO_MAP
 from wdiff.errors import WdiffError
 from wdiff.findings import Finding, find, is_embedding
 from wdiff.indicators import RULE_OF_THUMB, block_indicators
@@ -250,7 +251,7 @@ def _findings_section(found: Sequence[Finding]) -> str:
 
 
 def _map_storage(map_dtype: str) -> str:
-    if map_dtype == "none":
+    if map_dtype == NO_MAP:
         return "not stored (--map-dtype none)"
     stored = "bfloat16 (rounded from float32 sums)" if map_dtype == "bfloat16" else "float32"
     return f"accumulated.safetensors, {stored}"

@@ -22,7 +22,7 @@ from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.report.build import REPORT, csv_text, load, short_names, write_atomic, write_json_atomic
 from wdiff.results import Results
-from wdiff.schema import ACCUMULATED, COMPARE_SCHEMA, stored_shapes
+from wdiff.schema import ACCUMULATED, COMPARE_SCHEMA, map_stored
 
 if TYPE_CHECKING:
     from wdiff.scene.layout import Scene
@@ -101,18 +101,9 @@ def _scene_of(res: Results, max_points: int) -> Scene:
     from wdiff import scene
     from wdiff.scene.layout import coarsen_scene
 
-    shapes = stored_shapes(res.summary)
-    if shapes is None:
+    if map_stored(res.summary):
         return scene.build_scene(res.path / ACCUMULATED, res.names, max_points=max_points)
-    own = res.summary.get("scene") or {}
-    built = scene.build_scene(
-        res.path / ACCUMULATED,
-        res.names,
-        max_points=int(own.get("max_points", 1_000_000)),
-        pool=own.get("pool", "max"),
-        shapes=shapes,
-    )
-    return coarsen_scene(built, max_points)
+    return coarsen_scene(scene.drawn_scene(res.path, res.summary), max_points)
 
 
 def side_by_side(a: Results, b: Results, labels: tuple[str, str], max_points: int = 200_000) -> bytes:

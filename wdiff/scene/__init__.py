@@ -33,6 +33,7 @@ from wdiff.scene.layout import Scene, TensorPlacement, layout
 from wdiff.scene.options import VIEWS, SceneOptions
 from wdiff.scene.ply import vertex_records, write_ply
 from wdiff.scene.pooling import Pool
+from wdiff.schema import ACCUMULATED, stored_shapes
 
 __all__ = [
     "POOLED",
@@ -79,6 +80,20 @@ def build_scene(
     with source:
         order = network_order(source.names()) if names is None else list(names)
         return layout(source, order, max_points=max_points, pool=pool)
+
+
+def drawn_scene(folder: str | os.PathLike[str], summary: Mapping) -> Scene:
+    """The scene of a results folder as its run drew it: the budget and pool its summary records
+    (``summary["scene"]``), from the map, or from the cells pooled during compute when the run stored
+    no map (``wdiff.schema.stored_shapes``)."""
+    options = summary.get("scene") or {}
+    return build_scene(
+        os.path.join(folder, ACCUMULATED),
+        list(summary["tensors"]),
+        max_points=int(options.get("max_points", 1_000_000)),
+        pool=options.get("pool", "max"),
+        shapes=stored_shapes(summary),
+    )
 
 
 def colorize_scene(

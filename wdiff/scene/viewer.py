@@ -21,7 +21,7 @@ import numpy as np
 
 from wdiff.errors import WdiffError
 from wdiff.scene.layout import Scene
-from wdiff.schema import ACCUMULATED, read_results, stored_shapes
+from wdiff.schema import read_results
 
 PROBE_SECONDS = 5.0
 # Run in a child so that a display that hangs the handshake cannot hang wdiff (it is killed).
@@ -110,13 +110,7 @@ def load(out: str | os.PathLike[str]) -> tuple[Scene, np.ndarray, str]:
 
     folder, summary = read_results(out)  # checked: marker, summary's shape, the maps; regular files only
     options = summary.get("scene") or {}
-    built = sc.build_scene(
-        folder / ACCUMULATED,
-        list(summary["tensors"]),
-        max_points=int(options.get("max_points", 1_000_000)),
-        pool=options.get("pool", "max"),
-        shapes=stored_shapes(summary),
-    )
+    built = sc.drawn_scene(folder, summary)
     colors = sc.colorize_scene(
         built, options.get("color_scale", "log"), options.get("normalize", "global"), sc.tensor_sizes(summary)
     )
