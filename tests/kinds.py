@@ -3,6 +3,7 @@ adapter folders, and one check of a wdiff result against the float64 numpy refer
 
 from __future__ import annotations
 
+import filecmp
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from factories import reference, save
+from safetensors.numpy import load_file
 
 ONNX_TYPES = {"F32": 1, "F16": 10, "F64": 11, "BF16": 16, "F8_E4M3": 17, "F8_E4M3FNUZ": 18, "F8_E5M2": 19}
 ONNX_TYPES |= {"F8_E5M2FNUZ": 20, "F8_E8M0": 24, "I64": 7}
@@ -112,3 +114,25 @@ def check_against_reference(
     np.testing.assert_allclose(entry["net_l2"], ref["net_l2"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(entry["interval_l2"], ref["interval_l2"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(entry["l2"], ref["l2"], rtol=1e-5, atol=1e-7)
+
+
+#: what a run writes the same whatever its map's storage (``--map-dtype``): all of it comes from the
+#: float32 sums of the one pass
+SAME_WHATEVER_THE_MAP = (
+    "rows.safetensors", "findings.json", "metrics.csv", "tensors.csv", "points.ply", "scene.html",
+)  # fmt: skip
+
+
+def assert_same_but_the_map(a, b) -> None:
+    """Two runs of the same checkpoints that store their maps differently (two ``Results``): every
+    other output the same bytes, the same pooled cells, the same summary entries."""
+    for name in SAME_WHATEVER_THE_MAP:
+        assert filecmp.cmp(a.path / name, b.path / name, shallow=False), name
+    cells_a, cells_b = (
+        load_file(str(a.path / "pooled.safetensors")),
+        load_file(str(b.path / "pooled.safetensors")),
+    )
+    assert cells_a.keys() == cells_b.keys() and cells_a
+    for name, cells in cells_a.items():
+        np.testing.assert_array_equal(cells, cells_b[name], err_msg=name)
+    assert a.summary["tensors"] == b.summary["tensors"]

@@ -10,7 +10,6 @@ stored rounded once); ``watch`` refuses it; a bad value is one line naming the f
 
 from __future__ import annotations
 
-import filecmp
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from factories import random_sequence, save, trainer_run, wdiff_cli
-from kinds import adapter_checkpoint, check_against_reference
+from kinds import adapter_checkpoint, assert_same_but_the_map, check_against_reference
 from safetensors.numpy import load_file
 
 import wdiff
@@ -90,16 +89,7 @@ def test_a_bfloat16_map_is_the_float32_map_rounded_and_nothing_else_changes(tmp_
         path = res.path / "accumulated.safetensors"
         header = int.from_bytes(path.read_bytes()[:8], "little")
         assert path.stat().st_size == 8 + header + itemsize * data
-    for name in ("rows.safetensors", "findings.json", "metrics.csv", "tensors.csv", "points.ply"):
-        assert filecmp.cmp(f32.path / name, bf16.path / name, shallow=False), name
-    cells_f32, cells_bf16 = (
-        load_file(str(f32.path / "pooled.safetensors")),
-        load_file(str(bf16.path / "pooled.safetensors")),
-    )
-    assert cells_f32.keys() == cells_bf16.keys() and cells_f32
-    for name, cells in cells_f32.items():
-        np.testing.assert_array_equal(cells, cells_bf16[name])
-    assert f32.summary["tensors"] == bf16.summary["tensors"]
+    assert_same_but_the_map(f32, bf16)
     with open(bf16.path / "accumulated.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert "float32" in header["__metadata__"]["rounding"]

@@ -12,7 +12,6 @@ keeps float32 maps until the last part; ``watch`` refuses it.
 
 from __future__ import annotations
 
-import filecmp
 import json
 import shutil
 from pathlib import Path
@@ -20,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import random_sequence, trainer_run, wdiff_cli
-from kinds import adapter_checkpoint, reference
-from safetensors.numpy import load_file
+from kinds import adapter_checkpoint, assert_same_but_the_map, reference
 
 import wdiff
 from wdiff.checks import OptionError
@@ -32,7 +30,6 @@ from wdiff.scene.options import SceneOptions
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "digits-bert-bf16-sharded"
 SHAPES = {"emb": (97, 33), "attn.w": (40, 40), "norm": (33,), "conv": (6, 3, 3, 3)}
 OPTIONS = {"render": False, "max_points": 600, "chunk_elements": 500, "spectrum": False}
-SAME = ("rows.safetensors", "findings.json", "metrics.csv", "tensors.csv", "points.ply", "scene.html")
 
 
 def _nan_run(root: Path) -> Path:
@@ -56,20 +53,10 @@ def _lora_run(root: Path) -> Path:
     return root
 
 
-def assert_same_but_the_map(with_map: Results, without: Results) -> None:
-    """Everything but the map: the same bytes, the same cells, the same summary entries."""
+def assert_no_map_and_the_rest_the_same(with_map: Results, without: Results) -> None:
     assert not (without.path / "accumulated.safetensors").exists()
     assert without.summary["map_dtype"] == "none" and with_map.summary["map_dtype"] != "none"
-    for name in SAME:
-        assert filecmp.cmp(with_map.path / name, without.path / name, shallow=False), name
-    a, b = (
-        load_file(str(with_map.path / "pooled.safetensors")),
-        load_file(str(without.path / "pooled.safetensors")),
-    )
-    assert a.keys() == b.keys() and a
-    for name, cells in a.items():
-        np.testing.assert_array_equal(cells, b[name], err_msg=name)
-    assert with_map.summary["tensors"] == without.summary["tensors"]
+    assert_same_but_the_map(with_map, without)
 
 
 @pytest.mark.parametrize("which", ["bf16 sample", "float32 run with NaN and Inf", "LoRA products"])
@@ -81,7 +68,7 @@ def test_a_run_without_a_map_writes_everything_else_the_same(tmp_path, which):
     }[which]()
     f32 = wdiff.run(inputs, tmp_path / "f32", **OPTIONS)
     none = wdiff.run(inputs, tmp_path / "none", map_dtype="none", **OPTIONS)
-    assert_same_but_the_map(f32, none)
+    assert_no_map_and_the_rest_the_same(f32, none)
     again = Results.load(none.path)  # loads: the summary says no map was stored
     name = again.names[0]
     assert again.map_dtype(name) == "none"
@@ -162,7 +149,7 @@ def test_results_without_a_map_are_up_to_date_when_run_again_and_recomputed_when
     (later / "checkpoint-4").rename(root / "checkpoint-4")
     grown = wdiff.run(root, out, map_dtype="none", **OPTIONS)  # from float32 results: extended
     assert grown.summary["update"] == "incremental from 3"
-    assert_same_but_the_map(wdiff.run(root, tmp_path / "copy", **OPTIONS), grown)
+    assert_no_map_and_the_rest_the_same(wdiff.run(root, tmp_path / "copy", **OPTIONS), grown)
     batch = wdiff.run(root, tmp_path / "batch", **OPTIONS)  # the exact sums of a batch run
     for name in batch.names:
         for key in ("accumulated_l1", "interval_l1", "accumulated_max", "net_l2"):
@@ -185,7 +172,7 @@ def test_a_run_committed_in_parts_keeps_float32_until_the_last_part(tmp_path):
     parts = wdiff.run(root, tmp_path / "parts", map_dtype="none", commit_every=2, **OPTIONS)
     in_float32 = wdiff.run(root, tmp_path / "f32", commit_every=2, **OPTIONS)
     assert parts.summary["update"].startswith("incremental from")
-    assert_same_but_the_map(in_float32, parts)
+    assert_no_map_and_the_rest_the_same(in_float32, parts)
 
 
 def test_the_cli_runs_without_a_map_and_watch_refuses_it(tmp_path):
