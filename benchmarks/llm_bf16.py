@@ -10,10 +10,11 @@ it on a 24 GB machine):
 
 - ``benchmarks/read_all.py``: every byte of every shard read into one buffer, the floor (``cat`` into
   /dev/null is none: it splices, and cached pages are never copied);
-- ``wdiff run`` with pictures (the defaults: render.png, points.ply, scene.html, the report);
+- ``wdiff run`` with pictures (the defaults: render.png, points.ply, scene.html, the report; the
+  4.9 GB map is over the 2 GiB the default stores, so no map);
 - ``wdiff run --no-render``;
-- both again with ``--map-dtype bfloat16`` (the map stored in half the bytes), and with
-  ``--map-dtype none`` (no map stored);
+- both again with ``--map-dtype float32`` (the map stored, as the default did before session 9) and
+  with ``--map-dtype bfloat16`` (the map stored in half the bytes);
 - ``wdiff run --frames --mesh`` (its peak RSS is the target's);
 - ``benchmarks/torch_script.py``: per tensor, lazy ``safe_open(framework="pt")``, ``(w - prev).abs_()``
   accumulated in float32 (torch's threaded kernels).
@@ -51,36 +52,21 @@ def shards(data: Path) -> list[Path]:
 
 def commands(data: Path, work: Path) -> dict[str, list[str]]:
     wdiff = [PYTHON, "-m", "wdiff", "run", str(data), "--no-spectrum", "-q"]
+    runs = {  # name: its flags (the folder it writes is named after them)
+        "wdiff (pictures)": [],
+        "wdiff --no-render": ["--no-render"],
+        "wdiff --map-dtype float32": ["--map-dtype", "float32"],
+        "wdiff --no-render --map-dtype float32": ["--no-render", "--map-dtype", "float32"],
+        "wdiff --map-dtype bfloat16": ["--map-dtype", "bfloat16"],
+        "wdiff --no-render --map-dtype bfloat16": ["--no-render", "--map-dtype", "bfloat16"],
+        "wdiff --frames --mesh": ["--frames", "--mesh"],
+    }
+    folder = {name: work / ("-".join(f.lstrip("-") for f in flags) or "pictures") for name, flags in runs.items()}
+    torch = [PYTHON, str(HERE / "torch_script.py"), str(data), "-o", str(work / "torch.safetensors")]
     return {
         "read": [PYTHON, str(HERE / "read_all.py"), *map(str, shards(data))],
-        "wdiff (pictures)": [*wdiff, "-o", str(work / "pictures")],
-        "wdiff --no-render": [*wdiff, "--no-render", "-o", str(work / "no-render")],
-        "wdiff --map-dtype bfloat16": [*wdiff, "--map-dtype", "bfloat16", "-o", str(work / "bf16-map")],
-        "wdiff --no-render --map-dtype bfloat16": [
-            *wdiff,
-            "--no-render",
-            "--map-dtype",
-            "bfloat16",
-            "-o",
-            str(work / "bf16-map-no-render"),
-        ],  # fmt: skip
-        "wdiff --map-dtype none": [*wdiff, "--map-dtype", "none", "-o", str(work / "no-map")],
-        "wdiff --no-render --map-dtype none": [
-            *wdiff,
-            "--no-render",
-            "--map-dtype",
-            "none",
-            "-o",
-            str(work / "no-map-no-render"),
-        ],  # fmt: skip
-        "wdiff --frames --mesh": [*wdiff, "--frames", "--mesh", "-o", str(work / "frames-mesh")],
-        "torch script": [
-            PYTHON,
-            str(HERE / "torch_script.py"),
-            str(data),
-            "-o",
-            str(work / "torch.safetensors"),
-        ],
+        **{name: [*wdiff, *flags, "-o", str(folder[name])] for name, flags in runs.items()},
+        "torch script": torch,
     }
 
 

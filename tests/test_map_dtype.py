@@ -164,7 +164,7 @@ def test_watch_refuses_a_bfloat16_map_and_a_bad_value_is_one_line(tmp_path):
     p = wdiff_cli("run", str(root), "-o", str(tmp_path / "out"), "--map-dtype", "float16")
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith(
-        "wdiff: error: --map-dtype must be one of float32, bfloat16, none, got 'float16'"
+        "wdiff: error: --map-dtype must be one of auto, float32, bfloat16, none, got 'float16'"
     )
     assert not (tmp_path / "out").exists()
 

@@ -44,7 +44,7 @@ from wdiff.schema import (
     stored_shapes,
 )
 from wdiff.sequence import Run, scanned_files
-from wdiff.update import Plan, cell_grids, plan_update
+from wdiff.update import Plan, cell_grids, chosen_map_dtype, plan_update
 
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
@@ -99,7 +99,7 @@ def run(
     commit_every: int | None = None,
     spectrum: bool | None = None,
     select: Selection | None = None,
-    map_dtype: str = "float32",
+    map_dtype: str = "auto",
 ) -> Results:
     """Scan ``inputs`` (or take a scanned :class:`Run`), compute the accumulated change and write
     results, ``points.ply``, ``render.png`` (unless ``render=False``) and the report (``findings.json``,
@@ -138,7 +138,10 @@ def run(
     the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
     ``wdiff.update.map_dtypes``), or ``"none"``: not stored (every other result the same;
     ``Results.accumulated`` and a scene at another budget then cannot be had). A BF16 map, or none, is
-    not extended when the run grows: it is recomputed.
+    not extended when the run grows: it is recomputed. ``"auto"`` (the default): float32 up to
+    ``wdiff.update.MAP_AUTO_BYTES`` (2 GiB of map, 536 million weights) or when ``out`` holds a float32
+    map of the same tensors, none above (``wdiff.update.chosen_map_dtype``); ``summary["map_dtype"]``
+    says which.
     Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
@@ -154,6 +157,7 @@ def run(
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
     the_run, fingerprints = read_inputs(inputs, out, revisions, select)
+    map_dtype = chosen_map_dtype(out, the_run, map_dtype)
     chunk = _chunk_elements(chunk_elements)
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:

@@ -34,7 +34,9 @@ _ADDRESS = re.compile(rf"(?:(?P<protocol>[a-z]+)://)?(?P<host>{_HOST})(?::(?P<po
 
 
 NO_MAP = "none"  # the ``map_dtype`` of a run that stores no accumulated map (wdiff.update.map_dtypes)
-MAP_DTYPE_CHOICES = ("float32", "bfloat16", NO_MAP)  # the choices of ``map_dtype`` (wdiff.update.map_dtypes)
+MAP_DTYPE_CHOICES = ("float32", "bfloat16", NO_MAP)  # how a run's map is stored (wdiff.update.map_dtypes)
+MAP_AUTO = "auto"  # the default ``map_dtype``: chosen by the map's size (wdiff.update.chosen_map_dtype)
+MAP_DTYPE_OPTIONS = (MAP_AUTO, *MAP_DTYPE_CHOICES)  # what ``map_dtype`` may be asked as
 
 
 class OptionError(WdiffError):
@@ -123,12 +125,12 @@ def run_parameters(
     chunk_elements: object = None,
     scheduler_name: object = "threads",
     workers: object = None,
-    map_dtype: object = "float32",
+    map_dtype: object = MAP_AUTO,
 ) -> None:
     """The numeric parameters of ``wdiff.run`` (and of ``wdiff.watch``, which passes them on), and the
     accumulated map's storage."""
-    if map_dtype not in MAP_DTYPE_CHOICES:
-        raise OptionError("map_dtype", f"must be one of {', '.join(MAP_DTYPE_CHOICES)}, got {map_dtype!r}")
+    if map_dtype not in MAP_DTYPE_OPTIONS:
+        raise OptionError("map_dtype", f"must be one of {', '.join(MAP_DTYPE_OPTIONS)}, got {map_dtype!r}")
     number("max_points", max_points, *POINTS)
     number("frame_points", frame_points, *POINTS)
     if chunk_elements is not None:

@@ -10,6 +10,7 @@ the file and the problem), 1 unexpected failure, 3 findings of a ``--fail-on`` k
 # No ``from __future__ import annotations``: typer reads the annotations at run time anyway, and
 # evaluated ones keep each command's options the very alias objects of ``wdiff.cli_options``.
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 from wdiff import checks
 from wdiff import cli_options as opt
 from wdiff.errors import WdiffError
-from wdiff.terminal import visible
+from wdiff.terminal import human_bytes, visible
 
 app = typer.Typer(
     name="wdiff",
@@ -49,14 +50,6 @@ def _root(
     ] = False,
 ) -> None:
     """wdiff: accumulated weight change of training checkpoints, in 3D."""
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.1f} TB"
 
 
 class _Silent:
@@ -167,7 +160,7 @@ def run_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
-    map_dtype: opt.MapDtype = "float32",
+    map_dtype: opt.MapDtype = "auto",
     revisions: opt.Revisions = None,
     commit_every: opt.CommitEvery = None,
     json_output: opt.Json = False,
@@ -204,7 +197,7 @@ def run_command(
         steps = scanned.steps
         err.print(
             f"{len(scanned.checkpoints)} checkpoints (steps {steps[0]} .. {steps[-1]}), "
-            f"{len(scanned.tensors)} tensors, {_human(scanned.bytes_per_pass)} to read"
+            f"{len(scanned.tensors)} tensors, {human_bytes(scanned.bytes_per_pass)} to read"
         )
         if scanned.matching is not None:
             m = scanned.matching
@@ -238,13 +231,15 @@ def run_command(
         )  # fmt: skip
     if res.summary["update"] != "full":
         err.print(visible(f"{res.summary['update']} (earlier results in {out} extended)"))
+    if options["map_dtype"] == checks.MAP_AUTO and res.summary.get("map_dtype") == checks.NO_MAP:
+        err.print(_unstored_map_line(res.summary))
     timing = res.summary["timing"]
     rate = timing["read_bytes"] / max(timing["compute_seconds"], 1e-9)
     if not json_output:
         typer.echo(
             visible(
                 f"{out}: {len(res.summary['tensors'])} tensors over {len(res.summary['checkpoints'])} "
-                f"checkpoints, {_human(timing['read_bytes'])} read at {_human(rate)}/s, "
+                f"checkpoints, {human_bytes(timing['read_bytes'])} read at {human_bytes(rate)}/s, "
                 f"{res.summary['scene']['points']} points"
             )
         )
@@ -254,6 +249,17 @@ def run_command(
             for line in exports.update(out):
                 err.print(visible(line))
     _finish("run", out, json_output, kinds)
+
+
+def _unstored_map_line(summary: dict) -> str:
+    """What the default left out (``wdiff.update.chosen_map_dtype``), and the flag that keeps it."""
+    from wdiff.update import MAP_AUTO_BYTES
+
+    nbytes = 4 * sum(math.prod(t["shape"]) for t in summary["tensors"].values())
+    return (
+        f"accumulated map not stored: {human_bytes(nbytes)} in float32, over the {MAP_AUTO_BYTES >> 30} GiB "
+        "a run stores by default (--map-dtype float32 stores it)"
+    )
 
 
 # exit code of a run whose results hold findings of a --fail-on kind: not 1 (a bug), 2 (bad input or
@@ -428,7 +434,7 @@ def watch_command(
     frames: opt.Frames = False,
     html_points: opt.HtmlPoints = 200_000,
     spectrum: opt.Spectrum = None,
-    map_dtype: opt.MapDtype = "float32",
+    map_dtype: opt.MapDtype = "auto",
     poll: opt.Poll = 10.0,
     include: opt.Include = None,
     exclude: opt.Exclude = None,
@@ -553,7 +559,7 @@ def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
 
     found = doc["selection"].get("of", {})
     head = f"{doc['source']}: {len(doc['checkpoints'])} checkpoints, {len(doc['tensors'])} tensors"
-    lines = [f"{head}, {_human(doc['bytes_per_pass'])} per pass"]
+    lines = [f"{head}, {human_bytes(doc['bytes_per_pass'])} per pass"]
     lines.append(f"selection: {run.selection.describe() if run.selection else 'everything'}")
     if run.selection is not None and found:
         lines[-1] += (
@@ -564,7 +570,7 @@ def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
     shown = ["-" if c["step"] is None else str(c["step"]) for c in doc["checkpoints"]]  # -: no step known
     width = max(len(s) for s in shown)
     for c, step in zip(doc["checkpoints"], shown):
-        lines.append(f"  {step:>{width}}  {_human(c['bytes']):>9}  {c['path']}")
+        lines.append(f"  {step:>{width}}  {human_bytes(c['bytes']):>9}  {c['path']}")
     if every_tensor:
         lines.append("tensors (name, shape, dtype, bytes per pass):")
         rows = [(t["name"], str(t["shape"]), "/".join(t["dtype"]), t["bytes"]) for t in doc["tensors"]]
@@ -578,7 +584,7 @@ def _scan_lines(run, doc: dict, every_tensor: bool) -> list[str]:
     name_width = min(max(len(r[0]) for r in rows), 80)
     shape_width = min(max(len(r[1]) for r in rows), 40)
     for name, shape, dtype, nbytes in rows:
-        lines.append(f"  {name:<{name_width}}  {shape:<{shape_width}}  {dtype:<5}  {_human(nbytes):>9}")
+        lines.append(f"  {name:<{name_width}}  {shape:<{shape_width}}  {dtype:<5}  {human_bytes(nbytes):>9}")
     for t in doc["tensors"]:
         if "aliases" in t:
             lines.append(f"  {t['name']} is also named {', '.join(t['aliases'])} (tied)")

@@ -244,7 +244,8 @@ class Results:
         if not map_stored(self.summary):
             raise WdiffError(
                 self.path / ACCUMULATED,
-                "not stored: the run was computed with --map-dtype none (run it again without, for the map)",
+                "not stored: the run wrote no map (--map-dtype none, or the default for a map over 2 GiB); "
+                "run it again with --map-dtype float32 for it",
             )
         return self.path / ACCUMULATED
 

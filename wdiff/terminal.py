@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["visible"]
+__all__ = ["human_bytes", "visible"]
 
 # C0 controls and DEL, C1 controls (0x9b is a one-byte CSI on some terminals), the line and paragraph
 # separators, bidirectional overrides and isolates (they reorder what follows on the screen: CVE-2021-42574)
@@ -33,3 +33,12 @@ def visible(text: object) -> str:
     Idempotent (the escapes are printable), so text made visible twice reads the same.
     """
     return _UNSAFE.sub(_escape, str(text))
+
+
+def human_bytes(nbytes: float) -> str:
+    """A size for people: ``4.9 GB``, ``132.0 KB``, ``12 B`` (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wdiff import __version__, checks
-from wdiff.checks import NO_MAP
+from wdiff.checks import MAP_AUTO, NO_MAP
 from wdiff.detail import Grid, earlier_frames, frame_budget_for, plan_grids, read_pooled
 from wdiff.errors import WdiffError
 from wdiff.schema import (
@@ -93,6 +93,33 @@ def pooled_fits(out: Path, shapes: list[tuple[str, tuple[int, ...]]], scene: Sce
         if found is None or found[1] != tuple(grid.block) or found[2] != scene.pool:
             return False
     return True
+
+
+# The default (``map_dtype="auto"``) stores the float32 map up to this many bytes (536 million weights)
+# and none above: the map is 4 bytes a weight, whatever the checkpoints' dtype, so a 1B model's run
+# writes 4.9 GB and a 7B model's 28 GB, which cost more than the rest of the compute (docs/performance.md).
+MAP_AUTO_BYTES = 2 << 30
+
+
+def chosen_map_dtype(out: Path, run: Run, choice: str) -> str:
+    """The map's storage for ``choice``: itself, or for ``"auto"`` (the default) float32 when the map
+    takes at most ``MAP_AUTO_BYTES`` in float32, or when ``out`` holds a float32 map of these same
+    tensors (the default never drops a map a run could extend), and ``"none"`` otherwise."""
+    if choice != MAP_AUTO:
+        return choice
+    if map_bytes(run) <= MAP_AUTO_BYTES:
+        return "float32"
+    try:
+        old = read_summary(out / SUMMARY)
+    except (OSError, ValueError, WdiffError):
+        return NO_MAP
+    same = list(old["tensors"]) == [t.name for t in run.tensors]
+    return "float32" if same and old.get("map_dtype", "float32") == "float32" else NO_MAP
+
+
+def map_bytes(run: Run) -> int:
+    """The bytes of ``run``'s accumulated map in float32."""
+    return 4 * sum(t.numel for t in run.tensors)
 
 
 def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str] | None:

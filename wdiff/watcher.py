@@ -98,7 +98,10 @@ class Watcher:
         if self.selection is not None and not isinstance(self.selection, Selection):
             kind = type(self.selection).__name__
             raise WdiffError(None, f"select must be a wdiff.select.Selection, got {kind}")
-        self.options = options
+        # a watch extends its results at every checkpoint, and only a float32 map is: what "auto" (the
+        # default) chooses for maps that OUT holds in float32 (wdiff.update.chosen_map_dtype)
+        check_map_dtype(options.get("map_dtype", checks.MAP_AUTO))
+        self.options = {**options, "map_dtype": "float32"}
         self._pending: dict[Path, _Pending] = {}
         self._waiting: list[tuple[int, Path]] = []  # the last poll's candidates not added (yet)
         self._unlisted: tuple[str, int] | None = None  # why the folder could not be listed; polls in a row
@@ -347,7 +350,7 @@ def watch(
     numbers = ("max_points", "frame_points", "chunk_elements", "workers")
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
-    check_map_dtype(options.get("map_dtype", "float32"))
+    check_map_dtype(options.get("map_dtype", checks.MAP_AUTO))
     stop = stop or threading.Event()
     watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
     latest = None
@@ -363,9 +366,10 @@ def watch(
 
 def check_map_dtype(map_dtype: str) -> None:
     """A watch extends its results at every update, and only a float32 map is extended
-    (``wdiff.update.map_dtypes``): any other ``map_dtype`` is refused before the watch starts."""
+    (``wdiff.update.map_dtypes``): any other ``map_dtype`` than that or "auto" (which is float32 here)
+    is refused before the watch starts."""
     checks.run_parameters(map_dtype=map_dtype)
-    if map_dtype != "float32":
+    if map_dtype not in (checks.MAP_AUTO, "float32"):
         raise checks.OptionError(
             "map_dtype", "watch extends its results at every checkpoint: only a float32 map is"
         )

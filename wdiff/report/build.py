@@ -30,6 +30,7 @@ from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.results import Results, json_text
 from wdiff.schema import FINDINGS_SCHEMA, findings_entries
+from wdiff.terminal import human_bytes
 from wdiff.timeline import INTERVAL_COLUMNS
 
 FINDINGS = "findings.json"
@@ -190,7 +191,7 @@ def _summary_section(res: Results, m: RunMetrics) -> str:
             f"{timing.get('read_bytes', 0) / 1e6:.1f} MB in {timing.get('compute_seconds', 0):.1f} s",
         ),
         ("wdiff", f"{s.get('wdiff_version', '')}, {s.get('created', '')}, update: {s.get('update', 'full')}"),
-        ("accumulated map", _map_storage(s.get("map_dtype", "float32"))),
+        ("accumulated map", _map_storage(s.get("map_dtype", "float32"), sum(t["numel"] for t in m.tensors))),
     ]
     if log.get("loss") is not None:
         first = next((v["loss"] for v in m.log if v.get("loss") is not None), None)
@@ -250,9 +251,9 @@ def _findings_section(found: Sequence[Finding]) -> str:
     )
 
 
-def _map_storage(map_dtype: str) -> str:
-    if map_dtype == NO_MAP:
-        return "not stored (--map-dtype none)"
+def _map_storage(map_dtype: str, weights: int) -> str:
+    if map_dtype == NO_MAP:  # asked for, or the default's choice for a big map (wdiff.update.MAP_AUTO_BYTES)
+        return f"not stored ({human_bytes(4 * weights)} in float32: --map-dtype float32 stores it)"
     stored = "bfloat16 (rounded from float32 sums)" if map_dtype == "bfloat16" else "float32"
     return f"accumulated.safetensors, {stored}"
 
