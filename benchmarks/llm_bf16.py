@@ -52,7 +52,7 @@ def shards(data: Path) -> list[Path]:
 
 def commands(data: Path, work: Path) -> dict[str, list[str]]:
     wdiff = [PYTHON, "-m", "wdiff", "run", str(data), "--no-spectrum", "-q"]
-    runs = {  # name: its flags (the folder it writes is named after them)
+    runs = {  # name: its flags (the folder it writes into is named after them)
         "wdiff (pictures)": [],
         "wdiff --no-render": ["--no-render"],
         "wdiff --map-dtype float32": ["--map-dtype", "float32"],
@@ -61,7 +61,7 @@ def commands(data: Path, work: Path) -> dict[str, list[str]]:
         "wdiff --no-render --map-dtype bfloat16": ["--no-render", "--map-dtype", "bfloat16"],
         "wdiff --frames --mesh": ["--frames", "--mesh"],
     }
-    folder = {name: work / ("-".join(f.lstrip("-") for f in flags) or "pictures") for name, flags in runs.items()}
+    folder = {n: work / ("-".join(f.strip("-") for f in flags) or "pictures") for n, flags in runs.items()}
     torch = [PYTHON, str(HERE / "torch_script.py"), str(data), "-o", str(work / "torch.safetensors")]
     return {
         "read": [PYTHON, str(HERE / "read_all.py"), *map(str, shards(data))],
