@@ -3,9 +3,10 @@
 
 What is checked: a small run stores its float32 map as before; with the limit lowered below the run's
 map (no 2 GiB runs in a test) the run stores none and every other output is that of the float32 run;
-earlier float32 results of the same tensors are kept and extended in float32, those of other tensors
-are not; ``watch`` keeps float32 whatever the size; the CLI says what the default left out and the
-report says how much it would take; ``auto`` is refused where only a stored dtype may be.
+earlier float32 results of the same tensors are kept and extended in float32 when float32 was asked
+for (``summary["map_choice"]``), not when the default chose it, nor those of other tensors; ``watch``
+keeps float32 whatever the size; the CLI says what the default left out and the report says how much
+it would take; ``auto`` is refused where only a stored dtype may be.
 """
 
 from __future__ import annotations
@@ -59,14 +60,32 @@ def test_the_default_keeps_a_float32_map_of_the_same_tensors_and_extends_it(tmp_
     root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 4, seed=3), [1, 2, 3, 4])
     (root / "checkpoint-4").rename(tmp_path / "checkpoint-4")  # not written yet
     out = tmp_path / "out"
-    wdiff.run(root, out, map_dtype="float32", **OPTIONS)
+    asked = wdiff.run(root, out, map_dtype="float32", **OPTIONS)
+    assert (asked.summary["map_dtype"], asked.summary["map_choice"]) == ("float32", "float32")
     assert wdiff.run(root, out, **OPTIONS).summary["update"] == "up to date"
     (tmp_path / "checkpoint-4").rename(root / "checkpoint-4")  # training went on
     grown = wdiff.run(root, out, **OPTIONS)
     assert grown.summary["update"] == "incremental from 3" and grown.summary["map_dtype"] == "float32"
+    assert grown.summary["map_choice"] == "float32"  # inherited: still asked for, for the next run
     batch = wdiff.run(root, tmp_path / "batch", map_dtype="float32", **OPTIONS)
     for name in batch.names:
         assert (grown.accumulated(name) == batch.accumulated(name)).all(), name
+
+
+def test_a_float32_map_the_default_chose_is_not_kept_above_the_limit(tmp_path, monkeypatch):
+    """As the parts of a run committed in parts before its last (stored in float32 for the next part
+    to extend) when the run is interrupted and started again."""
+    root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 4, seed=8), [1, 2, 3, 4])
+    (root / "checkpoint-4").rename(tmp_path / "checkpoint-4")
+    out = tmp_path / "out"
+    monkeypatch.setattr(update, "MAP_AUTO_BYTES", MAP_BYTES)
+    first = wdiff.run(root, out, **OPTIONS)
+    assert (first.summary["map_dtype"], first.summary["map_choice"]) == ("float32", "auto")
+    (tmp_path / "checkpoint-4").rename(root / "checkpoint-4")
+    monkeypatch.setattr(update, "MAP_AUTO_BYTES", MAP_BYTES - 1)
+    again = wdiff.run(root, out, **OPTIONS)
+    assert (again.summary["map_dtype"], again.summary["map_choice"]) == ("none", "auto")
+    assert again.summary["update"] == "incremental from 3"  # float32 results extended into none
 
 
 def test_the_default_does_not_keep_a_map_of_other_tensors_nor_a_run_without_one(tmp_path, small_limit):
@@ -102,7 +121,8 @@ def test_the_cli_says_what_the_default_left_out(tmp_path, small_limit):
         "accumulated map not stored: 19.3 KB in float32, over the 0 GiB a run stores by default "
         "(--map-dtype float32 stores it)"
     ) in result.output
-    assert "not stored (19.3 KB in float32: --map-dtype float32 stores it)" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "not stored (19.3 KB in float32: --map-dtype float32 stores it)" in report
     result = CliRunner().invoke(app, ["run", str(root), "-o", str(tmp_path / "asked"), "--no-render",
                                       "--no-spectrum", "--map-dtype", "none"])  # fmt: skip
     assert result.exit_code == 0 and "accumulated map not stored" not in result.output  # asked for
@@ -116,4 +136,7 @@ def test_auto_is_what_is_asked_never_what_is_stored(tmp_path):
     summary = json.loads((res.path / "summary.json").read_text())
     summary["map_dtype"] = "auto"
     with pytest.raises(ValueError, match="map_dtype"):
+        check_summary(summary)
+    summary["map_dtype"], summary["map_choice"] = "float32", "float16"
+    with pytest.raises(ValueError, match="map_choice"):
         check_summary(summary)

@@ -157,7 +157,7 @@ def run(
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
     the_run, fingerprints = read_inputs(inputs, out, revisions, select)
-    map_dtype = chosen_map_dtype(out, the_run, map_dtype)
+    map_choice, map_dtype = chosen_map_dtype(out, the_run, map_dtype)
     chunk = _chunk_elements(chunk_elements)
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
@@ -187,7 +187,8 @@ def run(
             spectrum_seconds = add_spectra(plan, result, scheduler, workers, report) if spectrum else None
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
                                     chunk_elements=plan.chunk_elements, scheduler=scheduler,
-                                    spectrum_seconds=spectrum_seconds, map_dtype=stored)  # fmt: skip
+                                    spectrum_seconds=spectrum_seconds, map_dtype=stored,
+                                    map_choice=map_choice)  # fmt: skip
             summary["scene"] = draw(staging.folder, part, summary, scene, report, pictures)
             summary["timing"]["total_seconds"] = time.perf_counter() - t_start
             write_results(staging.folder, summary, keep, charts=scene.render, pictures=pictures)

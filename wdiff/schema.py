@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from wdiff import __version__
-from wdiff.checks import MAP_DTYPE_CHOICES, NO_MAP
+from wdiff.checks import MAP_DTYPE_CHOICES, MAP_DTYPE_OPTIONS, NO_MAP
 from wdiff.errors import WdiffError
 from wdiff.marker import contents, read_small, regular_file
 from wdiff.readers.remote import is_url
@@ -333,6 +333,7 @@ class Summary(TypedDict, total=False):
     selection: dict[str, Any]  # wdiff.select: what the run was chosen to read
     scene: SceneEntry  # what the pictures show (wdiff.scene.outputs)
     map_dtype: str  # how accumulated.safetensors stores the map: "float32", "bfloat16" or NO_MAP (none)
+    map_choice: str  # what was asked: one of MAP_DTYPE_OPTIONS ("auto": chosen by size)
 
 
 class SceneEntry(TypedDict):
@@ -437,6 +438,8 @@ def check_summary(summary: Any) -> Summary:
                 _str(s[key], key)
         if s.get("map_dtype", "float32") not in MAP_DTYPE_CHOICES:  # older results have none: stored
             raise _Bad("map_dtype", f"one of {', '.join(MAP_DTYPE_CHOICES)}")
+        if s.get("map_choice", "float32") not in MAP_DTYPE_OPTIONS:  # older results: float32 asked
+            raise _Bad("map_choice", f"one of {', '.join(MAP_DTYPE_OPTIONS)}")
         for key in ("skipped", "left_out", "warnings"):
             if key in s:
                 _list(s[key], key)
@@ -472,13 +475,15 @@ def build_summary(
     scheduler: str,
     spectrum_seconds: float | None = None,
     map_dtype: str = "float32",
+    map_choice: str | None = None,
 ) -> Summary:
     """``summary.json`` of a run (without its "scene" and ``timing.total_seconds``, which the caller adds
     once the pictures are drawn): the checkpoints as scanned, the metrics compute aggregated (tied
     weights reported once, with every name), what was left out and why, the timing, the update kind.
     Each 2-D tensor's ``update_spectrum`` (``wdiff.spectrum``) is in its entry of ``result.tensors``
     when it was computed; ``spectrum_seconds`` is the time that took (None: not computed);
-    ``map_dtype`` how the accumulated map is stored ("none": not at all, ``NO_MAP``)."""
+    ``map_dtype`` how the accumulated map is stored ("none": not at all, ``NO_MAP``), ``map_choice``
+    what was asked for it ("auto": ``wdiff.update.chosen_map_dtype``; None: ``map_dtype``)."""
     for name, others in run.aliases.items():  # tied weights: reported once, with every name
         if name in result.tensors:
             result.tensors[name]["aliases"] = others
@@ -509,6 +514,7 @@ def build_summary(
         "update": update,
         "trainer_state": trainer_summary(run.trainer_state),
         "map_dtype": map_dtype,
+        "map_choice": map_choice or map_dtype,
     }
     if run.matching is not None:  # ONNX: which initializers were matched by name, which by position
         summary["matching"] = run.matching

@@ -101,20 +101,26 @@ def pooled_fits(out: Path, shapes: list[tuple[str, tuple[int, ...]]], scene: Sce
 MAP_AUTO_BYTES = 2 << 30
 
 
-def chosen_map_dtype(out: Path, run: Run, choice: str) -> str:
-    """The map's storage for ``choice``: itself, or for ``"auto"`` (the default) float32 when the map
-    takes at most ``MAP_AUTO_BYTES`` in float32, or when ``out`` holds a float32 map of these same
-    tensors (the default never drops a map a run could extend), and ``"none"`` otherwise."""
+def chosen_map_dtype(out: Path, run: Run, choice: str) -> tuple[str, str]:
+    """What was asked for the map (``summary["map_choice"]``) and how it is stored, for ``choice``:
+    itself, or for ``"auto"`` (the default) float32 when the map takes at most ``MAP_AUTO_BYTES`` in
+    float32, or when ``out`` holds a float32 map of these same tensors that was asked for (the default
+    never drops a map a run could extend, and it is still asked for: the choice is inherited; a
+    float32 map that "auto" chose, as in the parts of a run committed in parts before its last, is
+    not kept for that), and ``"none"`` otherwise."""
     if choice != MAP_AUTO:
-        return choice
+        return choice, choice
     if map_bytes(run) <= MAP_AUTO_BYTES:
-        return "float32"
+        return MAP_AUTO, "float32"
     try:
         old = read_summary(out / SUMMARY)
     except (OSError, ValueError, WdiffError):
-        return NO_MAP
+        return MAP_AUTO, NO_MAP
     same = list(old["tensors"]) == [t.name for t in run.tensors]
-    return "float32" if same and old.get("map_dtype", "float32") == "float32" else NO_MAP
+    asked = old.get("map_choice", "float32")
+    if same and old.get("map_dtype", "float32") == "float32" and asked != MAP_AUTO:
+        return asked, "float32"
+    return MAP_AUTO, NO_MAP
 
 
 def map_bytes(run: Run) -> int:
