@@ -48,8 +48,9 @@ def mesh_picture(ply: Path, target: Path, size: tuple[int, int] = (900, 560)) ->
     renderer.scene.view.set_post_processing(False)
     renderer.scene.add_geometry("mesh", mesh, material)
     view = renderer.scene.camera
-    view.set_projection(camera.fov_deg, size[0] / size[1], camera.near, camera.far,
-                        rendering.Camera.FovType.Vertical)
+    view.set_projection(
+        camera.fov_deg, size[0] / size[1], camera.near, camera.far, rendering.Camera.FovType.Vertical
+    )
     view.look_at(camera.center, camera.eye, camera.up)
     image = np.asarray(renderer.render_to_image())[:, :, :3]
     render.save_png(target, np.ascontiguousarray(image))
@@ -62,8 +63,14 @@ def browser_picture(html: Path, target: Path) -> None:
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--window-size=1000,640", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+        "--window-size=1000,640",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     service = Service(shutil.which("chromedriver") or "chromedriver")
     driver = webdriver.Chrome(service=service, options=options)
@@ -92,8 +99,9 @@ def main() -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        g = run("digits-gpt2", t / "g", size=(960, 600), views=("oblique", "back"), mesh=True,
-                html_points=200_000)
+        g = run(
+            "digits-gpt2", t / "g", size=(960, 600), views=("oblique", "back"), mesh=True, html_points=200_000
+        )
         shutil.copy(g / "render.png", IMAGES / "digits-gpt2.png")
         shutil.copy(g / "render-back.png", IMAGES / "digits-gpt2-back.png")
         mesh_picture(g / "mesh.ply", IMAGES / "digits-gpt2-mesh.png")

@@ -194,7 +194,8 @@ _WORDS = [
     b"\\ud800", b"x\\udc00", b"\\ud83d\\ude00",  # lone surrogates (refused by the library), a pair
 ]  # fmt: skip
 _NUMBERS = st.one_of(
-    st.integers(-3, 40), st.sampled_from([2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30]),
+    st.integers(-3, 40),
+    st.sampled_from([2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30]),
     st.just("-0"),  # JSON -0: an int for Python, the float -0.0 (no size) for the library
 )
 
