@@ -1,5 +1,5 @@
 """The default ``map_dtype="auto"``: the accumulated map is stored in float32 up to
-``wdiff.update.MAP_AUTO_BYTES`` and not at all above, unless OUT holds a float32 map of the same tensors.
+``wdiff.update.MAP_AUTO_BYTES`` and not at all above, unless a map was asked for OUT's same tensors.
 
 What is checked: a small run stores its float32 map as before; with the limit lowered below the run's
 map (no 2 GiB runs in a test) the run stores none and every other output is that of the float32 run;
@@ -67,6 +67,8 @@ def test_the_default_keeps_a_float32_map_of_the_same_tensors_and_extends_it(tmp_
     grown = wdiff.run(root, out, **OPTIONS)
     assert grown.summary["update"] == "incremental from 3" and grown.summary["map_dtype"] == "float32"
     assert grown.summary["map_choice"] == "float32"  # inherited: still asked for, for the next run
+    again = wdiff.run(root, out, incremental=False, **OPTIONS)  # --full: computed again, kept as asked
+    assert (again.summary["update"], again.summary["map_dtype"]) == ("full", "float32")
     batch = wdiff.run(root, tmp_path / "batch", map_dtype="float32", **OPTIONS)
     for name in batch.names:
         assert (grown.accumulated(name) == batch.accumulated(name)).all(), name
@@ -117,8 +119,9 @@ def test_the_cli_says_what_the_default_left_out(tmp_path, small_limit):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(root), "-o", str(out), "--no-render", "--no-spectrum"])
     assert result.exit_code == 0, result.output
+    limit = f"{(MAP_BYTES - 1) / 2**30:g} GiB"
     assert (
-        "accumulated map not stored: 19.3 KB in float32, over the 0 GiB a run stores by default "
+        f"accumulated map not stored: 19.3 KB in float32, over the {limit} a run stores by default "
         "(--map-dtype float32 stores it)"
     ) in result.output
     report = (out / "report.html").read_text()

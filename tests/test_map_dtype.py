@@ -123,7 +123,10 @@ def test_a_bfloat16_map_is_recomputed_when_the_run_grows_a_float32_one_is_extend
     out = tmp_path / "out"
     assert wdiff.run(root, out, map_dtype="bfloat16", **OPTIONS).summary["update"] == "full"
     assert wdiff.run(root, out, map_dtype="bfloat16", **OPTIONS).summary["update"] == "up to date"
-    assert wdiff.run(root, out, **OPTIONS).summary["update"] == "full"  # float32 asked: computed again
+    kept = wdiff.run(root, out, **OPTIONS)  # the default keeps the storage that was asked for
+    assert (kept.summary["update"], kept.summary["map_choice"]) == ("up to date", "bfloat16")
+    float32 = wdiff.run(root, out, map_dtype="float32", **OPTIONS)
+    assert float32.summary["update"] == "full"  # float32 asked: computed again
     for step in (4, 5):
         (later / f"checkpoint-{step}").rename(root / f"checkpoint-{step}")
     batch = wdiff.run(root, tmp_path / "batch", map_dtype="bfloat16", **OPTIONS)

@@ -44,7 +44,7 @@ from wdiff.schema import (
     stored_shapes,
 )
 from wdiff.sequence import Run, scanned_files
-from wdiff.update import Plan, cell_grids, chosen_map_dtype, plan_update
+from wdiff.update import Plan, cell_grids, plan_update
 
 if TYPE_CHECKING:
     from wdiff.compute import ComputeResult
@@ -138,10 +138,10 @@ def run(
     the bytes, rounded to at most 0.39%; everything else is computed from the float32 sums either way;
     ``wdiff.update.map_dtypes``), or ``"none"``: not stored (every other result the same;
     ``Results.accumulated`` and a scene at another budget then cannot be had). A BF16 map, or none, is
-    not extended when the run grows: it is recomputed. ``"auto"`` (the default): float32 up to
-    ``wdiff.update.MAP_AUTO_BYTES`` (2 GiB of map, 536 million weights) or when ``out`` holds a float32
-    map of the same tensors, none above (``wdiff.update.chosen_map_dtype``); ``summary["map_dtype"]``
-    says which.
+    not extended when the run grows: it is recomputed. ``"auto"`` (the default): the storage asked for
+    earlier results of the same tensors in ``out`` (float32 or BF16), else float32 up to
+    ``wdiff.update.MAP_AUTO_BYTES`` (2 GiB of map, 536 million weights) and none above
+    (``wdiff.update.chosen_map_dtype``); ``summary["map_dtype"]`` and ``["map_choice"]`` say which.
     Runs committed in parts store the parts before the last in float32, which the next part extends.
     """
     t_start = time.perf_counter()
@@ -157,7 +157,6 @@ def run(
         raise WdiffError(out, "results are written to local disk: give a local folder for -o")
     out = Path(out)
     the_run, fingerprints = read_inputs(inputs, out, revisions, select)
-    map_choice, map_dtype = chosen_map_dtype(out, the_run, map_dtype)
     chunk = _chunk_elements(chunk_elements)
     staging = Staging(out)  # one writer per OUT; clears what killed runs left; the temp folder
     try:
@@ -177,7 +176,7 @@ def run(
         pictures: list[Views] = []  # rendering in the picture worker while the summary and report are written
         try:
             part, plan = the_run, whole
-            stored = map_dtype if end == total else "float32"  # parts before the last are extended
+            stored = whole.map_dtype if end == total else "float32"  # parts before the last are extended
             if len(ends) > 1:  # each part extends the one committed before it
                 part = first_checkpoints(the_run, end) if end < total else the_run
                 plan = plan_update(out, part, fingerprints[:end], chunk, scene, extend_only=extend_only,
@@ -188,7 +187,7 @@ def run(
             summary = build_summary(part, fingerprints[:end], result, update=plan.update,
                                     chunk_elements=plan.chunk_elements, scheduler=scheduler,
                                     spectrum_seconds=spectrum_seconds, map_dtype=stored,
-                                    map_choice=map_choice)  # fmt: skip
+                                    map_choice=whole.map_choice)  # fmt: skip
             summary["scene"] = draw(staging.folder, part, summary, scene, report, pictures)
             summary["timing"]["total_seconds"] = time.perf_counter() - t_start
             write_results(staging.folder, summary, keep, charts=scene.render, pictures=pictures)

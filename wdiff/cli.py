@@ -256,9 +256,10 @@ def _unstored_map_line(summary: dict) -> str:
     from wdiff.update import MAP_AUTO_BYTES
 
     nbytes = 4 * sum(math.prod(t["shape"]) for t in summary["tensors"].values())
+    limit = f"{MAP_AUTO_BYTES / 2**30:g} GiB"
     return (
-        f"accumulated map not stored: {human_bytes(nbytes)} in float32, over the {MAP_AUTO_BYTES >> 30} GiB "
-        "a run stores by default (--map-dtype float32 stores it)"
+        f"accumulated map not stored: {human_bytes(nbytes)} in float32, over the {limit} a run stores by "
+        "default (--map-dtype float32 stores it)"
     )
 
 

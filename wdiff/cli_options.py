@@ -172,8 +172,8 @@ MapDtype = Annotated[
         help="How accumulated.safetensors stores the map: float32, bfloat16 (half the bytes written, "
         "rounded to 0.4%; metrics and pictures still come from float32 sums), or none (no map: every other "
         "result the same, from the same pass; no per-weight values afterwards). bfloat16 and none are "
-        "recomputed, not extended, when the run grows. auto: float32 up to 2 GiB of map (536 million "
-        "weights) or when OUT holds a float32 map to extend, none above.",
+        "recomputed, not extended, when the run grows. auto: what was asked for OUT's map before (float32 or "
+        "bfloat16), else float32 up to 2 GiB of map (536 million weights) and none above.",
     ),
 ]
 Spectrum = Annotated[

@@ -22,6 +22,7 @@ from wdiff.schema import (
     NEURON_CHANGE,
     POOLED,
     SUMMARY,
+    Summary,
     map_stored,
     read_summary,
 )
@@ -46,6 +47,8 @@ class Plan:
     frame_grids: dict[str, Grid]  # {} without frames
     old_frames: dict[str, np.ndarray] | None  # the earlier frames an incremental update extends
     map_dtypes: dict[str, str] | None  # how each tensor's accumulated map is stored (None: not stored)
+    map_dtype: str  # the same as one of checks.MAP_DTYPE_CHOICES
+    map_choice: str  # what was asked for it (summary["map_choice"]: chosen_map_dtype)
 
 
 def plan_update(
@@ -63,11 +66,13 @@ def plan_update(
     """What this run does to ``out``; ``extend_only`` refuses anything but an extension (``watch``).
     ``intervals``: the film's grids are those of a run of that many intervals (a run committed in parts
     keeps the grids of the whole, so that each part extends the one before). ``map_dtype``: how the
-    accumulated map is stored (``map_dtypes``)."""
-    dtypes = map_dtypes(run, map_dtype)
-    previous, update = (
-        previous_results(out, run, fingerprints, chunk_elements, dtypes) if incremental else (None, "full")
-    )
+    accumulated map is stored (``map_dtypes``), or "auto" (``chosen_map_dtype``)."""
+    old = earlier_summary(out) if incremental or map_dtype == MAP_AUTO else None
+    choice, stored = chosen_map_dtype(old, run, map_dtype)
+    dtypes = map_dtypes(run, stored)
+    previous, update = None, "full"
+    if incremental:
+        previous, update = previous_results(out, old, run, fingerprints, chunk_elements, dtypes)
     shapes = [(t.name, t.shape) for t in run.tensors]
     if update == "up to date" and dtypes is None and not pooled_fits(out, shapes, scene):
         previous, update = None, "full"  # no map to pool again for another budget or pool kind
@@ -80,7 +85,8 @@ def plan_update(
             previous, update = None, "full"
     if extend_only and previous is None:
         raise WdiffError(out, "these results cannot be extended (other checkpoints, tensors or setup)")
-    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames, dtypes)
+    return Plan(run, fingerprints, chunk_elements, previous, update, frame_grids, old_frames,
+                dtypes, stored, choice)  # fmt: skip
 
 
 def pooled_fits(out: Path, shapes: list[tuple[str, tuple[int, ...]]], scene: SceneOptions) -> bool:
@@ -101,26 +107,32 @@ def pooled_fits(out: Path, shapes: list[tuple[str, tuple[int, ...]]], scene: Sce
 MAP_AUTO_BYTES = 2 << 30
 
 
-def chosen_map_dtype(out: Path, run: Run, choice: str) -> tuple[str, str]:
-    """What was asked for the map (``summary["map_choice"]``) and how it is stored, for ``choice``:
-    itself, or for ``"auto"`` (the default) float32 when the map takes at most ``MAP_AUTO_BYTES`` in
-    float32, or when ``out`` holds a float32 map of these same tensors that was asked for (the default
-    never drops a map a run could extend, and it is still asked for: the choice is inherited; a
-    float32 map that "auto" chose, as in the parts of a run committed in parts before its last, is
-    not kept for that), and ``"none"`` otherwise."""
+def chosen_map_dtype(old: Summary | None, run: Run, choice: str) -> tuple[str, str]:
+    """What was asked for the map (``summary["map_choice"]``) and how it is stored, for ``choice``
+    and the earlier results ``old`` in OUT (None: none that can be read).
+
+    ``choice`` itself, or for ``"auto"`` (the default): the storage that was asked for a map
+    (float32 or BF16) in earlier results of these same tensors, inherited (the default never drops a
+    map somebody asked for, nor one a later run could extend; the parts of a run committed in parts
+    store float32 before the last whatever was asked); otherwise float32 when the map takes at most
+    ``MAP_AUTO_BYTES`` in float32, ``"none"`` above. A map that "auto" chose is not kept for that.
+    """
     if choice != MAP_AUTO:
         return choice, choice
-    if map_bytes(run) <= MAP_AUTO_BYTES:
-        return MAP_AUTO, "float32"
+    if old is not None and list(old["tensors"]) == [t.name for t in run.tensors]:
+        asked = old.get("map_choice", old.get("map_dtype", "float32"))  # before the keys: float32 or BF16
+        if asked not in (MAP_AUTO, NO_MAP):
+            return asked, asked
+    return MAP_AUTO, "float32" if map_bytes(run) <= MAP_AUTO_BYTES else NO_MAP
+
+
+def earlier_summary(out: Path) -> Summary | None:
+    """The summary of the results in ``out`` (``wdiff.schema.read_summary``), or None when there are
+    none or they cannot be read: either way, nothing to extend or keep."""
     try:
-        old = read_summary(out / SUMMARY)
+        return read_summary(out / SUMMARY)
     except (OSError, ValueError, WdiffError):
-        return MAP_AUTO, NO_MAP
-    same = list(old["tensors"]) == [t.name for t in run.tensors]
-    asked = old.get("map_choice", "float32")
-    if same and old.get("map_dtype", "float32") == "float32" and asked != MAP_AUTO:
-        return asked, "float32"
-    return MAP_AUTO, NO_MAP
+        return None
 
 
 def map_bytes(run: Run) -> int:
@@ -157,9 +169,15 @@ def cell_grids(shapes: list[tuple[str, tuple[int, ...]]], max_points: int, pool:
 
 
 def previous_results(
-    out: Path, run: Run, fingerprints: list[str], chunk_elements: int, dtypes: dict[str, str] | None
+    out: Path,
+    old: Summary | None,
+    run: Run,
+    fingerprints: list[str],
+    chunk_elements: int,
+    dtypes: dict[str, str] | None,
 ) -> tuple[Previous | None, str]:
-    """Earlier results in ``out`` that this run extends, and what kind of update this is.
+    """Earlier results in ``out`` (``old``: their summary, ``earlier_summary``) that this run extends,
+    and what kind of update this is.
 
     Extending is exact (the same bits as a full run) when the earlier run saw the same first K
     checkpoints, unchanged, computed the same tensors with the same chunking, the same selection
@@ -172,8 +190,9 @@ def previous_results(
     from wdiff.compute import Previous
     from wdiff.readers.safetensors import read_header
 
+    if old is None:
+        return None, "full"
     try:
-        old = read_summary(out / SUMMARY)
         refs = read_header(out / ACCUMULATED)[0] if map_stored(old) else None
     except (OSError, ValueError, WdiffError):
         return None, "full"
