@@ -825,6 +825,30 @@ def test_fuzz_summary_long(tmp_path, results):
     print(f"seed {seed}: {tally}")
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda spec: spec.pop("k"), "update_spectrum.k"),  # found by test_fuzz_summary_long: KeyError
+        (lambda spec: spec.update(k=-1), "update_spectrum.k"),
+        (lambda spec: spec.update(lora={"r": 4}), "update_spectrum.lora.rank_used"),
+        (lambda spec: spec.update(lora={"r": 4, "rank_used": 2, "rank_for_energy": [1]}), "lora.rank_for"),
+    ],
+)
+def test_a_damaged_update_spectrum_is_refused_in_one_line(tmp_path, results, change, field):
+    from wdiff.report import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(results, out)
+    summary = json.loads((out / "summary.json").read_text())
+    spec = next(t["update_spectrum"] for t in summary["tensors"].values() if "update_spectrum" in t)
+    change(spec)
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(WdiffError) as e:
+        write_report(out, charts=False)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(str(out)) and field in line, line
+
+
 def test_a_summary_of_a_newer_schema_is_refused_in_one_line(earlier_results, tmp_path):
     """summary.json says its schema; one written by a newer wdiff is refused, never half read, and one
     without the key (written before it existed) is of the first schema."""

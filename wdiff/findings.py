@@ -548,12 +548,12 @@ def _spikes(m: RunMetrics, s: Suite | None = None) -> list[Finding]:
                 continue
             base = float(np.median(around))
             # base 0: the neighbours did not move (a tensor unfrozen or frozen mid-run), not a spike
-            if base == 0 or rate[i] / base < SPIKE_RATIO:
+            if base == 0 or float(rate[i]) / base < SPIKE_RATIO:  # Python floats: inf, not a warning
                 continue
             r = rows[i]
             steps = [r["step_start"], r["step_end"]] if r["step_start"] is not None else None
             when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {r['interval']}"
-            factor = f"{rate[i] / base:.1f}x"
+            factor = f"{float(rate[i]) / base:.1f}x"
             found.append(
                 Finding(
                     "spike",

@@ -151,15 +151,27 @@ def _tensor(name: str, t: Any, checkpoints: int) -> None:
 
 
 def _spectrum(s: dict, where: str) -> None:
-    """An ``update_spectrum`` entry (``wdiff.spectrum.spectrum_entry``)."""
+    """An ``update_spectrum`` entry (``wdiff.spectrum.spectrum_entry``), and its ``lora`` part."""
+    _int(s.get("k"), f"{where}.k", 0)
     values = _list(s.get("singular_values"), f"{where}.singular_values")
     for i, v in enumerate(values):
         _number(v, f"{where}.singular_values[{i}]", null=False)
     _number(s.get("effective_rank"), f"{where}.effective_rank")
     _number(s.get("energy_captured"), f"{where}.energy_captured")
-    for key, r in _object(s.get("rank_for_energy"), f"{where}.rank_for_energy").items():
+    _ranks(s.get("rank_for_energy"), f"{where}.rank_for_energy")
+    if s.get("lora"):
+        lora = _object(s["lora"], f"{where}.lora")
+        _int(lora.get("r"), f"{where}.lora.r", 0)
+        _int(lora.get("rank_used"), f"{where}.lora.rank_used", 0)
+        if "rank_for_energy" in lora:  # older results: the rank used only
+            _ranks(lora["rank_for_energy"], f"{where}.lora.rank_for_energy")
+
+
+def _ranks(value: Any, where: str) -> None:
+    """A ``rank_for_energy`` object: energy fraction -> rank (null: more than the values kept)."""
+    for key, r in _object(value, where).items():
         if r is not None:
-            _int(r, f"{where}.rank_for_energy.{_cut(key, 10)}", 0)
+            _int(r, f"{where}.{_cut(key, 10)}", 0)
 
 
 def _trainer_state(state: Any) -> None:

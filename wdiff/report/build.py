@@ -60,9 +60,10 @@ class Report:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write beside ``path`` and rename (``atomic_write``): a reader never sees half a file, a failure
-    leaves the old one."""
+    leaves the old one. Text is UTF-8; a lone surrogate (a file name that was not UTF-8, or a JSON
+    ``\\ud800`` in a summary) is written as its escape, ``\\udcff``, which UTF-8 cannot hold."""
     with atomic_write(path) as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.write(data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
