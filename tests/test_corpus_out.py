@@ -849,6 +849,23 @@ def test_a_damaged_update_spectrum_is_refused_in_one_line(tmp_path, results, cha
     assert "\n" not in line and line.startswith(str(out)) and field in line, line
 
 
+def test_a_report_is_written_from_a_summary_with_a_lone_surrogate_and_huge_norms(tmp_path, results):
+    """Found by test_fuzz_summary_long: a JSON ``\\ud800`` in a string (UTF-8 cannot hold it) and a
+    norm of 1e308 (squared: beyond float64) ended the report with UnicodeEncodeError and OverflowError."""
+    from wdiff.report import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(results, out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["created"] = "\ud800 2026"
+    entry = next(iter(summary["tensors"].values()))
+    entry["interval_l2"][-1] = entry["l2"][-1] = 1e308
+    (out / "summary.json").write_text(json.dumps(summary))
+    write_report(out, charts=False)
+    page = (out / "report.html").read_text()
+    assert "\\ud800 2026" in page
+
+
 def test_a_summary_of_a_newer_schema_is_refused_in_one_line(earlier_results, tmp_path):
     """summary.json says its schema; one written by a newer wdiff is refused, never half read, and one
     without the key (written before it existed) is of the first schema."""
