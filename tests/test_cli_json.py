@@ -75,6 +75,7 @@ def test_json_on_stdout_matches_summary_and_findings(planted_out):
     assert brief["timing"]["total_seconds"] == summary["timing"]["total_seconds"]
     assert brief["update"] == summary["update"] == "full" and brief["source"] == summary["source"]
     assert brief["points"] == summary["scene"]["points"]
+    assert brief["map_dtype"] == summary["map_dtype"] == "float32"
     assert brief["findings"] == {"count": len(found["findings"]), "by_kind": {"frozen": 1}}
     want = [s.to_json() for s in advice.suggest(read_findings(out), summary=summary)]
     assert brief["what_to_change"] == want and want[0]["kind"] == "frozen" and want[0]["findings"] == [0]

@@ -117,8 +117,10 @@ def test_the_cli_says_what_the_default_left_out(tmp_path, small_limit):
 
     root = trainer_run(tmp_path / "run", random_sequence(SHAPES, 3, seed=6), [1, 2, 3])
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(root), "-o", str(out), "--no-render", "--no-spectrum"])
+    args = ["run", str(root), "-o", str(out), "--no-render", "--no-spectrum", "--json"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["map_dtype"] == "none"  # --json says it too
     limit = f"{(MAP_BYTES - 1) / 2**30:g} GiB"
     assert (
         f"accumulated map not stored: 19.3 KB in float32, over the {limit} a run stores by default "

@@ -72,6 +72,7 @@ def run_brief(
             k: timing[k] for k in ("compute_seconds", "spectrum_seconds", "total_seconds") if k in timing
         },
         "points": (s.get("scene") or {}).get("points"),
+        "map_dtype": s.get("map_dtype", "float32"),  # "none": no accumulated.safetensors
         "findings": {"count": len(found), "by_kind": count_kinds(found)},
         "what_to_change": [x.to_json() for x in advice.suggest(found, summary=s)],
         "files": files(res.path),
