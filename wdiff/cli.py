@@ -10,7 +10,6 @@ the file and the problem), 1 unexpected failure, 3 findings of a ``--fail-on`` k
 # No ``from __future__ import annotations``: typer reads the annotations at run time anyway, and
 # evaluated ones keep each command's options the very alias objects of ``wdiff.cli_options``.
 import contextlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -253,13 +252,13 @@ def run_command(
 
 def _unstored_map_line(summary: dict) -> str:
     """What the default left out (``wdiff.update.chosen_map_dtype``), and the flag that keeps it."""
+    from wdiff.schema import float32_map_bytes
     from wdiff.update import MAP_AUTO_BYTES
 
-    nbytes = 4 * sum(math.prod(t["shape"]) for t in summary["tensors"].values())
-    limit = f"{MAP_AUTO_BYTES / 2**30:g} GiB"
+    size, limit = human_bytes(float32_map_bytes(summary)), f"{MAP_AUTO_BYTES / 2**30:g} GiB"
     return (
-        f"accumulated map not stored: {human_bytes(nbytes)} in float32, over the {limit} a run stores by "
-        "default (--map-dtype float32 stores it)"
+        f"accumulated map not stored: {size} in float32, over the {limit} a run stores by default "
+        "(--map-dtype float32 stores it)"
     )
 
 

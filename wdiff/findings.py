@@ -548,12 +548,13 @@ def _spikes(m: RunMetrics, s: Suite | None = None) -> list[Finding]:
                 continue
             base = float(np.median(around))
             # base 0: the neighbours did not move (a tensor unfrozen or frozen mid-run), not a spike
-            if base == 0 or float(rate[i]) / base < SPIKE_RATIO:  # Python floats: inf, not a warning
+            ratio = float(rate[i]) / base if base else 0.0  # Python floats: inf, not an overflow warning
+            if ratio < SPIKE_RATIO:
                 continue
             r = rows[i]
             steps = [r["step_start"], r["step_end"]] if r["step_start"] is not None else None
             when = f"steps {r['step_start']}-{r['step_end']}" if steps else f"interval {r['interval']}"
-            factor = f"{float(rate[i]) / base:.1f}x"
+            factor = f"{ratio:.1f}x"
             found.append(
                 Finding(
                     "spike",

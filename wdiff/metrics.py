@@ -158,11 +158,11 @@ def analyse(res: Results) -> RunMetrics:
             l1[block] = np.zeros(len(spans))
         interval_l1 = t.get("interval_l1")
         for i in range(len(spans)):
-            dl2 = t["interval_l2"][i]
-            wl2 = t["l2"][i]
+            dl2 = t["interval_l2"][i] or 0.0
+            wl2 = t["l2"][i] or 0.0
             dl1 = interval_l1[i] if interval_l1 is not None else None
-            dw_sq[block][i] += (dl2 or 0.0) * (dl2 or 0.0)  # not ** 2: 1e200 squared is inf, not an error
-            w_sq[block][i] += (wl2 or 0.0) * (wl2 or 0.0)
+            dw_sq[block][i] += dl2 * dl2  # not ** 2: 1e200 squared is inf, not an OverflowError
+            w_sq[block][i] += wl2 * wl2
             l1[block][i] += dl1 if dl1 is not None else math.nan
     gaps = np.array([s.gap or 1 for s in spans], dtype=np.float64)  # steps unknown: per interval
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -592,6 +592,11 @@ def map_stored(summary: Summary) -> bool:
     return summary.get("map_dtype") != NO_MAP
 
 
+def float32_map_bytes(summary: Summary) -> int:
+    """The bytes the run's accumulated map takes (or would take) in float32."""
+    return MAP_DTYPES["F32"] * sum(t["numel"] for t in summary["tensors"].values())
+
+
 def stored_shapes(summary: Summary) -> dict[str, list[int]] | None:
     """The tensors' shapes when the run stored no map, for the scene to be drawn from the cells pooled
     during compute (``wdiff.scene.build_scene``); None when the map is there to be read."""

@@ -137,7 +137,7 @@ def earlier_summary(out: Path) -> Summary | None:
 
 def map_bytes(run: Run) -> int:
     """The bytes of ``run``'s accumulated map in float32."""
-    return 4 * sum(t.numel for t in run.tensors)
+    return MAP_DTYPES["F32"] * sum(t.numel for t in run.tensors)
 
 
 def map_dtypes(run: Run, choice: str = "float32") -> dict[str, str] | None:

@@ -98,8 +98,8 @@ class Watcher:
         if self.selection is not None and not isinstance(self.selection, Selection):
             kind = type(self.selection).__name__
             raise WdiffError(None, f"select must be a wdiff.select.Selection, got {kind}")
-        # a watch extends its results at every checkpoint, and only a float32 map is: what "auto" (the
-        # default) chooses for maps that OUT holds in float32 (wdiff.update.chosen_map_dtype)
+        # a watch extends its results at every checkpoint, and only a float32 map is: "auto" (the
+        # default) means float32 here, anything else is refused now, before the first update
         check_map_dtype(options.get("map_dtype", checks.MAP_AUTO))
         self.options = {**options, "map_dtype": "float32"}
         self._pending: dict[Path, _Pending] = {}
@@ -350,7 +350,6 @@ def watch(
     numbers = ("max_points", "frame_points", "chunk_elements", "workers")
     checks.run_parameters(**{k: options[k] for k in numbers if k in options},
                           scheduler_name=options.get("scheduler", "threads"))  # fmt: skip
-    check_map_dtype(options.get("map_dtype", checks.MAP_AUTO))
     stop = stop or threading.Event()
     watcher = Watcher(folder, out, settle=settle, on_update=on_update, warn=warn, **options)
     latest = None

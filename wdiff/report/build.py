@@ -29,7 +29,7 @@ from wdiff.metrics import RunMetrics, analyse
 from wdiff.report import figures
 from wdiff.report import html as h
 from wdiff.results import Results, json_text
-from wdiff.schema import FINDINGS_SCHEMA, findings_entries
+from wdiff.schema import FINDINGS_SCHEMA, findings_entries, float32_map_bytes
 from wdiff.terminal import human_bytes
 from wdiff.timeline import INTERVAL_COLUMNS
 
@@ -192,7 +192,7 @@ def _summary_section(res: Results, m: RunMetrics) -> str:
             f"{timing.get('read_bytes', 0) / 1e6:.1f} MB in {timing.get('compute_seconds', 0):.1f} s",
         ),
         ("wdiff", f"{s.get('wdiff_version', '')}, {s.get('created', '')}, update: {s.get('update', 'full')}"),
-        ("accumulated map", _map_storage(s.get("map_dtype", "float32"), sum(t["numel"] for t in m.tensors))),
+        ("accumulated map", _map_storage(s)),
     ]
     if log.get("loss") is not None:
         first = next((v["loss"] for v in m.log if v.get("loss") is not None), None)
@@ -252,9 +252,11 @@ def _findings_section(found: Sequence[Finding]) -> str:
     )
 
 
-def _map_storage(map_dtype: str, weights: int) -> str:
+def _map_storage(summary: dict) -> str:
+    map_dtype = summary.get("map_dtype", "float32")
     if map_dtype == NO_MAP:  # asked for, or the default's choice for a big map (wdiff.update.MAP_AUTO_BYTES)
-        return f"not stored ({human_bytes(4 * weights)} in float32: --map-dtype float32 stores it)"
+        size = human_bytes(float32_map_bytes(summary))
+        return f"not stored ({size} in float32: --map-dtype float32 stores it)"
     stored = "bfloat16 (rounded from float32 sums)" if map_dtype == "bfloat16" else "float32"
     return f"accumulated.safetensors, {stored}"
 

@@ -257,7 +257,7 @@ class PooledCells(_Tensors):
         if found is None or found[1] != tuple(block) or found[2] != pool:
             raise WdiffError(
                 self.path,
-                "not stored (the run was computed with --map-dtype none): only the scene of the run's own "
-                "--max-points and --pool can be drawn; run wdiff again without --map-dtype none for others",
+                "not stored (the run stored no accumulated map): only the scene of the run's own "
+                "--max-points and --pool can be drawn; run wdiff again with --map-dtype float32 for others",
             )
         return found[0], found[3]
